@@ -1,0 +1,1 @@
+"""The front proxy (converged load balancer): routing by BEKey, health, ramp-up."""

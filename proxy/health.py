@@ -1,0 +1,255 @@
+"""The proxy's health view of the nodes: OPTIONS probes and ramp-up.
+
+Each node is probed every `health.interval` seconds with an OPTIONS over a
+UDP socket connected to that node alone, so an ICMP port-unreachable (the
+node's process is gone) surfaces as ECONNREFUSED on that socket and takes
+the node out at once, without waiting for probe timeouts. Otherwise a node
+is down after `down_after` unanswered (or 503-answered: "not ready") probes
+and up again after `up_after` 200s.
+
+A node that comes back does not take its whole share at once: its load
+factor starts at `ramp.start` and grows in `ramp.steps` equal steps to 1
+over `ramp.duration` seconds (the ring admits keys under it, see
+sipcore.bekey). A node seen up at the first probe after the proxy starts
+gets factor 1 straight away: nothing is moving back to it.
+
+Every change of state and every load-factor step is one log line.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sipcore.config import Config, NodeConfig
+from sipcore.errors import SipParseError
+from sipcore.logfmt import event
+from sipcore.message import SipResponse, parse_message
+
+log = logging.getLogger("proxy.health")
+
+
+@dataclass
+class NodeHealth:
+    node: NodeConfig
+    up: bool = True
+    load_factor: float = 1.0
+    hits: int = 0
+    misses: int = 0
+    pending: str | None = None       # branch of the probe awaiting an answer
+    ever_probed: bool = False
+    changed_at: float = field(default_factory=time.monotonic)
+    ramp_started: float | None = None
+    addr: tuple[str, int] | None = None  # resolved SIP address
+    last_status: int | None = None
+
+
+class _ProbeSocket(asyncio.DatagramProtocol):
+    def __init__(self, health: "HealthMonitor", node_id: str):
+        self.health = health
+        self.node_id = node_id
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        try:
+            msg = parse_message(data)
+        except SipParseError:
+            return
+        if isinstance(msg, SipResponse):
+            self.health.probe_answered(self.node_id, msg)
+
+    def error_received(self, exc):
+        if isinstance(exc, ConnectionRefusedError):
+            self.health.probe_refused(self.node_id)
+
+
+class HealthMonitor:
+    def __init__(self, cfg: Config, local_host: str):
+        self.cfg = cfg
+        self.local_host = local_host
+        self.nodes: dict[str, NodeHealth] = {n.id: NodeHealth(n) for n in cfg.nodes}
+        self.probing = bool(cfg["health.probe"])
+        self._sockets: dict[str, _ProbeSocket] = {}
+        self._seq = itertools.count(1)
+        self._tag = uuid.uuid4().hex[:10]
+        self._tasks: list[asyncio.Task] = []
+        self.on_change = None   # callback(node_id) when the ring changes
+
+    # ---- the view the router reads -------------------------------------
+    def healthy(self) -> dict[str, float]:
+        return {nid: h.load_factor for nid, h in self.nodes.items() if h.up}
+
+    # ---- lifecycle ---------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for h in self.nodes.values():
+            h.addr = await self._resolve(h.node)
+        if not self.probing:
+            return
+        for nid, h in self.nodes.items():
+            self._tasks.append(loop.create_task(self._probe_loop(nid)))
+        self._tasks.append(loop.create_task(self._ramp_loop()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for s in self._sockets.values():
+            if s.transport:
+                s.transport.close()
+
+    async def _resolve(self, node: NodeConfig) -> tuple[str, int] | None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                node.host, node.port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+            return infos[0][4][0], node.port
+        except OSError as exc:
+            event(log, "node_unresolved", logging.WARNING, node=node.id, host=node.host, error=str(exc))
+            return None
+
+    # ---- probing -----------------------------------------------------
+    async def _open(self, nid: str) -> _ProbeSocket | None:
+        sock = self._sockets.get(nid)
+        if sock is not None and sock.transport is not None and not sock.transport.is_closing():
+            return sock
+        h = self.nodes[nid]
+        if h.addr is None:
+            h.addr = await self._resolve(h.node)
+            if h.addr is None:
+                return None
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_datagram_endpoint(
+            lambda: _ProbeSocket(self, nid), local_addr=(self.local_host, 0), remote_addr=h.addr)
+        self._sockets[nid] = proto
+        return proto
+
+    def _options(self, nid: str, proto: _ProbeSocket) -> tuple[str, bytes]:
+        h = self.nodes[nid]
+        seq = next(self._seq)
+        lhost, lport = proto.transport.get_extra_info("sockname")[:2]
+        branch = f"z9hG4bKsiphaprobe{seq}"
+        host, port = h.addr
+        text = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {lhost}:{lport};branch={branch};rport\r\n"
+                f"Max-Forwards: 70\r\n"
+                f"From: <sip:sipha-proxy@{lhost}>;tag={self._tag}\r\n"
+                f"To: <sip:{host}:{port}>\r\n"
+                f"Call-ID: probe-{nid}-{self._tag}@sipha\r\n"
+                f"CSeq: {seq} OPTIONS\r\n"
+                f"User-Agent: sipha-proxy\r\n"
+                f"Content-Length: 0\r\n\r\n")
+        return branch, text.encode()
+
+    async def _probe_loop(self, nid: str) -> None:
+        interval = self.cfg["health.interval"]
+        timeout = min(self.cfg["health.timeout"], interval)
+        h = self.nodes[nid]
+        while True:
+            started = time.monotonic()
+            try:
+                proto = await self._open(nid)
+                if proto is not None:
+                    branch, data = self._options(nid, proto)
+                    h.pending = branch
+                    proto.transport.sendto(data)
+            except OSError as exc:
+                event(log, "probe_error", logging.DEBUG, node=nid, error=str(exc))
+                proto = None
+            await asyncio.sleep(timeout)
+            if h.pending is not None:   # no answer in time
+                h.pending = None
+                self._miss(nid, "timeout")
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def probe_answered(self, nid: str, resp: SipResponse) -> None:
+        h = self.nodes[nid]
+        try:
+            branch = resp.top_via.branch
+        except SipParseError:
+            return
+        if branch != h.pending:
+            return  # a late answer to an earlier probe
+        h.pending = None
+        h.last_status = resp.status
+        if 200 <= resp.status < 300:
+            self._hit(nid)
+        elif resp.status >= 300:
+            self._miss(nid, f"status {resp.status}")
+
+    def probe_refused(self, nid: str) -> None:
+        h = self.nodes[nid]
+        h.pending = None
+        if h.up:
+            self._set_down(nid, "refused")
+
+    # ---- state changes -----------------------------------------------
+    def _hit(self, nid: str) -> None:
+        h = self.nodes[nid]
+        h.misses = 0
+        h.hits += 1
+        first = not h.ever_probed
+        h.ever_probed = True
+        if h.up:
+            return
+        if first or h.hits >= self.cfg["health.up_after"]:
+            self._set_up(nid, ramp=not first)
+
+    def _miss(self, nid: str, why: str) -> None:
+        h = self.nodes[nid]
+        h.hits = 0
+        h.misses += 1
+        h.ever_probed = True
+        if h.up and h.misses >= self.cfg["health.down_after"]:
+            self._set_down(nid, why)
+
+    def _set_down(self, nid: str, why: str) -> None:
+        h = self.nodes[nid]
+        h.up = False
+        h.hits = 0
+        h.ramp_started = None
+        h.changed_at = time.monotonic()
+        event(log, "node_down", logging.WARNING, node=nid, addr=f"{h.node.host}:{h.node.port}", reason=why)
+        if self.on_change:
+            self.on_change(nid)
+
+    def _set_up(self, nid: str, *, ramp: bool) -> None:
+        h = self.nodes[nid]
+        h.up = True
+        h.misses = 0
+        h.changed_at = time.monotonic()
+        if ramp and self.cfg["ramp.start"] < 1.0 and self.cfg["ramp.duration"] > 0:
+            h.load_factor = self.cfg["ramp.start"]
+            h.ramp_started = time.monotonic()
+        else:
+            h.load_factor = 1.0
+        event(log, "node_up", node=nid, addr=f"{h.node.host}:{h.node.port}",
+              load_factor=round(h.load_factor, 3))
+        if self.on_change:
+            self.on_change(nid)
+
+    def ramp_factor(self, h: NodeHealth, now: float) -> float:
+        start = self.cfg["ramp.start"]
+        steps = max(1, self.cfg["ramp.steps"])
+        duration = self.cfg["ramp.duration"]
+        done = int((now - h.ramp_started) / (duration / steps))
+        return min(1.0, start + (1.0 - start) * done / steps)
+
+    async def _ramp_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for nid, h in self.nodes.items():
+                if not h.up or h.ramp_started is None:
+                    continue
+                f = self.ramp_factor(h, now)
+                if f != h.load_factor:
+                    h.load_factor = f
+                    event(log, "load_factor", node=nid, load_factor=round(f, 3))
+                    if f >= 1.0:
+                        h.ramp_started = None

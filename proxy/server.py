@@ -1,0 +1,405 @@
+"""The converged load balancer: a stateless SIP proxy (RFC 3261 §16.11)
+that sends every request of a call to the node owning its BEKey.
+
+Two directions:
+- inbound (from outside the cluster): strip the internal header, pop our
+  own Route, find the BEKey (a verified stamp in the To-tag, From-tag or
+  Call-ID; else the AOR of a REGISTER; else the Call-ID), pick owner and
+  partner from the ring over healthy nodes, tell the node in the internal
+  header, record-route dialog-creating requests (Path on REGISTER), push
+  our Via and send to the owner.
+- outbound (from a node): pop our own Route; a Route or Path we wrote
+  carries the flow (`flow=udp:1.2.3.4:5060`) the phone called or registered
+  on, so the request goes back over that flow; else loose routing by the
+  next Route or the Request-URI (strict routers get the RFC 3261 §16.12
+  rewrite). Record-route, push our Via, strip the internal header, send.
+
+Responses follow the Via path: our Via is popped, the next Via says where
+(received/rport, RFC 3581) and over which transport.
+
+The Via branch we add is a hash of the incoming branch and Call-ID, so a
+retransmission, the CANCEL and the non-2xx ACK of an INVITE carry the same
+branch as the INVITE and reach the same node (RFC 3261 §16.11).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import time
+
+from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
+from sipcore.config import Config, parse_hostport
+from sipcore.errors import SipParseError
+from sipcore.headers import parse_name_addr, parse_uri, split_hostport, SipUri
+from sipcore.logfmt import event
+from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
+from sipcore.transport import SipTransport
+
+from .health import HealthMonitor
+
+log = logging.getLogger("proxy")
+BRANCH_PREFIX = "z9hG4bKsph"
+DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class RateLimitedLog:
+    """At most `burst` lines per `per` seconds for one event; the rest are
+    counted and the count is reported on the next line that gets through."""
+
+    def __init__(self, burst: int = 10, per: float = 1.0):
+        self.burst, self.per = burst, per
+        self.window = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        now = time.monotonic()
+        if now - self.window >= self.per:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count > self.burst:
+            self.suppressed += 1
+            return False, 0
+        s, self.suppressed = self.suppressed, 0
+        return True, s
+
+
+class Proxy:
+    def __init__(self, cfg: Config):
+        if not cfg.nodes:
+            raise ValueError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]])")
+        self.cfg = cfg
+        self.secret = cfg.secret
+        self.node_ids = [n.id for n in cfg.nodes]
+        self.nodes = {n.id: n for n in cfg.nodes}
+        self.listen = cfg.listen
+        host, port = self.listen[0]
+        adv = cfg["proxy.advertise"]
+        self.advertise = parse_hostport(adv, "proxy.advertise", 5060) if adv else (host, port)
+        self.transports: list[SipTransport] = []
+        self.health = HealthMonitor(cfg, host)
+        self.node_by_addr: dict[tuple[str, int], str] = {}
+        self.our_addrs: set[tuple[str, int]] = set()
+        self.bad_input_log = RateLimitedLog()
+        self.counters: dict[str, int] = {}
+        self.started = time.time()
+
+    # ---- lifecycle ---------------------------------------------------
+    async def start(self) -> None:
+        for host, port in self.listen:
+            t = SipTransport(self.on_message, self.on_bad_input)
+            await t.listen(host, port)
+            self.transports.append(t)
+        self.listen = [t.local for t in self.transports]
+        if not self.cfg["proxy.advertise"]:
+            self.advertise = self.listen[0]
+        self.our_addrs = {self.advertise, *self.listen}
+        await self.health.start()
+        for nid, h in self.health.nodes.items():
+            if h.addr:
+                self.node_by_addr[h.addr] = nid
+            self.node_by_addr[(h.node.host, h.node.port)] = nid
+        event(log, "proxy_started", listen=",".join(f"{h}:{p}" for h, p in self.listen),
+              nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
+              probe=self.health.probing)
+
+    async def close(self) -> None:
+        await self.health.close()
+        for t in self.transports:
+            await t.close()
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # ---- helpers -----------------------------------------------------
+    @property
+    def transport(self) -> SipTransport:
+        return self.transports[0]
+
+    def is_us(self, uri: SipUri) -> bool:
+        if not uri.is_sip:
+            return False
+        host = uri.host.strip("[]")
+        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        return (host, port) in self.our_addrs
+
+    def our_uri(self, transport: str, flow: str | None = None) -> str:
+        host, port = self.advertise
+        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        t = ";transport=tcp" if transport == "tcp" else ""
+        f = f";flow={flow}" if flow else ""
+        return f"<sip:{hp}{t};lr{f}>"
+
+    def our_via(self, transport: str, branch: str) -> str:
+        host, port = self.advertise
+        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"SIP/2.0/{transport.upper()} {hp};branch={branch}"
+
+    @staticmethod
+    def branch_for(req: SipRequest) -> str:
+        via = req.top_via
+        b = via.branch or ""
+        if b.startswith("z9hG4bK"):
+            seed = f"{b}|{via.host}|{via.port}|{req.call_id}"
+        else:  # RFC 2543 peer: hash what identifies its transaction
+            seed = f"{req.to.tag}|{req.from_.tag}|{req.call_id}|{req.uri}|{req.cseq[0]}|{via.raw}"
+        return BRANCH_PREFIX + hashlib.blake2b(seed.encode("latin-1"), digest_size=10).hexdigest()
+
+    def send(self, msg: SipMessage, dest: tuple[str, int], transport: str) -> None:
+        data = msg.to_bytes(stream=transport == "tcp")
+        try:
+            self.transport.send(data, dest, transport)
+        except OSError as exc:
+            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/{transport}", error=str(exc))
+
+    def reply(self, req: SipRequest, status: int, reason: str, src, transport: str,
+              headers=()) -> None:
+        if req.method == "ACK":
+            return  # an ACK is never answered (RFC 3261 §17.1.1.3)
+        resp = make_response(req, status, reason, headers=headers)
+        resp.add("Server", "sipha-proxy")
+        self.send(resp, src, transport)
+
+    # ---- input -------------------------------------------------------
+    def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
+        self.count("parse_rejected")
+        msg = exc.message
+        answered = False
+        if isinstance(msg, SipRequest) and msg.method != "ACK":
+            try:
+                msg.top_via, msg.from_, msg.to, msg.call_id, msg.cseq
+                resp = make_response(msg, 400, reason_phrase_safe(f"Bad Request ({exc.reason})"))
+                self.send(resp, self._response_dest(msg, src), transport)
+                answered = True
+            except SipParseError:
+                pass
+        ok, suppressed = self.bad_input_log.allow()
+        if ok:
+            event(log, "parse_rejected", logging.INFO, src=f"{src[0]}:{src[1]}/{transport}",
+                  reason=exc.reason, bytes=len(data), answered=answered,
+                  suppressed=suppressed or None)
+
+    def _response_dest(self, req: SipRequest, src) -> tuple[str, int]:
+        """A response we generate goes back to the source (RFC 3581 style,
+        robust against NAT and bogus sent-by)."""
+        return src
+
+    def on_message(self, msg: SipMessage, src, transport: str) -> None:
+        try:
+            if isinstance(msg, SipResponse):
+                self.on_response(msg, src, transport)
+            else:
+                self.on_request(msg, src, transport)
+        except SipParseError as exc:
+            if exc.message is None:
+                exc.message = msg
+            self.on_bad_input(exc, msg.to_bytes(), src, transport)
+
+    # ---- requests ----------------------------------------------------
+    def on_request(self, req: SipRequest, src, transport: str) -> None:
+        req.check()
+        mf = req.max_forwards
+        if mf is None:
+            mf = 70
+        if mf <= 0:
+            self.count("too_many_hops")
+            self.reply(req, 483, "Too Many Hops", src, transport)
+            return
+        from_node = self.node_by_addr.get(src) if transport == "udp" else None
+        req.set("Max-Forwards", str(mf - 1))
+        self._stamp_incoming_via(req, src, transport)
+        if from_node is not None:
+            self.outbound(req, src, transport, from_node)
+        else:
+            self.inbound(req, src, transport)
+
+    def _stamp_incoming_via(self, req: SipRequest, src, transport: str) -> None:
+        # RFC 3261 §18.2.1 received; RFC 3581 §4 rport
+        via = req.top_via
+        params = dict(via.params)
+        changed = False
+        # On TCP the response must return over the same connection, which
+        # is known by its source address: always record it (force_rport).
+        if "rport" in via.params or transport == "tcp":
+            params["rport"] = str(src[1])
+            changed = True
+        if via.host.strip("[]") != src[0] or changed:
+            params["received"] = src[0]
+            changed = True
+        if changed:
+            sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
+            new = f"{via.protocol}/{via.transport} {sent_by}" + "".join(
+                f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+            self._replace_top_via(req, new)
+
+    @staticmethod
+    def _replace_top_via(msg: SipMessage, value: str) -> None:
+        msg.pop_first("Via")
+        msg.add_top("Via", value)
+
+    def _pop_our_routes(self, req: SipRequest) -> str | None:
+        """Remove our own Route entries (loose routing, RFC 3261 §16.4);
+        return the flow one of them carried, if any."""
+        flow = None
+        while True:
+            routes = req.routes
+            if not routes:
+                break
+            uri = routes[0].parsed_uri
+            if not self.is_us(uri):
+                break
+            flow = uri.params.get("flow") or flow
+            req.pop_first("Route")
+        # strict-routing peer (RFC 3261 §16.4): it put our Record-Route URI
+        # into the Request-URI and the remote target into the last Route
+        ruri = req.ruri
+        if self.is_us(ruri) and "lr" in ruri.params and req.routes:
+            flow = ruri.params.get("flow") or flow
+            last = req.routes[-1]
+            values = [r.raw for r in req.routes[:-1]]
+            req.remove("Route")
+            for v in values:
+                req.add("Route", v)
+            req.set_uri(last.uri)
+        return flow
+
+    def bekey_for(self, req: SipRequest) -> tuple[str, str]:
+        """-> (bekey, source of it: stamp / aor / call-id)."""
+        for text in (req.to.tag, req.from_.tag, req.call_id):
+            k = read_stamp(self.secret, text)
+            if k:
+                return k, "stamp"
+        if req.method == "REGISTER":
+            return bekey_of(req.to.parsed_uri.aor()), "aor"
+        return bekey_of(req.call_id), "call-id"
+
+    def inbound(self, req: SipRequest, src, transport: str) -> None:
+        req.remove(ROUTE_HEADER)
+        flow_of_caller = f"{transport}:{src[0]}:{src[1]}"
+        self._pop_our_routes(req)
+        initial = req.to.tag is None
+        if (req.method == "OPTIONS" and initial and not req.routes and self.is_us(req.ruri)
+                and not req.ruri.user):
+            # a keep-alive ping addressed to the proxy itself
+            self.reply(req, 200, "OK", src, transport,
+                       headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER, SUBSCRIBE, NOTIFY, MESSAGE, PRACK")])
+            return
+        bekey, how = self.bekey_for(req)
+        healthy = self.health.healthy()
+        owner, partner, ramp_skipped = choose(bekey, self.node_ids, healthy)
+        if owner is None:
+            self.count("route_no_node")
+            event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
+                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="no-node")
+            self.reply(req, 503, "Service Unavailable (no node up)", src, transport,
+                       headers=[("Retry-After", "5")])
+            return
+        first = rank(bekey, self.node_ids)[0]
+        if ramp_skipped:
+            reason = "ramp"
+        elif owner != first:
+            reason = "failover"
+        else:
+            reason = "owner"
+        self.count(f"route_{reason}")
+        if req.method == "REGISTER":
+            req.add_top("Path", self.our_uri(transport, flow_of_caller))
+        elif initial and req.method in DIALOG_CREATING:
+            req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
+        req.add(ROUTE_HEADER, f"bekey={bekey};owner={owner};partner={partner or ''};reason={reason}")
+        req.add_top("Via", self.our_via("udp", self.branch_for(req)))
+        level = logging.INFO if (initial or reason != "owner") and req.method != "ACK" else logging.DEBUG
+        event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
+              src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
+              key_from=how)
+        dest = self.health.nodes[owner].addr or self.nodes[owner].sip
+        self.send(req, dest, "udp")
+
+    def outbound(self, req: SipRequest, src, transport: str, node: str) -> None:
+        req.remove(ROUTE_HEADER)
+        flow = self._pop_our_routes(req)
+        initial = req.to.tag is None
+        if flow:
+            out_transport, _, hostport = flow.partition(":")
+            try:
+                dest = split_hostport(hostport)
+                dest = (dest[0].strip("[]"), dest[1] or 5060)
+            except SipParseError:
+                self.reply(req, 400, "Bad Request (bad flow in Route)", src, transport)
+                return
+        else:
+            routes = req.routes
+            if routes:
+                target = routes[0].parsed_uri
+                if "lr" not in target.params:
+                    # next hop is a strict router (RFC 3261 §16.12.1.1)
+                    values = [r.raw for r in routes[1:]] + [f"<{req.uri}>"]
+                    req.remove("Route")
+                    for v in values:
+                        req.add("Route", v)
+                    req.set_uri(target.raw)
+            else:
+                target = req.ruri
+            if not target.is_sip:
+                self.reply(req, 416, "Unsupported URI Scheme", src, transport)
+                return
+            out_transport = target.transport if target.transport in ("udp", "tcp") else "tcp"
+            maddr = target.params.get("maddr")
+            dest = ((maddr or target.host).strip("[]"), target.port or 5060)
+        if initial and req.method in DIALOG_CREATING:
+            req.add_top("Record-Route", self.our_uri(out_transport))
+        req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
+        level = logging.INFO if initial and req.method != "ACK" else logging.DEBUG
+        event(log, "route", level, method=req.method, call_id=req.call_id, node=node,
+              dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
+        self.count("route_outbound")
+        if _is_ip(dest[0]):
+            self.send(req, dest, out_transport)
+        else:
+            asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
+
+    async def _resolve_and_send(self, msg: SipMessage, dest, transport: str) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(dest[0], dest[1])
+        except OSError as exc:
+            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/{transport}",
+                  error=f"cannot resolve: {exc}")
+            return
+        self.send(msg, (infos[0][4][0], dest[1]), transport)
+
+    # ---- responses ---------------------------------------------------
+    def on_response(self, resp: SipResponse, src, transport: str) -> None:
+        vias = resp.vias
+        if not vias:
+            raise SipParseError("missing Via")
+        top = vias[0]
+        if not (top.branch or "").startswith(BRANCH_PREFIX):
+            self.count("response_not_ours")
+            event(log, "response_dropped", logging.DEBUG, status=resp.status,
+                  src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
+            return
+        if len(vias) < 2:
+            return
+        resp.pop_first("Via")
+        nxt = vias[1]
+        dest = nxt.response_target()
+        out_transport = nxt.transport.lower()
+        if out_transport not in ("udp", "tcp"):
+            out_transport = "tcp"
+        to_node = dest in self.node_by_addr
+        if not to_node:
+            resp.remove(ROUTE_HEADER)
+        self.count(f"response_{resp.status // 100}xx")
+        event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
+              dest=f"{dest[0]}:{dest[1]}/{out_transport}")
+        self.send(resp, dest, out_transport)

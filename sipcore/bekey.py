@@ -1,0 +1,118 @@
+"""BEKey, BEKey stamps and the ring: the one routing function shared by the
+proxy and the nodes (DESIGN.md, "The way a request travels").
+
+BEKey: 16 hex digits (64 bits of BLAKE2b). An initial request's BEKey hashes
+its Call-ID; a REGISTER's hashes its address of record, so every binding of
+an AOR lives on one node.
+
+Stamp: nodes write `sph<bekey><mac>` into every tag and B-leg Call-ID they
+generate; the MAC is 8 hex digits of BLAKE2b keyed with the cluster secret.
+The proxy reads the BEKey back from any later request of the call. A stamp
+whose MAC does not verify is ignored, so an outsider cannot steer a call to
+a node of its choosing.
+
+Ring: rendezvous (highest-random-weight) hashing. rank(bekey) orders all
+configured nodes by BLAKE2b(node id, bekey); it is deterministic across
+processes and machines, spreads keys evenly without virtual nodes, and
+removing or adding a node moves only the keys whose first choice that node
+is. The owner is the first healthy node in rank that admits the key under
+its load factor; the partner is the node that would be owner if the owner
+were down, so a replica sits exactly where failover lands.
+
+Admission under a load factor f (0 < f <= 1, ramp-up after a restart) is a
+second, independent hash of (node, bekey) mapped to [0, 1): a key is
+admitted when it falls below f, so a key once admitted stays admitted while
+f grows.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Iterable, Mapping
+
+STAMP_PREFIX = "sph"
+# The header the proxy adds to tell the node the BEKey, owner and partner;
+# stripped from anything arriving from or leaving for outside the cluster.
+ROUTE_HEADER = "X-Sipha-Route"
+_STAMP_RE = re.compile(r"sph([0-9a-f]{16})([0-9a-f]{8})")
+
+
+def _h64(*parts: str) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "big")
+
+
+def bekey_of(text: str) -> str:
+    """BEKey of a Call-ID or an address of record."""
+    return f"{_h64('bekey', text):016x}"
+
+
+def _mac(secret: bytes, bekey: str) -> str:
+    return hashlib.blake2b(bekey.encode(), digest_size=4, key=secret[:64]).hexdigest()
+
+
+def make_stamp(secret: bytes, bekey: str) -> str:
+    return f"{STAMP_PREFIX}{bekey}{_mac(secret, bekey)}"
+
+
+def read_stamp(secret: bytes, text: str | None) -> str | None:
+    """The BEKey stamped into a tag or Call-ID, if one verifies."""
+    if not text or STAMP_PREFIX not in text:
+        return None
+    for m in _STAMP_RE.finditer(text):
+        bekey, mac = m.group(1), m.group(2)
+        if hmac.compare_digest(mac, _mac(secret, bekey)):
+            return bekey
+    return None
+
+
+def rank(bekey: str, nodes: Iterable[str]) -> list[str]:
+    """All nodes, best first, for this BEKey."""
+    return sorted(nodes, key=lambda n: (-_h64("rank", n, bekey), n))
+
+
+def admits(node: str, bekey: str, load_factor: float) -> bool:
+    if load_factor >= 1.0:
+        return True
+    if load_factor <= 0.0:
+        return False
+    return _h64("admit", node, bekey) / 2**64 < load_factor
+
+
+def choose(bekey: str, nodes: Iterable[str], healthy: Mapping[str, float],
+           exclude: frozenset | set = frozenset()) -> tuple[str | None, str | None, bool]:
+    """-> (owner, partner, ramp_skipped).
+
+    `healthy` maps each healthy node to its load factor; missing nodes are
+    down. The owner is the first healthy node in rank that admits the key;
+    the partner is the owner's choice with the owner removed.
+    `ramp_skipped` tells whether a healthy node earlier in rank turned the
+    key away under its load factor.
+    """
+    order = rank(bekey, nodes)
+    owner = partner = None
+    skipped = False
+    for n in order:
+        if n in exclude or n not in healthy:
+            continue
+        if not admits(n, bekey, healthy[n]):
+            if owner is None:
+                skipped = True
+            continue
+        if owner is None:
+            owner = n
+        else:
+            partner = n
+            break
+    if owner is not None and partner is None:
+        # every other node is turning this key away under its load factor
+        # or is down: a ramping node still holds a replica better than none
+        for n in order:
+            if n != owner and n in healthy and n not in exclude:
+                partner = n
+                break
+    return owner, partner, skipped

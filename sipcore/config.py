@@ -1,0 +1,195 @@
+"""cluster.toml: the one configuration shared by the proxy and the nodes.
+
+Every setting has a dotted key (`health.interval`), a TOML location
+(`[health] interval = 0.5`) and an environment variable
+(`SIPHA_HEALTH_INTERVAL`). Precedence: defaults < file < environment <
+command-line flags. The node list is `[[nodes]]` tables in the file, or
+`SIPHA_NODES` / repeated `--node`, each entry `ID=HOST:PORT[,REDIS_URL]`.
+A bad or missing setting raises ConfigError naming the key, before any
+socket is opened.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    text = str(text).strip()
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
+    if not m:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    host = m.group(1) or m.group(3)
+    port_text = m.group(2) or m.group(4)
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(f"{key}: missing port in {text!r}")
+        return host, default_port
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: port out of range in {text!r}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    host: str
+    port: int
+    redis: str = ""
+
+    @property
+    def sip(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+# key -> (type, default, what it changes). The README's configuration table
+# lists the same keys.
+SETTINGS: dict[str, tuple[type, Any, str]] = {
+    "cluster.secret": (str, "sipha-change-me", "key of the BEKey stamp MAC; the same on proxy and nodes"),
+    "proxy.listen": (str, "127.0.0.1:5060", "proxy SIP address(es), comma-separated, UDP and TCP on each"),
+    "proxy.internal": (str, "", "proxy address the nodes send to (default: the first listen address)"),
+    "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path (default: the listen address)"),
+    "proxy.admin": (str, "", "admin HTTP address for /status and /metrics (empty: off)"),
+    "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
+    "health.interval": (float, 0.5, "seconds between OPTIONS probes to each node"),
+    "health.timeout": (float, 0.5, "seconds to wait for a probe answer"),
+    "health.down_after": (int, 2, "missed probes before a node is out of the ring"),
+    "health.up_after": (int, 2, "answered probes before a node is back in the ring"),
+    "ramp.start": (float, 0.1, "load factor of a node that comes back"),
+    "ramp.duration": (float, 30.0, "seconds for the load factor to grow from ramp.start to 1"),
+    "ramp.steps": (int, 10, "load-factor steps over ramp.duration"),
+    "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
+    "node.dialog_ttl": (int, 7200, "seconds a dialog lives in Redis without in-dialog traffic"),
+    "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
+    "log.level": (str, "info", "debug, info, warning or error"),
+    "log.format": (str, "logfmt", "logfmt or json"),
+    "log.file": (str, "", "log file path (reopened when rotated); empty: stderr"),
+}
+
+
+def env_name(key: str) -> str:
+    return "SIPHA_" + key.upper().replace(".", "_")
+
+
+def _coerce(key: str, typ: type, value: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            v = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+        if v < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        return v
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def parse_node(text: str, key: str = "nodes") -> NodeConfig:
+    ident, sep, rest = str(text).partition("=")
+    ident = ident.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", ident):
+        raise ConfigError(f"{key}: expected ID=HOST:PORT[,REDIS_URL], got {text!r}")
+    addr, _, redis_url = rest.partition(",")
+    host, port = parse_hostport(addr, key)
+    return NodeConfig(ident, host, port, redis_url.strip())
+
+
+@dataclass
+class Config:
+    values: dict[str, Any]
+    nodes: list[NodeConfig] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def secret(self) -> bytes:
+        return self.values["cluster.secret"].encode()
+
+    @property
+    def listen(self) -> list[tuple[str, int]]:
+        return [parse_hostport(p, "proxy.listen") for p in self.values["proxy.listen"].split(",") if p.strip()]
+
+    def node(self, ident: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.id == ident:
+                return n
+        raise ConfigError(f"--id: no node {ident!r} in the node list ({', '.join(n.id for n in self.nodes) or 'empty'})")
+
+
+def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = None,
+                nodes: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    values = {k: spec[1] for k, spec in SETTINGS.items()}
+    node_list: list[NodeConfig] = []
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: no such file {path!r}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {path}: {exc}") from None
+        for section, table in data.items():
+            if section == "nodes":
+                if not isinstance(table, list):
+                    raise ConfigError("nodes: expected [[nodes]] tables")
+                for i, entry in enumerate(table):
+                    k = f"nodes[{i}]"
+                    if not isinstance(entry, dict) or "id" not in entry or "sip" not in entry:
+                        raise ConfigError(f"{k}: needs id and sip")
+                    node_list.append(parse_node(f"{entry['id']}={entry['sip']},{entry.get('redis', '')}", k))
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table")
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                if key not in SETTINGS:
+                    raise ConfigError(f"{key}: unknown setting")
+                values[key] = _coerce(key, SETTINGS[key][0], value)
+    for key, (typ, _, _) in SETTINGS.items():
+        if env_name(key) in env:
+            values[key] = _coerce(env_name(key), typ, env[env_name(key)])
+    if env.get("SIPHA_NODES"):
+        node_list = [parse_node(e, "SIPHA_NODES") for e in env["SIPHA_NODES"].split()]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, SETTINGS[key][0], value)
+    if nodes:
+        node_list = [parse_node(e, "--node") for e in nodes]
+    ids = [n.id for n in node_list]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("nodes: duplicate node id")
+    cfg = Config(values, node_list)
+    cfg.listen  # validate
+    if values["log.format"] not in ("logfmt", "json"):
+        raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
+    if values["log.level"].lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level: expected debug, info, warning or error, got {values['log.level']!r}")
+    if not 0 < values["ramp.start"] <= 1:
+        raise ConfigError("ramp.start: must be in (0, 1]")
+    if values["health.interval"] <= 0:
+        raise ConfigError("health.interval: must be positive")
+    if values["health.down_after"] < 1 or values["health.up_after"] < 1:
+        raise ConfigError("health.down_after / health.up_after: must be at least 1")
+    return cfg

@@ -1,0 +1,377 @@
+"""Structured views of the header values routing needs (RFC 3261 §20, §25).
+
+Every function here takes an already unfolded header *value* (a str decoded
+as latin-1, so bytes map 1:1 to characters) and returns a small immutable
+view, or raises SipParseError naming what is wrong. Nothing here re-encodes:
+the message keeps the original bytes, these views are only for reading, and
+`str()` of a view is used only when a value must be written anew.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from .errors import SipParseError
+
+_WS = " \t"
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a comma-joined header value (RFC 3261 §7.3.1) outside quoted
+    strings and angle brackets; empty elements are dropped."""
+    if "," not in value:
+        v = value.strip()
+        return [v] if v else []
+    out: list[str] = []
+    start = 0
+    in_quote = False
+    in_angle = False
+    i = 0
+    n = len(value)
+    while i < n:
+        c = value[i]
+        if in_quote:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_quote = False
+        elif c == '"':
+            in_quote = True
+        elif c == "<":
+            in_angle = True
+        elif c == ">":
+            in_angle = False
+        elif c == "," and not in_angle:
+            part = value[start:i].strip()
+            if part:
+                out.append(part)
+            start = i + 1
+        i += 1
+    if in_quote:
+        raise SipParseError("unterminated quoted string")
+    part = value[start:].strip()
+    if part:
+        out.append(part)
+    return out
+
+
+def split_params(text: str) -> dict[str, str | None]:
+    """';name=value;flag' -> ordered dict with lower-cased names. The leading
+    ';' is optional. Quoted values keep their quotes."""
+    params: dict[str, str | None] = {}
+    if not text:
+        return params
+    i = 0
+    n = len(text)
+    while i < n:
+        # skip separators and whitespace
+        while i < n and (text[i] in _WS or text[i] == ";"):
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and text[j] not in "=;" + _WS:
+            j += 1
+        name = text[i:j].lower()
+        while j < n and text[j] in _WS:
+            j += 1
+        if j < n and text[j] == "=":
+            j += 1
+            while j < n and text[j] in _WS:
+                j += 1
+            if j < n and text[j] == '"':
+                k = j + 1
+                while k < n and text[k] != '"':
+                    if text[k] == "\\":
+                        k += 1
+                    k += 1
+                if k >= n:
+                    raise SipParseError("unterminated quoted parameter value")
+                value = text[j:k + 1]
+                j = k + 1
+            else:
+                k = j
+                while k < n and text[k] not in ";" + _WS:
+                    k += 1
+                value = text[j:k]
+                j = k
+            if not name:
+                raise SipParseError("parameter without a name")
+            params[name] = value
+        else:
+            if not name:
+                raise SipParseError("parameter without a name")
+            params[name] = None
+        while j < n and text[j] in _WS:
+            j += 1
+        if j < n and text[j] != ";":
+            raise SipParseError(f"junk after parameter {name!r}")
+        i = j
+    return params
+
+
+def format_params(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+def split_hostport(text: str) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6]', '[v6]:port' -> (host, port). IPv6
+    references keep their brackets (RFC 3261 §25.1 IPv6reference)."""
+    text = text.strip()
+    if not text:
+        raise SipParseError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise SipParseError("unterminated IPv6 reference")
+        host = text[:end + 1]
+        rest = text[end + 1:]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise SipParseError("junk after IPv6 reference")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            _check_host(host)
+            return host, None
+        _check_host(host)
+    port_text = port_text.strip()
+    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+        raise SipParseError(f"bad port {port_text!r}")
+    return host, int(port_text)
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _check_host(host: str) -> None:
+    if not host or not _HOST_CHARS.issuperset(host):
+        raise SipParseError(f"bad host {host!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SipUri:
+    """sip: / sips: URI (RFC 3261 §19.1). Other schemes keep only `scheme`
+    and `opaque`. `user` and `password` are unescaped; `raw` is the input."""
+    scheme: str
+    user: str | None = None
+    password: str | None = None
+    host: str = ""
+    port: int | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
+    headers: str = ""
+    opaque: str = ""
+    raw: str = ""
+
+    @property
+    def is_sip(self) -> bool:
+        return self.scheme in ("sip", "sips")
+
+    @property
+    def transport(self) -> str:
+        t = self.params.get("transport")
+        if t:
+            return t.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def lr(self) -> bool:
+        return "lr" in self.params
+
+    def host_port(self, default: int = 5060) -> tuple[str, int]:
+        host = self.host[1:-1] if self.host.startswith("[") else self.host
+        return host, self.port if self.port is not None else default
+
+    def aor(self) -> str:
+        """Address of record: scheme, user and host, no port or params,
+        host lower-cased (RFC 3261 §10.3 step 5 compares such URIs)."""
+        if not self.is_sip:
+            return f"{self.scheme}:{self.opaque}"
+        user = f"{self.user}@" if self.user else ""
+        return f"{self.scheme}:{user}{self.host.lower()}"
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def parse_uri(text: str) -> SipUri:
+    text = text.strip()
+    scheme, sep, rest = text.partition(":")
+    if not sep or not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise SipParseError(f"bad URI {text[:64]!r}")
+    scheme = scheme.lower()
+    if scheme not in ("sip", "sips"):
+        if not rest:
+            raise SipParseError(f"empty {scheme} URI")
+        return SipUri(scheme=scheme, opaque=rest, raw=text)
+    if any(c in rest for c in " \t<>\""):
+        raise SipParseError(f"bad character in URI {text[:64]!r}")
+    rest, _, headers = rest.partition("?")
+    user = password = None
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1:]
+        if not userinfo:
+            raise SipParseError("empty user part in URI")
+        u, psep, p = userinfo.partition(":")
+        try:
+            user = unquote(u, errors="strict")
+            password = unquote(p, errors="strict") if psep else None
+        except UnicodeDecodeError as exc:
+            raise SipParseError("bad escape in URI user part") from exc
+    hostport, _, param_text = rest.partition(";")
+    host, port = split_hostport(hostport)
+    params = split_params(param_text)
+    return SipUri(scheme=scheme, user=user, password=password, host=host, port=port,
+                  params=params, headers=headers, raw=text)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One via-parm (RFC 3261 §20.42)."""
+    protocol: str       # "SIP/2.0"
+    transport: str      # upper case: UDP, TCP, TLS, SCTP, WS ...
+    host: str
+    port: int | None
+    params: dict[str, str | None]
+    raw: str
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | None:
+        v = self.params.get("rport")
+        return int(v) if v and v.isdigit() else None
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    def response_target(self) -> tuple[str, int]:
+        """Where a response to this hop goes (RFC 3261 §18.2.2, RFC 3581 §4):
+        maddr, then received (+ rport), then sent-by."""
+        default = 5061 if self.transport == "TLS" else 5060
+        host = self.maddr or self.received or self.host
+        if host.startswith("["):
+            host = host[1:-1]
+        port = self.rport or self.port or default
+        return host, port
+
+
+def parse_via(value: str) -> Via:
+    # sent-protocol = protocol-name SLASH protocol-version SLASH transport,
+    # with LWS allowed around the slashes (SLASH = SWS "/" SWS).
+    text = value.strip()
+    parts = []
+    i = 0
+    for _ in range(3):
+        j = i
+        while j < len(text) and text[j] not in "/" + _WS:
+            j += 1
+        parts.append(text[i:j])
+        while j < len(text) and text[j] in _WS:
+            j += 1
+        if len(parts) < 3:
+            if j >= len(text) or text[j] != "/":
+                raise SipParseError("bad Via sent-protocol")
+            j += 1
+            while j < len(text) and text[j] in _WS:
+                j += 1
+        i = j
+    name, version, transport = parts
+    if name.upper() != "SIP" or not version or not transport:
+        raise SipParseError("bad Via sent-protocol")
+    rest = text[i:].strip()
+    sent_by, _, param_text = rest.partition(";")
+    host, port = split_hostport(sent_by)
+    return Via(protocol=f"{name}/{version}", transport=transport.upper(), host=host, port=port,
+               params=split_params(param_text), raw=value.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """From / To / Contact / Route / Record-Route / Path value
+    (RFC 3261 §20.10): optional display name, URI, header parameters."""
+    display: str | None
+    uri: str
+    params: dict[str, str | None]
+    raw: str
+    wildcard: bool = False   # Contact: *
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @property
+    def parsed_uri(self) -> SipUri:
+        return parse_uri(self.uri)
+
+    @property
+    def expires(self) -> int | None:
+        v = self.params.get("expires")
+        return int(v) if v and v.isdigit() else None
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    text = value.strip()
+    if text == "*":
+        return NameAddr(display=None, uri="*", params={}, raw=text, wildcard=True)
+    display = None
+    lt = -1
+    if text.startswith('"'):
+        k = 1
+        while k < len(text) and text[k] != '"':
+            if text[k] == "\\":
+                k += 1
+            k += 1
+        if k >= len(text):
+            raise SipParseError("unterminated quoted display name")
+        display = text[1:k].replace('\\"', '"').replace("\\\\", "\\")
+        lt = text.find("<", k + 1)
+        if lt < 0:
+            raise SipParseError("display name without <URI>")
+        if text[k + 1:lt].strip():
+            raise SipParseError("junk between display name and <URI>")
+    else:
+        lt = text.find("<")
+        if lt > 0:
+            display = text[:lt].strip() or None
+    if lt >= 0:
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise SipParseError("unterminated <URI>")
+        uri = text[lt + 1:gt].strip()
+        param_text = text[gt + 1:]
+    else:
+        # addr-spec without brackets: parameters after it belong to the header
+        # (RFC 3261 §20.10), and the URI cannot carry params or headers.
+        uri, _, param_text = text.partition(";")
+        uri = uri.strip()
+    if not uri:
+        raise SipParseError("empty URI")
+    param_text = param_text.strip()
+    if param_text and not param_text.startswith(";"):
+        raise SipParseError("junk after URI")
+    parse_uri(uri)  # validate
+    return NameAddr(display=display, uri=uri, params=split_params(param_text), raw=text)
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    num, _, method = value.strip().partition(" ")
+    method = method.strip()
+    if not num.isdigit() or len(num) > 10 or int(num) > 2**31 - 1:
+        raise SipParseError("bad CSeq number")
+    if not method or not method.isascii() or any(c in method for c in _WS):
+        raise SipParseError("bad CSeq method")
+    return int(num), method

@@ -1,0 +1,109 @@
+"""One line per event: logfmt (default) or JSON lines, on stderr or a file.
+
+    ts=2026-11-25T09:00:00.123Z level=info proc=proxy event=route method=INVITE ...
+
+Values containing spaces, quotes, '=' or control characters are quoted with
+backslash escapes, so every line splits unambiguously (`grep event=failover`,
+`cut`, Loki/Vector logfmt parsers). A log file is a WatchedFileHandler:
+logrotate may move it and the next line goes to a new file.
+
+Callers log with `event(logger, "name", key=value, ...)`; when the level is
+off, the call returns before formatting anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+import time
+
+_NEEDS_QUOTE = frozenset(' "=\\\t\r\n')
+
+
+def logfmt_value(value) -> str:
+    if value is None:
+        return '""'
+    if value is True or value is False:
+        return "true" if value else "false"
+    text = str(value)
+    if not text:
+        return '""'
+    if _NEEDS_QUOTE.isdisjoint(text) and text.isprintable():
+        return text
+    escaped = (text.replace("\\", "\\\\").replace('"', '\\"')
+               .replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t"))
+    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+    return f'"{escaped}"'
+
+
+def _ts(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class EventFormatter(logging.Formatter):
+    def __init__(self, proc: str, fmt: str = "logfmt"):
+        super().__init__()
+        self.proc = proc
+        self.json = fmt == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if fields is None:
+            fields = {"msg": record.getMessage()}
+        head = {"ts": _ts(record.created), "level": record.levelname.lower(),
+                "proc": self.proc, "event": getattr(record, "event", record.name)}
+        if self.json:
+            return json.dumps({**head, **fields}, default=str, separators=(",", ":"))
+        return " ".join(f"{k}={logfmt_value(v)}" for k, v in (*head.items(), *fields.items()))
+
+
+def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: str = "") -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if path:
+        handler = logging.handlers.WatchedFileHandler(path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EventFormatter(proc, fmt))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"event": name, "fields": fields})
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """Inverse of the formatter (used by `sipha logs` and the tests)."""
+    out: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        j = line.find("=", i)
+        if j < 0:
+            break
+        key = line[i:j]
+        j += 1
+        if j < n and line[j] == '"':
+            k = j + 1
+            buf = []
+            while k < n and line[k] != '"':
+                if line[k] == "\\" and k + 1 < n:
+                    k += 1
+                    buf.append({"n": "\n", "r": "\r", "t": "\t"}.get(line[k], line[k]))
+                else:
+                    buf.append(line[k])
+                k += 1
+            out[key] = "".join(buf)
+            i = k + 1
+        else:
+            k = line.find(" ", j)
+            k = n if k < 0 else k
+            out[key] = line[j:k]
+            i = k
+    return out

@@ -1,0 +1,1 @@
+"""The sipha command line, the local cluster and the SIPp launcher."""

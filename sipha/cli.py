@@ -1,0 +1,123 @@
+"""`sipha` command line: proxy, node, and the local-cluster tools."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from sipcore.config import ConfigError, load_config
+from sipcore.logfmt import setup_logging
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="cluster.toml (every key also from SIPHA_* environment variables)")
+    p.add_argument("--node", action="append", metavar="ID=HOST:PORT[,REDIS_URL]",
+                   help="a cluster node (repeat); replaces the file's node list")
+    p.add_argument("--secret", help="cluster secret for BEKey stamps (cluster.secret)")
+    p.add_argument("--log-level", help="debug, info, warning, error (log.level)")
+    p.add_argument("--log-format", help="logfmt or json (log.format)")
+    p.add_argument("--log-file", metavar="PATH", help="log to this file, reopened when rotated (log.file)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    o = {
+        "cluster.secret": args.secret,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+        "log.file": args.log_file,
+    }
+    if getattr(args, "listen", None):
+        o["proxy.listen"] = ",".join(args.listen)
+    if getattr(args, "no_probe", False):
+        o["health.probe"] = False
+    if getattr(args, "admin", None) is not None:
+        o["proxy.admin"] = args.admin
+    if getattr(args, "upstream", None) is not None:
+        o["node.upstream"] = args.upstream
+    if getattr(args, "proxy", None) is not None:
+        o["proxy.internal"] = args.proxy
+    return o
+
+
+async def _serve(app) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.close()
+
+
+def cmd_proxy(args) -> int:
+    cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
+    if not cfg.nodes:
+        raise ConfigError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]] in --config)")
+    setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
+    from proxy.server import Proxy
+    _install_uvloop()
+    asyncio.run(_serve(Proxy(cfg)))
+    return 0
+
+
+def cmd_node(args) -> int:
+    cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
+    node_cfg = cfg.node(args.id)
+    setup_logging(args.id, level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
+    from node.app import Node
+    _install_uvloop()
+    asyncio.run(_serve(Node(cfg, node_cfg.id)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipha", description="A highly available SIP cluster.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("proxy", help="run the front proxy (converged load balancer)")
+    _common(p)
+    p.add_argument("--listen", action="append", metavar="HOST:PORT", help="SIP address, UDP and TCP (repeat; proxy.listen)")
+    p.add_argument("--no-probe", action="store_true", help="do not OPTIONS-probe the nodes; treat them all as up")
+    p.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (proxy.admin)")
+    p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser("node", help="run a backend node (registrar + B2BUA)")
+    _common(p)
+    p.add_argument("--id", required=True, help="this node's id in the node list")
+    p.add_argument("--upstream", metavar="URI", help="trunk for unregistered callees (node.upstream)")
+    p.add_argument("--proxy", metavar="HOST:PORT", help="the proxy address nodes send to (proxy.internal)")
+    p.set_defaults(func=cmd_node)
+
+    from . import demo
+    demo.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"sipha {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"sipha {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

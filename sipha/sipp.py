@@ -1,0 +1,231 @@
+"""A small SIPp launcher, in the spirit of pysipp: build a `sipp` command
+line, run it under asyncio with `-trace_stat`, read its statistics CSV and
+return a result (calls ok / failed, rate, retransmissions, response times).
+
+    result = await Sipp("uac", target=("127.0.0.1", 5060), calls=100, rate=50).run()
+    assert result.failed == 0 and result.ok == 100
+
+`scenario` is a SIPp built-in name (uac, uas, ...) or the name of a file in
+sipp_scenarios/ (with or without .xml) or a path.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "sipp_scenarios"
+BUILTIN = {"uac", "uas", "regexp", "3pcc-C-A", "3pcc-C-B", "3pcc-A", "3pcc-B", "branchc", "branchs",
+           "uac_pcap"}
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_DGRAM) -> int:
+    """A port free for both UDP and TCP on host right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    raise OSError("no free port")
+
+
+def scenario_path(name: str) -> str | None:
+    """None for a SIPp built-in, else the XML file's path."""
+    if name in BUILTIN:
+        return None
+    for cand in (Path(name), SCENARIO_DIR / name, SCENARIO_DIR / f"{name}.xml"):
+        if cand.is_file():
+            return str(cand)
+    raise FileNotFoundError(f"no SIPp scenario {name!r} (built-ins: {', '.join(sorted(BUILTIN))}; "
+                            f"files: {', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.xml')))})")
+
+
+@dataclass
+class SippResult:
+    returncode: int
+    ok: int = 0
+    failed: int = 0
+    created: int = 0
+    retransmissions: int = 0
+    rate: float = 0.0
+    elapsed: float = 0.0
+    response_time_ms: float | None = None
+    call_length_ms: float | None = None
+    stats: dict = field(default_factory=dict)
+    log_tail: str = ""
+
+    @property
+    def all_ok(self) -> bool:
+        return self.failed == 0 and self.ok > 0 and self.ok == self.created
+
+    def __str__(self) -> str:
+        return (f"sipp rc={self.returncode} created={self.created} ok={self.ok} failed={self.failed} "
+                f"retransmissions={self.retransmissions} rate={self.rate:.1f}/s")
+
+
+def _hms_to_s(text: str) -> float:
+    """SIPp durations: 'HH:MM:SS' or 'HH:MM:SS:uuuuuu'."""
+    parts = text.strip().split(":")
+    try:
+        h, m, s = int(parts[0]), int(parts[1]), int(parts[2])
+        us = int(parts[3]) if len(parts) > 3 else 0
+    except (ValueError, IndexError):
+        return 0.0
+    return h * 3600 + m * 60 + s + us / 1e6
+
+
+def read_stats(path: str) -> dict:
+    """The last row of a SIPp -trace_stat CSV, as {column: value}."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter=";"))
+    if len(rows) < 2:
+        return {}
+    header, last = rows[0], rows[-1]
+    return {k: v for k, v in zip(header, last) if k}
+
+
+class Sipp:
+    def __init__(self, scenario: str, *, target: tuple[str, int] | None = None,
+                 local: tuple[str, int] | None = None, transport: str = "udp",
+                 calls: int | None = None, rate: float | None = None, hold_ms: int | None = None,
+                 limit: int | None = None, keys: dict[str, str] | None = None,
+                 extra: list[str] | None = None, timeout_s: float | None = None,
+                 auto_answer: bool = False, workdir: str | None = None, service: str | None = None):
+        if transport not in ("udp", "tcp"):
+            raise ValueError(f"--transport: expected udp or tcp, got {transport!r}")
+        self.scenario = scenario
+        self.target = target
+        self.local = local or ("127.0.0.1", free_port())
+        self.transport = transport
+        self.calls, self.rate, self.hold_ms, self.limit = calls, rate, hold_ms, limit
+        self.keys = keys or {}
+        self.extra = extra or []
+        self.timeout_s = timeout_s
+        self.auto_answer = auto_answer
+        self.service = service
+        self.workdir = workdir or tempfile.mkdtemp(prefix="sipp-")
+        self.stat_file = os.path.join(self.workdir, f"{Path(scenario).stem}-{self.local[1]}.csv")
+        self.log_file = os.path.join(self.workdir, f"{Path(scenario).stem}-{self.local[1]}.log")
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def command(self) -> list[str]:
+        sipp = shutil.which("sipp")
+        if sipp is None:
+            raise FileNotFoundError("sipp is not installed (Debian package sip-tester)")
+        cmd = [sipp]
+        path = scenario_path(self.scenario)
+        cmd += ["-sn", self.scenario] if path is None else ["-sf", path]
+        if self.target:
+            cmd.append(f"{self.target[0]}:{self.target[1]}")
+        cmd += ["-i", self.local[0], "-p", str(self.local[1])]
+        cmd += ["-t", "u1" if self.transport == "udp" else "t1"]
+        if self.calls is not None:
+            cmd += ["-m", str(self.calls)]
+        if self.rate is not None:
+            cmd += ["-r", f"{self.rate:g}"]
+            if self.rate > 0 and self.rate != int(self.rate):
+                cmd += ["-rp", "1000"]
+        if self.hold_ms is not None:
+            cmd += ["-d", str(self.hold_ms)]
+        if self.limit is not None:
+            cmd += ["-l", str(self.limit)]
+        if self.service:
+            cmd += ["-s", self.service]
+        if self.auto_answer:
+            cmd.append("-aa")
+        if self.timeout_s is not None:
+            cmd += ["-timeout", f"{int(self.timeout_s)}s", "-timeout_error"]
+        for k, v in self.keys.items():
+            cmd += ["-key", k, str(v)]
+        cmd += ["-trace_stat", "-stf", self.stat_file, "-fd", "1",
+                "-trace_err", "-error_file", self.log_file, "-nostdin"]
+        cmd += self.extra
+        return cmd
+
+    async def start(self) -> "Sipp":
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, cwd=self.workdir)
+        # SIPp binds its socket at once; fail early when it could not
+        try:
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.3)
+        except asyncio.TimeoutError:
+            return self
+        err = (await self.proc.stderr.read()).decode(errors="replace")
+        raise RuntimeError(f"sipp exited at start (rc={self.proc.returncode}): {err.strip()[-500:]}")
+
+    def progress(self) -> dict:
+        try:
+            return read_stats(self.stat_file)
+        except (OSError, csv.Error):
+            return {}
+
+    async def wait(self, timeout: float | None = None) -> SippResult:
+        assert self.proc is not None
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+        err = b""
+        if self.proc.stderr is not None:
+            try:
+                err = await asyncio.wait_for(self.proc.stderr.read(), 2)
+            except asyncio.TimeoutError:
+                pass
+        return self.result(err.decode(errors="replace"))
+
+    async def run(self, timeout: float | None = None) -> SippResult:
+        await self.start()
+        return await self.wait(timeout)
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Soft stop (SIGUSR1: stop new calls, finish running ones), then kill."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGUSR1)
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except (asyncio.TimeoutError, ProcessLookupError):
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            await self.proc.wait()
+
+    def result(self, stderr: str = "") -> SippResult:
+        stats = self.progress()
+        tail = stderr[-2000:]
+        try:
+            with open(self.log_file, errors="replace") as fh:
+                tail += fh.read()[-2000:]
+        except OSError:
+            pass
+
+        def num(key: str) -> int:
+            try:
+                return int(float(stats.get(key, "0") or 0))
+            except ValueError:
+                return 0
+
+        rt = stats.get("ResponseTime1(C)")
+        cl = stats.get("CallLength(C)")
+        return SippResult(
+            returncode=self.proc.returncode if self.proc and self.proc.returncode is not None else -1,
+            ok=num("SuccessfulCall(C)"), failed=num("FailedCall(C)"), created=num("TotalCallCreated"),
+            retransmissions=num("Retransmissions(C)"),
+            rate=float(stats.get("CallRate(C)", "0") or 0),
+            elapsed=_hms_to_s(stats.get("ElapsedTime(C)", "0:0:0")),
+            response_time_ms=_hms_to_s(rt) * 1000 if rt else None,
+            call_length_ms=_hms_to_s(cl) * 1000 if cl else None,
+            stats=stats, log_tail=tail)

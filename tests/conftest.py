@@ -1,0 +1,34 @@
+"""Shared fixtures: real processes (sipha, sipp, redis-server) on free
+loopback ports, always stopped at the end of the test."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from procs import Procs  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [tool for tool in ("sipp", "redis-server") if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"CI needs {', '.join(missing)} (see .ci/run)")
+    skip = pytest.mark.skip(reason=f"not installed: {', '.join(missing)}")
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()

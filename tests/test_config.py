@@ -1,0 +1,57 @@
+"""sipcore.config: file, environment and flags; bad settings name their key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sipcore.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cluster.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    path = write(tmp_path, '[health]\ninterval = 0.25\n[proxy]\nlisten = "127.0.0.1:5999"\n'
+                           '[[nodes]]\nid = "node1"\nsip = "127.0.0.1:5070"\nredis = "redis://127.0.0.1:6390/0"\n')
+    cfg = load_config(path, env={})
+    assert cfg["health.interval"] == 0.25
+    assert cfg.nodes[0].redis == "redis://127.0.0.1:6390/0"
+    cfg = load_config(path, env={"SIPHA_HEALTH_INTERVAL": "1.5", "SIPHA_NODES": "n1=10.0.0.1:5070 n2=10.0.0.2:5070"})
+    assert cfg["health.interval"] == 1.5 and [n.id for n in cfg.nodes] == ["n1", "n2"]
+    cfg = load_config(path, env={"SIPHA_PROXY_LISTEN": "127.0.0.1:1"}, overrides={"proxy.listen": "127.0.0.1:2"})
+    assert cfg.listen == [("127.0.0.1", 2)]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[health]\ninterval = \"fast\"\n", "health.interval"),
+    ("[health]\nbogus = 1\n", "health.bogus"),
+    ("[proxy]\nlisten = \"nohost:\"\n", "proxy.listen"),
+    ("[[nodes]]\nid = \"n1\"\n", "nodes[0]"),
+    ("[log]\nformat = \"xml\"\n", "log.format"),
+])
+def test_bad_settings_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text), env={})
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="SIPHA_HEALTH_DOWN_AFTER"):
+        load_config(None, env={"SIPHA_HEALTH_DOWN_AFTER": "two"})
+
+
+def test_cli_error_names_bad_option_and_opens_no_socket():
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", "127.0.0.1:99999",
+                        "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    assert "proxy.listen" in r.stderr and "out of range" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "bad"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "--node" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--config", "/nonexistent.toml"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "--config" in r.stderr
