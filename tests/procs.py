@@ -84,3 +84,8 @@ class Procs:
                 p.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def redis_cmd(port: int, datadir: Path) -> list[str]:
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(datadir), "--protected-mode", "yes"]

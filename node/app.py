@@ -1,0 +1,515 @@
+"""A backend node: registrar + B2BUA whose every dialog survives its death.
+
+Each request arrives from the proxy with the internal header naming the
+BEKey, this node (owner) and the partner. Messages of one BEKey are handled
+one at a time, in arrival order (a per-BEKey lock), so Redis round trips
+never reorder the steps of one call.
+
+Call record (JSON in Redis, see node.store), two legs:
+    a: towards the caller (we are UAS)      b: towards the callee (we are UAC)
+    each: cid (Call-ID), lt/rt (local/remote tag), lu/ru (local/remote URI),
+          lc/rc (local/remote CSeq), tgt (remote target), rs (route set)
+    ah:  the caller INVITE's Via/From/To/Call-ID/CSeq/Record-Route, so any
+         node can answer that INVITE (CANCEL after a failover)
+    b0:  the callee INVITE's R-URI, Route, branch and CSeq (for CANCEL and
+         the non-2xx ACK, which must match it)
+    ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
+Every tag and Call-ID we generate carries the BEKey stamp (sipcore.bekey),
+so the proxy brings every later request of the call here, whichever leg.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from sipcore.bekey import ROUTE_HEADER, bekey_of, make_stamp, rank, read_stamp
+from sipcore.config import Config, parse_hostport
+from sipcore.errors import SipParseError
+from sipcore.headers import parse_name_addr, parse_uri, split_params
+from sipcore.logfmt import event
+from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
+from sipcore.transport import SipTransport
+
+from .registrar import register
+from .sip import Transactions, new_branch, parse_request
+from .store import DialogStore, StoreUnavailable
+
+log = logging.getLogger("node")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
+KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
+                           "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"))
+
+
+def other(leg: str) -> str:
+    return "b" if leg == "a" else "a"
+
+
+def without_tag(value: str) -> str:
+    """A From/To value with its tag parameter removed."""
+    na = parse_name_addr(value)
+    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params.items() if k != "tag")
+    display = f'"{na.display}" ' if na.display else ""
+    return f"{display}<{na.uri}>{params}"
+
+
+class Node:
+    def __init__(self, cfg: Config, node_id: str):
+        self.cfg = cfg
+        self.id = node_id
+        me = cfg.node(node_id)
+        self.addr = me.sip
+        self.node_ids = [n.id for n in cfg.nodes]
+        self.secret = cfg.secret
+        internal = cfg["proxy.internal"] or cfg["proxy.listen"].split(",")[0]
+        self.proxy_addr = parse_hostport(internal, "proxy.internal", 5060)
+        up = cfg["node.upstream"]
+        self.upstream = parse_uri(up) if up else None
+        if self.upstream is not None and not self.upstream.is_sip:
+            raise ValueError(f"node.upstream: not a SIP URI: {up!r}")
+        self.store = DialogStore(node_id, cfg["node.redis_prefix"],
+                                 {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
+        self.transport = SipTransport(self.on_message, self.on_bad_input)
+        self.tx = Transactions(self._send, self.proxy_addr)
+        self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.healthy = False
+        self.counters: dict[str, int] = defaultdict(int)
+        self._tasks: list[asyncio.Task] = []
+        self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
+        self.started = time.time()
+
+    # ---- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.healthy = await self.store.ping()
+        self.proxy_addr = await self._resolve(self.proxy_addr)
+        self.tx.proxy = self.proxy_addr
+        await self.transport.listen(*self.addr)
+        self.tx.start()
+        self._tasks.append(loop.create_task(self._watch_redis()))
+        event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
+              proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
+              upstream=str(self.upstream) if self.upstream else None)
+
+    async def _resolve(self, addr):
+        infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
+        return infos[0][4][0], addr[1]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.tx.close()
+        await self.transport.close()
+        await self.store.close()
+
+    async def _watch_redis(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            ok = await self.store.ping()
+            if ok != self.healthy:
+                self.healthy = ok
+                event(log, "redis_up" if ok else "redis_down", logging.INFO if ok else logging.ERROR,
+                      node=self.id)
+
+    def _send(self, data: bytes, dest) -> None:
+        try:
+            self.transport.send(data, dest, "udp")
+        except OSError as exc:
+            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}", error=str(exc))
+
+    # ---- input -----------------------------------------------------------
+    def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
+        self.counters["parse_rejected"] += 1
+        msg = exc.message
+        if isinstance(msg, SipRequest) and msg.method != "ACK":
+            try:
+                self.tx.respond(msg, make_response(msg, 400, reason_phrase_safe(f"Bad Request ({exc.reason})")))
+            except SipParseError:
+                pass
+        event(log, "parse_rejected", src=f"{src[0]}:{src[1]}/{transport}", reason=exc.reason)
+
+    def on_message(self, msg: SipMessage, src, transport: str) -> None:
+        try:
+            msg.check()
+        except SipParseError as exc:
+            self.on_bad_input(exc, msg.to_bytes(), src, transport)
+            return
+        if isinstance(msg, SipResponse):
+            if not self.tx.response(msg):
+                event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
+                      reason="no transaction")
+            return
+        if msg.method == "OPTIONS" and msg.to.tag is None and not msg.has(ROUTE_HEADER):
+            # the proxy's health probe: answered at once, outside any lock
+            self.reply(msg, 200 if self.healthy else 503,
+                       "OK" if self.healthy else "Service Unavailable (Redis down)")
+            return
+        if msg.method != "ACK" and self.tx.cached(msg):
+            return
+        bekey = self._route_info(msg)[0]
+        self.spawn(bekey, self.on_request(msg, bekey), msg)
+
+    def spawn(self, bekey: str, coro, req: SipRequest | None = None) -> None:
+        """Run `coro` after everything already queued for this BEKey."""
+        asyncio.get_running_loop().create_task(self._locked(bekey, coro, req))
+
+    async def _locked(self, bekey: str, coro, req: SipRequest | None) -> None:
+        lock = self.locks[bekey]
+        try:
+            async with lock:
+                await coro
+        except StoreUnavailable as exc:
+            if req is not None:
+                self.reply(req, 500, reason_phrase_safe(f"Server Internal Error (dialog store: {exc})"))
+        except SipParseError as exc:
+            if req is not None:
+                self.reply(req, 400, reason_phrase_safe(f"Bad Request ({exc.reason})"))
+        except Exception as exc:  # a bug must not kill the node or leave the caller hanging
+            log.exception("unhandled error")
+            event(log, "internal_error", logging.ERROR, bekey=bekey, error=repr(exc))
+            if req is not None:
+                self.reply(req, 500, "Server Internal Error")
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self.locks.pop(bekey, None)
+
+    def _route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
+        """-> (bekey, partner, from_proxy): from the proxy's internal header
+        when there is one, else from the message itself."""
+        value = req.get(ROUTE_HEADER)
+        if value:
+            try:
+                params = split_params(value)
+            except SipParseError:
+                params = {}
+            bekey = params.get("bekey")
+            if bekey and len(bekey) == 16:
+                return bekey, params.get("partner") or None, True
+        for text in (req.to.tag, req.from_.tag, req.call_id):
+            k = read_stamp(self.secret, text)
+            if k:
+                return k, None, False
+        if req.method == "REGISTER":
+            return bekey_of(req.to.parsed_uri.aor()), None, False
+        return bekey_of(req.call_id), None, False
+
+    def partner_for(self, bekey: str, req: SipRequest | None = None) -> str | None:
+        """The partner the proxy named (None when it named none: no other
+        node is up); without a proxy decision, the next node in rank."""
+        if req is not None:
+            _, partner, from_proxy = self._route_info(req)
+            if from_proxy:
+                return partner
+        for n in rank(bekey, self.node_ids):
+            if n != self.id:
+                return n
+        return None
+
+    def others(self, bekey: str) -> list[str]:
+        return [n for n in rank(bekey, self.node_ids) if n != self.id]
+
+    # ---- responding --------------------------------------------------------
+    def reply(self, req: SipRequest, status: int, reason: str, *, to_tag: str | None = None,
+              headers=(), body: bytes = b"", content_type: str | None = None) -> None:
+        if req.method == "ACK":
+            return
+        resp = make_response(req, status, reason, to_tag=to_tag, headers=list(headers), body=body,
+                             content_type=content_type)
+        self.tx.respond(req, resp)
+
+    def new_tag(self, bekey: str) -> str:
+        return f"{make_stamp(self.secret, bekey)}.{uuid.uuid4().hex[:8]}"
+
+    # ---- requests ----------------------------------------------------------
+    async def on_request(self, req: SipRequest, bekey: str) -> None:
+        method = req.method
+        if method == "REGISTER":
+            await register(self, req, bekey)
+            return
+        if req.to.tag is None:
+            if method == "INVITE":
+                await self.new_call(req, bekey)
+            elif method == "CANCEL":
+                await self.cancel(req, bekey)
+            elif method == "OPTIONS":
+                self.reply(req, 200, "OK", to_tag=self.new_tag(bekey), headers=[("Allow", ALLOW)])
+            elif method == "ACK":
+                pass
+            elif method in KNOWN_METHODS:
+                self.reply(req, 405, "Method Not Allowed", headers=[("Allow", ALLOW)])
+            else:
+                self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW)])
+            return
+        record, how = await self.store.load(bekey, self.others(bekey))
+        if record is None or record.get("k") != "call":
+            if method != "ACK":
+                self.counters["no_dialog"] += 1
+                self.reply(req, 481, "Call/Transaction Does Not Exist")
+            return
+        partner = self.partner_for(bekey, req)
+        if how != "active":
+            self.counters["promoted" if how == "promoted" else "migrated"] += 1
+            if how == "promoted":
+                event(log, "dialog_promoted", bekey=bekey, call_id=record["a"]["cid"], partner=partner)
+            else:
+                _, source, space = how.split(":")
+                event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
+                      keyspace=space, partner=partner)
+            await self.store.save(bekey, record, partner)
+        leg = "a" if req.call_id == record["a"]["cid"] else "b"
+        if method == "ACK":
+            await self.ack(req, bekey, record, leg, partner)
+        elif method == "BYE":
+            await self.bye(req, bekey, record, leg)
+        elif method == "CANCEL":
+            self.reply(req, 200, "OK")
+        elif method in ("INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "REFER", "PRACK"):
+            await self.relay_in_dialog(req, bekey, record, leg, partner)
+        else:
+            self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW)])
+
+    # ---- a new call ------------------------------------------------------
+    async def find_target(self, req: SipRequest) -> tuple[str, list[str]] | None:
+        ruri = req.ruri
+        if ruri.is_sip and ruri.user:
+            aor = ruri.aor()
+            key = bekey_of(aor)
+            reg = await self.store.peek(key, rank(key, self.node_ids))
+            now = time.time()
+            if reg and reg.get("k") == "reg":
+                live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
+                if live:
+                    return live[0]["c"], live[0].get("path", [])
+        if self.upstream is not None:
+            up = self.upstream
+            user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
+            host = up.host if up.port is None else f"{up.host}:{up.port}"
+            params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in up.params.items())
+            return f"{up.scheme}:{user}{host}{params}", []
+        return None
+
+    async def new_call(self, req: SipRequest, bekey: str) -> None:
+        target = await self.find_target(req)
+        if target is None:
+            self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
+            return
+        self.reply(req, 100, "Trying")
+        ruri, routes = target
+        partner = self.partner_for(bekey, req)
+        contact = req.contacts[0].uri if req.contacts else req.from_.uri
+        a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
+             "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
+             "lc": 0, "rc": req.cseq[0], "tgt": contact, "rs": [r.raw for r in req.record_routes]}
+        b = {"cid": f"{make_stamp(self.secret, bekey)}-{uuid.uuid4().hex[:12]}@sipha",
+             "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"], "ru": f"<{ruri}>",
+             "lc": 1, "rc": 0, "tgt": ruri, "rs": list(routes)}
+        record = {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
+                  "ah": [[f.name, f.value] for f in req.fields
+                         if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
+                  "b0": {"ruri": ruri, "route": list(routes), "br": new_branch(), "cseq": 1},
+                  "ack": {}}
+        await self.store.save(bekey, record, partner)
+        self.counters["dialogs_created"] += 1
+        event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
+              target=ruri, partner=partner)
+        ctype = req.get("Content-Type")
+        invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
+                            branch=record["b0"]["br"])
+        self.tx.request(invite, lambda resp: self.spawn(bekey, self.on_invite_response(bekey, resp)))
+
+    def a_invite(self, record: dict) -> SipRequest:
+        """The caller's INVITE as far as answering it needs (from `ah`)."""
+        a = record["a"]
+        lines = "".join(f"{n}: {v}\r\n" for n, v in record["ah"])
+        return parse_request(f"INVITE {a['tgt']} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
+
+    def answer_a(self, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
+        inv = self.a_invite(record)
+        headers = []
+        if 100 < status < 300:
+            headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
+            headers.append(("Contact", self.contact))
+        body = resp.body if resp is not None else b""
+        ctype = resp.get("Content-Type") if resp is not None and resp.body else None
+        out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,
+                            content_type=ctype)
+        self.tx.respond(inv, out, retransmit_2xx=True)
+
+    async def on_invite_response(self, bekey: str, resp: SipResponse | None) -> None:
+        record, _ = await self.store.load(bekey, [])
+        if record is None:
+            if resp is not None and 200 <= resp.status < 300:
+                # answered after the call ended (CANCEL race): ACK and hang up
+                await self._ack_and_bye_orphan(resp)
+            return
+        b = record["b"]
+        if resp is None:
+            self.answer_a(record, 408, "Request Timeout")
+            await self.store.delete(bekey, record)
+            event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="callee timeout")
+            return
+        if resp.status < 200:
+            if resp.status > 100 and not record.get("cancel"):
+                self.answer_a(record, resp.status, resp.reason, resp)
+            return
+        if resp.status >= 300:
+            self.send_ack(record, resp, non2xx=True)
+            if not record.get("cancel"):
+                self.answer_a(record, resp.status, resp.reason, resp)
+            await self.store.delete(bekey, record)
+            self.counters["dialogs_failed"] += 1
+            event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
+                  reason=f"callee {resp.status}")
+            return
+        if record.get("cancel") or record["st"] == "confirmed":
+            if record.get("cancel"):
+                await self._ack_and_bye_orphan(resp)
+            else:
+                self.answer_a(record, resp.status, resp.reason, resp)   # 2xx retransmission
+            return
+        b["rt"] = resp.to.tag
+        if resp.contacts:
+            b["tgt"] = resp.contacts[0].uri
+        b["rs"] = [r.raw for r in reversed(resp.record_routes)]
+        record["st"] = "confirmed"
+        record["ack"]["a"] = 1   # the caller's ACK is relayed as ACK CSeq 1 on leg b
+        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey))
+        self.answer_a(record, resp.status, resp.reason, resp)
+        event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
+
+    async def _ack_and_bye_orphan(self, resp: SipResponse) -> None:
+        to_tag = resp.to.tag or ""
+        contact = resp.contacts[0].uri if resp.contacts else resp.to.uri
+        routes = [r.raw for r in reversed(resp.record_routes)]
+        base = (f"Max-Forwards: 70\r\nFrom: {resp.get('From')}\r\nTo: {resp.get('To')}\r\n"
+                f"Call-ID: {resp.call_id}\r\n" + "".join(f"Route: {r}\r\n" for r in routes))
+        via = f"SIP/2.0/UDP {self.addr[0]}:{self.addr[1]}"
+        ack = parse_request(f"ACK {contact} SIP/2.0\r\nVia: {via};branch={new_branch()};rport\r\n{base}"
+                            f"CSeq: {resp.cseq[0]} ACK\r\nContent-Length: 0\r\n\r\n")
+        self.tx.request(ack, lambda r: None)
+        bye = parse_request(f"BYE {contact} SIP/2.0\r\nVia: {via};branch={new_branch()};rport\r\n{base}"
+                            f"CSeq: {resp.cseq[0] + 1} BYE\r\nContent-Length: 0\r\n\r\n")
+        self.tx.request(bye, lambda r: None)
+        _ = to_tag
+
+    # ---- building requests ----------------------------------------------------
+    def build(self, record: dict, leg: str, method: str, cseq: int, *, body: bytes = b"",
+              content_type: str | None = None, branch: str | None = None, ruri: str | None = None,
+              routes: list[str] | None = None, extra: list[tuple[str, str]] = ()) -> SipRequest:
+        L = record[leg]
+        to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
+        routes = L["rs"] if routes is None else routes
+        lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
+                 f"Via: SIP/2.0/UDP {self.addr[0]}:{self.addr[1]};branch={branch or new_branch()};rport",
+                 "Max-Forwards: 70",
+                 f"From: {L['lu']};tag={L['lt']}",
+                 f"To: {to}",
+                 f"Call-ID: {L['cid']}",
+                 f"CSeq: {cseq} {method}"]
+        lines += [f"Route: {r}" for r in routes]
+        if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
+            lines.append(f"Contact: {self.contact}")
+        lines += [f"{n}: {v}" for n, v in extra]
+        if body and content_type:
+            lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+        return parse_request("\r\n".join(lines) + "\r\n\r\n", body)
+
+    def send_ack(self, record: dict, resp: SipResponse, *, non2xx: bool = False, cseq: int | None = None) -> None:
+        if non2xx:
+            # the non-2xx ACK belongs to the INVITE transaction: same R-URI,
+            # Route and branch as the INVITE (RFC 3261 §17.1.1.3)
+            b0 = record["b0"]
+            b = dict(record["b"], rt=resp.to.tag)
+            ack = self.build({"b": b}, "b", "ACK", b0["cseq"], branch=b0["br"], ruri=b0["ruri"],
+                             routes=b0["route"])
+        else:
+            ack = self.build(record, "b", "ACK", cseq or 1)
+        self.tx.request(ack, lambda r: None)
+
+    # ---- in-dialog requests ------------------------------------------------
+    async def ack(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
+        self.tx.acked(req.call_id, req.cseq[0])
+        cseq = record.get("ack", {}).pop(leg, None)
+        if cseq is None:
+            return  # ACK of a non-2xx we sent, or a retransmission
+        ack = self.build(record, other(leg), "ACK", cseq, body=req.body,
+                         content_type=req.get("Content-Type"))
+        self.tx.request(ack, lambda r: None)
+        await self.store.save(bekey, record, partner)
+
+    async def bye(self, req: SipRequest, bekey: str, record: dict, leg: str) -> None:
+        self.reply(req, 200, "OK")
+        far = other(leg)
+        record[far]["lc"] += 1
+        bye = self.build(record, far, "BYE", record[far]["lc"])
+        self.tx.request(bye, lambda r: None)
+        await self.store.delete(bekey, record)
+        self.counters["dialogs_terminated"] += 1
+        event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
+              reason="bye from caller" if leg == "a" else "bye from callee")
+
+    async def cancel(self, req: SipRequest, bekey: str) -> None:
+        record, _ = await self.store.load(bekey, self.others(bekey))
+        if record is None or record.get("k") != "call" or record["a"]["cid"] != req.call_id:
+            self.reply(req, 481, "Call/Transaction Does Not Exist")
+            return
+        self.reply(req, 200, "OK")
+        if record["st"] != "early" or record.get("cancel"):
+            return
+        record["cancel"] = True
+        b0 = record["b0"]
+        cancel = self.build(record, "b", "CANCEL", b0["cseq"], branch=b0["br"], ruri=b0["ruri"],
+                            routes=b0["route"])
+        self.tx.request(cancel, lambda r: None)
+        self.answer_a(record, 487, "Request Terminated")
+        await self.store.save(bekey, record, self.partner_for(bekey, req))
+        event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
+
+    async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
+        L = record[leg]
+        if req.cseq[0] <= L["rc"] and req.method != "PRACK":
+            self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
+            return
+        L["rc"] = req.cseq[0]
+        if req.method in ("INVITE", "UPDATE") and req.contacts:
+            L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
+        far = other(leg)
+        record[far]["lc"] += 1
+        out_cseq = record[far]["lc"]
+        await self.store.save(bekey, record, partner)
+        out = self.build(record, far, req.method, out_cseq, body=req.body,
+                         content_type=req.get("Content-Type"))
+        self.tx.request(out, lambda resp: self.spawn(
+            bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
+
+    async def on_relay_response(self, bekey: str, orig: SipRequest, leg: str, out_cseq: int,
+                                resp: SipResponse | None) -> None:
+        if resp is None:
+            self.reply(orig, 408, "Request Timeout")
+            return
+        if resp.status == 100:
+            return
+        headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+        self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
+                   content_type=resp.get("Content-Type") if resp.body else None)
+        if orig.method == "INVITE" and 200 <= resp.status < 300:
+            record, _ = await self.store.load(bekey, [])
+            if record is None:
+                return
+            far = other(leg)
+            if resp.contacts:
+                record[far]["tgt"] = resp.contacts[0].uri
+            record.setdefault("ack", {})[leg] = out_cseq
+            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey))
+        elif orig.method == "INVITE" and resp.status >= 300:
+            # the far side expects its ACK for the failed re-INVITE
+            record, _ = await self.store.load(bekey, [])
+            if record is not None:
+                far = other(leg)
+                ack = self.build(record, far, "ACK", out_cseq, branch=resp.top_via.branch)
+                self.tx.request(ack, lambda r: None)
+

@@ -1,0 +1,100 @@
+"""The registrar (RFC 3261 §10.3, Path per RFC 3327).
+
+Bindings of one address of record live in one record under the AOR's BEKey
+(`{"k": "reg", "aor": ..., "b": [binding, ...]}`), saved and mirrored like a
+dialog, with a TTL that is the longest binding's remaining life. A binding:
+c = contact URI, x = absolute expiry, t = when it was (re)registered,
+path = the Path header values to reach it (the proxy's flow), cid/cseq =
+the Call-ID and CSeq that last wrote it (stale or reordered REGISTERs are
+rejected, §10.3 step 7).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from sipcore.logfmt import event
+from sipcore.message import SipRequest
+
+if TYPE_CHECKING:
+    from .app import Node
+
+log = logging.getLogger("node.registrar")
+
+DEFAULT_EXPIRES = 3600
+MAX_EXPIRES = 86400
+MIN_EXPIRES = 60
+
+
+async def register(node: "Node", req: SipRequest, bekey: str) -> None:
+    to_uri = req.to.parsed_uri
+    if not to_uri.is_sip or not to_uri.user:
+        node.reply(req, 404, "Not Found (To is not a SIP AOR)")
+        return
+    aor = to_uri.aor()
+    contacts = req.contacts
+    expires_hdr = req.get("Expires")
+    if expires_hdr is not None and not expires_hdr.strip().isdigit():
+        node.reply(req, 400, "Bad Request (bad Expires)")
+        return
+    default_exp = int(expires_hdr) if expires_hdr is not None else DEFAULT_EXPIRES
+    wildcard = any(c.wildcard for c in contacts)
+    if wildcard and (len(contacts) > 1 or default_exp != 0):
+        node.reply(req, 400, "Bad Request (Contact: * needs Expires: 0 and no other Contact)")
+        return
+    for c in contacts:
+        if not c.wildcard and "expires" in c.params and c.expires is None:
+            node.reply(req, 400, "Bad Request (bad expires parameter)")
+            return
+        if not c.wildcard:
+            exp = c.expires if c.expires is not None else default_exp
+            if 0 < exp < MIN_EXPIRES:
+                node.reply(req, 423, "Interval Too Brief", headers=[("Min-Expires", str(MIN_EXPIRES))])
+                return
+
+    record, how = await node.store.load(bekey, node.others(bekey))
+    if record is not None and record.get("k") != "reg":
+        record = None
+    now = time.time()
+    record = record or {"k": "reg", "aor": aor, "b": []}
+    bindings = [b for b in record["b"] if b["x"] > now]
+    cid, cseq = req.call_id, req.cseq[0]
+    added, removed = [], []
+    if wildcard:
+        removed = [b["c"] for b in bindings]
+        bindings = []
+    for c in contacts:
+        if c.wildcard:
+            continue
+        exp = min(c.expires if c.expires is not None else default_exp, MAX_EXPIRES)
+        existing = next((b for b in bindings if b["c"] == c.uri), None)
+        if existing is not None and existing["cid"] == cid and cseq <= existing["cseq"]:
+            node.reply(req, 500, "Server Internal Error (REGISTER out of order)", headers=[("Retry-After", "1")])
+            return
+        if existing is not None:
+            bindings.remove(existing)
+        if exp == 0:
+            if existing is not None:
+                removed.append(c.uri)
+            continue
+        bindings.append({"c": c.uri, "x": round(now + exp, 3), "t": round(now, 3),
+                         "path": [p.raw for p in req.paths], "cid": cid, "cseq": cseq})
+        if existing is None:
+            added.append(c.uri)
+    record["b"] = bindings
+    partner = node.partner_for(bekey, req)
+    if bindings:
+        record["ttl"] = int(max(b["x"] for b in bindings) - now) + 5
+        await node.store.save(bekey, record, partner)
+    else:
+        await node.store.delete(bekey, record)
+    for uri in added:
+        event(log, "registration_added", aor=aor, contact=uri, bekey=bekey)
+    for uri in removed:
+        event(log, "registration_removed", aor=aor, contact=uri, bekey=bekey)
+    headers = [("Contact", f"<{b['c']}>;expires={max(0, int(b['x'] - now))}") for b in bindings]
+    if req.paths and bindings:
+        headers += [("Path", p.raw) for p in req.paths]
+    headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
+    node.reply(req, 200, "OK", to_tag=node.new_tag(bekey), headers=headers)

@@ -1,0 +1,166 @@
+"""SIP transaction plumbing for a node: client transactions with UDP
+retransmission (RFC 3261 §17.1: timers A/E doubling from T1 up to T2,
+given up after 64*T1), a cache of the responses we sent so retransmitted
+requests are answered identically (§17.2), and 2xx retransmission until the
+ACK arrives (§13.3.1.4). Everything a node sends goes to the proxy over UDP.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sipcore.message import SipRequest, SipResponse, parse_message
+
+log = logging.getLogger("node.sip")
+
+T1 = 0.5
+T2 = 4.0
+TIMEOUT = 64 * T1
+
+
+def new_branch() -> str:
+    return "z9hG4bK" + uuid.uuid4().hex[:20]
+
+
+@dataclass
+class ClientTx:
+    branch: str
+    method: str
+    data: bytes
+    on_response: Callable[[SipResponse | None], Any]
+    started: float = field(default_factory=time.monotonic)
+    interval: float = T1
+    provisional: bool = False
+    final: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+class Transactions:
+    def __init__(self, send: Callable[[bytes, tuple[str, int]], None], proxy: tuple[str, int]):
+        self._send = send
+        self.proxy = proxy
+        self.client: dict[str, ClientTx] = {}
+        self.responses: dict[tuple, tuple[float, bytes, tuple[str, int]]] = {}
+        self.pending_2xx: dict[tuple, asyncio.TimerHandle] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for tx in self.client.values():
+            if tx.timer:
+                tx.timer.cancel()
+        for h in self.pending_2xx.values():
+            h.cancel()
+
+    # ---- client side -----------------------------------------------------
+    def request(self, req: SipRequest, on_response: Callable[[SipResponse | None], Any]) -> None:
+        """Send a request to the proxy; `on_response` gets every response,
+        or None when no final response came in time (then act as on 408)."""
+        branch = req.top_via.branch
+        data = req.to_bytes()
+        if req.method == "ACK":
+            self._send(data, self.proxy)
+            return
+        tx = ClientTx(branch, req.method, data, on_response)
+        self.client[branch] = tx
+        self._send(data, self.proxy)
+        tx.timer = asyncio.get_running_loop().call_later(T1, self._retransmit, tx)
+
+    def _retransmit(self, tx: ClientTx) -> None:
+        if tx.final or self.client.get(tx.branch) is not tx:
+            return
+        if time.monotonic() - tx.started >= TIMEOUT:
+            del self.client[tx.branch]
+            tx.final = True
+            tx.on_response(None)
+            return
+        if not (tx.method == "INVITE" and tx.provisional):
+            self._send(tx.data, self.proxy)
+            tx.interval = tx.interval * 2 if tx.method == "INVITE" else min(tx.interval * 2, T2)
+        tx.timer = asyncio.get_running_loop().call_later(tx.interval, self._retransmit, tx)
+
+    def response(self, resp: SipResponse) -> bool:
+        """Hand a response to its client transaction; False if none."""
+        tx = self.client.get(resp.top_via.branch)
+        if tx is None:
+            return False
+        if resp.status < 200:
+            tx.provisional = True
+            if not tx.final:
+                tx.on_response(resp)
+            return True
+        if tx.final:
+            # a retransmitted final response: only a 2xx to INVITE matters
+            if tx.method == "INVITE" and resp.status < 300:
+                tx.on_response(resp)
+            return True
+        tx.final = True
+        if tx.timer:
+            tx.timer.cancel()
+        # keep INVITE transactions a while to absorb retransmitted 2xx
+        linger = TIMEOUT if tx.method == "INVITE" else 0
+        if linger:
+            tx.timer = asyncio.get_running_loop().call_later(linger, self.client.pop, tx.branch, None)
+        else:
+            self.client.pop(tx.branch, None)
+        tx.on_response(resp)
+        return True
+
+    # ---- server side -----------------------------------------------------
+    @staticmethod
+    def server_key(req: SipRequest) -> tuple:
+        return (req.call_id, req.from_.tag, req.cseq[0], req.method, req.top_via.branch)
+
+    def cached(self, req: SipRequest) -> bool:
+        """Answer a retransmitted request with the response we sent last."""
+        hit = self.responses.get(self.server_key(req))
+        if hit is None:
+            return False
+        self._send(hit[1], hit[2])
+        return True
+
+    def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False) -> None:
+        dest = req.top_via.response_target()
+        data = resp.to_bytes()
+        self.responses[self.server_key(req)] = (time.monotonic(), data, dest)
+        self._send(data, dest)
+        if retransmit_2xx and 200 <= resp.status < 300:
+            key = (req.call_id, req.cseq[0])
+            self._schedule_2xx(key, data, dest, T1, time.monotonic())
+
+    def _schedule_2xx(self, key, data, dest, interval, started) -> None:
+        def fire():
+            if key not in self.pending_2xx:
+                return
+            if time.monotonic() - started >= TIMEOUT:
+                self.pending_2xx.pop(key, None)
+                return
+            self._send(data, dest)
+            self._schedule_2xx(key, data, dest, min(interval * 2, T2), started)
+        self.pending_2xx[key] = asyncio.get_running_loop().call_later(interval, fire)
+
+    def acked(self, call_id: str, cseq: int) -> None:
+        h = self.pending_2xx.pop((call_id, cseq), None)
+        if h:
+            h.cancel()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            cutoff = time.monotonic() - TIMEOUT
+            for k in [k for k, v in self.responses.items() if v[0] < cutoff]:
+                del self.responses[k]
+
+
+def parse_request(text: str, body: bytes = b"") -> SipRequest:
+    msg = parse_message(text.encode("latin-1") + body)
+    assert isinstance(msg, SipRequest)
+    return msg

@@ -1,0 +1,220 @@
+"""The dialog store: one Redis per node, active and replica keyspaces.
+
+    <prefix>:active:<bekey>    records this node owns (dialogs, registrations)
+    <prefix>:replica:<bekey>   copies of records its partners own
+
+A record is a small JSON object with a version (`v`), timestamps and the
+partner it was last mirrored to (`p`). Every key has a TTL that each save
+refreshes, so an abandoned record disappears by itself.
+
+- save: own active key and the partner's replica key, written concurrently,
+  one round trip each; if the partner changed, the old partner's replica
+  is deleted. A failed mirror write is logged and counted; the call goes on.
+- load, in order:
+  1. own active keyspace;
+  2. own replica keyspace -> promotion: RENAME replica -> active inside the
+     node's own Redis (atomic; no other node is asked);
+  3. the other nodes' Redis, in rank order, active keyspace first, then
+     replica -> migration: GETDEL there (atomic, so two nodes can never both
+     take it), then stored as own active.
+  The caller mirrors a promoted or migrated record to its partner.
+- Redis unreachable (own): StoreUnavailable, which the node turns into a
+  500 with a reason; other nodes' Redis being down is only logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sipcore.logfmt import event
+
+log = logging.getLogger("node.store")
+
+
+PEER_BACKOFF = 2.0
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+def _client(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                             retry_on_timeout=False, health_check_interval=0)
+
+
+def encode(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+class DialogStore:
+    def __init__(self, node_id: str, prefix: str, urls: dict[str, str], ttl: int):
+        self.node_id = node_id
+        self.prefix = prefix
+        self.ttl = ttl
+        self.urls = urls
+        self.clients = {nid: _client(url) for nid, url in urls.items() if url}
+        if node_id not in self.clients:
+            raise ValueError(f"nodes: node {node_id} has no Redis URL")
+        self.own = self.clients[node_id]
+        # a peer whose Redis just failed is skipped for a while, so a dead
+        # host (connect timeouts, not refusals) does not slow every call
+        self.peer_down_until: dict[str, float] = {}
+        self.stats = {"mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
+
+    def peer(self, nid: str | None) -> aioredis.Redis | None:
+        if not nid or nid == self.node_id:
+            return None
+        if self.peer_down_until.get(nid, 0) > time.monotonic():
+            return None
+        return self.clients.get(nid)
+
+    def peer_failed(self, nid: str) -> None:
+        self.peer_down_until[nid] = time.monotonic() + PEER_BACKOFF
+
+    def key(self, space: str, bekey: str) -> str:
+        return f"{self.prefix}:{space}:{bekey}"
+
+    async def close(self) -> None:
+        for c in self.clients.values():
+            await c.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.own.ping())
+        except (RedisError, OSError):
+            return False
+
+    # ---- load ----------------------------------------------------------
+    async def load(self, bekey: str, others: list[str]) -> tuple[dict | None, str]:
+        """-> (record, how): how is active / promoted / migrated:<node> / missing."""
+        active = self.key("active", bekey)
+        try:
+            raw = await self.own.get(active)
+            if raw is not None:
+                return json.loads(raw), "active"
+            # promotion: atomic within our own Redis
+            try:
+                if await self.own.renamenx(self.key("replica", bekey), active):
+                    raw = await self.own.get(active)
+                    if raw is not None:
+                        self.stats["promotions"] += 1
+                        return json.loads(raw), "promoted"
+                else:
+                    # someone wrote active between our GET and RENAMENX
+                    raw = await self.own.get(active)
+                    if raw is not None:
+                        return json.loads(raw), "active"
+            except RedisError as exc:
+                if "no such key" not in str(exc).lower():
+                    raise
+        except (RedisError, OSError) as exc:
+            self.stats["redis_errors"] += 1
+            event(log, "redis_error", logging.ERROR, op="load", bekey=bekey, error=str(exc))
+            raise StoreUnavailable(str(exc)) from exc
+        # migration from another node's Redis
+        for space in ("active", "replica"):
+            for nid in others:
+                client = self.peer(nid)
+                if client is None:
+                    continue
+                try:
+                    raw = await client.getdel(self.key(space, bekey))
+                except (RedisError, OSError):
+                    self.peer_failed(nid)
+                    continue  # that node (and its Redis) may be the one that died
+                if raw is None:
+                    continue
+                record = json.loads(raw)
+                try:
+                    await self.own.set(active, raw, ex=self.ttl)
+                except (RedisError, OSError) as exc:
+                    # put it back where it was, so it is not lost
+                    try:
+                        await client.set(self.key(space, bekey), raw, ex=self.ttl)
+                    except (RedisError, OSError):
+                        pass
+                    raise StoreUnavailable(str(exc)) from exc
+                self.stats["migrations"] += 1
+                return record, f"migrated:{nid}:{space}"
+        return None, "missing"
+
+    async def peek(self, bekey: str, order: list[str]) -> dict | None:
+        """Read (not take) a record wherever it is: active keyspaces in
+        `order`, then replicas. Used for registrar look-ups."""
+        for space in ("active", "replica"):
+            for nid in order:
+                client = self.own if nid == self.node_id else self.peer(nid)
+                if client is None:
+                    continue
+                try:
+                    raw = await client.get(self.key(space, bekey))
+                except (RedisError, OSError):
+                    if nid != self.node_id:
+                        self.peer_failed(nid)
+                    continue
+                if raw is not None:
+                    return json.loads(raw)
+        return None
+
+    # ---- save / delete -------------------------------------------------
+    async def save(self, bekey: str, record: dict, partner: str | None) -> None:
+        old_partner = record.get("p")
+        mirror = self.peer(partner)
+        if partner and partner != self.node_id and mirror is None:
+            self.stats["mirror_failures"] += 1   # its Redis failed moments ago
+        record["v"] = record.get("v", 0) + 1
+        record["ut"] = round(time.time(), 3)
+        record["p"] = partner if mirror is not None else None
+        data = encode(record)
+        ttl = int(record.get("ttl") or self.ttl)
+        tasks = [self.own.set(self.key("active", bekey), data, ex=ttl)]
+        if mirror is not None:
+            tasks.append(mirror.set(self.key("replica", bekey), data, ex=ttl))
+        # the previous replica is stale now (it may be in our own replica
+        # keyspace, when we took the record over from the node we mirrored)
+        stale = None
+        if old_partner and old_partner != record["p"]:
+            stale = self.own if old_partner == self.node_id else self.peer(old_partner)
+        if stale is not None:
+            tasks.append(stale.delete(self.key("replica", bekey)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(results[0], BaseException):
+            self.stats["redis_errors"] += 1
+            event(log, "redis_error", logging.ERROR, op="save", bekey=bekey, error=str(results[0]))
+            raise StoreUnavailable(str(results[0]))
+        if mirror is not None and isinstance(results[1], BaseException):
+            self.stats["mirror_failures"] += 1
+            self.peer_failed(partner)
+            record["p"] = None  # the next save mirrors again
+            event(log, "mirror_failed", logging.WARNING, bekey=bekey, partner=partner, error=str(results[1]))
+        elif mirror is not None and old_partner and old_partner != partner:
+            event(log, "mirrored", bekey=bekey, partner=partner, previous=old_partner)
+
+    async def delete(self, bekey: str, record: dict | None) -> None:
+        tasks = [self.own.delete(self.key("active", bekey))]
+        mirror = self.peer((record or {}).get("p"))
+        if mirror is not None:
+            tasks.append(mirror.delete(self.key("replica", bekey)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                self.stats["redis_errors"] += 1
+                event(log, "redis_error", logging.WARNING, op="delete", bekey=bekey, error=str(r))
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for space in ("active", "replica"):
+            n = 0
+            try:
+                async for _ in self.own.scan_iter(match=self.key(space, "*"), count=1000):
+                    n += 1
+            except (RedisError, OSError):
+                n = -1
+            out[space] = n
+        return out
