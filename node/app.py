@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import defaultdict
 
+from sipcore.admin import AdminServer, json_handler, prometheus_text
 from sipcore.bekey import ROUTE_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, parse_hostport
 from sipcore.errors import SipParseError
@@ -80,6 +81,7 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
         self.started = time.time()
+        self.admin: AdminServer | None = None
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -90,6 +92,11 @@ class Node:
         await self.transport.listen(*self.addr)
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
+        admin = self.cfg["node.admin"] or self.cfg.node(self.id).admin
+        if admin:
+            host, port = parse_hostport(admin, "node.admin")
+            self.admin = AdminServer({"/status": json_handler(self.status), "/metrics": self.metrics})
+            await self.admin.start(host, port)
         event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
               proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
               upstream=str(self.upstream) if self.upstream else None)
@@ -98,7 +105,28 @@ class Node:
         infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
         return infos[0][4][0], addr[1]
 
+    async def status(self) -> dict:
+        counts = await self.store.counts()
+        return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
+                "sip": f"{self.addr[0]}:{self.addr[1]}", "redis_ok": self.healthy,
+                "keys": counts, "calls_in_memory_locks": len(self.locks),
+                "counters": dict(sorted(self.counters.items())), "store": self.store.stats}
+
+    async def metrics(self) -> tuple[str, str]:
+        counts = await self.store.counts()
+        return "text/plain; version=0.0.4", prometheus_text([
+            ("sipha_node_events_total", "counter", "dialog and registration events by kind",
+             [({"event": k}, v) for k, v in sorted(self.counters.items())]),
+            ("sipha_node_store_total", "counter", "promotions, migrations, mirror failures, Redis errors",
+             [({"kind": k}, v) for k, v in sorted(self.store.stats.items())]),
+            ("sipha_node_keys", "gauge", "records in this node's Redis by keyspace",
+             [({"keyspace": k}, v) for k, v in counts.items()]),
+            ("sipha_node_redis_up", "gauge", "1 when this node's Redis answers", [({}, int(self.healthy))]),
+        ])
+
     async def close(self) -> None:
+        if self.admin:
+            await self.admin.close()
         for t in self._tasks:
             t.cancel()
         self.tx.close()

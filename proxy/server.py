@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import time
 
+from sipcore.admin import AdminServer, json_handler, prometheus_text
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import Config, parse_hostport
 from sipcore.errors import SipParseError
@@ -93,6 +94,8 @@ class Proxy:
         self.bad_input_log = RateLimitedLog()
         self.counters: dict[str, int] = {}
         self.started = time.time()
+        self.admin: AdminServer | None = None
+        self.admin_addr = None
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
@@ -109,14 +112,45 @@ class Proxy:
             if h.addr:
                 self.node_by_addr[h.addr] = nid
             self.node_by_addr[(h.node.host, h.node.port)] = nid
+        if self.cfg["proxy.admin"]:
+            host, port = parse_hostport(self.cfg["proxy.admin"], "proxy.admin")
+            self.admin = AdminServer({"/status": json_handler(self.status), "/metrics": self.metrics})
+            self.admin_addr = await self.admin.start(host, port)
         event(log, "proxy_started", listen=",".join(f"{h}:{p}" for h, p in self.listen),
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
 
     async def close(self) -> None:
+        if self.admin:
+            await self.admin.close()
         await self.health.close()
         for t in self.transports:
             await t.close()
+
+    async def status(self) -> dict:
+        return {
+            "role": "proxy",
+            "uptime_s": round(time.time() - self.started, 1),
+            "listen": [f"{h}:{p}" for h, p in self.listen],
+            "probe": self.health.probing,
+            "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
+                       "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
+                      for nid, h in self.health.nodes.items()],
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    async def metrics(self) -> tuple[str, str]:
+        nodes = self.health.nodes.values()
+        text = prometheus_text([
+            ("sipha_proxy_events_total", "counter", "routing decisions, responses and rejections by kind",
+             [({"event": k}, v) for k, v in sorted(self.counters.items())]),
+            ("sipha_proxy_node_up", "gauge", "1 when the node is in the ring",
+             [({"node": h.node.id}, int(h.up)) for h in nodes]),
+            ("sipha_proxy_node_load_factor", "gauge", "share of its keys a node admits (ramp-up)",
+             [({"node": h.node.id}, h.load_factor) for h in nodes]),
+            ("sipha_proxy_uptime_seconds", "gauge", "seconds since start", [({}, round(time.time() - self.started, 1))]),
+        ])
+        return "text/plain; version=0.0.4", text
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1

@@ -44,6 +44,7 @@ class NodeConfig:
     host: str
     port: int
     redis: str = ""
+    admin: str = ""
 
     @property
     def sip(self) -> tuple[str, int]:
@@ -66,6 +67,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "ramp.start": (float, 0.1, "load factor of a node that comes back"),
     "ramp.duration": (float, 30.0, "seconds for the load factor to grow from ramp.start to 1"),
     "ramp.steps": (int, 10, "load-factor steps over ramp.duration"),
+    "node.admin": (str, "", "node admin HTTP address for /status and /metrics (empty: off)"),
     "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
     "node.dialog_ttl": (int, 7200, "seconds a dialog lives in Redis without in-dialog traffic"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
@@ -158,7 +160,11 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
                     k = f"nodes[{i}]"
                     if not isinstance(entry, dict) or "id" not in entry or "sip" not in entry:
                         raise ConfigError(f"{k}: needs id and sip")
-                    node_list.append(parse_node(f"{entry['id']}={entry['sip']},{entry.get('redis', '')}", k))
+                    node = parse_node(f"{entry['id']}={entry['sip']},{entry.get('redis', '')}", k)
+                    if entry.get("admin"):
+                        parse_hostport(entry["admin"], f"{k}.admin")
+                        node = NodeConfig(node.id, node.host, node.port, node.redis, str(entry["admin"]))
+                    node_list.append(node)
                 continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{section}: expected a [{section}] table")

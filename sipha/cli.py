@@ -9,6 +9,8 @@ import sys
 from sipcore.config import ConfigError, load_config
 from sipcore.logfmt import setup_logging
 
+from .cluster import ClusterError
+
 
 def _install_uvloop() -> None:
     try:
@@ -40,7 +42,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "no_probe", False):
         o["health.probe"] = False
     if getattr(args, "admin", None) is not None:
-        o["proxy.admin"] = args.admin
+        o["node.admin" if args.command == "node" else "proxy.admin"] = args.admin
     if getattr(args, "upstream", None) is not None:
         o["node.upstream"] = args.upstream
     if getattr(args, "proxy", None) is not None:
@@ -97,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, help="this node's id in the node list")
     p.add_argument("--upstream", metavar="URI", help="trunk for unregistered callees (node.upstream)")
     p.add_argument("--proxy", metavar="HOST:PORT", help="the proxy address nodes send to (proxy.internal)")
+    p.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (node.admin)")
     p.set_defaults(func=cmd_node)
 
-    from . import demo
+    from . import cluster, demo
+    cluster.add_commands(sub)
     demo.add_commands(sub)
     return parser
 
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except ConfigError as exc:
+    except (ConfigError, ClusterError, FileNotFoundError) as exc:
         print(f"sipha {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

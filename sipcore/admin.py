@@ -1,0 +1,99 @@
+"""A minimal admin HTTP endpoint (GET only) for /status and /metrics.
+
+Loopback by default; requests are bounded (8 KiB header, 5 s to send it)
+so a stray client cannot hold the process. Handlers are coroutines
+returning (content type, body).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Awaitable, Callable
+
+log = logging.getLogger("sipcore.admin")
+
+Handler = Callable[[], Awaitable[tuple[str, str]]]
+
+
+def json_handler(fn: Callable[[], Awaitable[dict]]) -> Handler:
+    async def handle():
+        return "application/json", json.dumps(await fn(), indent=1, default=str) + "\n"
+    return handle
+
+
+class AdminServer:
+    def __init__(self, routes: dict[str, Handler]):
+        self.routes = routes
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._client, host, port, reuse_address=True)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split(" ")
+            if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
+                await self._write(writer, 405, "text/plain", "only GET\n")
+                return
+            path = parts[1].split("?", 1)[0]
+            handler = self.routes.get(path)
+            if handler is None:
+                await self._write(writer, 404, "text/plain", f"no such path; try {', '.join(self.routes)}\n")
+                return
+            ctype, body = await handler()
+            await self._write(writer, 200, ctype, body, head_only=parts[0] == "HEAD")
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        except Exception:  # the admin page must never take the process down
+            log.exception("admin handler failed")
+            try:
+                await self._write(writer, 500, "text/plain", "internal error\n")
+            except ConnectionError:
+                pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _write(writer, status: int, ctype: str, body: str, head_only: bool = False) -> None:
+        data = body.encode()
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}[status]
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + (b"" if head_only else data))
+        await writer.drain()
+
+
+def prometheus_text(metrics: list[tuple[str, str, str, list[tuple[dict, float]]]]) -> str:
+    """[(name, type, help, [(labels, value), ...]), ...] -> exposition format."""
+    out = []
+    for name, typ, help_text, samples in metrics:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {typ}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+    return "\n".join(out) + "\n"
+
+
+async def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> str:
+    """Tiny client for `sipha status` and the tests."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1]
+    if status != b"200":
+        raise OSError(f"GET {path}: HTTP {status.decode()}")
+    return body.decode()

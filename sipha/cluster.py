@@ -1,0 +1,425 @@
+"""A local cluster on loopback: `sipha up / status / kill / start / down / load`.
+
+`up` starts one redis-server per node, the nodes, the proxy and optionally
+a SIPp UAS as the upstream trunk, each in its own session so they outlive
+the command; writes `cluster.toml` and `cluster.json` (what runs where, by
+PID) under --dir. `down` and `kill` act only on the PIDs recorded there,
+and only while each PID still runs the command line recorded for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sipcore.admin import http_get
+
+from .sipp import Sipp, free_port
+
+
+class ClusterError(Exception):
+    pass
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    for kind, name in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return name
+    return None
+
+
+def _alive(pid: int, cmd0: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and os.path.basename(cmd0).encode() in b" ".join(argv[:3])
+
+
+class Cluster:
+    def __init__(self, directory: str = ".sipha"):
+        self.dir = Path(directory).resolve()
+        self.state_path = self.dir / "cluster.json"
+        self.state: dict = {}
+        if self.state_path.exists():
+            self.state = json.loads(self.state_path.read_text())
+
+    # ---- state -----------------------------------------------------------
+    def save(self) -> None:
+        self.state_path.write_text(json.dumps(self.state, indent=1))
+
+    def procs(self) -> dict:
+        return self.state.get("procs", {})
+
+    def running(self, name: str) -> bool:
+        p = self.procs().get(name)
+        return bool(p) and _alive(p["pid"], p["cmd"][0])
+
+    @property
+    def proxy_addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.state["proxy"]["port"])
+
+    # ---- starting ----------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], log: Path) -> None:
+        fh = open(log, "ab")
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                 cwd=self.dir, start_new_session=True)
+        fh.close()
+        self.state.setdefault("procs", {})[name] = {"pid": popen.pid, "cmd": cmd, "log": str(log)}
+        self.save()
+
+    def _wait_log(self, name: str, needle: str, timeout: float = 15.0) -> None:
+        p = self.procs()[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if needle in Path(p["log"]).read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            if not _alive(p["pid"], p["cmd"][0]):
+                break
+            time.sleep(0.05)
+        tail = Path(p["log"]).read_text(errors="replace")[-1500:] if Path(p["log"]).exists() else ""
+        raise ClusterError(f"{name} did not start (see {p['log']}):\n{tail}")
+
+    def _wait_redis(self, port: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise ClusterError(f"redis on port {port} did not answer PING")
+
+    def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
+           trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info") -> None:
+        if any(self.running(n) for n in self.procs()):
+            raise ClusterError(f"a cluster already runs from {self.dir} (sipha down --dir {self.dir} first)")
+        if nodes < 1 or nodes > 64:
+            raise ClusterError(f"--nodes: expected 1..64, got {nodes}")
+        if trunk not in (None, "sipp"):
+            raise ClusterError(f"--trunk: only 'sipp' is supported, got {trunk!r}")
+        busy = port_in_use("127.0.0.1", port)
+        if busy:
+            raise ClusterError(f"--port: 127.0.0.1:{port}/{busy} is already in use")
+        for tool in ["redis-server"] + (["sipp"] if trunk else []):
+            if shutil.which(tool) is None:
+                raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port()}}
+        for i in range(1, nodes + 1):
+            nid = f"node{i}"
+            self.state["nodes"][nid] = {"sip": free_port(), "redis": free_port(), "admin": free_port()}
+        if trunk:
+            self.state["trunk"] = {"port": free_port(), "scenario": trunk_scenario}
+        self.write_config(ramp=ramp, log_level=log_level)
+        self.save()
+        try:
+            for nid in self.state["nodes"]:
+                self.start_redis(nid)
+            for nid in self.state["nodes"]:
+                self.start_node(nid, redis=False)
+            self.start_proxy()
+            if trunk:
+                self.start_trunk()
+        except Exception:
+            self.down()
+            raise
+
+    def write_config(self, *, ramp: float, log_level: str) -> None:
+        st = self.state
+        lines = [
+            "# written by sipha up; every key can also be set by SIPHA_* variables",
+            "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
+            "[proxy]", f'listen = "127.0.0.1:{st["proxy"]["port"]}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"', "",
+            "[health]", "interval = 0.5", "down_after = 2", "up_after = 2", "",
+            "[ramp]", "start = 0.1", f"duration = {ramp}", "steps = 10", "",
+            "[log]", f'level = "{log_level}"', "",
+            "[node]",
+        ]
+        if "trunk" in st:
+            lines.append(f'upstream = "sip:127.0.0.1:{st["trunk"]["port"]}"')
+        lines.append("")
+        for nid, n in st["nodes"].items():
+            lines += ["[[nodes]]", f'id = "{nid}"', f'sip = "127.0.0.1:{n["sip"]}"',
+                      f'redis = "redis://127.0.0.1:{n["redis"]}/0"', f'admin = "127.0.0.1:{n["admin"]}"', ""]
+        (self.dir / "cluster.toml").write_text("\n".join(lines))
+
+    def start_redis(self, nid: str) -> None:
+        port = self.state["nodes"][nid]["redis"]
+        data = self.dir / f"redis-{nid}"
+        data.mkdir(exist_ok=True)
+        cmd = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"]
+        self._spawn(f"redis-{nid}", cmd, self.dir / "logs" / f"redis-{nid}.log")
+        self._wait_redis(port)
+
+    def sipha_cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "sipha.cli", *args, "--config", str(self.dir / "cluster.toml")]
+
+    def start_node(self, nid: str, *, redis: bool = True) -> None:
+        if nid not in self.state.get("nodes", {}):
+            raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+        if self.running(nid):
+            raise ClusterError(f"{nid} is already running")
+        if redis and not self.running(f"redis-{nid}"):
+            self.start_redis(nid)
+        log = self.dir / "logs" / f"{nid}.log"
+        self._spawn(nid, self.sipha_cmd("node", "--id", nid, "--log-file", str(log)), log.with_suffix(".out"))
+        self.state["procs"][nid]["log"] = str(log)
+        self.save()
+        self._wait_log(nid, "event=node_started")
+
+    def start_proxy(self) -> None:
+        log = self.dir / "logs" / "proxy.log"
+        self._spawn("proxy", self.sipha_cmd("proxy", "--log-file", str(log)), log.with_suffix(".out"))
+        self.state["procs"]["proxy"]["log"] = str(log)
+        self.save()
+        self._wait_log("proxy", "event=proxy_started")
+
+    def start_trunk(self) -> None:
+        t = self.state["trunk"]
+        sipp = Sipp(t["scenario"], local=("127.0.0.1", t["port"]), auto_answer=True, workdir=str(self.dir / "logs"))
+        self._spawn("trunk", sipp.command(), self.dir / "logs" / "trunk.out")
+        time.sleep(0.3)
+        if not self.running("trunk"):
+            raise ClusterError(f"the SIPp trunk did not start (see {self.dir / 'logs' / 'trunk.out'})")
+
+    # ---- stopping ------------------------------------------------------------
+    def _signal(self, name: str, sig: int) -> bool:
+        p = self.procs().get(name)
+        if not p or not _alive(p["pid"], p["cmd"][0]):
+            return False
+        try:
+            os.kill(p["pid"], sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _wait_gone(self, names: list[str], timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        left = names
+        while left and time.monotonic() < deadline:
+            for n in left:
+                p = self.procs()[n]
+                try:
+                    os.waitpid(p["pid"], os.WNOHANG)   # reap our own children
+                except ChildProcessError:
+                    pass
+            left = [n for n in left if self.running(n)]
+            if left:
+                time.sleep(0.05)
+        return left
+
+    def kill(self, nid: str) -> None:
+        """SIGKILL the node and its Redis: a host failure."""
+        if nid not in self.state.get("nodes", {}):
+            raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+        hit = [n for n in (nid, f"redis-{nid}") if self._signal(n, signal.SIGKILL)]
+        if not hit:
+            raise ClusterError(f"{nid} is not running")
+        self._wait_gone(hit, 5)
+
+    def down(self) -> list[str]:
+        names = [n for n in self.procs() if self.running(n)]
+        # front first, so no new traffic reaches what is stopping
+        order = sorted(names, key=lambda n: (n != "proxy", n != "trunk", n.startswith("redis")))
+        for n in order:
+            self._signal(n, signal.SIGTERM)
+        left = self._wait_gone(order, 5)
+        for n in left:
+            self._signal(n, signal.SIGKILL)
+        self._wait_gone(left, 2)
+        return names
+
+    # ---- looking ---------------------------------------------------------------
+    def status(self) -> dict:
+        async def gather():
+            out = {"proxy": None, "nodes": {}}
+            try:
+                out["proxy"] = json.loads(await http_get("127.0.0.1", self.state["proxy"]["admin"], "/status"))
+            except (OSError, asyncio.TimeoutError, ValueError):
+                pass
+            for nid, n in self.state.get("nodes", {}).items():
+                try:
+                    out["nodes"][nid] = json.loads(await http_get("127.0.0.1", n["admin"], "/status"))
+                except (OSError, asyncio.TimeoutError, ValueError):
+                    out["nodes"][nid] = None
+            return out
+        live = asyncio.run(gather())
+        rows = []
+        proxy_view = {n["id"]: n for n in (live["proxy"] or {}).get("nodes", [])}
+        for nid, n in self.state.get("nodes", {}).items():
+            st = live["nodes"].get(nid) or {}
+            pv = proxy_view.get(nid, {})
+            rows.append({"node": nid, "process": "running" if self.running(nid) else "stopped",
+                         "sip": f"127.0.0.1:{n['sip']}", "redis": f"redis://127.0.0.1:{n['redis']}/0",
+                         "health": ("up" if pv.get("up") else "down") if pv else "unknown",
+                         "load_factor": pv.get("load_factor"),
+                         "active": (st.get("keys") or {}).get("active"),
+                         "replica": (st.get("keys") or {}).get("replica"),
+                         "promoted": (st.get("store") or {}).get("promotions"),
+                         "migrated": (st.get("store") or {}).get("migrations")})
+        return {"proxy": {"sip": f"127.0.0.1:{self.state['proxy']['port']}", "running": self.running("proxy"),
+                          "counters": (live["proxy"] or {}).get("counters", {})},
+                "nodes": rows}
+
+    def table(self) -> str:
+        rows = [("part", "address", "redis", "log")]
+        rows.append(("proxy", f"127.0.0.1:{self.state['proxy']['port']} udp+tcp",
+                     f"admin http://127.0.0.1:{self.state['proxy']['admin']}/status",
+                     self.procs().get("proxy", {}).get("log", "")))
+        for nid, n in self.state["nodes"].items():
+            rows.append((nid, f"127.0.0.1:{n['sip']}", f"redis://127.0.0.1:{n['redis']}/0",
+                         str(self.dir / "logs" / f"{nid}.log")))
+        if "trunk" in self.state:
+            rows.append(("trunk", f"127.0.0.1:{self.state['trunk']['port']} (SIPp {self.state['trunk']['scenario']})",
+                         "", str(self.dir / "logs" / "trunk.out")))
+        return render(rows)
+
+
+def render(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# ---- command line -------------------------------------------------------------
+def cmd_up(args) -> int:
+    c = Cluster(args.dir)
+    c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level)
+    print(c.table())
+    print(f"config: {c.dir / 'cluster.toml'}   stop with: sipha down --dir {args.dir}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    c = _existing(args.dir)
+    st = c.status()
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    rows = [("node", "process", "health", "load", "active", "replica", "promoted", "migrated", "sip", "redis")]
+    for r in st["nodes"]:
+        rows.append((r["node"], r["process"], r["health"], "-" if r["load_factor"] is None else r["load_factor"],
+                     _dash(r["active"]), _dash(r["replica"]), _dash(r["promoted"]), _dash(r["migrated"]),
+                     r["sip"], r["redis"]))
+    print(f"proxy {st['proxy']['sip']} {'running' if st['proxy']['running'] else 'stopped'}")
+    print(render(rows))
+    return 0
+
+
+def _dash(v):
+    return "-" if v is None else v
+
+
+def _existing(directory: str) -> Cluster:
+    c = Cluster(directory)
+    if not c.state:
+        raise ClusterError(f"--dir: no cluster was started from {c.dir} (run sipha up)")
+    return c
+
+
+def cmd_kill(args) -> int:
+    _existing(args.dir).kill(args.node)
+    print(f"killed {args.node} and its Redis (SIGKILL)")
+    return 0
+
+
+def cmd_start(args) -> int:
+    _existing(args.dir).start_node(args.node)
+    print(f"started {args.node}; the proxy ramps traffic back onto it")
+    return 0
+
+
+def cmd_down(args) -> int:
+    stopped = _existing(args.dir).down()
+    print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    return 0
+
+
+def cmd_load(args) -> int:
+    if args.target:
+        from sipcore.config import parse_hostport
+        target = parse_hostport(args.target, "--target", 5060)
+    else:
+        target = _existing(args.dir).proxy_addr
+    if args.calls < 1 or args.rate <= 0:
+        raise ClusterError("--calls and --rate must be positive")
+    sipp = Sipp(args.scenario, target=target, transport=args.transport, calls=args.calls, rate=args.rate,
+                hold_ms=int(args.hold * 1000) if args.hold else None, service=args.service)
+    result = asyncio.run(run_load(sipp))
+    print(f"calls attempted {result.created}, succeeded {result.ok}, failed {result.failed}, "
+          f"retransmissions {result.retransmissions}, rate {result.rate:.1f}/s"
+          + (f", response time {result.response_time_ms:.1f} ms" if result.response_time_ms is not None else ""))
+    if result.failed or result.ok < args.calls:
+        print(f"SIPp errors: {sipp.log_file}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def run_load(sipp: Sipp, on_tick=None):
+    await sipp.start()
+    tty = sys.stdout.isatty()
+    while sipp.proc.returncode is None:
+        try:
+            await asyncio.wait_for(asyncio.shield(sipp.proc.wait()), 1.0)
+        except asyncio.TimeoutError:
+            pass
+        st = sipp.progress()
+        line = (f"calls done {st.get('SuccessfulCall(C)', 0)}  failed {st.get('FailedCall(C)', 0)}  "
+                f"running {st.get('CurrentCall', 0)}  rate {float(st.get('CallRate(C)', 0) or 0):.1f}/s")
+        print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True)
+        if on_tick:
+            on_tick(st)
+    if tty:
+        print()
+    return await sipp.wait(30)
+
+
+def add_commands(sub) -> None:
+    def with_dir(p):
+        p.add_argument("--dir", default=".sipha", help="the cluster's directory (default .sipha)")
+        return p
+    p = with_dir(sub.add_parser("up", help="start a local cluster: Redis per node, nodes, proxy, SIPp trunk"))
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--port", type=int, default=5060, help="proxy SIP port (UDP and TCP)")
+    p.add_argument("--trunk", choices=["sipp"], help="start a SIPp UAS as the upstream trunk")
+    p.add_argument("--ramp", type=float, default=30.0, help="seconds a returning node takes to reach load factor 1")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_up)
+    p = with_dir(sub.add_parser("status", help="nodes, health, load factor, dialog counts"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure)"))
+    p.add_argument("node")
+    p.set_defaults(func=cmd_kill)
+    p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up)"))
+    p.add_argument("node")
+    p.set_defaults(func=cmd_start)
+    p = with_dir(sub.add_parser("down", help="stop everything `up` started"))
+    p.set_defaults(func=cmd_down)
+    p = with_dir(sub.add_parser("load", help="drive SIPp calls at the proxy"))
+    p.add_argument("--rate", type=float, default=10.0, help="calls per second")
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--hold", type=float, default=0.0, help="seconds each call is held before the BYE")
+    p.add_argument("--scenario", default="uac", help="a file in sipp_scenarios/ or a SIPp built-in")
+    p.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    p.add_argument("--target", metavar="HOST:PORT", help="default: the proxy of the cluster in --dir")
+    p.add_argument("--service", default=None, help="user part of the Request-URI (SIPp -s)")
+    p.set_defaults(func=cmd_load)
