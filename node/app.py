@@ -505,6 +505,8 @@ class Node:
         L["rc"] = req.cseq[0]
         if req.method in ("INVITE", "UPDATE") and req.contacts:
             L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
+        if req.method == "INVITE":
+            self.reply(req, 100, "Trying")
         far = other(leg)
         record[far]["lc"] += 1
         out_cseq = record[far]["lc"]

@@ -120,11 +120,16 @@ class Transactions:
         return (req.call_id, req.from_.tag, req.cseq[0], req.method, req.top_via.branch)
 
     def cached(self, req: SipRequest) -> bool:
-        """Answer a retransmitted request with the response we sent last."""
-        hit = self.responses.get(self.server_key(req))
+        """True for a retransmitted request: it is answered with the response
+        we sent last, or absorbed while the first copy is still being handled.
+        False for a new request, whose transaction starts now."""
+        key = self.server_key(req)
+        hit = self.responses.get(key)
         if hit is None:
+            self.responses[key] = (time.monotonic(), None, None)
             return False
-        self._send(hit[1], hit[2])
+        if hit[1] is not None:
+            self._send(hit[1], hit[2])
         return True
 
     def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False) -> None:

@@ -250,6 +250,9 @@ class Cluster:
 
     # ---- looking ---------------------------------------------------------------
     def status(self) -> dict:
+        return asyncio.run(self.status_async())
+
+    async def status_async(self) -> dict:
         async def gather():
             out = {"proxy": None, "nodes": {}}
             try:
@@ -262,7 +265,7 @@ class Cluster:
                 except (OSError, asyncio.TimeoutError, ValueError):
                     out["nodes"][nid] = None
             return out
-        live = asyncio.run(gather())
+        live = await gather()
         rows = []
         proxy_view = {n["id"]: n for n in (live["proxy"] or {}).get("nodes", [])}
         for nid, n in self.state.get("nodes", {}).items():
@@ -374,21 +377,26 @@ def cmd_load(args) -> int:
 
 
 async def run_load(sipp: Sipp, on_tick=None):
+    """Run SIPp with a progress line every second; `on_tick(stats)` is an
+    optional coroutine called with SIPp's latest statistics."""
     await sipp.start()
     tty = sys.stdout.isatty()
-    while sipp.proc.returncode is None:
-        try:
-            await asyncio.wait_for(asyncio.shield(sipp.proc.wait()), 1.0)
-        except asyncio.TimeoutError:
-            pass
-        st = sipp.progress()
-        line = (f"calls done {st.get('SuccessfulCall(C)', 0)}  failed {st.get('FailedCall(C)', 0)}  "
-                f"running {st.get('CurrentCall', 0)}  rate {float(st.get('CallRate(C)', 0) or 0):.1f}/s")
-        print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True)
-        if on_tick:
-            on_tick(st)
-    if tty:
-        print()
+    try:
+        while sipp.proc.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(sipp.proc.wait()), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            st = sipp.progress()
+            line = (f"calls done {st.get('SuccessfulCall(C)', 0)}  failed {st.get('FailedCall(C)', 0)}  "
+                    f"running {st.get('CurrentCall', 0)}  rate {float(st.get('CallRate(C)', 0) or 0):.1f}/s")
+            print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True)
+            if on_tick:
+                await on_tick(st)
+    finally:
+        if tty:
+            print()
+        await sipp.stop(1.0)
     return await sipp.wait(30)
 
 

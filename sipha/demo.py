@@ -1,100 +1,123 @@
-"""`sipha demo`: the README's first command after installation.
+"""`sipha demo`: the main job, the README's first command after installing.
 
-Starts the proxy with two SIPp UAS as backends on free loopback ports, runs
-SIPp calls through it, SIGKILLs one backend half-way, and prints a summary:
-calls attempted / succeeded / failed and the proxy log lines that show the
-failover. Leaves nothing running.
+    sipha up --nodes 4 --trunk sipp
+    sipha load (calls with a hold)   -- half-way: sipha kill <busiest node>
+                                     -- later:    sipha start <that node>
+    summary: calls attempted / succeeded / failed, dialogs promoted and
+             migrated back, the proxy log lines showing failover and ramp
+    sipha down
+
+Everything runs on loopback under a fresh directory; nothing is left
+running, even when interrupted.
 """
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import sys
 import tempfile
 import time
 
+from sipcore.logfmt import parse_logfmt
+
+from .cluster import Cluster, port_in_use, render, run_load
 from .sipp import Sipp, free_port
 
 
-async def _wait_for(path: str, needle: str, proc, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.returncode is not None:
-            raise RuntimeError(f"process exited early; see {path}")
-        try:
-            with open(path, errors="replace") as fh:
-                if needle in fh.read():
-                    return
-        except OSError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"not ready after {timeout}s; see {path}")
+async def busiest(cluster: Cluster) -> str:
+    rows = (await cluster.status_async())["nodes"]
+    return max(rows, key=lambda r: r["active"] or 0)["node"]
 
 
-async def run_demo(calls: int, rate: float, workdir: str) -> int:
-    procs = []
-    backends = []
-    try:
-        ports = {"node1": free_port(), "node2": free_port()}
-        for nid, port in ports.items():
-            uas = Sipp("uas", local=("127.0.0.1", port), auto_answer=True, workdir=workdir)
-            await uas.start()
-            backends.append(uas)
-        proxy_port = free_port()
-        proxy_log = os.path.join(workdir, "proxy.log")
-        cmd = [sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{proxy_port}",
-               "--log-file", proxy_log]
-        for nid, port in ports.items():
-            cmd += ["--node", f"{nid}=127.0.0.1:{port}"]
-        proxy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL)
-        procs.append(proxy)
-        await _wait_for(proxy_log, "event=proxy_started", proxy)
-        print(f"proxy on 127.0.0.1:{proxy_port} (udp+tcp), backends "
-              + ", ".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items()) + f"; logs in {workdir}")
-        uac = Sipp("uac", target=("127.0.0.1", proxy_port), calls=calls, rate=rate, workdir=workdir)
-        await uac.start()
-        half = calls / rate / 2
-        t0 = time.monotonic()
-        killed = False
-        while uac.proc.returncode is None:
-            await asyncio.sleep(0.5)
-            st = uac.progress()
-            print(f"\r  calls done {st.get('SuccessfulCall(C)', 0):>5}  failed {st.get('FailedCall(C)', 0):>3}"
-                  f"  rate {float(st.get('CallRate(C)', 0) or 0):6.1f}/s", end="", flush=True)
-            if not killed and time.monotonic() - t0 >= half:
-                backends[0].proc.send_signal(signal.SIGKILL)
-                killed = True
-                print("\n  SIGKILL node1 (a SIPp backend)")
-        result = await uac.wait(120)
-        print()
-        print(f"calls attempted {result.created}, succeeded {result.ok}, failed {result.failed}, "
-              f"retransmissions {result.retransmissions}")
-        with open(proxy_log, errors="replace") as fh:
-            lines = [ln.rstrip() for ln in fh if "event=node_down" in ln or "event=node_up" in ln
-                     or "reason=failover" in ln]
-        print("proxy log lines showing the failover:")
-        for ln in lines[:6]:
-            print("  " + ln)
-        return 0 if result.failed == 0 and result.ok == calls else 1
-    finally:
-        for b in backends:
-            await b.stop(0.5)
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-                await p.wait()
+async def drive(cluster: Cluster, calls: int, rate: float, hold: float, transport: str):
+    sipp = Sipp("uac", target=cluster.proxy_addr, calls=calls, rate=rate, hold_ms=int(hold * 1000),
+                transport=transport, workdir=str(cluster.dir / "logs"))
+    offered = calls / rate
+    plan = {"kill_at": offered / 2, "start_at": offered / 2 + 4.0}
+    t0 = time.monotonic()
+    done = {}
+
+    async def tick(_stats):
+        now = time.monotonic() - t0
+        if "killed" not in done and now >= plan["kill_at"]:
+            victim = await busiest(cluster)
+            cluster.kill(victim)
+            done["killed"] = victim
+            print(f"\n>>> sipha kill {victim}   (the node holding the most active dialogs: SIGKILL, with its Redis)")
+        elif "killed" in done and "started" not in done and now >= plan["start_at"]:
+            cluster.start_node(done["killed"])
+            done["started"] = True
+            print(f"\n>>> sipha start {done['killed']}   (it comes back empty and ramps up)")
+
+    result = await run_load(sipp, tick)
+    return result, done.get("killed")
+
+
+def summary(cluster: Cluster, result, victim: str | None) -> str:
+    st = cluster.status()
+    promoted = sum(r["promoted"] or 0 for r in st["nodes"])
+    migrated = sum(r["migrated"] or 0 for r in st["nodes"])
+    lines = ["", "=== summary ===",
+             f"calls attempted {result.created}, succeeded {result.ok}, failed {result.failed} "
+             f"(SIPp retransmissions {result.retransmissions})",
+             f"killed and restarted: {victim}",
+             f"dialogs promoted from replicas: {promoted}; dialogs migrated between nodes: {migrated}"]
+    rows = [("node", "health", "load", "active", "replica", "promoted", "migrated")]
+    for r in st["nodes"]:
+        rows.append((r["node"], r["health"], r["load_factor"], r["active"], r["replica"], r["promoted"], r["migrated"]))
+    lines.append(render(rows))
+    log = cluster.dir / "logs" / "proxy.log"
+    wanted = []
+    first_failover = first_ramp = None
+    for line in log.read_text(errors="replace").splitlines():
+        f = parse_logfmt(line)
+        ev = f.get("event")
+        if ev in ("node_down", "node_up"):
+            wanted.append(line)
+        elif ev == "load_factor" and f.get("load_factor") in ("1.0", "1"):
+            wanted.append(line)
+        elif ev == "route" and f.get("reason") == "failover" and first_failover is None:
+            first_failover = line
+            wanted.append(line)
+        elif ev == "route" and f.get("reason") == "ramp" and first_ramp is None:
+            first_ramp = line
+            wanted.append(line)
+    lines.append(f"proxy log lines showing failover and ramp (all in {log}):")
+    lines += ["  " + w for w in wanted[:10]]
+    lines.append(f"trace one call across every process: sipha logs --dir {cluster.dir} --call CALL-ID")
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> int:
-    workdir = args.dir or tempfile.mkdtemp(prefix="sipha-demo-")
-    os.makedirs(workdir, exist_ok=True)
-    return asyncio.run(run_demo(args.calls, args.rate, workdir))
+    directory = args.dir or tempfile.mkdtemp(prefix="sipha-demo-")
+    os.makedirs(directory, exist_ok=True)
+    port = args.port
+    if port_in_use("127.0.0.1", port):
+        port = free_port()
+        print(f"port {args.port} is busy; the proxy uses {port}")
+    cluster = Cluster(directory)
+    print(f"$ sipha up --nodes {args.nodes} --trunk sipp --dir {directory}")
+    try:
+        cluster.up(nodes=args.nodes, port=port, trunk="sipp", ramp=args.ramp)
+        print(cluster.table())
+        print(f"$ sipha load --calls {args.calls} --rate {args.rate:g} --hold {args.hold:g}")
+        result, victim = asyncio.run(drive(cluster, args.calls, args.rate, args.hold, args.transport))
+        time.sleep(1.0)
+        print(summary(cluster, result, victim))
+        ok = result.failed == 0 and result.ok == args.calls
+    finally:
+        cluster.down()
+        print(f"$ sipha down   (logs kept in {directory}/logs)")
+    return 0 if ok else 1
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="run calls through a proxy, kill a backend half-way, summarize")
-    p.add_argument("--calls", type=int, default=400)
-    p.add_argument("--rate", type=float, default=40.0)
-    p.add_argument("--dir", help="where logs go (default: a new temporary directory)")
+    p = sub.add_parser("demo", help="the main job: a 4-node cluster, calls, a node killed and restarted")
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--rate", type=float, default=20.0)
+    p.add_argument("--hold", type=float, default=8.0, help="seconds each call is held")
+    p.add_argument("--ramp", type=float, default=6.0, help="ramp-up seconds of the returning node")
+    p.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    p.add_argument("--port", type=int, default=5060)
+    p.add_argument("--dir", help="where the cluster lives (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,28 +26,47 @@ BUILTIN = {"uac", "uas", "regexp", "3pcc-C-A", "3pcc-C-B", "3pcc-A", "3pcc-B", "
            "uac_pcap"}
 
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free for both UDP and TCP on host right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((host, 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((host, port))
-                except OSError:
-                    continue
-            return port
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on host right now, chosen below the
+    kernel's ephemeral range: a port from that range may be taken by any
+    outgoing socket (a Redis client, a probe) before our server binds it."""
+    high = min(_ephemeral_low(), 65535)
+    low = max(1024, high - 12000)
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind((host, port))
+                t.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
     raise OSError("no free port")
 
 
 def scenario_path(name: str) -> str | None:
-    """None for a SIPp built-in, else the XML file's path."""
-    if name in BUILTIN:
-        return None
-    for cand in (Path(name), SCENARIO_DIR / name, SCENARIO_DIR / f"{name}.xml"):
+    """The XML file's path (ours first: sipp_scenarios/uac.xml shadows the
+    built-in uac), or None for a SIPp built-in."""
+    for cand in (SCENARIO_DIR / f"{name}.xml", SCENARIO_DIR / name, Path(name)):
         if cand.is_file():
             return str(cand)
+    if name in BUILTIN:
+        return None
     raise FileNotFoundError(f"no SIPp scenario {name!r} (built-ins: {', '.join(sorted(BUILTIN))}; "
                             f"files: {', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.xml')))})")
 
