@@ -286,7 +286,7 @@ class Node:
                 _, source, space = how.split(":")
                 event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
                       keyspace=space, partner=partner)
-            await self.store.save(bekey, record, partner)
+            await self.store.save(bekey, record, partner, self.others(bekey))
         leg = "a" if req.call_id == record["a"]["cid"] else "b"
         if method == "ACK":
             await self.ack(req, bekey, record, leg, partner)
@@ -339,7 +339,7 @@ class Node:
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
                   "b0": {"ruri": ruri, "route": list(routes), "br": new_branch(), "cseq": 1},
                   "ack": {}}
-        await self.store.save(bekey, record, partner)
+        await self.store.save(bekey, record, partner, self.others(bekey))
         self.counters["dialogs_created"] += 1
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=ruri, partner=partner)
@@ -404,7 +404,7 @@ class Node:
         b["rs"] = [r.raw for r in reversed(resp.record_routes)]
         record["st"] = "confirmed"
         record["ack"]["a"] = 1   # the caller's ACK is relayed as ACK CSeq 1 on leg b
-        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey))
+        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
         self.answer_a(record, resp.status, resp.reason, resp)
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
 
@@ -467,7 +467,7 @@ class Node:
         ack = self.build(record, other(leg), "ACK", cseq, body=req.body,
                          content_type=req.get("Content-Type"))
         self.tx.request(ack, lambda r: None)
-        await self.store.save(bekey, record, partner)
+        await self.store.save(bekey, record, partner, self.others(bekey))
 
     async def bye(self, req: SipRequest, bekey: str, record: dict, leg: str) -> None:
         self.reply(req, 200, "OK")
@@ -494,7 +494,7 @@ class Node:
                             routes=b0["route"])
         self.tx.request(cancel, lambda r: None)
         self.answer_a(record, 487, "Request Terminated")
-        await self.store.save(bekey, record, self.partner_for(bekey, req))
+        await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
 
     async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
@@ -510,7 +510,7 @@ class Node:
         far = other(leg)
         record[far]["lc"] += 1
         out_cseq = record[far]["lc"]
-        await self.store.save(bekey, record, partner)
+        await self.store.save(bekey, record, partner, self.others(bekey))
         out = self.build(record, far, req.method, out_cseq, body=req.body,
                          content_type=req.get("Content-Type"))
         self.tx.request(out, lambda resp: self.spawn(
@@ -534,7 +534,7 @@ class Node:
             if resp.contacts:
                 record[far]["tgt"] = resp.contacts[0].uri
             record.setdefault("ack", {})[leg] = out_cseq
-            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey))
+            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
         elif orig.method == "INVITE" and resp.status >= 300:
             # the far side expects its ACK for the failed re-INVITE
             record, _ = await self.store.load(bekey, [])

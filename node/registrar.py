@@ -86,7 +86,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     partner = node.partner_for(bekey, req)
     if bindings:
         record["ttl"] = int(max(b["x"] for b in bindings) - now) + 5
-        await node.store.save(bekey, record, partner)
+        await node.store.save(bekey, record, partner, node.others(bekey))
     else:
         await node.store.delete(bekey, record)
     for uri in added:

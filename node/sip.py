@@ -43,7 +43,7 @@ class Transactions:
     def __init__(self, send: Callable[[bytes, tuple[str, int]], None], proxy: tuple[str, int]):
         self._send = send
         self.proxy = proxy
-        self.client: dict[str, ClientTx] = {}
+        self.client: dict[tuple[str, str], ClientTx] = {}
         self.responses: dict[tuple, tuple[float, bytes, tuple[str, int]]] = {}
         self.pending_2xx: dict[tuple, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task | None = None
@@ -70,15 +70,15 @@ class Transactions:
             self._send(data, self.proxy)
             return
         tx = ClientTx(branch, req.method, data, on_response)
-        self.client[branch] = tx
+        self.client[(branch, req.method)] = tx
         self._send(data, self.proxy)
         tx.timer = asyncio.get_running_loop().call_later(T1, self._retransmit, tx)
 
     def _retransmit(self, tx: ClientTx) -> None:
-        if tx.final or self.client.get(tx.branch) is not tx:
+        if tx.final or self.client.get((tx.branch, tx.method)) is not tx:
             return
         if time.monotonic() - tx.started >= TIMEOUT:
-            del self.client[tx.branch]
+            del self.client[(tx.branch, tx.method)]
             tx.final = True
             tx.on_response(None)
             return
@@ -88,8 +88,10 @@ class Transactions:
         tx.timer = asyncio.get_running_loop().call_later(tx.interval, self._retransmit, tx)
 
     def response(self, resp: SipResponse) -> bool:
-        """Hand a response to its client transaction; False if none."""
-        tx = self.client.get(resp.top_via.branch)
+        """Hand a response to its client transaction (matched by branch and
+        CSeq method, RFC 3261 §17.1.3: a CANCEL shares its INVITE's branch);
+        False if none."""
+        tx = self.client.get((resp.top_via.branch, resp.cseq[1]))
         if tx is None:
             return False
         if resp.status < 200:
@@ -108,9 +110,9 @@ class Transactions:
         # keep INVITE transactions a while to absorb retransmitted 2xx
         linger = TIMEOUT if tx.method == "INVITE" else 0
         if linger:
-            tx.timer = asyncio.get_running_loop().call_later(linger, self.client.pop, tx.branch, None)
+            tx.timer = asyncio.get_running_loop().call_later(linger, self.client.pop, (tx.branch, tx.method), None)
         else:
-            self.client.pop(tx.branch, None)
+            self.client.pop((tx.branch, tx.method), None)
         tx.on_response(resp)
         return True
 

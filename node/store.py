@@ -163,38 +163,54 @@ class DialogStore:
         return None
 
     # ---- save / delete -------------------------------------------------
-    async def save(self, bekey: str, record: dict, partner: str | None) -> None:
+    async def save(self, bekey: str, record: dict, partner: str | None,
+                   fallbacks: list[str] = ()) -> None:
+        """Write own active key and the partner's replica concurrently. When
+        the partner's Redis is down (or fails now), the replica goes to the
+        next node in `fallbacks` that answers, and the record says where."""
         old_partner = record.get("p")
-        mirror = self.peer(partner)
-        if partner and partner != self.node_id and mirror is None:
+        candidates = [n for n in dict.fromkeys([partner, *fallbacks]) if n and n != self.node_id]
+        if partner and partner != self.node_id and self.peer(partner) is None:
             self.stats["mirror_failures"] += 1   # its Redis failed moments ago
+        target = next((n for n in candidates if self.peer(n) is not None), None)
         record["v"] = record.get("v", 0) + 1
         record["ut"] = round(time.time(), 3)
-        record["p"] = partner if mirror is not None else None
-        data = encode(record)
         ttl = int(record.get("ttl") or self.ttl)
-        tasks = [self.own.set(self.key("active", bekey), data, ex=ttl)]
-        if mirror is not None:
-            tasks.append(mirror.set(self.key("replica", bekey), data, ex=ttl))
+        own_key = self.key("active", bekey)
+        while True:
+            record["p"] = target
+            data = encode(record)
+            tasks = [self.own.set(own_key, data, ex=ttl)]
+            if target is not None:
+                tasks.append(self.peer(target).set(self.key("replica", bekey), data, ex=ttl))
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(results[0], BaseException):
+                self.stats["redis_errors"] += 1
+                event(log, "redis_error", logging.ERROR, op="save", bekey=bekey, error=str(results[0]))
+                raise StoreUnavailable(str(results[0]))
+            if target is None or not isinstance(results[1], BaseException):
+                break
+            self.stats["mirror_failures"] += 1
+            self.peer_failed(target)
+            event(log, "mirror_failed", logging.WARNING, bekey=bekey, partner=target, error=str(results[1]))
+            target = next((n for n in candidates if self.peer(n) is not None), None)
+        if target is None and candidates:
+            event(log, "mirror_skipped", logging.WARNING, bekey=bekey, reason="no partner Redis reachable")
+        elif target is not None and target != partner:
+            event(log, "mirrored", bekey=bekey, partner=target, previous=old_partner,
+                  reason=f"partner {partner} unreachable" if partner else "no partner named")
+        elif target is not None and old_partner and old_partner != target:
+            event(log, "mirrored", bekey=bekey, partner=target, previous=old_partner)
         # the previous replica is stale now (it may be in our own replica
         # keyspace, when we took the record over from the node we mirrored)
-        stale = None
-        if old_partner and old_partner != record["p"]:
+        if old_partner and old_partner != target:
             stale = self.own if old_partner == self.node_id else self.peer(old_partner)
-        if stale is not None:
-            tasks.append(stale.delete(self.key("replica", bekey)))
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(results[0], BaseException):
-            self.stats["redis_errors"] += 1
-            event(log, "redis_error", logging.ERROR, op="save", bekey=bekey, error=str(results[0]))
-            raise StoreUnavailable(str(results[0]))
-        if mirror is not None and isinstance(results[1], BaseException):
-            self.stats["mirror_failures"] += 1
-            self.peer_failed(partner)
-            record["p"] = None  # the next save mirrors again
-            event(log, "mirror_failed", logging.WARNING, bekey=bekey, partner=partner, error=str(results[1]))
-        elif mirror is not None and old_partner and old_partner != partner:
-            event(log, "mirrored", bekey=bekey, partner=partner, previous=old_partner)
+            if stale is not None:
+                try:
+                    await stale.delete(self.key("replica", bekey))
+                except (RedisError, OSError):
+                    if old_partner != self.node_id:
+                        self.peer_failed(old_partner)
 
     async def delete(self, bekey: str, record: dict | None) -> None:
         tasks = [self.own.delete(self.key("active", bekey))]

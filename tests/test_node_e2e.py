@@ -1,0 +1,162 @@
+"""Nodes end to end: SIPp caller -> proxy -> node (B2BUA, Redis) -> proxy ->
+SIPp trunk, with the Redis keyspaces checked against the design."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+
+import pytest
+
+from clusterkit import all_keys, assert_replicas_where_design_says, keys, owner_in_rank, run, uac
+from sipcore.bekey import make_stamp
+from sipcore.message import parse_message
+from sipha.cluster import Cluster
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    started = []
+
+    def make(nodes=3, trunk_scenario="uas", ramp=2.0):
+        c = Cluster(str(tmp_path / f"cluster{len(started)}"))
+        started.append(c)
+        c.up(nodes=nodes, port=free_port(), trunk="sipp", trunk_scenario=trunk_scenario, ramp=ramp,
+             log_level="debug")
+        return c
+    yield make
+    for c in started:
+        c.down()
+
+
+def test_call_keys_are_active_on_owner_replica_on_partner_and_gone_after_bye(make_cluster):
+    c = make_cluster()
+
+    async def scenario():
+        s = uac(c, calls=8, rate=8, hold_ms=4000)
+        await s.start()
+        await asyncio.sleep(2.5)
+        snap, n_active = assert_replicas_where_design_says(c)
+        return await s.wait(60), n_active
+
+    result, n_active = run(scenario())
+    assert result.ok == 8 and result.failed == 0, result.log_tail
+    assert n_active == 8
+    for spaces in all_keys(c).values():
+        assert spaces == {"active": {}, "replica": {}}
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_reinvite_is_relayed_to_the_callee(make_cluster, transport):
+    c = make_cluster(nodes=2)
+    result = run(uac(c, "reinvite", calls=10, rate=10, hold_ms=500, transport=transport).run(60))
+    assert result.ok == 10 and result.failed == 0, result.log_tail
+
+
+def test_cancel_reaches_the_callee_and_caller_gets_487(make_cluster):
+    c = make_cluster(nodes=2, trunk_scenario="uas_ring")
+    result = run(uac(c, "cancel", calls=10, rate=10).run(60))
+    assert result.ok == 10 and result.failed == 0, result.log_tail
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_bye_from_the_callee_reaches_the_caller(make_cluster):
+    c = make_cluster(nodes=2, trunk_scenario="uas_hangup")
+    result = run(uac(c, "uac_wait_bye", calls=10, rate=10, hold_ms=500).run(60))
+    assert result.ok == 10 and result.failed == 0, result.log_tail
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_register_and_unregister(make_cluster):
+    c = make_cluster(nodes=2)
+    result = run(uac(c, "register", calls=5, rate=10, service="alice").run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+    assert logs.count("event=registration_added") == 5
+    assert logs.count("event=registration_removed") == 5
+
+
+def udp_request(addr, text: str, timeout=3.0):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.settimeout(timeout)
+        s.sendto(text.replace("PORT", str(port)).encode(), addr)
+        while True:
+            msg = parse_message(s.recv(65535))
+            if getattr(msg, "status", 0) >= 200:
+                return msg
+
+
+def bye(to_tag: str) -> str:
+    return ("BYE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK" + uuid.uuid4().hex +
+            "\r\nMax-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\n"
+            f"To: <sip:b@127.0.0.1>;tag={to_tag}\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 5 BYE\r\n"
+            "Content-Length: 0\r\n\r\n")
+
+
+def test_unknown_dialog_gets_481_and_forged_stamp_is_not_trusted(make_cluster):
+    c = make_cluster(nodes=2)
+    assert udp_request(c.proxy_addr, bye("plain-tag")).status == 481
+    forged = make_stamp(b"not-the-cluster-secret", "0123456789abcdef")
+    resp = udp_request(c.proxy_addr, bye(forged))
+    assert resp.status == 481
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert "key_from=stamp" not in proxy_log
+
+
+def test_failover_promotes_the_replica_and_mirrors_it_to_the_new_partner(make_cluster):
+    c = make_cluster(nodes=3)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=9, rate=9, hold_ms=3500)
+        await s.start()
+        await asyncio.sleep(2.0)               # all calls established, first hold
+        before = all_keys(c)
+        victim = max(before, key=lambda n: len(before[n]["active"]))
+        moved = set(before[victim]["active"])
+        c.kill(victim)
+        await asyncio.sleep(4.5)               # re-INVITEs went to the partners
+        alive = [n for n in before if n != victim]
+        after, _ = assert_replicas_where_design_says(c, alive)
+        res = await s.wait(60)
+        return res, victim, moved, before, after
+
+    result, victim, moved, before, after = run(scenario())
+    assert result.ok == 9 and result.failed == 0, result.log_tail
+    assert moved
+    for bekey in moved:
+        partner = before[victim]["active"][bekey]["p"]
+        assert bekey in after[partner]["active"], f"{bekey} not promoted on {partner}"
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"] if n != victim)
+    assert logs.count("event=dialog_promoted") >= len(moved)
+
+
+def test_restarted_node_takes_its_dialogs_back(make_cluster):
+    c = make_cluster(nodes=3, ramp=1.0)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=9, rate=9, hold_ms=5000)
+        await s.start()
+        await asyncio.sleep(2.0)
+        before = all_keys(c)
+        victim = max(before, key=lambda n: len(before[n]["active"]))
+        mine = set(before[victim]["active"])
+        c.kill(victim)
+        await asyncio.sleep(0.5)
+        c.start_node(victim)
+        await asyncio.sleep(5.5)               # ramp done; re-INVITEs arrived
+        after, _ = assert_replicas_where_design_says(c)
+        return await s.wait(60), victim, mine, after
+
+    result, victim, mine, after = run(scenario())
+    assert result.ok == 9 and result.failed == 0, result.log_tail
+    assert mine
+    assert mine <= set(after[victim]["active"]), "dialogs did not move back home"
+    assert all(owner_in_rank(c, k) == victim for k in mine)
+    log = (c.dir / "logs" / f"{victim}.log").read_text()
+    assert log.count("event=dialog_migrated") >= len(mine)
