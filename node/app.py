@@ -166,9 +166,15 @@ class Node:
             self.on_bad_input(exc, msg.to_bytes(), src, transport)
             return
         if isinstance(msg, SipResponse):
-            if not self.tx.response(msg):
-                event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
-                      reason="no transaction")
+            if self.tx.response(msg):
+                return
+            bekey = read_stamp(self.secret, msg.call_id)
+            if bekey and msg.cseq[1] == "INVITE" and 200 <= msg.status < 300:
+                # a 2xx whose INVITE another node sent (it died): see stray_2xx
+                self.spawn(bekey, self.stray_2xx(bekey, msg))
+                return
+            event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
+                  reason="no transaction")
             return
         if msg.method == "OPTIONS" and msg.to.tag is None and not msg.has(ROUTE_HEADER):
             # the proxy's health probe: answered at once, outside any lock
@@ -271,22 +277,13 @@ class Node:
             else:
                 self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW)])
             return
-        record, how = await self.store.load(bekey, self.others(bekey))
-        if record is None or record.get("k") != "call":
+        partner = self.partner_for(bekey, req)
+        record = await self.load_call(bekey, partner)
+        if record is None:
             if method != "ACK":
                 self.counters["no_dialog"] += 1
                 self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
-        partner = self.partner_for(bekey, req)
-        if how != "active":
-            self.counters["promoted" if how == "promoted" else "migrated"] += 1
-            if how == "promoted":
-                event(log, "dialog_promoted", bekey=bekey, call_id=record["a"]["cid"], partner=partner)
-            else:
-                _, source, space = how.split(":")
-                event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
-                      keyspace=space, partner=partner)
-            await self.store.save(bekey, record, partner, self.others(bekey))
         leg = "a" if req.call_id == record["a"]["cid"] else "b"
         if method == "ACK":
             await self.ack(req, bekey, record, leg, partner)
@@ -298,6 +295,25 @@ class Node:
             await self.relay_in_dialog(req, bekey, record, leg, partner)
         else:
             self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW)])
+
+    async def load_call(self, bekey: str, partner: str | None) -> dict | None:
+        """The call record, wherever it is: promoted from our replica
+        keyspace or migrated from another node's Redis if need be (then
+        logged and mirrored to `partner`). None if there is no such call."""
+        record, how = await self.store.load(bekey, self.others(bekey))
+        if record is None or record.get("k") != "call":
+            return None
+        if how == "promoted":
+            self.counters["promoted"] += 1
+            event(log, "dialog_promoted", bekey=bekey, call_id=record["a"]["cid"], partner=partner)
+        elif how != "active":
+            self.counters["migrated"] += 1
+            _, source, space = how.split(":")
+            event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
+                  keyspace=space, partner=partner)
+        if how != "active":
+            await self.store.save(bekey, record, partner, self.others(bekey))
+        return record
 
     # ---- a new call ------------------------------------------------------
     async def find_target(self, req: SipRequest) -> tuple[str, list[str]] | None:
@@ -398,18 +414,41 @@ class Node:
             else:
                 self.answer_a(record, resp.status, resp.reason, resp)   # 2xx retransmission
             return
+        await self.confirm(bekey, record, resp)
+
+    async def confirm(self, bekey: str, record: dict, resp: SipResponse) -> None:
+        """The callee answered: take its dialog, save, relay the 2xx."""
+        b = record["b"]
         b["rt"] = resp.to.tag
         if resp.contacts:
             b["tgt"] = resp.contacts[0].uri
-        b["rs"] = [r.raw for r in reversed(resp.record_routes)]
+        b["rs"] = [r.raw for r in reversed(resp.record_routes)]   # UAC route set, RFC 3261 §12.1.2
         record["st"] = "confirmed"
-        record["ack"]["a"] = 1   # the caller's ACK is relayed as ACK CSeq 1 on leg b
+        record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
         self.answer_a(record, resp.status, resp.reason, resp)
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
 
+    async def stray_2xx(self, bekey: str, resp: SipResponse) -> None:
+        """A callee's (retransmitted) 2xx for an INVITE sent by a node that
+        died before it could ACK: this node holds the call now, so it sends
+        the ACK the callee is waiting for (and hangs up if the call is gone)."""
+        partner = self.partner_for(bekey)
+        record = await self.load_call(bekey, partner)
+        if record is None or record["b"]["cid"] != resp.call_id:
+            await self._ack_and_bye_orphan(resp)
+            return
+        cseq = resp.cseq[0]
+        if record["st"] == "early" and not record.get("cancel"):
+            # it died before relaying the answer: the caller still waits
+            await self.confirm(bekey, record, resp)
+        if record.get("ack", {}).get("a") == cseq:
+            del record["ack"]["a"]   # the caller's ACK will not be relayed twice
+        self.send_ack(record, resp, cseq=cseq)
+        await self.store.save(bekey, record, record.get("p") or partner, self.others(bekey))
+        event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=cseq)
+
     async def _ack_and_bye_orphan(self, resp: SipResponse) -> None:
-        to_tag = resp.to.tag or ""
         contact = resp.contacts[0].uri if resp.contacts else resp.to.uri
         routes = [r.raw for r in reversed(resp.record_routes)]
         base = (f"Max-Forwards: 70\r\nFrom: {resp.get('From')}\r\nTo: {resp.get('To')}\r\n"
@@ -421,7 +460,6 @@ class Node:
         bye = parse_request(f"BYE {contact} SIP/2.0\r\nVia: {via};branch={new_branch()};rport\r\n{base}"
                             f"CSeq: {resp.cseq[0] + 1} BYE\r\nContent-Length: 0\r\n\r\n")
         self.tx.request(bye, lambda r: None)
-        _ = to_tag
 
     # ---- building requests ----------------------------------------------------
     def build(self, record: dict, leg: str, method: str, cseq: int, *, body: bytes = b"",
@@ -481,8 +519,8 @@ class Node:
               reason="bye from caller" if leg == "a" else "bye from callee")
 
     async def cancel(self, req: SipRequest, bekey: str) -> None:
-        record, _ = await self.store.load(bekey, self.others(bekey))
-        if record is None or record.get("k") != "call" or record["a"]["cid"] != req.call_id:
+        record = await self.load_call(bekey, self.partner_for(bekey, req))
+        if record is None or record["a"]["cid"] != req.call_id:
             self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
         self.reply(req, 200, "OK")

@@ -39,6 +39,7 @@ from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, 
 from sipcore.transport import SipTransport
 
 from .health import HealthMonitor
+from .relay import NodeRelay, Pending
 
 log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
@@ -96,6 +97,7 @@ class Proxy:
         self.started = time.time()
         self.admin: AdminServer | None = None
         self.admin_addr = None
+        self.relay = NodeRelay(self._resend_to_node)
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
@@ -121,6 +123,7 @@ class Proxy:
               probe=self.health.probing)
 
     async def close(self) -> None:
+        self.relay.close()
         if self.admin:
             await self.admin.close()
         await self.health.close()
@@ -350,14 +353,34 @@ class Proxy:
             req.add_top("Path", self.our_uri(transport, flow_of_caller))
         elif initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
-        req.add(ROUTE_HEADER, f"bekey={bekey};owner={owner};partner={partner or ''};reason={reason}")
-        req.add_top("Via", self.our_via("udp", self.branch_for(req)))
+        req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
+        branch = self.branch_for(req)
+        req.add_top("Via", self.our_via("udp", branch))
         level = logging.INFO if (initial or reason != "owner") and req.method != "ACK" else logging.DEBUG
         event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
               src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
               key_from=how)
         dest = self.health.nodes[owner].addr or self.nodes[owner].sip
         self.send(req, dest, "udp")
+        if transport != "udp" and req.method != "ACK":
+            self.relay.track(branch, req, bekey, owner)
+
+    @staticmethod
+    def _route_header(bekey: str, owner: str, partner: str | None, reason: str) -> str:
+        return f"bekey={bekey};owner={owner};partner={partner or ''};reason={reason}"
+
+    def _resend_to_node(self, p: Pending) -> None:
+        """Retransmit a request that came over TCP to the key's owner now."""
+        owner, partner, _ = choose(p.bekey, self.node_ids, self.health.healthy())
+        if owner is None:
+            return
+        if owner != p.node:
+            event(log, "route", method=p.req.method, call_id=p.req.call_id, bekey=p.bekey, node=owner,
+                  partner=partner, reason="failover", previous=p.node, retransmission=True)
+            self.count("route_failover")
+            p.node = owner
+            p.req.set(ROUTE_HEADER, self._route_header(p.bekey, owner, partner, "failover"))
+        self.send(p.req, self.health.nodes[owner].addr or self.nodes[owner].sip, "udp")
 
     def outbound(self, req: SipRequest, src, transport: str, node: str) -> None:
         req.remove(ROUTE_HEADER)
@@ -422,6 +445,7 @@ class Proxy:
             event(log, "response_dropped", logging.DEBUG, status=resp.status,
                   src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
             return
+        self.relay.answered(top.branch, resp.status, resp.cseq[1])
         if len(vias) < 2:
             return
         resp.pop_first("Via")
@@ -430,9 +454,22 @@ class Proxy:
         out_transport = nxt.transport.lower()
         if out_transport not in ("udp", "tcp"):
             out_transport = "tcp"
-        to_node = dest in self.node_by_addr
-        if not to_node:
+        node = self.node_by_addr.get(dest)
+        if node is None:
             resp.remove(ROUTE_HEADER)
+        elif not self.health.nodes[node].up:
+            # The node that sent this request is gone. A response to a
+            # request of a stamped call (a B-leg) goes to the call's owner
+            # now, which holds the replica: a retransmitted 2xx then still
+            # gets its ACK and the callee keeps the call.
+            bekey = read_stamp(self.secret, resp.call_id) or read_stamp(self.secret, resp.from_.tag)
+            if bekey is not None:
+                owner, _, _ = choose(bekey, self.node_ids, self.health.healthy())
+                if owner is not None:
+                    event(log, "response_rerouted", status=resp.status, call_id=resp.call_id, bekey=bekey,
+                          dead=node, node=owner)
+                    self.count("response_rerouted")
+                    dest = self.health.nodes[owner].addr or self.nodes[owner].sip
         self.count(f"response_{resp.status // 100}xx")
         event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
               dest=f"{dest[0]}:{dest[1]}/{out_transport}")

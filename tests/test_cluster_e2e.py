@@ -1,0 +1,58 @@
+"""The local cluster under load: 4 nodes, 50 calls/s held 20 s, the busiest
+node killed (with its Redis) 4 s in and restarted, SIPp counting every call."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from clusterkit import all_keys, assert_replicas_where_design_says, run, uac
+from sipcore.bekey import rank
+from sipha.cluster import Cluster
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_node_killed_and_restarted_under_load_costs_no_call(tmp_path, transport):
+    c = Cluster(str(tmp_path / "cluster"))
+    c.up(nodes=4, port=free_port(), trunk="sipp", ramp=1.5)
+    try:
+        async def scenario():
+            # reinvite.xml: INVITE, hold 10 s, re-INVITE, hold 10 s, BYE.
+            # Calls start over 6 s, so re-INVITEs end by 16 s and BYEs begin
+            # at 20 s: the keyspaces are still between the two.
+            s = uac(c, "reinvite", calls=300, rate=50, hold_ms=10_000, transport=transport)
+            await s.start()
+            await asyncio.sleep(4)
+            before = all_keys(c)
+            victim = max(before, key=lambda n: len(before[n]["active"]))
+            c.kill(victim)
+            await asyncio.sleep(1.5)
+            c.start_node(victim)
+            await asyncio.sleep(12)    # ramp over; every call has sent its re-INVITE
+            after, n_active = assert_replicas_where_design_says(c)
+            result = await s.wait(90)
+            return result, victim, after, n_active
+
+        result, victim, after, n_active = run(scenario())
+        assert result.failed == 0, result.log_tail
+        assert result.ok == 300
+        assert n_active > 100
+        nodes = list(c.state["nodes"])
+        # every dialog is back on its first choice, its replica on the second
+        for nid, spaces in after.items():
+            for bekey, rec in spaces["active"].items():
+                order = rank(bekey, nodes)
+                assert nid == order[0], f"{bekey} active on {nid}, first choice {order[0]}"
+                assert rec["p"] == order[1]
+        assert after[victim]["active"], "the restarted node holds no dialog"
+        victim_log = (c.dir / "logs" / f"{victim}.log").read_text()
+        assert "event=dialog_migrated" in victim_log
+        proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+        assert f"event=node_down node={victim}" in proxy_log
+        assert f"event=node_up node={victim}" in proxy_log
+        assert "reason=failover" in proxy_log
+    finally:
+        c.down()
