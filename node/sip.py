@@ -135,7 +135,10 @@ class Transactions:
         return True
 
     def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False) -> None:
-        dest = req.top_via.response_target()
+        # Everything reaches a node through the proxy: answer where the
+        # request came from (the proxy's internal address), not the Via
+        # sent-by, which names the proxy's public side.
+        dest = req.source or req.top_via.response_target()
         data = resp.to_bytes()
         self.responses[self.server_key(req)] = (time.monotonic(), data, dest)
         self._send(data, dest)

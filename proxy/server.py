@@ -31,7 +31,7 @@ import time
 
 from sipcore.admin import AdminServer, json_handler, prometheus_text
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import Config, parse_hostport
+from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import parse_name_addr, parse_uri, split_hostport, SipUri
 from sipcore.logfmt import event
@@ -108,7 +108,9 @@ class Proxy:
         self.listen = [t.local for t in self.transports]
         if not self.cfg["proxy.advertise"]:
             self.advertise = self.listen[0]
-        self.our_addrs = {self.advertise, *self.listen}
+        internal = self.cfg["proxy.internal"]
+        self.internal = parse_hostport(internal, "proxy.internal", 5060) if internal else self.listen[0]
+        self.our_addrs = {self.advertise, self.internal, *self.listen}
         await self.health.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
@@ -118,6 +120,9 @@ class Proxy:
             host, port = parse_hostport(self.cfg["proxy.admin"], "proxy.admin")
             self.admin = AdminServer({"/status": json_handler(self.status), "/metrics": self.metrics})
             self.admin_addr = await self.admin.start(host, port)
+        if self.cfg["cluster.secret"] == SETTINGS["cluster.secret"][1]:
+            event(log, "default_secret", logging.WARNING,
+                  msg="cluster.secret is the default: anyone can forge BEKey stamps; set SIPHA_CLUSTER_SECRET")
         event(log, "proxy_started", listen=",".join(f"{h}:{p}" for h, p in self.listen),
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
@@ -177,8 +182,8 @@ class Proxy:
         f = f";flow={flow}" if flow else ""
         return f"<sip:{hp}{t};lr{f}>"
 
-    def our_via(self, transport: str, branch: str) -> str:
-        host, port = self.advertise
+    def our_via(self, transport: str, branch: str, *, internal: bool = False) -> str:
+        host, port = self.internal if internal else self.advertise
         hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return f"SIP/2.0/{transport.upper()} {hp};branch={branch}"
 
@@ -355,7 +360,7 @@ class Proxy:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
         branch = self.branch_for(req)
-        req.add_top("Via", self.our_via("udp", branch))
+        req.add_top("Via", self.our_via("udp", branch, internal=True))
         level = logging.INFO if (initial or reason != "owner") and req.method != "ACK" else logging.DEBUG
         event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
               src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
@@ -417,8 +422,9 @@ class Proxy:
             req.add_top("Record-Route", self.our_uri(out_transport))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
         level = logging.INFO if initial and req.method != "ACK" else logging.DEBUG
-        event(log, "route", level, method=req.method, call_id=req.call_id, node=node,
-              dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
+        event(log, "route", level, method=req.method, call_id=req.call_id,
+              bekey=read_stamp(self.secret, req.call_id) or read_stamp(self.secret, req.from_.tag),
+              node=node, dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
         self.count("route_outbound")
         if _is_ip(dest[0]):
             self.send(req, dest, out_transport)

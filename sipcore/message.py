@@ -73,13 +73,14 @@ class HeaderField:
 
 
 class SipMessage:
-    __slots__ = ("fields", "body", "_raw", "_start_raw", "_blank", "_dirty", "_cache")
+    __slots__ = ("fields", "body", "source", "_raw", "_start_raw", "_blank", "_dirty", "_cache")
 
     is_request = False
 
     def __init__(self) -> None:
         self.fields: list[HeaderField] = []
         self.body: bytes = b""
+        self.source: tuple[str, int] | None = None   # set by the transport that received it
         self._raw: bytes | None = None
         self._start_raw: str | None = None
         self._blank = "\r\n"

@@ -156,6 +156,7 @@ class SipTransport:
         except SipParseError as exc:
             self._bad_input(exc, data, source, transport)
             return
+        msg.source = source
         self.on_message(msg, source, transport)
 
     def _bad_input(self, exc: SipParseError, data: bytes, source: Addr, transport: str) -> None:

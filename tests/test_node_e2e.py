@@ -12,7 +12,9 @@ import pytest
 from clusterkit import all_keys, assert_replicas_where_design_says, keys, owner_in_rank, run, uac
 from sipcore.bekey import make_stamp
 from sipcore.message import parse_message
+from sipcore.logfmt import parse_logfmt
 from sipha.cluster import Cluster
+from sipha.logs import merged
 from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
@@ -134,6 +136,15 @@ def test_failover_promotes_the_replica_and_mirrors_it_to_the_new_partner(make_cl
         assert bekey in after[partner]["active"], f"{bekey} not promoted on {partner}"
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"] if n != victim)
     assert logs.count("event=dialog_promoted") >= len(moved)
+    # one command follows that call across proxy and nodes
+    bekey = sorted(moved)[0]
+    call_id = before[victim]["active"][bekey]["a"]["cid"]
+    trace = merged(str(c.dir), call=call_id)
+    assert any(f"proc={victim} " in t and "event=dialog_created" in t for t in trace)
+    assert any("proc=proxy " in t and "reason=failover" in t for t in trace)
+    assert any("event=dialog_promoted" in t for t in trace)
+    assert any("proc=proxy " in t and "reason=outbound" in t for t in trace), "B-leg lines missing"
+    assert [parse_logfmt(t)["ts"] for t in trace] == sorted(parse_logfmt(t)["ts"] for t in trace)
 
 
 def test_restarted_node_takes_its_dialogs_back(make_cluster):
