@@ -10,6 +10,7 @@ from sipcore.config import ConfigError, load_config
 from sipcore.logfmt import setup_logging
 
 from .cluster import ClusterError
+from .sipp import SippError
 
 
 def _install_uvloop() -> None:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, ClusterError, FileNotFoundError) as exc:
+    except (ConfigError, ClusterError, SippError, FileNotFoundError) as exc:
         print(f"sipha {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -185,6 +185,22 @@ class Cluster:
         self.state["procs"][nid]["log"] = str(log)
         self.save()
         self._wait_log(nid, "event=node_started")
+        if self.running("proxy"):
+            self._wait_proxy_sees(nid)
+
+    def _wait_proxy_sees(self, nid: str, timeout: float = 10.0) -> None:
+        """Return once the proxy has the node back in its ring (its probes
+        need `health.up_after` answers), so the next call can reach it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                st = json.loads(asyncio.run(http_get("127.0.0.1", self.state["proxy"]["admin"], "/status")))
+                if any(n["id"] == nid and n["up"] for n in st["nodes"]):
+                    return
+            except (OSError, asyncio.TimeoutError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise ClusterError(f"{nid} runs, but the proxy did not see it up within {timeout:g}s")
 
     def start_proxy(self) -> None:
         log = self.dir / "logs" / "proxy.log"

@@ -44,7 +44,7 @@ async def drive(cluster: Cluster, calls: int, rate: float, hold: float, transpor
             done["killed"] = victim
             print(f"\n>>> sipha kill {victim}   (the node holding the most active dialogs: SIGKILL, with its Redis)")
         elif "killed" in done and "started" not in done and now >= plan["start_at"]:
-            cluster.start_node(done["killed"])
+            await asyncio.to_thread(cluster.start_node, done["killed"])
             done["started"] = True
             print(f"\n>>> sipha start {done['killed']}   (it comes back empty and ramps up)")
 
@@ -83,7 +83,8 @@ def summary(cluster: Cluster, result, victim: str | None) -> str:
             wanted.append(line)
     lines.append(f"proxy log lines showing failover and ramp (all in {log}):")
     lines += ["  " + w for w in wanted[:10]]
-    lines.append(f"trace one call across every process: sipha logs --dir {cluster.dir} --call CALL-ID")
+    example = parse_logfmt(first_failover).get("call_id") if first_failover else "CALL-ID"
+    lines.append(f"follow a failed-over call across every process: sipha logs --dir {cluster.dir} --call {example}")
     return "\n".join(lines)
 
 

@@ -71,6 +71,10 @@ def scenario_path(name: str) -> str | None:
                             f"files: {', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.xml')))})")
 
 
+class SippError(RuntimeError):
+    """SIPp could not run (bad option, port in use, cannot connect)."""
+
+
 @dataclass
 class SippResult:
     returncode: int
@@ -177,13 +181,17 @@ class Sipp:
         self.proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, cwd=self.workdir)
-        # SIPp binds its socket at once; fail early when it could not
+        # SIPp binds its socket at once; fail early when it could not.
+        # Exit codes 0 / 1 / 97 / 99 are results (all ok, some failed, ...),
+        # 254 / 255 (-2 / -1) are fatal errors.
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.3)
         except asyncio.TimeoutError:
             return self
+        if self.proc.returncode in (0, 1, 97, 99):
+            return self
         err = (await self.proc.stderr.read()).decode(errors="replace")
-        raise RuntimeError(f"sipp exited at start (rc={self.proc.returncode}): {err.strip()[-500:]}")
+        raise SippError(f"sipp exited at start (rc={self.proc.returncode}): {err.strip()[-500:]}")
 
     def progress(self) -> dict:
         try:

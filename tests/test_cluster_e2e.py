@@ -30,7 +30,7 @@ def test_node_killed_and_restarted_under_load_costs_no_call(tmp_path, transport)
             victim = max(before, key=lambda n: len(before[n]["active"]))
             c.kill(victim)
             await asyncio.sleep(1.5)
-            c.start_node(victim)
+            await asyncio.to_thread(c.start_node, victim)
             await asyncio.sleep(12)    # ramp over; every call has sent its re-INVITE
             after, n_active = assert_replicas_where_design_says(c)
             result = await s.wait(90)

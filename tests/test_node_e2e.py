@@ -159,7 +159,7 @@ def test_restarted_node_takes_its_dialogs_back(make_cluster):
         mine = set(before[victim]["active"])
         c.kill(victim)
         await asyncio.sleep(0.5)
-        c.start_node(victim)
+        await asyncio.to_thread(c.start_node, victim)
         await asyncio.sleep(5.5)               # ramp done; re-INVITEs arrived
         after, _ = assert_replicas_where_design_says(c)
         return await s.wait(60), victim, mine, after

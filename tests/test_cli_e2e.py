@@ -1,0 +1,66 @@
+"""The cluster commands as a user types them: up, status, load, kill,
+start, down, and their errors."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def sipha(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_up_status_load_kill_start_down(tmp_path):
+    d = str(tmp_path / "c")
+    port = free_port()
+    r = sipha("up", "--dir", d, "--nodes", "2", "--port", str(port), "--trunk", "sipp", "--ramp", "1")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert f"127.0.0.1:{port} udp+tcp" in r.stdout and "node2" in r.stdout
+        st = json.loads(sipha("status", "--dir", d, "--json").stdout)
+        assert [n["health"] for n in st["nodes"]] == ["up", "up"]
+        r = sipha("load", "--dir", d, "--calls", "10", "--rate", "20")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "succeeded 10, failed 0" in r.stdout and "calls done" in r.stdout
+        assert sipha("kill", "--dir", d, "node1").returncode == 0
+        assert sipha("kill", "--dir", d, "node2").returncode == 0
+        st = json.loads(sipha("status", "--dir", d, "--json").stdout)
+        assert [n["process"] for n in st["nodes"]] == ["stopped", "stopped"]
+        assert sipha("kill", "--dir", d, "node1").returncode == 2     # not running any more
+        # no node left: the proxy answers 503, SIPp counts failures, load exits 1
+        r = sipha("load", "--dir", d, "--calls", "2", "--rate", "10")
+        assert r.returncode == 1 and "failed 2" in r.stdout
+        assert sipha("start", "--dir", d, "node1").returncode == 0
+        assert sipha("start", "--dir", d, "node2").returncode == 0
+        r = sipha("load", "--dir", d, "--calls", "10", "--rate", "20", "--transport", "tcp")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        r = sipha("down", "--dir", d)
+    assert r.returncode == 0 and "proxy" in r.stdout
+    st = json.loads(sipha("status", "--dir", d, "--json").stdout)
+    assert not st["proxy"]["running"] and all(n["process"] == "stopped" for n in st["nodes"])
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        r = sipha("up", "--dir", str(tmp_path / "c"), "--port", str(port))
+    assert r.returncode == 2
+    assert f"--port: 127.0.0.1:{port}/udp is already in use" in r.stderr
+
+
+def test_commands_without_a_cluster_name_the_directory(tmp_path):
+    r = sipha("status", "--dir", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "--dir" in r.stderr and "Traceback" not in r.stderr
+    r = sipha("load", "--dir", str(tmp_path), "--target", "127.0.0.1:9", "--scenario", "nosuch")
+    assert r.returncode == 2 and "no SIPp scenario 'nosuch'" in r.stderr
