@@ -208,7 +208,9 @@ def parse_uri(text: str) -> SipUri:
         return SipUri(scheme=scheme, opaque=rest, raw=text)
     if any(c in rest for c in " \t<>\""):
         raise SipParseError(f"bad character in URI {text[:64]!r}")
-    rest, _, headers = rest.partition("?")
+    # '@' cannot appear unescaped in a SIP URI's host, parameters or headers
+    # (RFC 3261 §25.1), so the last one ends the userinfo, which itself may
+    # hold ';', '?', ':' and more.
     user = password = None
     at = rest.rfind("@")
     if at >= 0:
@@ -221,6 +223,7 @@ def parse_uri(text: str) -> SipUri:
             password = unquote(p, errors="strict") if psep else None
         except UnicodeDecodeError as exc:
             raise SipParseError("bad escape in URI user part") from exc
+    rest, _, headers = rest.partition("?")
     hostport, _, param_text = rest.partition(";")
     host, port = split_hostport(hostport)
     params = split_params(param_text)
@@ -356,14 +359,17 @@ def parse_name_addr(value: str) -> NameAddr:
     else:
         # addr-spec without brackets: parameters after it belong to the header
         # (RFC 3261 §20.10), and the URI cannot carry params or headers.
-        uri, _, param_text = text.partition(";")
+        semi = text.find(";")
+        uri, param_text = (text, "") if semi < 0 else (text[:semi], text[semi:])
         uri = uri.strip()
     if not uri:
         raise SipParseError("empty URI")
     param_text = param_text.strip()
     if param_text and not param_text.startswith(";"):
         raise SipParseError("junk after URI")
-    parse_uri(uri)  # validate
+    scheme, colon, _ = uri.partition(":")
+    if not colon or not scheme or any(c in uri for c in " \t<>\""):
+        raise SipParseError(f"bad URI {uri[:64]!r}")
     return NameAddr(display=display, uri=uri, params=split_params(param_text), raw=text)
 
 

@@ -50,9 +50,19 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_NAME_CACHE: dict[str, str] = {}
+
+
 def canonical_name(name: str) -> str:
-    key = name.lower()
-    return COMPACT_FORMS.get(key, key)
+    """Lower-case long form of a header name; memoised (bounded, so names
+    made up by a hostile peer cannot grow it without limit)."""
+    key = _NAME_CACHE.get(name)
+    if key is None:
+        key = name.lower()
+        key = COMPACT_FORMS.get(key, key)
+        if len(_NAME_CACHE) < 4096:
+            _NAME_CACHE[name] = key
+    return key
 
 
 class HeaderField:
@@ -159,7 +169,7 @@ class SipMessage:
             v = self.get("Max-Forwards")
             if v is None:
                 return None
-            if not v.isdigit() or len(v) > 3 or int(v) > 255:
+            if not v.isdigit() or len(v) > 10 or int(v) > 255:
                 raise SipParseError("bad Max-Forwards")
             return int(v)
         return self._cached("max-forwards", parse)
