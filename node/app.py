@@ -11,8 +11,8 @@ Call record (JSON in Redis, see node.store), two legs:
           lc/rc (local/remote CSeq), tgt (remote target), rs (route set)
     ah:  the caller INVITE's Via/From/To/Call-ID/CSeq/Record-Route, so any
          node can answer that INVITE (CANCEL after a failover)
-    b0:  the callee INVITE's R-URI, Route, branch and CSeq (for CANCEL and
-         the non-2xx ACK, which must match it)
+    forks: one per callee contact: the INVITE's R-URI, Route and branch
+         (CANCEL and the non-2xx ACK must match it) and its final status
     ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
 Every tag and Call-ID we generate carries the BEKey stamp (sipcore.bekey),
 so the proxy brings every later request of the call here, whichever leg.
@@ -316,53 +316,60 @@ class Node:
         return record
 
     # ---- a new call ------------------------------------------------------
-    async def find_target(self, req: SipRequest) -> tuple[str, list[str]] | None:
+    async def find_targets(self, req: SipRequest) -> tuple[list[tuple[str, list[str]]], bool]:
+        """-> ([(request-URI, route set)], registered): every live contact
+        of a registered AOR (newest first, each via its Path), else the
+        upstream trunk, else nothing (404)."""
         ruri = req.ruri
         if ruri.is_sip and ruri.user:
-            aor = ruri.aor()
-            key = bekey_of(aor)
+            key = bekey_of(ruri.aor())
             reg = await self.store.peek(key, rank(key, self.node_ids))
             now = time.time()
             if reg and reg.get("k") == "reg":
                 live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
                 if live:
-                    return live[0]["c"], live[0].get("path", [])
+                    return [(b["c"], b.get("path", [])) for b in live], True
         if self.upstream is not None:
             up = self.upstream
             user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
             host = up.host if up.port is None else f"{up.host}:{up.port}"
             params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in up.params.items())
-            return f"{up.scheme}:{user}{host}{params}", []
-        return None
+            return [(f"{up.scheme}:{user}{host}{params}", [])], False
+        return [], False
 
     async def new_call(self, req: SipRequest, bekey: str) -> None:
-        target = await self.find_target(req)
-        if target is None:
+        targets, registered = await self.find_targets(req)
+        if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
         self.reply(req, 100, "Trying")
-        ruri, routes = target
         partner = self.partner_for(bekey, req)
         contact = req.contacts[0].uri if req.contacts else req.from_.uri
         a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
              "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
              "lc": 0, "rc": req.cseq[0], "tgt": contact, "rs": [r.raw for r in req.record_routes]}
+        first_uri, first_route = targets[0]
         b = {"cid": f"{make_stamp(self.secret, bekey)}-{uuid.uuid4().hex[:12]}@sipha",
-             "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"], "ru": f"<{ruri}>",
-             "lc": 1, "rc": 0, "tgt": ruri, "rs": list(routes)}
+             "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"],
+             "ru": f"<{req.uri}>" if registered else f"<{first_uri}>",
+             "lc": 1, "rc": 0, "tgt": first_uri, "rs": list(first_route)}
+        # one fork per contact (parallel forking): same B-leg Call-ID and
+        # From-tag, a branch each; the first 2xx wins, the rest are cancelled
+        forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None} for u, r in targets]
         record = {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
                   "ah": [[f.name, f.value] for f in req.fields
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
-                  "b0": {"ruri": ruri, "route": list(routes), "br": new_branch(), "cseq": 1},
-                  "ack": {}}
+                  "forks": forks, "ack": {}}
         await self.store.save(bekey, record, partner, self.others(bekey))
         self.counters["dialogs_created"] += 1
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
-              target=ruri, partner=partner)
+              target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
         ctype = req.get("Content-Type")
-        invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
-                            branch=record["b0"]["br"])
-        self.tx.request(invite, lambda resp: self.spawn(bekey, self.on_invite_response(bekey, resp)))
+        for fork in forks:
+            invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
+                                branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
+            self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
+                bekey, self.on_invite_response(bekey, br, resp)))
 
     def a_invite(self, record: dict) -> SipRequest:
         """The caller's INVITE as far as answering it needs (from `ah`)."""
@@ -382,39 +389,58 @@ class Node:
                             content_type=ctype)
         self.tx.respond(inv, out, retransmit_2xx=True)
 
-    async def on_invite_response(self, bekey: str, resp: SipResponse | None) -> None:
+    @staticmethod
+    def fork_of(record: dict, branch: str) -> dict | None:
+        return next((f for f in record.get("forks", []) if f["br"] == branch), None)
+
+    async def on_invite_response(self, bekey: str, branch: str, resp: SipResponse | None) -> None:
         record, _ = await self.store.load(bekey, [])
         if record is None:
             if resp is not None and 200 <= resp.status < 300:
                 # answered after the call ended (CANCEL race): ACK and hang up
                 await self._ack_and_bye_orphan(resp)
             return
-        b = record["b"]
-        if resp is None:
-            self.answer_a(record, 408, "Request Timeout")
-            await self.store.delete(bekey, record)
-            event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="callee timeout")
+        fork = self.fork_of(record, branch)
+        if fork is None:
             return
-        if resp.status < 200:
-            if resp.status > 100 and not record.get("cancel"):
+        if resp is not None and resp.status < 200:
+            if resp.status > 100 and not record.get("cancel") and record["st"] == "early":
                 self.answer_a(record, resp.status, resp.reason, resp)
             return
-        if resp.status >= 300:
-            self.send_ack(record, resp, non2xx=True)
-            if not record.get("cancel"):
-                self.answer_a(record, resp.status, resp.reason, resp)
-            await self.store.delete(bekey, record)
-            self.counters["dialogs_failed"] += 1
-            event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
-                  reason=f"callee {resp.status}")
+        if resp is None or resp.status >= 300:
+            if resp is not None:
+                self.send_ack(record, resp, non2xx=True)
+            fork["st"] = resp.status if resp is not None else 408
+            fork["reason"] = resp.reason if resp is not None else "Request Timeout"
+            await self._forks_done(bekey, record)
             return
-        if record.get("cancel") or record["st"] == "confirmed":
-            if record.get("cancel"):
-                await self._ack_and_bye_orphan(resp)
-            else:
-                self.answer_a(record, resp.status, resp.reason, resp)   # 2xx retransmission
+        if record["st"] == "early" and not record.get("cancel"):
+            fork["st"] = resp.status
+            await self.confirm(bekey, record, resp)
+            for other_fork in record["forks"]:
+                if other_fork["st"] is None:
+                    self.send_cancel(record, other_fork)
             return
-        await self.confirm(bekey, record, resp)
+        if record["st"] == "confirmed" and resp.to.tag == record["b"]["rt"]:
+            self.answer_a(record, resp.status, resp.reason, resp)   # 2xx retransmission
+            return
+        # a second fork answered, or the caller cancelled meanwhile
+        await self._ack_and_bye_orphan(resp)
+
+    async def _forks_done(self, bekey: str, record: dict) -> None:
+        """When every fork has failed, the caller gets the best final
+        response (RFC 3261 §16.7: a 6xx first, else the lowest status)."""
+        forks = record["forks"]
+        if any(f["st"] is None for f in forks) or record["st"] != "early":
+            return
+        six = [f for f in forks if f["st"] >= 600]
+        best = six[0] if six else min(forks, key=lambda f: f["st"])
+        if not record.get("cancel"):
+            self.answer_a(record, best["st"], best.get("reason") or "Failed")
+        await self.store.delete(bekey, record)
+        self.counters["dialogs_failed"] += 1
+        event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
+              reason="cancelled" if record.get("cancel") else f"callee {best['st']}")
 
     async def confirm(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The callee answered: take its dialog, save, relay the 2xx."""
@@ -487,11 +513,13 @@ class Node:
     def send_ack(self, record: dict, resp: SipResponse, *, non2xx: bool = False, cseq: int | None = None) -> None:
         if non2xx:
             # the non-2xx ACK belongs to the INVITE transaction: same R-URI,
-            # Route and branch as the INVITE (RFC 3261 §17.1.1.3)
-            b0 = record["b0"]
+            # Route and branch as that fork's INVITE (RFC 3261 §17.1.1.3)
+            fork = self.fork_of(record, resp.top_via.branch)
+            if fork is None:
+                return
             b = dict(record["b"], rt=resp.to.tag)
-            ack = self.build({"b": b}, "b", "ACK", b0["cseq"], branch=b0["br"], ruri=b0["ruri"],
-                             routes=b0["route"])
+            ack = self.build({"b": b}, "b", "ACK", 1, branch=fork["br"], ruri=fork["ruri"],
+                             routes=fork["route"])
         else:
             ack = self.build(record, "b", "ACK", cseq or 1)
         self.tx.request(ack, lambda r: None)
@@ -527,13 +555,19 @@ class Node:
         if record["st"] != "early" or record.get("cancel"):
             return
         record["cancel"] = True
-        b0 = record["b0"]
-        cancel = self.build(record, "b", "CANCEL", b0["cseq"], branch=b0["br"], ruri=b0["ruri"],
-                            routes=b0["route"])
-        self.tx.request(cancel, lambda r: None)
+        for fork in record["forks"]:
+            if fork["st"] is None:
+                self.send_cancel(record, fork)
         self.answer_a(record, 487, "Request Terminated")
         await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
+
+    def send_cancel(self, record: dict, fork: dict) -> None:
+        """CANCEL one fork: same R-URI, Route, branch and CSeq number as its
+        INVITE (RFC 3261 §9.1)."""
+        cancel = self.build(record, "b", "CANCEL", 1, branch=fork["br"], ruri=fork["ruri"],
+                            routes=fork["route"])
+        self.tx.request(cancel, lambda r: None)
 
     async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
         L = record[leg]

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.registrar")
 
 DEFAULT_EXPIRES = 3600
-MAX_EXPIRES = 86400
-MIN_EXPIRES = 60
 
 
 async def register(node: "Node", req: SipRequest, bekey: str) -> None:
@@ -33,6 +31,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
         node.reply(req, 404, "Not Found (To is not a SIP AOR)")
         return
     aor = to_uri.aor()
+    min_expires, max_expires = node.cfg["node.min_expires"], node.cfg["node.max_expires"]
     contacts = req.contacts
     expires_hdr = req.get("Expires")
     if expires_hdr is not None and not expires_hdr.strip().isdigit():
@@ -49,8 +48,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
             return
         if not c.wildcard:
             exp = c.expires if c.expires is not None else default_exp
-            if 0 < exp < MIN_EXPIRES:
-                node.reply(req, 423, "Interval Too Brief", headers=[("Min-Expires", str(MIN_EXPIRES))])
+            if 0 < exp < min_expires:
+                node.reply(req, 423, "Interval Too Brief", headers=[("Min-Expires", str(min_expires))])
                 return
 
     record, how = await node.store.load(bekey, node.others(bekey))
@@ -67,7 +66,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     for c in contacts:
         if c.wildcard:
             continue
-        exp = min(c.expires if c.expires is not None else default_exp, MAX_EXPIRES)
+        exp = min(c.expires if c.expires is not None else default_exp, max_expires)
         existing = next((b for b in bindings if b["c"] == c.uri), None)
         if existing is not None and existing["cid"] == cid and cseq <= existing["cseq"]:
             node.reply(req, 500, "Server Internal Error (REGISTER out of order)", headers=[("Retry-After", "1")])

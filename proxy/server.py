@@ -33,7 +33,7 @@ from sipcore.admin import AdminServer, json_handler, prometheus_text
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import parse_name_addr, parse_uri, split_hostport, SipUri
+from sipcore.headers import split_hostport, SipUri
 from sipcore.logfmt import event
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport

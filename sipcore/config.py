@@ -69,6 +69,8 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "ramp.steps": (int, 10, "load-factor steps over ramp.duration"),
     "node.admin": (str, "", "node admin HTTP address for /status and /metrics (empty: off)"),
     "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
+    "node.min_expires": (int, 60, "shortest registration accepted; shorter gets 423 Interval Too Brief"),
+    "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
     "node.dialog_ttl": (int, 7200, "seconds a dialog lives in Redis without in-dialog traffic"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
     "log.level": (str, "info", "debug, info, warning or error"),

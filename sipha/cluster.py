@@ -20,13 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-from sipcore.admin import http_get
+import urllib.error
+import urllib.request
 
 from .sipp import Sipp, free_port
 
 
 class ClusterError(Exception):
     pass
+
+
+def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:
+    """GET an admin endpoint on loopback (blocking: the cluster commands are
+    plain scripts, and callers inside an event loop use a thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def port_in_use(host: str, port: int) -> str | None:
@@ -80,14 +88,15 @@ class Cluster:
         self.state.setdefault("procs", {})[name] = {"pid": popen.pid, "cmd": cmd, "log": str(log)}
         self.save()
 
-    def _wait_log(self, name: str, needle: str, timeout: float = 15.0) -> None:
+    def _wait_admin(self, name: str, port: int, timeout: float = 15.0) -> None:
+        """Ready = its admin /status answers (whatever the log level)."""
         p = self.procs()[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if needle in Path(p["log"]).read_text(errors="replace"):
-                    return
-            except OSError:
+                admin_get(port, timeout=1.0)
+                return
+            except (OSError, ValueError):
                 pass
             if not _alive(p["pid"], p["cmd"][0]):
                 break
@@ -184,7 +193,7 @@ class Cluster:
         self._spawn(nid, self.sipha_cmd("node", "--id", nid, "--log-file", str(log)), log.with_suffix(".out"))
         self.state["procs"][nid]["log"] = str(log)
         self.save()
-        self._wait_log(nid, "event=node_started")
+        self._wait_admin(nid, self.state["nodes"][nid]["admin"])
         if self.running("proxy"):
             self._wait_proxy_sees(nid)
 
@@ -194,10 +203,10 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                st = json.loads(asyncio.run(http_get("127.0.0.1", self.state["proxy"]["admin"], "/status")))
+                st = admin_get(self.state["proxy"]["admin"])
                 if any(n["id"] == nid and n["up"] for n in st["nodes"]):
                     return
-            except (OSError, asyncio.TimeoutError, ValueError):
+            except (OSError, ValueError):
                 pass
             time.sleep(0.1)
         raise ClusterError(f"{nid} runs, but the proxy did not see it up within {timeout:g}s")
@@ -207,7 +216,7 @@ class Cluster:
         self._spawn("proxy", self.sipha_cmd("proxy", "--log-file", str(log)), log.with_suffix(".out"))
         self.state["procs"]["proxy"]["log"] = str(log)
         self.save()
-        self._wait_log("proxy", "event=proxy_started")
+        self._wait_admin("proxy", self.state["proxy"]["admin"])
 
     def start_trunk(self) -> None:
         t = self.state["trunk"]
@@ -252,6 +261,12 @@ class Cluster:
             raise ClusterError(f"{nid} is not running")
         self._wait_gone(hit, 5)
 
+    def kill_redis(self, nid: str) -> None:
+        """SIGKILL only the node's Redis (the node keeps running)."""
+        if not self._signal(f"redis-{nid}", signal.SIGKILL):
+            raise ClusterError(f"redis-{nid} is not running")
+        self._wait_gone([f"redis-{nid}"], 5)
+
     def down(self) -> list[str]:
         names = [n for n in self.procs() if self.running(n)]
         # front first, so no new traffic reaches what is stopping
@@ -266,22 +281,16 @@ class Cluster:
 
     # ---- looking ---------------------------------------------------------------
     def status(self) -> dict:
-        return asyncio.run(self.status_async())
-
-    async def status_async(self) -> dict:
-        async def gather():
-            out = {"proxy": None, "nodes": {}}
+        live: dict = {"proxy": None, "nodes": {}}
+        try:
+            live["proxy"] = admin_get(self.state["proxy"]["admin"])
+        except (OSError, ValueError):
+            pass
+        for nid, n in self.state.get("nodes", {}).items():
             try:
-                out["proxy"] = json.loads(await http_get("127.0.0.1", self.state["proxy"]["admin"], "/status"))
-            except (OSError, asyncio.TimeoutError, ValueError):
-                pass
-            for nid, n in self.state.get("nodes", {}).items():
-                try:
-                    out["nodes"][nid] = json.loads(await http_get("127.0.0.1", n["admin"], "/status"))
-                except (OSError, asyncio.TimeoutError, ValueError):
-                    out["nodes"][nid] = None
-            return out
-        live = await gather()
+                live["nodes"][nid] = admin_get(n["admin"]) if self.running(nid) else None
+            except (OSError, ValueError):
+                live["nodes"][nid] = None
         rows = []
         proxy_view = {n["id"]: n for n in (live["proxy"] or {}).get("nodes", [])}
         for nid, n in self.state.get("nodes", {}).items():

@@ -24,7 +24,7 @@ from .sipp import Sipp, free_port
 
 
 async def busiest(cluster: Cluster) -> str:
-    rows = (await cluster.status_async())["nodes"]
+    rows = (await asyncio.to_thread(cluster.status))["nodes"]
     return max(rows, key=lambda r: r["active"] or 0)["node"]
 
 

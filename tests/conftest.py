@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from procs import Procs  # noqa: E402
+from sipha.cluster import Cluster  # noqa: E402
+from sipha.sipp import free_port  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +34,20 @@ def procs(tmp_path):
         yield p
     finally:
         p.stop_all()
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    started = []
+
+    def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp"):
+        c = Cluster(str(tmp_path / f"cluster{len(started)}"))
+        started.append(c)
+        c.up(nodes=nodes, port=free_port(), trunk=trunk, trunk_scenario=trunk_scenario, ramp=ramp,
+             log_level="debug")
+        return c
+    yield make
+    for c in started:
+        c.down()
+
+

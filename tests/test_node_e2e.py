@@ -9,30 +9,13 @@ import uuid
 
 import pytest
 
-from clusterkit import all_keys, assert_replicas_where_design_says, keys, owner_in_rank, run, uac
+from clusterkit import all_keys, assert_replicas_where_design_says, owner_in_rank, run, uac
 from sipcore.bekey import make_stamp
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
-from sipha.cluster import Cluster
 from sipha.logs import merged
-from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def make_cluster(tmp_path):
-    started = []
-
-    def make(nodes=3, trunk_scenario="uas", ramp=2.0):
-        c = Cluster(str(tmp_path / f"cluster{len(started)}"))
-        started.append(c)
-        c.up(nodes=nodes, port=free_port(), trunk="sipp", trunk_scenario=trunk_scenario, ramp=ramp,
-             log_level="debug")
-        return c
-    yield make
-    for c in started:
-        c.down()
 
 
 def test_call_keys_are_active_on_owner_replica_on_partner_and_gone_after_bye(make_cluster):
@@ -171,3 +154,23 @@ def test_restarted_node_takes_its_dialogs_back(make_cluster):
     assert all(owner_in_rank(c, k) == victim for k in mine)
     log = (c.dir / "logs" / f"{victim}.log").read_text()
     assert log.count("event=dialog_migrated") >= len(mine)
+
+
+def test_node_whose_redis_is_down_answers_503_to_probes_and_500_to_requests(make_cluster):
+    c = make_cluster(nodes=2, trunk=None)
+    c.kill_redis("node1")
+    node1 = ("127.0.0.1", c.state["nodes"]["node1"]["sip"])
+    deadline = time.monotonic() + 5
+    while "event=redis_down" not in (c.dir / "logs" / "node1.log").read_text():
+        assert time.monotonic() < deadline, "node1 did not notice its Redis is gone"
+        time.sleep(0.1)
+    probe = ("OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bKp1\r\n"
+             "Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:127.0.0.1>\r\n"
+             "Call-ID: probe-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    assert udp_request(node1, probe).status == 503
+    resp = udp_request(node1, bye("sph-no-such-dialog"))
+    assert resp.status == 500 and "dialog store" in resp.reason
+    deadline = time.monotonic() + 5
+    while "event=node_down node=node1" not in (c.dir / "logs" / "proxy.log").read_text():
+        assert time.monotonic() < deadline, "the proxy kept node1 in the ring"
+        time.sleep(0.1)

@@ -1,0 +1,281 @@
+"""sipha benchmark: SIPp at stepped call rates over UDP, two paths.
+
+    proxy   SIPp UAC -> proxy -> two SIPp UAS as backends
+    ha      SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk
+
+Per step: offered and achieved rate, calls ok / failed, retransmissions,
+response-time percentiles (from SIPp's -trace_rtt). The headline per path
+is the highest offered rate with 0 failed calls. Also measured: Redis bytes
+per dialog (MEMORY USAGE), node RSS with N concurrent held calls, and
+failover detection time (node killed -> out of the ring, and -> first call
+routed to its partner), for a crash (SIGKILL: the kernel refuses) and for a
+hang (SIGSTOP: nothing answers).
+
+Writes <out>/bench.json and <out>/bench.png and prints a summary.
+
+    .venv/bin/python bench/bench.py                      # full run, several minutes
+    .venv/bin/python bench/bench.py --quick              # one low step per path, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sipcore.bekey import rank  # noqa: E402
+from sipcore.logfmt import parse_logfmt  # noqa: E402
+from sipha.cluster import Cluster  # noqa: E402
+from sipha.sipp import Sipp, free_port  # noqa: E402
+
+BUFFERS = ["-buff_size", str(4 * 1024 * 1024)]
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def read_rtt(workdir: str, since: float) -> list[float]:
+    out: list[float] = []
+    for path in glob.glob(os.path.join(workdir, "*_rtt.csv")):
+        if os.path.getmtime(path) < since:
+            continue
+        with open(path) as fh:
+            for line in fh:
+                parts = line.strip().split(";")
+                if len(parts) >= 2 and parts[1].replace(".", "", 1).isdigit():
+                    out.append(float(parts[1]))
+        os.unlink(path)
+    return out
+
+
+async def step(target, rate: float, seconds: float, workdir: str) -> dict:
+    calls = max(1, int(rate * seconds))
+    started = time.time()
+    sipp = Sipp("uac", target=target, calls=calls, rate=rate, workdir=workdir,
+                extra=BUFFERS + ["-trace_rtt", "-rtt_freq", "1", "-recv_timeout", "10000"])
+    res = await sipp.run(timeout=seconds + 60)
+    rtt = read_rtt(workdir, started)
+    achieved = res.ok / res.elapsed if res.elapsed else 0.0
+    return {"offered_cps": rate, "calls": calls, "ok": res.ok, "failed": res.failed + max(0, calls - res.ok - res.failed),
+            "retransmissions": res.retransmissions, "achieved_cps": round(achieved, 1),
+            "success_ratio": round(res.ok / calls, 4),
+            "rt_p50_ms": percentile(rtt, 50), "rt_p99_ms": percentile(rtt, 99),
+            "rt_mean_ms": round(statistics.mean(rtt), 2) if rtt else None}
+
+
+async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str) -> list[dict]:
+    out = []
+    for rate in rates:
+        r = await step(target, rate, seconds, workdir)
+        print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
+              f"failed {r['failed']:>5}  retrans {r['retransmissions']:>5}  "
+              f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms", flush=True)
+        out.append(r)
+        if r["success_ratio"] < 0.5:
+            break   # far past saturation: further steps only measure collapse
+        await asyncio.sleep(2)
+    return out
+
+
+def headline(steps: list[dict]) -> float | None:
+    ok = [s["offered_cps"] for s in steps if s["failed"] == 0 and s["ok"] == s["calls"]]
+    return max(ok) if ok else None
+
+
+async def proxy_path(rates, seconds, workdir) -> list[dict]:
+    backends = []
+    proc = None
+    try:
+        ports = [free_port(), free_port()]
+        for p in ports:
+            b = Sipp("uas", local=("127.0.0.1", p), auto_answer=True, workdir=workdir, extra=BUFFERS)
+            await b.start()
+            backends.append(b)
+        port = free_port()
+        log = os.path.join(workdir, "proxy-only.log")
+        cmd = [sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--log-file", log,
+               "--log-level", "warning", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}"]
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
+        await asyncio.sleep(1.5)
+        return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir)
+    finally:
+        if proc and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        for b in backends:
+            await b.stop(0.5)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def redis_bytes_per_dialog(cluster: Cluster) -> dict:
+    import redis
+    sizes, lengths = [], []
+    for n in cluster.state["nodes"].values():
+        r = redis.Redis(port=n["redis"])
+        for key in r.scan_iter(match="sipha:active:*", count=1000):
+            sizes.append(r.memory_usage(key, samples=0) or 0)
+            lengths.append(r.strlen(key))
+            if len(sizes) >= 500:
+                break
+    return {"memory_usage_bytes_mean": round(statistics.mean(sizes)) if sizes else None,
+            "value_bytes_mean": round(statistics.mean(lengths)) if lengths else None,
+            "sampled": len(sizes)}
+
+
+async def ha_path(rates, seconds, held, workdir) -> tuple[list[dict], dict]:
+    cluster = Cluster(os.path.join(workdir, "cluster"))
+    cluster.up(nodes=4, port=free_port(), trunk="sipp", ramp=5, log_level="info")
+    extra: dict = {}
+    try:
+        steps = await run_steps("ha", cluster.proxy_addr, rates, seconds, workdir)
+        # memory: N concurrent held calls
+        rate = max(50.0, min(400.0, (headline(steps) or 100) * 0.8))
+        hold_s = held / rate + 15
+        sipp = Sipp("uac", target=cluster.proxy_addr, calls=held, rate=rate, hold_ms=int(hold_s * 1000),
+                    workdir=workdir, extra=BUFFERS)
+        await sipp.start()
+        rss_before = {nid: rss_kib(cluster.procs()[nid]["pid"]) for nid in cluster.state["nodes"]}  # after the steps
+        await asyncio.sleep(held / rate + 5)
+        st = sipp.progress()
+        rss = {nid: rss_kib(cluster.procs()[nid]["pid"]) for nid in cluster.state["nodes"]}
+        extra["held_calls"] = {"target": held, "running_at_sample": int(st.get("CurrentCall", 0) or 0),
+                               "node_rss_kib": rss, "node_rss_kib_before_held": rss_before,
+                               "proxy_rss_kib": rss_kib(cluster.procs()["proxy"]["pid"])}
+        extra["redis_per_dialog"] = redis_bytes_per_dialog(cluster)
+        res = await sipp.wait(hold_s + 120)
+        extra["held_calls"].update({"ok": res.ok, "failed": res.failed})
+        extra["failover"] = await failover_times(cluster, workdir)
+    finally:
+        cluster.down()
+    return steps, extra
+
+
+async def failover_times(cluster: Cluster, workdir: str) -> dict:
+    """Kill (SIGKILL) then hang (SIGSTOP) a node under a light call load;
+    time until the proxy marks it down and until the first call of one of
+    its keys is routed to a partner."""
+    out = {}
+    log = Path(cluster.procs()["proxy"]["log"])
+    for how, sig in (("crash_sigkill", signal.SIGKILL), ("hang_sigstop", signal.SIGSTOP)):
+        nid = "node1" if how == "crash_sigkill" else "node2"
+        sipp = Sipp("uac", target=cluster.proxy_addr, calls=400, rate=100, workdir=workdir, extra=BUFFERS)
+        await sipp.start()
+        await asyncio.sleep(1.0)
+        t_kill = time.time()
+        os.kill(cluster.procs()[nid]["pid"], sig)
+        res = await sipp.wait(90)
+        down = first = None
+        for line in log.read_text(errors="replace").splitlines():
+            f = parse_logfmt(line)
+            ts = f.get("ts")
+            if not ts:
+                continue
+            t = time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float("0." + ts[20:23])
+            if t < t_kill:
+                continue
+            if down is None and f.get("event") == "node_down" and f.get("node") == nid:
+                down = t - t_kill
+            if (first is None and f.get("event") == "route" and f.get("reason") == "failover"
+                    and f.get("bekey") and rank(f["bekey"], list(cluster.state["nodes"]))[0] == nid):
+                first = t - t_kill
+        out[how] = {"node": nid, "down_after_s": round(down, 3) if down is not None else None,
+                    "first_failover_route_s": round(first, 3) if first is not None else None,
+                    "calls_ok": res.ok, "calls_failed": res.failed}
+        if sig == signal.SIGSTOP:
+            os.kill(cluster.procs()[nid]["pid"], signal.SIGCONT)
+    return out
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return False
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for name, steps in results["paths"].items():
+        x = [s["offered_cps"] for s in steps]
+        ax1.plot(x, [s["success_ratio"] * 100 for s in steps], marker="o", label=name)
+        ax2.plot(x, [s["rt_p50_ms"] or 0 for s in steps], marker="o", label=f"{name} p50")
+        ax2.plot(x, [s["rt_p99_ms"] or 0 for s in steps], marker="x", linestyle="--", label=f"{name} p99")
+    ax1.set_ylabel("successful calls (%)")
+    ax1.set_title("sipha: SIPp uac.xml over UDP, stepped call rates")
+    ax1.legend()
+    ax1.grid(True, alpha=0.3)
+    ax2.set_xlabel("offered call rate (calls/s)")
+    ax2.set_ylabel("INVITE->200 response time (ms)")
+    ax2.set_yscale("symlog")
+    ax2.legend()
+    ax2.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+async def main_async(args) -> dict:
+    os.makedirs(args.out, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="sipha-bench-")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "step_seconds": args.seconds, "paths": {}}
+    print(f"proxy path (SIPp -> proxy -> 2 SIPp UAS), {args.seconds:g} s per step")
+    results["paths"]["proxy"] = await proxy_path(args.proxy_rates, args.seconds, workdir)
+    print(f"full HA path (SIPp -> proxy -> 4 nodes + Redis -> proxy -> SIPp UAS), {args.seconds:g} s per step")
+    ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir)
+    results["paths"]["ha"] = ha_steps
+    results.update(extra)
+    results["headline_cps_zero_failed"] = {k: headline(v) for k, v in results["paths"].items()}
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds of calls per step")
+    ap.add_argument("--proxy-rates", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[250, 500, 1000, 1500, 2000, 3000, 4000])
+    ap.add_argument("--ha-rates", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[50, 100, 200, 300, 500, 700, 1000])
+    ap.add_argument("--held", type=int, default=10000, help="concurrent held calls for the memory figure")
+    ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.proxy_rates, args.ha_rates, args.held = 3.0, [50.0], [20.0], 200
+    results = asyncio.run(main_async(args))
+    jpath = os.path.join(args.out, "bench.json")
+    with open(jpath, "w") as fh:
+        json.dump(results, fh, indent=1)
+    ppath = os.path.join(args.out, "bench.png")
+    plotted = plot(results, ppath)
+    print(json.dumps({k: results[k] for k in ("headline_cps_zero_failed", "redis_per_dialog", "failover")}, indent=1))
+    held = results.get("held_calls", {})
+    print(f"node RSS with {held.get('running_at_sample')} held calls (KiB): {held.get('node_rss_kib')}")
+    print(f"results: {jpath}" + (f", plot: {ppath}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

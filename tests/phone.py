@@ -1,0 +1,86 @@
+"""A scripted SIP phone on a UDP socket, for tests that need a callee
+that registered (SIPp cannot register and then take calls in one run)."""
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+
+from sipcore.message import SipRequest, make_response, parse_message
+
+SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n"
+
+
+class Phone:
+    """answer=True: 180 then 200 to INVITE; False: 180 and ring until CANCEL."""
+
+    def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True):
+        self.user, self.proxy, self.answer = user, proxy, answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.got: list[str] = []
+        self.tag = uuid.uuid4().hex[:8]
+        self.invite: SipRequest | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def contact(self) -> str:
+        return f"sip:{self.user}@127.0.0.1:{self.port}"
+
+    def register(self, expires: int = 300, contacts: str | None = None, cseq: int = 1,
+                 call_id: str | None = None, extra: str = ""):
+        contact_hdr = contacts if contacts is not None else f"<{self.contact}>"
+        text = (f"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:{self.user}@127.0.0.1>;tag={self.tag}\r\n"
+                f"To: <sip:{self.user}@127.0.0.1>\r\nCall-ID: {call_id or 'reg-' + self.tag}\r\n"
+                f"CSeq: {cseq} REGISTER\r\nContact: {contact_hdr}\r\nExpires: {expires}\r\n{extra}"
+                f"Content-Length: 0\r\n\r\n")
+        self.sock.settimeout(5)
+        self.sock.sendto(text.encode(), self.proxy)
+        while True:
+            resp = parse_message(self.sock.recv(65535))
+            if resp.status >= 200:
+                return resp
+
+    def start(self) -> "Phone":
+        self.sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread:
+            self._thread.join(2)
+        self.sock.close()
+
+    def _send(self, resp, dest) -> None:
+        self.sock.sendto(resp.to_bytes(), dest)
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, src = self.sock.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            msg = parse_message(data)
+            if not isinstance(msg, SipRequest):
+                continue
+            self.got.append(msg.method)
+            rr = [("Record-Route", v) for v in msg.values("Record-Route")]
+            if msg.method == "INVITE" and msg.to.tag is None:
+                self.invite = msg
+                contact = [("Contact", f"<{self.contact}>")]
+                self._send(make_response(msg, 180, "Ringing", to_tag=self.tag, headers=rr + contact), src)
+                if self.answer:
+                    self._send(make_response(msg, 200, "OK", to_tag=self.tag, headers=rr + contact,
+                                             body=SDP, content_type="application/sdp"), src)
+            elif msg.method == "CANCEL":
+                self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
+                if self.invite is not None:
+                    self._send(make_response(self.invite, 487, "Request Terminated", to_tag=self.tag), src)
+            elif msg.method in ("BYE", "OPTIONS", "INFO", "UPDATE", "INVITE"):
+                self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)

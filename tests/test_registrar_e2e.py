@@ -1,0 +1,102 @@
+"""The registrar through the proxy (RFC 3261 §10.3, Path per RFC 3327), and
+calls to registered users forked to all their contacts."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from clusterkit import all_keys, run, uac
+from phone import Phone
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(make_cluster, monkeypatch):
+    monkeypatch.setenv("SIPHA_NODE_MIN_EXPIRES", "1")
+    return make_cluster(nodes=2, trunk=None)
+
+
+def contacts_of(resp) -> dict[str, int]:
+    return {c.uri: c.expires for c in resp.contacts}
+
+
+def test_register_several_contacts_refresh_and_remove_all(cluster):
+    p = Phone("carol", cluster.proxy_addr)
+    try:
+        resp = p.register(300, contacts="<sip:carol@127.0.0.1:7001>, <sip:carol@127.0.0.1:7002>;expires=120")
+        assert resp.status == 200
+        got = contacts_of(resp)
+        assert 295 <= got["sip:carol@127.0.0.1:7001"] <= 300 and 115 <= got["sip:carol@127.0.0.1:7002"] <= 120
+        assert resp.paths, "the 200 echoes the Path the proxy added (RFC 3327)"
+        resp = p.register(600, contacts="<sip:carol@127.0.0.1:7002>", cseq=2)
+        assert contacts_of(resp)["sip:carol@127.0.0.1:7002"] > 590            # refreshed
+        assert "sip:carol@127.0.0.1:7001" in contacts_of(resp)              # kept
+        resp = p.register(0, contacts="*", cseq=3)
+        assert resp.status == 200 and not resp.contacts
+        assert all(not s["active"] and not s["replica"] for s in all_keys(cluster).values())
+    finally:
+        p.stop()
+
+
+def test_bindings_expire_on_time(cluster):
+    p = Phone("dave", cluster.proxy_addr)
+    try:
+        assert p.register(2).status == 200
+        other = Phone("dave", cluster.proxy_addr)
+        resp = other.register(300, call_id="second-device")
+        assert len(resp.contacts) == 2
+        time.sleep(2.5)
+        resp = other.register(300, call_id="second-device", cseq=2)
+        assert [c.uri for c in resp.contacts] == [other.contact]
+        other.stop()
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("contacts, expires, status", [
+    ("*", 300, 400),                       # Contact: * needs Expires: 0
+    ("<sip:x@127.0.0.1:7001>;expires=abc", 300, 400),
+])
+def test_bad_registrations_get_a_clear_4xx(cluster, contacts, expires, status):
+    p = Phone("erin", cluster.proxy_addr)
+    try:
+        resp = p.register(expires, contacts=contacts)
+        assert resp.status == status and "Bad Request (" in resp.reason
+    finally:
+        p.stop()
+
+
+def test_too_brief_interval_gets_423_with_min_expires(make_cluster):
+    c = make_cluster(nodes=2, trunk=None)
+    p = Phone("fred", c.proxy_addr)
+    try:
+        resp = p.register(10)
+        assert resp.status == 423 and resp.get("Min-Expires") == "60"
+    finally:
+        p.stop()
+
+
+def test_call_to_a_registered_user_rings_all_contacts_and_the_first_answer_wins(cluster):
+    ringer = Phone("alice", cluster.proxy_addr, answer=False)
+    answerer = Phone("alice", cluster.proxy_addr, answer=True)
+    try:
+        assert ringer.register(300, call_id="dev1").status == 200
+        assert answerer.register(300, call_id="dev2").status == 200
+        ringer.start()
+        answerer.start()
+        result = run(uac(cluster, "uac", calls=1, rate=1, hold_ms=500, service="alice").run(30))
+        assert result.ok == 1 and result.failed == 0, result.log_tail
+        time.sleep(0.5)
+        assert answerer.got[:3] == ["INVITE", "ACK", "BYE"]
+        assert ringer.got == ["INVITE", "CANCEL", "ACK"]   # the ACK of its 487
+    finally:
+        ringer.stop()
+        answerer.stop()
+
+
+def test_unregistered_user_without_upstream_gets_404(cluster):
+    result = run(uac(cluster, "uac", calls=1, rate=1, service="nobody").run(30))
+    assert result.failed == 1
+    assert "404 Not Found" in result.log_tail
