@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from sipcore.headers import is_digits
 from sipcore.logfmt import event
 from sipcore.message import SipRequest
 
@@ -34,7 +35,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     min_expires, max_expires = node.cfg["node.min_expires"], node.cfg["node.max_expires"]
     contacts = req.contacts
     expires_hdr = req.get("Expires")
-    if expires_hdr is not None and not expires_hdr.strip().isdigit():
+    if expires_hdr is not None and not is_digits(expires_hdr.strip()):
         node.reply(req, 400, "Bad Request (bad Expires)")
         return
     default_exp = int(expires_hdr) if expires_hdr is not None else DEFAULT_EXPIRES

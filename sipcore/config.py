@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
     text = str(text).strip()
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::([0-9]+))?|([^:\[\]\s]+)(?::([0-9]+))?", text)
     if not m:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     host = m.group(1) or m.group(3)

@@ -16,6 +16,12 @@ from .errors import SipParseError
 _WS = " \t"
 
 
+def is_digits(text: str) -> bool:
+    """1*DIGIT in the ABNF sense: ASCII 0-9 only (str.isdigit() also takes
+    '²' and other Unicode digits, which int() then refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def split_commas(value: str) -> list[str]:
     """Split a comma-joined header value (RFC 3261 §7.3.1) outside quoted
     strings and angle brackets; empty elements are dropped."""
@@ -138,7 +144,7 @@ def split_hostport(text: str) -> tuple[str, int | None]:
             return host, None
         _check_host(host)
     port_text = port_text.strip()
-    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+    if not is_digits(port_text) or len(port_text) > 5 or int(port_text) > 65535:
         raise SipParseError(f"bad port {port_text!r}")
     return host, int(port_text)
 
@@ -252,7 +258,7 @@ class Via:
     @property
     def rport(self) -> int | None:
         v = self.params.get("rport")
-        return int(v) if v and v.isdigit() else None
+        return int(v) if v and is_digits(v) else None
 
     @property
     def maddr(self) -> str | None:
@@ -320,7 +326,7 @@ class NameAddr:
     @property
     def expires(self) -> int | None:
         v = self.params.get("expires")
-        return int(v) if v and v.isdigit() else None
+        return int(v) if v and is_digits(v) else None
 
     def __str__(self) -> str:
         return self.raw
@@ -376,7 +382,7 @@ def parse_name_addr(value: str) -> NameAddr:
 def parse_cseq(value: str) -> tuple[int, str]:
     num, _, method = value.strip().partition(" ")
     method = method.strip()
-    if not num.isdigit() or len(num) > 10 or int(num) > 2**31 - 1:
+    if not is_digits(num) or len(num) > 10 or int(num) > 2**31 - 1:
         raise SipParseError("bad CSeq number")
     if not method or not method.isascii() or any(c in method for c in _WS):
         raise SipParseError("bad CSeq method")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import SipParseError
-from .headers import (NameAddr, SipUri, Via, parse_cseq, parse_name_addr, parse_uri,
+from .headers import (NameAddr, SipUri, Via, is_digits, parse_cseq, parse_name_addr, parse_uri,
                       parse_via, split_commas)
 
 # RFC 3261 §7.3.3 and the IANA registry: compact form -> canonical long name.
@@ -169,7 +169,7 @@ class SipMessage:
             v = self.get("Max-Forwards")
             if v is None:
                 return None
-            if not v.isdigit() or len(v) > 10 or int(v) > 255:
+            if not is_digits(v) or len(v) > 10 or int(v) > 255:
                 raise SipParseError("bad Max-Forwards")
             return int(v)
         return self._cached("max-forwards", parse)
@@ -387,7 +387,7 @@ def parse_start_line(line: str) -> SipMessage:
         code = parts[1]
         if version.upper() != "SIP/2.0":
             raise SipParseError(f"unsupported SIP version {version[:16]!r}")
-        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+        if len(code) != 3 or not is_digits(code) or code[0] == "0":
             raise SipParseError("bad status code")
         return SipResponse(int(code), parts[2] if len(parts) > 2 else "", version)
     parts = line.split(" ")
@@ -464,7 +464,7 @@ def parse_message(data: bytes, *, datagram: bool = True,
             if len(cl_values) > 1:
                 raise SipParseError("conflicting Content-Length headers")
             cl_text = cl_values.pop()
-            if not cl_text.isdigit() or len(cl_text) > 9:
+            if not is_digits(cl_text) or len(cl_text) > 9:
                 raise SipParseError("bad Content-Length")
             cl = int(cl_text)
             if cl > len(body):

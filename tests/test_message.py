@@ -265,3 +265,14 @@ def test_random_mutations_raise_nothing_but_parse_error(data):
             getattr(m, prop)
     except SipParseError:
         pass
+
+
+@pytest.mark.parametrize("field", ["Max-Forwards: \u00b270", "CSeq: \u00b2 OPTIONS", "Content-Length: \u00b9"])
+def test_unicode_digits_are_not_digits(field):
+    """Found by the mutation test: latin-1 byte 0xB2 decodes to '²', which
+    str.isdigit() accepts and int() refuses."""
+    name = field.split(":")[0]
+    raw = b"\r\n".join(line for line in request().split(b"\r\n") if not line.startswith(name.encode()))
+    raw = raw.replace(b"Via:", field.encode("latin-1") + b"\r\nVia:", 1)
+    with pytest.raises(SipParseError):
+        parse_message(raw).check()

@@ -174,3 +174,22 @@ def test_node_whose_redis_is_down_answers_503_to_probes_and_500_to_requests(make
     while "event=node_down node=node1" not in (c.dir / "logs" / "proxy.log").read_text():
         assert time.monotonic() < deadline, "the proxy kept node1 in the ring"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_info_update_and_options_in_dialog_are_relayed(make_cluster, transport):
+    c = make_cluster(nodes=2)
+    result = run(uac(c, "indialog", calls=5, rate=10, transport=transport).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    trunk_stats = (c.dir / "logs").glob("uas-*.csv")
+    assert list(trunk_stats)
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster):
+    c = make_cluster(nodes=2, trunk_scenario="uas_busy")
+    result = run(uac(c, "uac_busy", calls=5, rate=10).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+    assert logs.count('reason="callee 486"') == 5
