@@ -25,12 +25,15 @@ import time
 import uuid
 from collections import defaultdict
 
-from sipcore.admin import AdminServer, json_handler, prometheus_text
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sipcore.admin import AdminServer, json_handler
 from sipcore.bekey import ROUTE_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import parse_name_addr, parse_uri, split_params
 from sipcore.logfmt import event
+from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
@@ -43,6 +46,14 @@ log = logging.getLogger("node")
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
 KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
                            "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"))
+
+
+NODE_COUNTERS = {
+    "dialogs": ("event",),          # created confirmed promoted migrated terminated failed
+    "registrations": ("event",),    # added removed
+    "no_dialog": (),
+    "parse_rejections": (),
+}
 
 
 def other(leg: str) -> str:
@@ -77,7 +88,7 @@ class Node:
         self.tx = Transactions(self._send, self.proxy_addr)
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.healthy = False
-        self.counters: dict[str, int] = defaultdict(int)
+        self.stats = Counters(NODE_COUNTERS)
         self._tasks: list[asyncio.Task] = []
         self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
         self.started = time.time()
@@ -110,19 +121,24 @@ class Node:
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
                 "sip": f"{self.addr[0]}:{self.addr[1]}", "redis_ok": self.healthy,
                 "keys": counts, "calls_in_memory_locks": len(self.locks),
-                "counters": dict(sorted(self.counters.items())), "store": self.store.stats}
+                "counters": self.stats.as_dict(), "store": self.store.stats}
 
     async def metrics(self) -> tuple[str, str]:
         counts = await self.store.counts()
-        return "text/plain; version=0.0.4", prometheus_text([
-            ("sipha_node_events_total", "counter", "dialog and registration events by kind",
-             [({"event": k}, v) for k, v in sorted(self.counters.items())]),
-            ("sipha_node_store_total", "counter", "promotions, migrations, mirror failures, Redis errors",
-             [({"kind": k}, v) for k, v in sorted(self.store.stats.items())]),
-            ("sipha_node_keys", "gauge", "records in this node's Redis by keyspace",
-             [({"keyspace": k}, v) for k, v in counts.items()]),
-            ("sipha_node_redis_up", "gauge", "1 when this node's Redis answers", [({}, int(self.healthy))]),
-        ])
+
+        def collect():
+            yield from self.stats.families("sipha_node")
+            for name, value in sorted(self.store.stats.items()):
+                yield CounterMetricFamily(f"sipha_node_{name}", f"dialog store: {name.replace('_', ' ')}",
+                                          value=value)
+            keys = GaugeMetricFamily("sipha_node_keys", "records in this node's Redis", labels=["keyspace"])
+            for space, n in counts.items():
+                keys.add_metric([space], n)
+            yield keys
+            yield GaugeMetricFamily("sipha_node_redis_up", "1 while this node's Redis answers",
+                                    value=int(self.healthy))
+            yield from self.store.latency.collect()
+        return prometheus(collect)
 
     async def close(self) -> None:
         if self.admin:
@@ -150,7 +166,7 @@ class Node:
 
     # ---- input -----------------------------------------------------------
     def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
-        self.counters["parse_rejected"] += 1
+        self.stats.inc("parse_rejections")
         msg = exc.message
         if isinstance(msg, SipRequest) and msg.method != "ACK":
             try:
@@ -281,7 +297,7 @@ class Node:
         record = await self.load_call(bekey, partner)
         if record is None:
             if method != "ACK":
-                self.counters["no_dialog"] += 1
+                self.stats.inc("no_dialog")
                 self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
         leg = "a" if req.call_id == record["a"]["cid"] else "b"
@@ -304,10 +320,10 @@ class Node:
         if record is None or record.get("k") != "call":
             return None
         if how == "promoted":
-            self.counters["promoted"] += 1
+            self.stats.inc("dialogs", "promoted")
             event(log, "dialog_promoted", bekey=bekey, call_id=record["a"]["cid"], partner=partner)
         elif how != "active":
-            self.counters["migrated"] += 1
+            self.stats.inc("dialogs", "migrated")
             _, source, space = how.split(":")
             event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
                   keyspace=space, partner=partner)
@@ -361,7 +377,7 @@ class Node:
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
                   "forks": forks, "ack": {}}
         await self.store.save(bekey, record, partner, self.others(bekey))
-        self.counters["dialogs_created"] += 1
+        self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
         ctype = req.get("Content-Type")
@@ -438,7 +454,7 @@ class Node:
         if not record.get("cancel"):
             self.answer_a(record, best["st"], best.get("reason") or "Failed")
         await self.store.delete(bekey, record)
-        self.counters["dialogs_failed"] += 1
+        self.stats.inc("dialogs", "failed")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
               reason="cancelled" if record.get("cancel") else f"callee {best['st']}")
 
@@ -453,6 +469,7 @@ class Node:
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
         self.answer_a(record, resp.status, resp.reason, resp)
+        self.stats.inc("dialogs", "confirmed")
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
 
     async def stray_2xx(self, bekey: str, resp: SipResponse) -> None:
@@ -542,7 +559,7 @@ class Node:
         bye = self.build(record, far, "BYE", record[far]["lc"])
         self.tx.request(bye, lambda r: None)
         await self.store.delete(bekey, record)
-        self.counters["dialogs_terminated"] += 1
+        self.stats.inc("dialogs", "terminated")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
               reason="bye from caller" if leg == "a" else "bye from callee")
 

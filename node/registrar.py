@@ -90,8 +90,10 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     else:
         await node.store.delete(bekey, record)
     for uri in added:
+        node.stats.inc("registrations", "added")
         event(log, "registration_added", aor=aor, contact=uri, bekey=bekey)
     for uri in removed:
+        node.stats.inc("registrations", "removed")
         event(log, "registration_removed", aor=aor, contact=uri, bekey=bekey)
     headers = [("Contact", f"<{b['c']}>;expires={max(0, int(b['x'] - now))}") for b in bindings]
     if req.paths and bindings:

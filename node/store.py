@@ -29,6 +29,7 @@ import logging
 import time
 
 import redis.asyncio as aioredis
+from prometheus_client import Histogram
 from redis.exceptions import RedisError
 
 from sipcore.logfmt import event
@@ -65,6 +66,9 @@ class DialogStore:
         # a peer whose Redis just failed is skipped for a while, so a dead
         # host (connect timeouts, not refusals) does not slow every call
         self.peer_down_until: dict[str, float] = {}
+        self.latency = Histogram("sipha_node_redis_seconds", "round trip of this node's own Redis operations",
+                                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25),
+                                 registry=None)
         self.stats = {"mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 
     def peer(self, nid: str | None) -> aioredis.Redis | None:
@@ -95,7 +99,9 @@ class DialogStore:
         """-> (record, how): how is active / promoted / migrated:<node> / missing."""
         active = self.key("active", bekey)
         try:
+            t0 = time.perf_counter()
             raw = await self.own.get(active)
+            self.latency.observe(time.perf_counter() - t0)
             if raw is not None:
                 return json.loads(raw), "active"
             # promotion: atomic within our own Redis
@@ -178,12 +184,14 @@ class DialogStore:
         ttl = int(record.get("ttl") or self.ttl)
         own_key = self.key("active", bekey)
         while True:
+            t0 = time.perf_counter()
             record["p"] = target
             data = encode(record)
             tasks = [self.own.set(own_key, data, ex=ttl)]
             if target is not None:
                 tasks.append(self.peer(target).set(self.key("replica", bekey), data, ex=ttl))
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            self.latency.observe(time.perf_counter() - t0)
             if isinstance(results[0], BaseException):
                 self.stats["redis_errors"] += 1
                 event(log, "redis_error", logging.ERROR, op="save", bekey=bekey, error=str(results[0]))

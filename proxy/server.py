@@ -29,12 +29,16 @@ import ipaddress
 import logging
 import time
 
-from sipcore.admin import AdminServer, json_handler, prometheus_text
+from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from sipcore.admin import AdminServer, json_handler
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import split_hostport, SipUri
 from sipcore.logfmt import event
+from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
@@ -52,6 +56,14 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+PROXY_COUNTERS = {
+    "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected
+    "responses": ("class",),
+    "parse_rejections": (),
+    "events": ("kind",),
+}
 
 
 class RateLimitedLog:
@@ -93,7 +105,10 @@ class Proxy:
         self.node_by_addr: dict[tuple[str, int], str] = {}
         self.our_addrs: set[tuple[str, int]] = set()
         self.bad_input_log = RateLimitedLog()
-        self.counters: dict[str, int] = {}
+        self.stats = Counters(PROXY_COUNTERS)
+        self.routing_latency = Histogram(
+            "sipha_proxy_routing_seconds", "time from a message's arrival to its forwarding",
+            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05), registry=None)
         self.started = time.time()
         self.admin: AdminServer | None = None
         self.admin_addr = None
@@ -144,24 +159,27 @@ class Proxy:
             "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
-            "counters": dict(sorted(self.counters.items())),
+            "counters": self.stats.as_dict(),
         }
 
     async def metrics(self) -> tuple[str, str]:
-        nodes = self.health.nodes.values()
-        text = prometheus_text([
-            ("sipha_proxy_events_total", "counter", "routing decisions, responses and rejections by kind",
-             [({"event": k}, v) for k, v in sorted(self.counters.items())]),
-            ("sipha_proxy_node_up", "gauge", "1 when the node is in the ring",
-             [({"node": h.node.id}, int(h.up)) for h in nodes]),
-            ("sipha_proxy_node_load_factor", "gauge", "share of its keys a node admits (ramp-up)",
-             [({"node": h.node.id}, h.load_factor) for h in nodes]),
-            ("sipha_proxy_uptime_seconds", "gauge", "seconds since start", [({}, round(time.time() - self.started, 1))]),
-        ])
-        return "text/plain; version=0.0.4", text
+        return prometheus(self.collect)
 
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+    def collect(self):
+        yield from self.stats.families("sipha_proxy")
+        nodes = list(self.health.nodes.values())
+        up = GaugeMetricFamily("sipha_proxy_node_up", "1 while the node is in the ring", labels=["node"])
+        lf = GaugeMetricFamily("sipha_proxy_load_factor", "share of its keys a node admits (ramp-up)",
+                               labels=["node"])
+        for h in nodes:
+            up.add_metric([h.node.id], int(h.up))
+            lf.add_metric([h.node.id], h.load_factor)
+        yield up
+        yield lf
+        yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
+        yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
+                                value=round(time.time() - self.started, 1))
+        yield from self.routing_latency.collect()
 
     # ---- helpers -----------------------------------------------------
     @property
@@ -214,7 +232,7 @@ class Proxy:
 
     # ---- input -------------------------------------------------------
     def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
-        self.count("parse_rejected")
+        self.stats.inc("parse_rejections")
         msg = exc.message
         answered = False
         if isinstance(msg, SipRequest) and msg.method != "ACK":
@@ -237,6 +255,7 @@ class Proxy:
         return src
 
     def on_message(self, msg: SipMessage, src, transport: str) -> None:
+        t0 = time.perf_counter()
         try:
             if isinstance(msg, SipResponse):
                 self.on_response(msg, src, transport)
@@ -246,6 +265,7 @@ class Proxy:
             if exc.message is None:
                 exc.message = msg
             self.on_bad_input(exc, msg.to_bytes(), src, transport)
+        self.routing_latency.observe(time.perf_counter() - t0)
 
     # ---- requests ----------------------------------------------------
     def on_request(self, req: SipRequest, src, transport: str) -> None:
@@ -254,7 +274,9 @@ class Proxy:
         if mf is None:
             mf = 70
         if mf <= 0:
-            self.count("too_many_hops")
+            self.stats.inc("requests", req.method, "rejected")
+            event(log, "route", method=req.method, call_id=req.call_id, src=f"{src[0]}:{src[1]}/{transport}",
+                  node=None, reason="rejected", status=483, why="Max-Forwards exhausted")
             self.reply(req, 483, "Too Many Hops", src, transport)
             return
         from_node = self.node_by_addr.get(src) if transport == "udp" else None
@@ -340,7 +362,7 @@ class Proxy:
         healthy = self.health.healthy()
         owner, partner, ramp_skipped = choose(bekey, self.node_ids, healthy)
         if owner is None:
-            self.count("route_no_node")
+            self.stats.inc("requests", req.method, "no-node")
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
                   src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="no-node")
             self.reply(req, 503, "Service Unavailable (no node up)", src, transport,
@@ -353,7 +375,7 @@ class Proxy:
             reason = "failover"
         else:
             reason = "owner"
-        self.count(f"route_{reason}")
+        self.stats.inc("requests", req.method, reason)
         if req.method == "REGISTER":
             req.add_top("Path", self.our_uri(transport, flow_of_caller))
         elif initial and req.method in DIALOG_CREATING:
@@ -382,7 +404,7 @@ class Proxy:
         if owner != p.node:
             event(log, "route", method=p.req.method, call_id=p.req.call_id, bekey=p.bekey, node=owner,
                   partner=partner, reason="failover", previous=p.node, retransmission=True)
-            self.count("route_failover")
+            self.stats.inc("requests", p.req.method, "failover")
             p.node = owner
             p.req.set(ROUTE_HEADER, self._route_header(p.bekey, owner, partner, "failover"))
         self.send(p.req, self.health.nodes[owner].addr or self.nodes[owner].sip, "udp")
@@ -425,7 +447,7 @@ class Proxy:
         event(log, "route", level, method=req.method, call_id=req.call_id,
               bekey=read_stamp(self.secret, req.call_id) or read_stamp(self.secret, req.from_.tag),
               node=node, dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
-        self.count("route_outbound")
+        self.stats.inc("requests", req.method, "outbound")
         if _is_ip(dest[0]):
             self.send(req, dest, out_transport)
         else:
@@ -447,7 +469,7 @@ class Proxy:
             raise SipParseError("missing Via")
         top = vias[0]
         if not (top.branch or "").startswith(BRANCH_PREFIX):
-            self.count("response_not_ours")
+            self.stats.inc("events", "response_not_ours")
             event(log, "response_dropped", logging.DEBUG, status=resp.status,
                   src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
             return
@@ -474,9 +496,9 @@ class Proxy:
                 if owner is not None:
                     event(log, "response_rerouted", status=resp.status, call_id=resp.call_id, bekey=bekey,
                           dead=node, node=owner)
-                    self.count("response_rerouted")
+                    self.stats.inc("events", "response_rerouted")
                     dest = self.health.nodes[owner].addr or self.nodes[owner].sip
-        self.count(f"response_{resp.status // 100}xx")
+        self.stats.inc("responses", f"{resp.status // 100}xx")
         event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
               dest=f"{dest[0]}:{dest[1]}/{out_transport}")
         self.send(resp, dest, out_transport)

@@ -71,18 +71,6 @@ class AdminServer:
         await writer.drain()
 
 
-def prometheus_text(metrics: list[tuple[str, str, str, list[tuple[dict, float]]]]) -> str:
-    """[(name, type, help, [(labels, value), ...]), ...] -> exposition format."""
-    out = []
-    for name, typ, help_text, samples in metrics:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {typ}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
-    return "\n".join(out) + "\n"
-
-
 async def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> str:
     """Tiny client for `sipha status` and the tests."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)

@@ -51,6 +51,8 @@ class EventFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields is None:
             fields = {"msg": record.getMessage()}
+        else:   # a field without a value is left out, not written as ""
+            fields = {k: v for k, v in fields.items() if v is not None}
         head = {"ts": _ts(record.created), "level": record.levelname.lower(),
                 "proc": self.proc, "event": getattr(record, "event", record.name)}
         if self.json:

@@ -56,12 +56,13 @@ class Procs:
     def sipha(self, name: str, *args: str, ready: str | None = None, **kw) -> Proc:
         return self.start(name, [sys.executable, "-m", "sipha.cli", *args], ready=ready, **kw)
 
-    def proxy(self, nodes: dict[str, tuple[str, int]], *extra: str, port: int | None = None):
+    def proxy(self, nodes: dict[str, tuple[str, int]], *extra: str, port: int | None = None,
+              ready: str | None = "event=proxy_started"):
         port = port or free_port()
         args = ["proxy", "--listen", f"127.0.0.1:{port}", "--log-level", "debug", *extra]
         for nid, (h, p) in nodes.items():
             args += ["--node", f"{nid}={h}:{p}"]
-        proc = self.sipha("proxy", *args, ready="event=proxy_started")
+        proc = self.sipha("proxy", *args, ready=ready)
         return proc, ("127.0.0.1", port)
 
     def sipp_uas(self, name: str, port: int, transport: str = "udp", scenario: str = "uas") -> Proc:

@@ -1,0 +1,119 @@
+"""What operators see: log events with their fields, JSON logs, rotation,
+rate-limited rejections, /status and /metrics, provoked for real."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from clusterkit import run, uac
+from sipcore.logfmt import parse_logfmt
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def events(path, name):
+    return [parse_logfmt(line) for line in path.read_text().splitlines() if f"event={name} " in line + " "]
+
+
+def metric(text: str, name: str, **labels) -> float:
+    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    want = f"{name}{{{lab}}}" if lab else name
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")
+
+
+def get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+        return r.read().decode()
+
+
+def test_failover_and_ramp_are_logged_and_counted_everywhere(make_cluster):
+    c = make_cluster(nodes=3, ramp=2.0)
+    logs = c.dir / "logs"
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=60, rate=20, hold_ms=2500)
+        await s.start()
+        await asyncio.sleep(2.0)
+        c.kill("node1")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(c.start_node, "node1")
+        return await s.wait(60)
+
+    result = run(scenario())
+    assert result.ok == 60 and result.failed == 0, result.log_tail
+    proxy_log = logs / "proxy.log"
+    routes = events(proxy_log, "route")
+    first = next(r for r in routes if r.get("reason") == "owner" and r["method"] == "INVITE")
+    for field in ("ts", "level", "method", "call_id", "bekey", "src", "node", "reason"):
+        assert first.get(field), field
+    reasons = {r["reason"] for r in routes}
+    assert {"owner", "failover", "outbound"} <= reasons
+    assert events(proxy_log, "node_down")[0]["node"] == "node1"
+    assert events(proxy_log, "node_up")[0]["load_factor"] == "0.1"
+    steps = [float(e["load_factor"]) for e in events(proxy_log, "load_factor") if e["node"] == "node1"]
+    assert steps == sorted(steps) and steps[-1] == 1.0 and len(steps) >= 5
+    node_events = {parse_logfmt(line)["event"] for n in ("node1", "node2", "node3")
+                   for line in (logs / f"{n}.log").read_text().splitlines() if line.startswith("ts=")}
+    assert {"dialog_created", "dialog_confirmed", "dialog_promoted", "dialog_migrated",
+            "dialog_terminated"} <= node_events
+    secret = (c.dir / "cluster.toml").read_text().split('secret = "')[1].split('"')[0]
+    for f in logs.glob("*.log"):
+        assert secret not in f.read_text(), f"cluster secret in {f.name}"
+
+    prom = get(c.state["proxy"]["admin"], "/metrics")
+    assert metric(prom, "sipha_proxy_requests_total", method="INVITE", reason="owner") > 0
+    assert metric(prom, "sipha_proxy_requests_total", method="INVITE", reason="outbound") >= 60
+    assert metric(prom, "sipha_proxy_responses_total", **{"class": "2xx"}) > 0
+    assert metric(prom, "sipha_proxy_nodes_up") == 3
+    assert metric(prom, "sipha_proxy_load_factor", node="node1") == 1.0
+    assert metric(prom, "sipha_proxy_routing_seconds_count") > 0
+    failovers = sum(metric(prom, "sipha_proxy_requests_total", method=m, reason="failover")
+                    for m in ("INVITE", "ACK", "BYE") if f'method="{m}",reason="failover"' in prom)
+    assert failovers > 0
+    status = json.loads(get(c.state["proxy"]["admin"], "/status"))
+    assert [n["up"] for n in status["nodes"]] == [True, True, True]
+
+    node_prom = "".join(get(n["admin"], "/metrics") for n in c.state["nodes"].values())
+    assert "sipha_node_dialogs_total{event=\"promoted\"}" in node_prom
+    assert "sipha_node_dialogs_total{event=\"migrated\"}" in node_prom
+    assert "sipha_node_redis_seconds_count" in node_prom and 'sipha_node_keys{keyspace="active"}' in node_prom
+
+
+def test_json_logs_rotation_and_rate_limited_rejections(procs, tmp_path):
+    node = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    node.bind(("127.0.0.1", free_port()))
+    log = tmp_path / "proxy.json"
+    proxy, addr = procs.proxy({"node1": node.getsockname()}, "--no-probe", "--log-format", "json",
+                              "--log-file", str(log), ready=None)
+    deadline = time.monotonic() + 5
+    while not log.exists() or "proxy_started" not in log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first, started = (json.loads(x) for x in log.read_text().splitlines()[:2])
+    assert first["event"] == "default_secret" and first["level"] == "warning"   # no --secret given
+    assert started["event"] == "proxy_started" and started["proc"] == "proxy" and "ts" in started
+    log.rename(tmp_path / "proxy.json.1")            # what logrotate does
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(200):                          # a flood of garbage
+            s.sendto(b"\x16\x03\x01 not sip at all\r\n\r\n", addr)
+        time.sleep(1.2)
+        s.sendto(b"more garbage\r\n\r\n", addr)
+    deadline = time.monotonic() + 5
+    while not log.exists() or '"suppressed"' not in log.read_text():
+        assert time.monotonic() < deadline, "no line reports the suppressed rejections"
+        time.sleep(0.1)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    rejected = [x for x in lines if x["event"] == "parse_rejected"]
+    assert 1 <= len(rejected) <= 25                  # rate-limited, not 201 lines
+    assert sum(x.get("suppressed") or 0 for x in rejected) + len(rejected) == 201
+    assert rejected[0]["src"].startswith("127.0.0.1:") and rejected[0]["reason"]
+    node.close()
