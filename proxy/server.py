@@ -37,12 +37,13 @@ from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import split_hostport, SipUri
-from sipcore.logfmt import event
+from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
 from .health import HealthMonitor
+from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
 
 log = logging.getLogger("proxy")
@@ -64,28 +65,6 @@ PROXY_COUNTERS = {
     "parse_rejections": (),
     "events": ("kind",),
 }
-
-
-class RateLimitedLog:
-    """At most `burst` lines per `per` seconds for one event; the rest are
-    counted and the count is reported on the next line that gets through."""
-
-    def __init__(self, burst: int = 10, per: float = 1.0):
-        self.burst, self.per = burst, per
-        self.window = 0.0
-        self.count = 0
-        self.suppressed = 0
-
-    def allow(self) -> tuple[bool, int]:
-        now = time.monotonic()
-        if now - self.window >= self.per:
-            self.window, self.count = now, 0
-        self.count += 1
-        if self.count > self.burst:
-            self.suppressed += 1
-            return False, 0
-        s, self.suppressed = self.suppressed, 0
-        return True, s
 
 
 class Proxy:
@@ -113,11 +92,16 @@ class Proxy:
         self.admin: AdminServer | None = None
         self.admin_addr = None
         self.relay = NodeRelay(self._resend_to_node)
+        self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
         for host, port in self.listen:
-            t = SipTransport(self.on_message, self.on_bad_input)
+            t = SipTransport(self.on_message, self.on_bad_input,
+                             idle_timeout=self.cfg["limits.tcp_idle"],
+                             max_connections=self.cfg["limits.tcp_connections"],
+                             max_per_source=self.cfg["limits.tcp_per_source"],
+                             header_timeout=self.cfg["limits.tcp_message_timeout"])
             await t.listen(host, port)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
@@ -269,6 +253,14 @@ class Proxy:
 
     # ---- requests ----------------------------------------------------
     def on_request(self, req: SipRequest, src, transport: str) -> None:
+        if self.limiter.enabled and src not in self.node_by_addr:
+            allowed, banned_now = self.limiter.allow(src[0])
+            if not allowed:
+                self.stats.inc("events", "rate_limited")
+                if banned_now:
+                    event(log, "source_banned", logging.WARNING, src=src[0], method=req.method,
+                          rate=self.limiter.rate, ban_s=self.limiter.ban)
+                return
         req.check()
         mf = req.max_forwards
         if mf is None:

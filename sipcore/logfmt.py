@@ -109,3 +109,25 @@ def parse_logfmt(line: str) -> dict[str, str]:
             out[key] = line[j:k]
             i = k
     return out
+
+
+class RateLimitedLog:
+    """At most `burst` lines per `per` seconds for one event; the rest are
+    counted and the count is reported on the next line that gets through."""
+
+    def __init__(self, burst: int = 10, per: float = 1.0):
+        self.burst, self.per = burst, per
+        self.window = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        now = time.monotonic()
+        if now - self.window >= self.per:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count > self.burst:
+            self.suppressed += 1
+            return False, 0
+        s, self.suppressed = self.suppressed, 0
+        return True, s

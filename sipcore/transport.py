@@ -12,6 +12,12 @@ that remote address in either direction (a phone that registered over TCP
 is reached over its own connection, RFC 3261 §18.2.2 / RFC 5626), opens one
 if there is none, and closes connections idle for `idle_timeout`. Write
 buffers are bounded: a peer that does not read is disconnected.
+
+TCP defences (slowloris and friends): at most `max_connections` in all and
+`max_per_source` from one IP address (further ones are closed at once); a
+message that has started must be complete within `header_timeout`
+seconds, else the connection is closed; read buffers are bounded by the
+message size limit (see framing).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import time
 from typing import Callable
 
 from .errors import SipParseError
+from .logfmt import RateLimitedLog, event
 from .framing import PING, PONG, FramingError, StreamFramer
 from .message import DEFAULT_LIMITS, Limits, SipMessage, parse_message
 
@@ -53,7 +60,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc):
         # ICMP errors on an unconnected socket; routing learns of dead peers
         # through its own health probes.
-        log.debug("udp error: %s", exc)
+        event(log, "udp_error", logging.DEBUG, error=str(exc))
 
 
 class _TcpConnection(asyncio.Protocol):
@@ -63,22 +70,30 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Addr | None = None
         self.last_active = time.monotonic()
+        self.partial_since: float | None = None   # when an unfinished message began
         self.closed = asyncio.get_running_loop().create_future()
+        self.accepted = True
 
     def connection_made(self, transport):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
-        self.owner._register(self)
+        self.accepted = self.owner._register(self)
+        if not self.accepted:
+            transport.abort()
 
     def data_received(self, data):
-        self.last_active = time.monotonic()
+        if not self.accepted:
+            return
+        now = time.monotonic()
+        self.last_active = now
         try:
             events = self.framer.feed(data)
         except FramingError as exc:
             self.owner._bad_input(exc, data, self.peer, "tcp")
             self.transport.close()
             return
+        self.partial_since = (self.partial_since or now) if self.framer.buffered else None
         for ev in events:
             if ev is PING:
                 self.transport.write(PONG)
@@ -86,14 +101,16 @@ class _TcpConnection(asyncio.Protocol):
                 self.owner._received(ev, self.peer, "tcp", datagram=False)
 
     def connection_lost(self, exc):
-        self.owner._unregister(self)
+        if self.accepted:
+            self.owner._unregister(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def write(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self.transport.get_write_buffer_size() > self.owner.max_write_buffer:
-            log.warning("tcp peer %s:%s does not read; closing", *self.peer)
+            event(log, "tcp_closed", logging.WARNING, peer=f"{self.peer[0]}:{self.peer[1]}",
+                  reason="peer does not read (write buffer full)")
             self.transport.abort()
             return
         self.transport.write(data)
@@ -103,12 +120,19 @@ class SipTransport:
     def __init__(self, on_message: Callable[[SipMessage, Addr, str], None],
                  on_bad_input: Callable[[SipParseError, bytes, Addr, str], None] | None = None,
                  *, limits: Limits = DEFAULT_LIMITS, idle_timeout: float = 300.0,
-                 max_write_buffer: int = 1024 * 1024):
+                 max_write_buffer: int = 1024 * 1024, max_connections: int = 4096,
+                 max_per_source: int = 64, header_timeout: float = 10.0):
         self.on_message = on_message
         self.on_bad_input = on_bad_input
         self.limits = limits
         self.idle_timeout = idle_timeout
         self.max_write_buffer = max_write_buffer
+        self.max_connections = max_connections
+        self.max_per_source = max_per_source
+        self.header_timeout = header_timeout
+        self.per_source: dict[str, int] = {}
+        self.refused_connections = 0
+        self.refused_log = RateLimitedLog()
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.connections: dict[Addr, _TcpConnection] = {}
@@ -163,20 +187,41 @@ class SipTransport:
         if self.on_bad_input is not None:
             self.on_bad_input(exc, data, source, transport)
 
-    def _register(self, conn: _TcpConnection) -> None:
+    def _register(self, conn: _TcpConnection) -> bool:
+        ip = conn.peer[0]
+        if len(self.connections) >= self.max_connections or self.per_source.get(ip, 0) >= self.max_per_source:
+            self.refused_connections += 1
+            ok, suppressed = self.refused_log.allow()
+            if ok:
+                event(log, "tcp_refused", logging.WARNING, src=ip, suppressed=suppressed or None,
+                      reason="too many connections" if len(self.connections) >= self.max_connections
+                      else "too many connections from this address")
+            return False
+        self.per_source[ip] = self.per_source.get(ip, 0) + 1
         self.connections[conn.peer] = conn
+        return True
 
     def _unregister(self, conn: _TcpConnection) -> None:
+        ip = conn.peer[0]
+        left = self.per_source.get(ip, 1) - 1
+        if left > 0:
+            self.per_source[ip] = left
+        else:
+            self.per_source.pop(ip, None)
         if self.connections.get(conn.peer) is conn:
             del self.connections[conn.peer]
 
     async def _reap_idle(self) -> None:
         while True:
-            await asyncio.sleep(min(30.0, max(self.idle_timeout / 4, 0.5)))
-            cutoff = time.monotonic() - self.idle_timeout
+            await asyncio.sleep(min(1.0, self.header_timeout / 2, self.idle_timeout / 4))
+            now = time.monotonic()
             for conn in list(self.connections.values()):
-                if conn.last_active < cutoff:
+                if conn.last_active < now - self.idle_timeout:
                     conn.transport.close()
+                elif conn.partial_since is not None and conn.partial_since < now - self.header_timeout:
+                    event(log, "tcp_closed", peer=f"{conn.peer[0]}:{conn.peer[1]}",
+                          reason=f"message not complete within {self.header_timeout:g}s")
+                    conn.transport.abort()
 
     # ---- sending -----------------------------------------------------
     def send(self, data: bytes, dest: Addr, transport: str = "udp") -> None:
@@ -197,8 +242,8 @@ class SipTransport:
 
     def _after_connect(self, task: asyncio.Task, data: bytes, dest: Addr) -> None:
         if task.cancelled() or task.exception() is not None:
-            log.info("tcp connect to %s:%s failed: %s", dest[0], dest[1],
-                     "cancelled" if task.cancelled() else task.exception())
+            event(log, "tcp_connect_failed", logging.WARNING, dest=f"{dest[0]}:{dest[1]}",
+                  error="cancelled" if task.cancelled() else str(task.exception()))
             return
         conn = task.result()
         conn.write(data)

@@ -1,0 +1,178 @@
+"""Hostile input: floods, slow or oversized TCP peers, spoofing, garbage.
+Nothing crashes, legitimate calls go on."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from proxy.server import Proxy
+from sipcore.config import load_config
+from sipcore.message import parse_message
+from sipha.sipp import Sipp, free_port
+from sipmsgs import INVITE, RESPONSE
+
+
+# ---- in-process: the proxy's request handling under random input --------
+
+class FakeTransport:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data, dest, transport="udp"):
+        assert isinstance(data, bytes)
+        self.sent.append((data, dest, transport))
+
+
+def in_process_proxy() -> Proxy:
+    cfg = load_config(None, nodes=["node1=127.0.0.1:5070", "node2=127.0.0.1:5071"], env={})
+    p = Proxy(cfg)
+    p.transports = [FakeTransport()]
+    p.internal = p.advertise = ("127.0.0.1", 5060)
+    p.our_addrs = {("127.0.0.1", 5060)}
+    p.node_by_addr = {("127.0.0.1", 5070): "node1", ("127.0.0.1", 5071): "node2"}
+    return p
+
+
+def mutate(data: bytes, draw) -> bytes:
+    raw = bytearray(data)
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(raw) - 1))
+        op = draw(st.sampled_from(["flip", "del", "ins", "dup"]))
+        if op == "flip":
+            raw[i] = draw(st.integers(0, 255))
+        elif op == "del":
+            del raw[i]
+        elif op == "ins":
+            raw.insert(i, draw(st.sampled_from([0x2C, 0x3B, 0x3C, 0x3E, 0x22, 0x3A, 0x0D, 0x0A, 0x20, 0x40])))
+        else:
+            j = draw(st.integers(i, min(len(raw), i + 40)))
+            raw[i:i] = raw[i:j]
+    return bytes(raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_proxy_handles_any_mutated_message_without_raising(data):
+    async def go():
+        p = in_process_proxy()
+        base = data.draw(st.sampled_from([INVITE, RESPONSE]))
+        src = data.draw(st.sampled_from([("192.0.2.7", 5060), ("127.0.0.1", 5070)]))
+        raw = mutate(base, data.draw)
+        try:
+            msg = parse_message(raw)
+        except Exception as exc:       # parse errors are the transport's business
+            assert type(exc).__name__ == "SipParseError"
+            return
+        p.on_message(msg, src, data.draw(st.sampled_from(["udp", "tcp"])))
+        p.relay.close()
+    asyncio.run(go())
+
+
+# ---- real processes -------------------------------------------------------
+
+pytest_e2e = pytest.mark.e2e
+
+
+def backends(procs):
+    ports = {"node1": free_port(), "node2": free_port()}
+    for nid, port in ports.items():
+        procs.sipp_uas(nid, port)
+    return {nid: ("127.0.0.1", p) for nid, p in ports.items()}
+
+
+@pytest_e2e
+def test_a_flooding_source_is_banned_while_legitimate_calls_go_on(procs, monkeypatch):
+    monkeypatch.setenv("SIPHA_LIMITS_RATE", "300")
+    monkeypatch.setenv("SIPHA_LIMITS_BAN", "60")
+    proxy, addr = procs.proxy(backends(procs))
+
+    async def scenario():
+        calls = Sipp("uac", target=addr, calls=150, rate=30, workdir=str(procs.tmp))
+        await calls.start()
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.bind(("127.0.0.2", 0))            # another loopback address: another source
+        for i in range(3000):
+            cid = uuid.uuid4().hex
+            flood.sendto((f"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:9;branch=z9hG4bK{cid}\r\n"
+                          f"From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: {cid}\r\nCSeq: 1 OPTIONS\r\n"
+                          f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), addr)
+            if i % 200 == 0:
+                await asyncio.sleep(0.01)
+        flood.close()
+        return await calls.wait(60)
+
+    result = asyncio.run(scenario())
+    assert result.ok == 150 and result.failed == 0, result.log_tail
+    banned = proxy.lines("event=source_banned")
+    assert len(banned) == 1 and "src=127.0.0.2" in banned[0]
+    routed_floods = [line for line in proxy.lines("event=route method=OPTIONS") if "127.0.0.2" in line]
+    assert len(routed_floods) <= 700             # the burst, then nothing
+
+
+@pytest_e2e
+def test_tcp_connections_per_source_are_capped_and_slow_senders_cut_off(procs, monkeypatch):
+    monkeypatch.setenv("SIPHA_LIMITS_TCP_PER_SOURCE", "5")
+    monkeypatch.setenv("SIPHA_LIMITS_TCP_MESSAGE_TIMEOUT", "1")
+    proxy, addr = procs.proxy(backends(procs), "--no-probe")
+    conns = [socket.create_connection(addr, timeout=3) for _ in range(8)]
+    time.sleep(0.3)
+    closed = 0
+    for c in conns:
+        c.setblocking(False)
+        try:
+            if c.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            closed += 1
+    assert closed == 3
+    assert proxy.lines("event=tcp_refused")
+    # slowloris: half a header, then nothing
+    slow = conns[0]
+    slow.setblocking(True)
+    slow.sendall(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKslow\r\n")
+    slow.settimeout(4)
+    started = time.monotonic()
+    try:
+        assert slow.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < 3.5
+    assert proxy.lines("message not complete within 1s")
+    # an endless header: cut off at the size limit, not buffered for ever
+    big = conns[1]
+    big.setblocking(True)
+    try:
+        big.sendall(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nX-Junk: " + b"a" * 200_000)
+        big.settimeout(3)
+        assert big.recv(100) in (b"",)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    for c in conns:
+        c.close()
+    # and it still routes calls
+    result = asyncio.run(Sipp("uac", target=addr, calls=5, rate=10, transport="tcp",
+                              workdir=str(procs.tmp)).run(30))
+    assert result.ok == 5 and result.failed == 0
+
+
+@pytest_e2e
+def test_unknown_method_gets_501_from_the_owning_node(make_cluster):
+    c = make_cluster(nodes=2, trunk=None)
+    cid = uuid.uuid4().hex
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(3)
+        port = s.getsockname()[1]
+        s.sendto((f"FROBNICATE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{cid}\r\n"
+                  f"From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: {cid}\r\nCSeq: 1 FROBNICATE\r\n"
+                  f"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), c.proxy_addr)
+        resp = parse_message(s.recv(65535))
+    assert resp.status == 501
+    assert "event=route method=FROBNICATE" in (c.dir / "logs" / "proxy.log").read_text()
