@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler
 from sipcore.bekey import ROUTE_HEADER, bekey_of, make_stamp, rank, read_stamp
-from sipcore.config import Config, parse_hostport
+from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import parse_name_addr, parse_uri, split_params
 from sipcore.logfmt import event
@@ -37,6 +37,7 @@ from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
+from .auth import Authenticator, authenticate, load_users
 from .registrar import register
 from .sip import Transactions, new_branch, parse_request
 from .store import DialogStore, StoreUnavailable
@@ -53,6 +54,7 @@ NODE_COUNTERS = {
     "registrations": ("event",),    # added removed
     "no_dialog": (),
     "parse_rejections": (),
+    "auth_failures": (),
 }
 
 
@@ -85,6 +87,13 @@ class Node:
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
+        self.auth: Authenticator | None = None
+        if cfg["auth.users_file"]:
+            try:
+                users = load_users(cfg["auth.users_file"])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"auth.users_file: {exc}") from None
+            self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
         self.tx = Transactions(self._send, self.proxy_addr)
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.healthy = False
@@ -276,6 +285,9 @@ class Node:
     # ---- requests ----------------------------------------------------------
     async def on_request(self, req: SipRequest, bekey: str) -> None:
         method = req.method
+        if (self.auth is not None and (method == "REGISTER" or (method == "INVITE" and req.to.tag is None))
+                and not await authenticate(self, req)):
+            return
         if method == "REGISTER":
             await register(self, req, bekey)
             return

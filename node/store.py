@@ -231,6 +231,13 @@ class DialogStore:
                 self.stats["redis_errors"] += 1
                 event(log, "redis_error", logging.WARNING, op="delete", bekey=bekey, error=str(r))
 
+    async def claim_once(self, name: str, ttl: int) -> bool:
+        """True the first time `name` is claimed within `ttl` seconds (SET NX)."""
+        try:
+            return bool(await self.own.set(f"{self.prefix}:{name}", b"1", nx=True, ex=ttl))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
     async def counts(self) -> dict[str, int]:
         out = {}
         for space in ("active", "replica"):
