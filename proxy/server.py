@@ -59,6 +59,11 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+# User-Agents of SIP scanners seen in the wild (sipvicious calls itself
+# "friendly-scanner"); nothing legitimate sends these.
+SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "vaxsipuseragent", "sundayddr",
+                  "iws-sip", "pplsip", "sipsak scan")
+
 PROXY_COUNTERS = {
     "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected
     "responses": ("class",),
@@ -93,6 +98,8 @@ class Proxy:
         self.admin_addr = None
         self.relay = NodeRelay(self._resend_to_node)
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
+        self.drop_scanners = cfg["limits.drop_scanners"]
+        self.scanner_log = RateLimitedLog()
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
@@ -261,6 +268,13 @@ class Proxy:
                     event(log, "source_banned", logging.WARNING, src=src[0], method=req.method,
                           rate=self.limiter.rate, ban_s=self.limiter.ban)
                 return
+        if self.drop_scanners and src not in self.node_by_addr and self._is_scanner(req):
+            self.stats.inc("events", "scanner_dropped")
+            ok, suppressed = self.scanner_log.allow()
+            if ok:
+                event(log, "scanner_dropped", src=f"{src[0]}:{src[1]}/{transport}", method=req.method,
+                      user_agent=req.get("User-Agent"), suppressed=suppressed or None)
+            return
         req.check()
         mf = req.max_forwards
         if mf is None:
@@ -383,6 +397,11 @@ class Proxy:
         self.send(req, dest, "udp")
         if transport != "udp" and req.method != "ACK":
             self.relay.track(branch, req, bekey, owner)
+
+    @staticmethod
+    def _is_scanner(req: SipRequest) -> bool:
+        ua = (req.get("User-Agent") or "").lower()
+        return bool(ua) and any(s in ua for s in SCANNER_AGENTS)
 
     @staticmethod
     def _route_header(bekey: str, owner: str, partner: str | None, reason: str) -> str:

@@ -14,6 +14,7 @@ from proxy.server import Proxy
 from sipcore.config import load_config
 from sipcore.message import parse_message
 from sipha.sipp import Sipp, free_port
+from clusterkit import uac as uac_sipp
 from sipmsgs import INVITE, RESPONSE
 
 
@@ -176,3 +177,53 @@ def test_unknown_method_gets_501_from_the_owning_node(make_cluster):
         resp = parse_message(s.recv(65535))
     assert resp.status == 501
     assert "event=route method=FROBNICATE" in (c.dir / "logs" / "proxy.log").read_text()
+
+
+@pytest_e2e
+@pytest.mark.skipif(__import__("shutil").which("svmap") is None, reason="sipvicious not installed")
+def test_sipvicious_scan_during_calls_costs_no_call(make_cluster, monkeypatch):
+    import subprocess
+    monkeypatch.setenv("SIPHA_LIMITS_DROP_SCANNERS", "false")   # let the scan reach the nodes
+    c = make_cluster(nodes=2)
+    host, port = c.proxy_addr
+
+    async def scenario():
+        calls = uac_sipp(c, calls=100, rate=20)
+        await calls.start()
+        scans = [
+            await asyncio.create_subprocess_exec("svmap", "-b", "127.0.0.1", "-p", str(port), host,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            await asyncio.create_subprocess_exec("svwar", "-b", "127.0.0.1", "-p", str(port), "-e", "100-400",
+                                                 "-m", "INVITE", host,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        ]
+        for s in scans:
+            await asyncio.wait_for(s.wait(), 60)
+        return await calls.wait(60)
+
+    result = asyncio.run(scenario())
+    assert result.ok == 100 and result.failed == 0, result.log_tail
+    for nid in ("proxy", "node1", "node2"):
+        assert c.running(nid), f"{nid} died during the scan"
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    scanned = [line for line in proxy_log.splitlines() if "event=route" in line and "method=INVITE" in line
+               and "call_id=" in line and "src=127.0.0.1" in line]
+    assert len(scanned) > 100 + 50, "the scan did not reach the proxy"
+
+
+@pytest_e2e
+def test_known_scanner_user_agents_are_dropped(procs):
+    node = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    node.bind(("127.0.0.1", free_port()))
+    proxy, addr = procs.proxy({"node1": node.getsockname()}, "--no-probe")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.sendto(b"OPTIONS sip:100@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKscan\r\n"
+                 b"From: <sip:100@1.1.1.1>;tag=1\r\nTo: <sip:100@1.1.1.1>\r\nCall-ID: scan1\r\n"
+                 b"CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+                 addr)
+    node.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        node.recv(65535)
+    node.close()
+    assert proxy.lines("event=scanner_dropped")
