@@ -28,7 +28,7 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler
-from sipcore.bekey import ROUTE_HEADER, bekey_of, make_stamp, rank, read_stamp
+from sipcore.bekey import ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import parse_name_addr, parse_uri, split_params
@@ -101,12 +101,17 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
         self.started = time.time()
+        self.warm = 0            # active records found in our Redis at start
+        self.warm_until = 0.0
         self.admin: AdminServer | None = None
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.healthy = await self.store.ping()
+        if self.healthy:
+            self.warm = (await self.store.counts()).get("active", 0)
+            self.warm_until = time.monotonic() + 60
         self.proxy_addr = await self._resolve(self.proxy_addr)
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
@@ -119,7 +124,7 @@ class Node:
             await self.admin.start(host, port)
         event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
               proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
-              upstream=str(self.upstream) if self.upstream else None)
+              upstream=str(self.upstream) if self.upstream else None, warm_records=self.warm or None)
 
     async def _resolve(self, addr):
         infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
@@ -130,6 +135,7 @@ class Node:
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
                 "sip": f"{self.addr[0]}:{self.addr[1]}", "redis_ok": self.healthy,
                 "keys": counts, "calls_in_memory_locks": len(self.locks),
+                "replication": self.store.replication,
                 "counters": self.stats.as_dict(), "store": self.store.stats}
 
     async def metrics(self) -> tuple[str, str]:
@@ -202,9 +208,12 @@ class Node:
                   reason="no transaction")
             return
         if msg.method == "OPTIONS" and msg.to.tag is None and not msg.has(ROUTE_HEADER):
-            # the proxy's health probe: answered at once, outside any lock
+            # the proxy's health probe: answered at once, outside any lock.
+            # A node that restarted with its Redis intact says so, so the
+            # proxy sends its calls straight back instead of ramping.
+            warm = [(WARM_HEADER, str(self.warm))] if self.warm and time.monotonic() < self.warm_until else []
             self.reply(msg, 200 if self.healthy else 503,
-                       "OK" if self.healthy else "Service Unavailable (Redis down)")
+                       "OK" if self.healthy else "Service Unavailable (Redis down)", headers=warm)
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return

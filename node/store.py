@@ -69,7 +69,8 @@ class DialogStore:
         self.latency = Histogram("sipha_node_redis_seconds", "round trip of this node's own Redis operations",
                                  buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25),
                                  registry=None)
-        self.stats = {"mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
+        self.replication = "ok"   # what the last save could do, for /status
+        self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 
     def peer(self, nid: str | None) -> aioredis.Redis | None:
         if not nid or nid == self.node_id:
@@ -110,7 +111,9 @@ class DialogStore:
                     raw = await self.own.get(active)
                     if raw is not None:
                         self.stats["promotions"] += 1
-                        return json.loads(raw), "promoted"
+                        record = json.loads(raw)
+                        await self._retire_old_owner(bekey, record.get("o"))
+                        return record, "promoted"
                 else:
                     # someone wrote active between our GET and RENAMENX
                     raw = await self.own.get(active)
@@ -150,6 +153,18 @@ class DialogStore:
                 return record, f"migrated:{nid}:{space}"
         return None, "missing"
 
+    async def _retire_old_owner(self, bekey: str, old_owner: str | None) -> None:
+        """After a promotion: if the old owner's Redis is still there (its
+        process crashed, its Redis did not), remove its active copy, so that
+        when it comes back it cannot serve a stale version of the call."""
+        client = self.peer(old_owner)
+        if client is None:
+            return
+        try:
+            await client.delete(self.key("active", bekey))
+        except (RedisError, OSError):
+            self.peer_failed(old_owner)
+
     async def peek(self, bekey: str, order: list[str]) -> dict | None:
         """Read (not take) a record wherever it is: active keyspaces in
         `order`, then replicas. Used for registrar look-ups."""
@@ -181,6 +196,7 @@ class DialogStore:
         target = next((n for n in candidates if self.peer(n) is not None), None)
         record["v"] = record.get("v", 0) + 1
         record["ut"] = round(time.time(), 3)
+        record["o"] = self.node_id
         ttl = int(record.get("ttl") or self.ttl)
         own_key = self.key("active", bekey)
         while True:
@@ -202,7 +218,10 @@ class DialogStore:
             self.peer_failed(target)
             event(log, "mirror_failed", logging.WARNING, bekey=bekey, partner=target, error=str(results[1]))
             target = next((n for n in candidates if self.peer(n) is not None), None)
+        self.replication = "ok" if target is not None else (
+            "no partner reachable: dialogs are not mirrored" if candidates else "single node: nothing to mirror to")
         if target is None and candidates:
+            self.stats["unmirrored_saves"] += 1
             event(log, "mirror_skipped", logging.WARNING, bekey=bekey, reason="no partner Redis reachable")
         elif target is not None and target != partner:
             event(log, "mirrored", bekey=bekey, partner=target, previous=old_partner,

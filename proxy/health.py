@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from sipcore.bekey import WARM_HEADER
 from sipcore.config import Config, NodeConfig
 from sipcore.errors import SipParseError
 from sipcore.logfmt import event
@@ -46,6 +47,7 @@ class NodeHealth:
     ramp_started: float | None = None
     addr: tuple[str, int] | None = None  # resolved SIP address
     last_status: int | None = None
+    warm: bool = False                    # came back with its dialogs in its own Redis
 
 
 class _ProbeSocket(asyncio.DatagramProtocol):
@@ -177,6 +179,7 @@ class HealthMonitor:
             return  # a late answer to an earlier probe
         h.pending = None
         h.last_status = resp.status
+        h.warm = resp.has(WARM_HEADER)
         if 200 <= resp.status < 300:
             self._hit(nid)
         elif resp.status >= 300:
@@ -223,13 +226,13 @@ class HealthMonitor:
         h.up = True
         h.misses = 0
         h.changed_at = time.monotonic()
-        if ramp and self.cfg["ramp.start"] < 1.0 and self.cfg["ramp.duration"] > 0:
+        if ramp and not h.warm and self.cfg["ramp.start"] < 1.0 and self.cfg["ramp.duration"] > 0:
             h.load_factor = self.cfg["ramp.start"]
             h.ramp_started = time.monotonic()
         else:
             h.load_factor = 1.0
         event(log, "node_up", node=nid, addr=f"{h.node.host}:{h.node.port}",
-              load_factor=round(h.load_factor, 3))
+              load_factor=round(h.load_factor, 3), warm=h.warm or None)
         if self.on_change:
             self.on_change(nid)
 

@@ -35,6 +35,9 @@ STAMP_PREFIX = "sph"
 # The header the proxy adds to tell the node the BEKey, owner and partner;
 # stripped from anything arriving from or leaving for outside the cluster.
 ROUTE_HEADER = "X-Sipha-Route"
+# In a node's answer to the proxy's probe: it restarted with N active
+# records still in its Redis, so its calls can go straight back to it.
+WARM_HEADER = "X-Sipha-Warm"
 _STAMP_RE = re.compile(r"sph([0-9a-f]{16})([0-9a-f]{8})")
 
 

@@ -252,11 +252,13 @@ class Cluster:
                 time.sleep(0.05)
         return left
 
-    def kill(self, nid: str) -> None:
-        """SIGKILL the node and its Redis: a host failure."""
+    def kill(self, nid: str, *, process_only: bool = False) -> None:
+        """SIGKILL the node and its Redis: a host failure (process_only: the
+        node's process alone, a crash that leaves its Redis and data)."""
         if nid not in self.state.get("nodes", {}):
             raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
-        hit = [n for n in (nid, f"redis-{nid}") if self._signal(n, signal.SIGKILL)]
+        victims = (nid,) if process_only else (nid, f"redis-{nid}")
+        hit = [n for n in victims if self._signal(n, signal.SIGKILL)]
         if not hit:
             raise ClusterError(f"{nid} is not running")
         self._wait_gone(hit, 5)
@@ -364,8 +366,9 @@ def _existing(directory: str) -> Cluster:
 
 
 def cmd_kill(args) -> int:
-    _existing(args.dir).kill(args.node)
-    print(f"killed {args.node} and its Redis (SIGKILL)")
+    _existing(args.dir).kill(args.node, process_only=args.process_only)
+    print(f"killed {args.node}" + (" (SIGKILL; its Redis keeps running)" if args.process_only
+                                   else " and its Redis (SIGKILL)"))
     return 0
 
 
@@ -441,6 +444,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_status)
     p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure)"))
     p.add_argument("node")
+    p.add_argument("--process-only", action="store_true",
+                   help="kill only the node's process; its Redis and dialogs survive (a crash)")
     p.set_defaults(func=cmd_kill)
     p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up)"))
     p.add_argument("node")

@@ -3,6 +3,8 @@ SIPp trunk, with the Redis keyspaces checked against the design."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 import socket
 import time
 import uuid
@@ -193,3 +195,45 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
     assert logs.count('reason="callee 486"') == 5
+
+
+def test_node_crashing_with_its_redis_intact_serves_its_dialogs_again_without_failover(make_cluster):
+    c = make_cluster(nodes=3, ramp=5.0)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=9, rate=9, hold_ms=5000)
+        await s.start()
+        await asyncio.sleep(2.0)
+        before = all_keys(c)
+        victim = max(before, key=lambda n: len(before[n]["active"]))
+        mine = set(before[victim]["active"])
+        c.kill(victim, process_only=True)
+        await asyncio.sleep(1.5)                   # long enough for the proxy to take it out
+        await asyncio.to_thread(c.start_node, victim)
+        await asyncio.sleep(4.0)                   # the re-INVITEs have come and gone
+        after = all_keys(c)
+        return await s.wait(60), victim, mine, after
+
+    result, victim, mine, after = run(scenario())
+    assert result.ok == 9 and result.failed == 0, result.log_tail
+    assert mine and mine <= set(after[victim]["active"])
+    logs = {n: (c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"]}
+    assert not any("event=dialog_promoted" in text for text in logs.values())
+    assert "event=dialog_migrated" not in logs[victim]
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert f"event=node_down node={victim}" in proxy_log
+    up = [line for line in proxy_log.splitlines() if f"event=node_up node={victim}" in line]
+    assert up and "warm=true" in up[0] and "load_factor=1.0" in up[0]
+
+
+def test_last_node_standing_keeps_serving_and_says_it_is_unmirrored(make_cluster):
+    c = make_cluster(nodes=2)
+    c.kill("node2")
+    time.sleep(1.2)
+    result = run(uac(c, "uac", calls=5, rate=10, hold_ms=200).run(30))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    status = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{c.state['nodes']['node1']['admin']}/status", timeout=3).read())
+    assert status["replication"].startswith("no partner reachable")
+    assert status["store"]["unmirrored_saves"] > 0
+    assert "event=mirror_skipped" in (c.dir / "logs" / "node1.log").read_text()
