@@ -55,7 +55,11 @@ NODE_COUNTERS = {
     "no_dialog": (),
     "parse_rejections": (),
     "auth_failures": (),
+    "overload_rejections": (),
 }
+
+# Messages in progress above which new dialogs and registrations get 503.
+MAX_INFLIGHT = 400
 
 
 def other(leg: str) -> str:
@@ -96,6 +100,7 @@ class Node:
             self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
         self.tx = Transactions(self._send, self.proxy_addr)
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
         self._tasks: list[asyncio.Task] = []
@@ -217,6 +222,12 @@ class Node:
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return
+        if self.inflight >= MAX_INFLIGHT and msg.method in ("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE") \
+                and msg.to.tag is None:
+            # overload: turn new work away (RFC 3261 §21.5.4) and keep serving calls in progress
+            self.stats.inc("overload_rejections")
+            self.reply(msg, 503, "Service Unavailable (overloaded)", headers=[("Retry-After", "2")])
+            return
         bekey = self._route_info(msg)[0]
         self.spawn(bekey, self.on_request(msg, bekey), msg)
 
@@ -226,6 +237,7 @@ class Node:
 
     async def _locked(self, bekey: str, coro, req: SipRequest | None) -> None:
         lock = self.locks[bekey]
+        self.inflight += 1
         try:
             async with lock:
                 await coro
@@ -241,6 +253,7 @@ class Node:
             if req is not None:
                 self.reply(req, 500, "Server Internal Error")
         finally:
+            self.inflight -= 1
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self.locks.pop(bekey, None)
 

@@ -44,9 +44,17 @@ class StoreUnavailable(Exception):
     pass
 
 
+REDIS_CONNECTIONS = 64
+
+
 def _client(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                             retry_on_timeout=False, health_check_interval=0)
+    # A bounded pool that makes callers wait for a connection (up to 1 s)
+    # instead of opening one per concurrent request: a burst of requests
+    # must not exhaust sockets or the Redis server's client limit.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_CONNECTIONS, timeout=1.0, socket_timeout=0.5,
+        socket_connect_timeout=0.5, retry_on_timeout=False, health_check_interval=0)
+    return aioredis.Redis(connection_pool=pool)
 
 
 def encode(record: dict) -> bytes:

@@ -2,7 +2,6 @@
 SHA-256 and MD5), with nonces that expire and cannot be replayed."""
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
@@ -11,7 +10,6 @@ import pytest
 from clusterkit import run, uac
 from node.auth import digest, parse_credentials
 from phone import Phone
-from sipcore.message import parse_message
 
 pytestmark = pytest.mark.e2e
 
