@@ -1,0 +1,111 @@
+"""node.store against real redis-servers: where records land, promotion,
+migration and the fallback when a partner's Redis is down."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import pytest
+import redis
+
+from node.store import DialogStore
+from procs import redis_cmd
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def three_redis(tmp_path):
+    procs, ports = {}, {}
+    for nid in ("n1", "n2", "n3"):
+        ports[nid] = free_port()
+        d = tmp_path / nid
+        d.mkdir()
+        procs[nid] = subprocess.Popen(redis_cmd(ports[nid], d), stdout=subprocess.DEVNULL)
+    for port in ports.values():
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    yield procs, ports
+    for p in procs.values():
+        p.kill()
+        p.wait()
+
+
+def stores(ports):
+    urls = {nid: f"redis://127.0.0.1:{p}/0" for nid, p in ports.items()}
+    return {nid: DialogStore(nid, "sipha", urls, 60) for nid in ports}
+
+
+def raw(ports, nid, space, key):
+    v = redis.Redis(port=ports[nid]).get(f"sipha:{space}:{key}")
+    return json.loads(v) if v else None
+
+
+KEY = "00112233445566ff"
+
+
+def test_save_writes_active_here_and_replica_on_the_partner(three_redis):
+    _, ports = three_redis
+
+    async def go():
+        s = stores(ports)
+        await s["n1"].save(KEY, {"k": "call"}, "n2", ["n2", "n3"])
+    asyncio.run(go())
+    assert raw(ports, "n1", "active", KEY)["p"] == "n2"
+    assert raw(ports, "n2", "replica", KEY)["o"] == "n1"
+    assert raw(ports, "n3", "replica", KEY) is None
+
+
+def test_partner_down_at_mirror_time_mirrors_to_the_next_choice(three_redis):
+    procs, ports = three_redis
+    procs["n2"].kill()
+    procs["n2"].wait()
+
+    async def go():
+        s = stores(ports)
+        await s["n1"].save(KEY, {"k": "call"}, "n2", ["n2", "n3"])
+        return s["n1"].stats
+    stats = asyncio.run(go())
+    assert raw(ports, "n1", "active", KEY)["p"] == "n3"
+    assert raw(ports, "n3", "replica", KEY) is not None
+    assert stats["mirror_failures"] == 1
+
+
+def test_promotion_is_local_and_retires_the_old_owners_copy(three_redis):
+    _, ports = three_redis
+
+    async def go():
+        s = stores(ports)
+        await s["n1"].save(KEY, {"k": "call"}, "n2", ["n2", "n3"])
+        rec, how = await s["n2"].load(KEY, ["n1", "n3"])
+        return rec, how
+    rec, how = asyncio.run(go())
+    assert how == "promoted" and rec["o"] == "n1"
+    assert raw(ports, "n2", "active", KEY) is not None and raw(ports, "n2", "replica", KEY) is None
+    assert raw(ports, "n1", "active", KEY) is None      # its Redis survived: the stale copy is gone
+
+
+def test_migration_takes_the_record_and_the_new_mirror_retires_the_old_replica(three_redis):
+    _, ports = three_redis
+
+    async def go():
+        s = stores(ports)
+        await s["n2"].save(KEY, {"k": "call"}, "n3", ["n3", "n1"])     # active n2, replica n3
+        rec, how = await s["n1"].load(KEY, ["n2", "n3"])              # n1 is the owner again
+        await s["n1"].save(KEY, rec, "n2", ["n2", "n3"])               # mirrored to its partner
+        return how
+    how = asyncio.run(go())
+    assert how == "migrated:n2:active"
+    assert raw(ports, "n2", "active", KEY) is None         # taken, not copied
+    assert raw(ports, "n1", "active", KEY)["p"] == "n2"
+    assert raw(ports, "n2", "replica", KEY) is not None
+    assert raw(ports, "n3", "replica", KEY) is None        # the stale replica is gone
