@@ -109,7 +109,7 @@ async def proxy_path(rates, seconds, workdir) -> list[dict]:
         port = free_port()
         log = os.path.join(workdir, "proxy-only.log")
         cmd = [sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--log-file", log,
-               "--log-level", "warning", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}"]
+               "--log-level", "warning", "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}"]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
         await asyncio.sleep(1.5)
         return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir)

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sipcore.admin import AdminServer, json_handler
+from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
@@ -122,39 +122,45 @@ class Node:
         await self.transport.listen(*self.addr)
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
-        admin = self.cfg["node.admin"] or self.cfg.node(self.id).admin
-        if admin:
-            host, port = parse_hostport(admin, "node.admin")
-            self.admin = AdminServer({"/status": json_handler(self.status), "/metrics": self.metrics})
-            await self.admin.start(host, port)
+        setting = self.cfg["node.admin"]
+        if setting == "auto" and self.cfg.node(self.id).admin:
+            setting = self.cfg.node(self.id).admin
+        self.admin, admin_addr = await start_admin(
+            setting, "node.admin", self.addr[1], {"/status": json_handler(self.status), "/metrics": self.metrics})
         event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
               proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
-              upstream=str(self.upstream) if self.upstream else None, warm_records=self.warm or None)
+              upstream=str(self.upstream) if self.upstream else None, warm_records=self.warm or None,
+              admin=f"{admin_addr[0]}:{admin_addr[1]}" if admin_addr else None)
 
     async def _resolve(self, addr):
         infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
         return infos[0][4][0], addr[1]
 
     async def status(self) -> dict:
-        counts = await self.store.counts()
+        kinds = await self.store.kinds()
+        counts = {space: (-1 if by is None else sum(by.values())) for space, by in kinds.items()}
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
                 "sip": f"{self.addr[0]}:{self.addr[1]}", "redis_ok": self.healthy,
-                "keys": counts, "calls_in_memory_locks": len(self.locks),
+                "keys": counts,
+                "dialogs": {space: by and by["call"] for space, by in kinds.items()},
+                "registrations": {space: by and by["reg"] for space, by in kinds.items()}, "calls_in_memory_locks": len(self.locks),
                 "replication": self.store.replication,
                 "counters": self.stats.as_dict(), "store": self.store.stats}
 
     async def metrics(self) -> tuple[str, str]:
-        counts = await self.store.counts()
+        kinds = await self.store.kinds()
 
         def collect():
             yield from self.stats.families("sipha_node")
             for name, value in sorted(self.store.stats.items()):
                 yield CounterMetricFamily(f"sipha_node_{name}", f"dialog store: {name.replace('_', ' ')}",
                                           value=value)
-            keys = GaugeMetricFamily("sipha_node_keys", "records in this node's Redis", labels=["keyspace"])
-            for space, n in counts.items():
-                keys.add_metric([space], n)
-            yield keys
+            records = GaugeMetricFamily("sipha_node_records", "dialogs (kind=call) and registrations "
+                                        "(kind=reg) in this node's Redis", labels=["keyspace", "kind"])
+            for space, by in kinds.items():
+                for kind, n in (by or {"call": -1, "reg": -1}).items():
+                    records.add_metric([space, kind], n)
+            yield records
             yield GaugeMetricFamily("sipha_node_redis_up", "1 while this node's Redis answers",
                                     value=int(self.healthy))
             yield from self.store.latency.collect()

@@ -32,7 +32,7 @@ import time
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from sipcore.admin import AdminServer, json_handler
+from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
@@ -122,14 +122,14 @@ class Proxy:
             if h.addr:
                 self.node_by_addr[h.addr] = nid
             self.node_by_addr[(h.node.host, h.node.port)] = nid
-        if self.cfg["proxy.admin"]:
-            host, port = parse_hostport(self.cfg["proxy.admin"], "proxy.admin")
-            self.admin = AdminServer({"/status": json_handler(self.status), "/metrics": self.metrics})
-            self.admin_addr = await self.admin.start(host, port)
+        self.admin, self.admin_addr = await start_admin(
+            self.cfg["proxy.admin"], "proxy.admin", self.listen[0][1],
+            {"/status": json_handler(self.status), "/metrics": self.metrics})
         if self.cfg["cluster.secret"] == SETTINGS["cluster.secret"][1]:
             event(log, "default_secret", logging.WARNING,
                   msg="cluster.secret is the default: anyone can forge BEKey stamps; set SIPHA_CLUSTER_SECRET")
         event(log, "proxy_started", listen=",".join(f"{h}:{p}" for h, p in self.listen),
+              admin=f"{self.admin_addr[0]}:{self.admin_addr[1]}" if self.admin_addr else None,
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
 

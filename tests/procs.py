@@ -59,7 +59,7 @@ class Procs:
     def proxy(self, nodes: dict[str, tuple[str, int]], *extra: str, port: int | None = None,
               ready: str | None = "event=proxy_started"):
         port = port or free_port()
-        args = ["proxy", "--listen", f"127.0.0.1:{port}", "--log-level", "debug", *extra]
+        args = ["proxy", "--listen", f"127.0.0.1:{port}", "--log-level", "debug", "--admin", "off", *extra]
         for nid, (h, p) in nodes.items():
             args += ["--node", f"{nid}={h}:{p}"]
         proc = self.sipha("proxy", *args, ready=ready)

@@ -172,6 +172,7 @@ def test_node_whose_redis_is_down_answers_503_to_probes_and_500_to_requests(make
     assert udp_request(node1, probe).status == 503
     resp = udp_request(node1, bye("sph-no-such-dialog"))
     assert resp.status == 500 and "dialog store" in resp.reason
+    assert "event=redis_error" in (c.dir / "logs" / "node1.log").read_text()
     deadline = time.monotonic() + 5
     while "event=node_down node=node1" not in (c.dir / "logs" / "proxy.log").read_text():
         assert time.monotonic() < deadline, "the proxy kept node1 in the ring"

@@ -85,7 +85,31 @@ def test_failover_and_ramp_are_logged_and_counted_everywhere(make_cluster):
     node_prom = "".join(get(n["admin"], "/metrics") for n in c.state["nodes"].values())
     assert "sipha_node_dialogs_total{event=\"promoted\"}" in node_prom
     assert "sipha_node_dialogs_total{event=\"migrated\"}" in node_prom
-    assert "sipha_node_redis_seconds_count" in node_prom and 'sipha_node_keys{keyspace="active"}' in node_prom
+    assert "sipha_node_redis_seconds_count" in node_prom
+    assert 'sipha_node_records{keyspace="active",kind="call"}' in node_prom
+
+
+def test_node_status_tells_dialogs_from_registrations(make_cluster):
+    from phone import Phone
+    c = make_cluster(nodes=2, trunk_scenario="uas")
+    phones = [Phone(f"user{i}", c.proxy_addr) for i in range(3)]
+    try:
+        assert all(p.register(300).status == 200 for p in phones)
+
+        async def held():
+            s = uac(c, "uac", calls=4, rate=20, hold_ms=3000)
+            await s.start()
+            await asyncio.sleep(1.5)
+            snap = [json.loads(get(n["admin"], "/status")) for n in c.state["nodes"].values()]
+            return snap, await s.wait(30)
+        snap, result = run(held())
+        assert result.ok == 4
+        assert sum(st["dialogs"]["active"] for st in snap) == 4
+        assert sum(st["registrations"]["active"] for st in snap) == 3
+        assert sum(st["registrations"]["replica"] for st in snap) == 3
+    finally:
+        for p in phones:
+            p.stop()
 
 
 def test_json_logs_rotation_and_rate_limited_rejections(procs, tmp_path):
@@ -116,4 +140,17 @@ def test_json_logs_rotation_and_rate_limited_rejections(procs, tmp_path):
     assert 1 <= len(rejected) <= 25                  # rate-limited, not 201 lines
     assert sum(x.get("suppressed") or 0 for x in rejected) + len(rejected) == 201
     assert rejected[0]["src"].startswith("127.0.0.1:") and rejected[0]["reason"]
+    node.close()
+
+
+def test_admin_is_on_by_default_on_loopback_at_sip_port_plus_1000(procs):
+    port = free_port()
+    while port + 1000 >= 32768:          # keep the admin port out of the ephemeral range
+        port = free_port()
+    node = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    node.bind(("127.0.0.1", free_port()))
+    procs.sipha("proxy", "proxy", "--listen", f"127.0.0.1:{port}", "--no-probe", "--node", f"n1=127.0.0.1:{node.getsockname()[1]}",
+                ready="event=proxy_started")
+    status = json.loads(get(port + 1000, "/status"))
+    assert status["role"] == "proxy" and status["listen"] == [f"127.0.0.1:{port}"]
     node.close()

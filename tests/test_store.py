@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import time
 
@@ -65,7 +66,8 @@ def test_save_writes_active_here_and_replica_on_the_partner(three_redis):
     assert raw(ports, "n3", "replica", KEY) is None
 
 
-def test_partner_down_at_mirror_time_mirrors_to_the_next_choice(three_redis):
+def test_partner_down_at_mirror_time_mirrors_to_the_next_choice(three_redis, caplog):
+    caplog.set_level(logging.INFO)
     procs, ports = three_redis
     procs["n2"].kill()
     procs["n2"].wait()
@@ -78,6 +80,9 @@ def test_partner_down_at_mirror_time_mirrors_to_the_next_choice(three_redis):
     assert raw(ports, "n1", "active", KEY)["p"] == "n3"
     assert raw(ports, "n3", "replica", KEY) is not None
     assert stats["mirror_failures"] == 1
+    logged = {getattr(r, "event", None): getattr(r, "fields", {}) for r in caplog.records}
+    assert logged["mirror_failed"]["partner"] == "n2"
+    assert logged["mirrored"]["partner"] == "n3" and "n2 unreachable" in logged["mirrored"]["reason"]
 
 
 def test_promotion_is_local_and_retires_the_old_owners_copy(three_redis):
