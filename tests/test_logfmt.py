@@ -1,0 +1,57 @@
+"""sipcore.logfmt: one line per event that splits unambiguously."""
+from __future__ import annotations
+
+import json
+import logging
+
+from sipcore.logfmt import EventFormatter, RateLimitedLog, event, logfmt_value, parse_logfmt
+
+
+def record(fields, fmt="logfmt"):
+    logger = logging.getLogger("t")
+    rec = logger.makeRecord("t", logging.INFO, __file__, 1, "route", (), None,
+                            extra={"event": "route", "fields": fields})
+    return EventFormatter("proxy", fmt).format(rec)
+
+
+def test_values_with_spaces_quotes_and_newlines_are_quoted_and_read_back():
+    fields = {"call_id": 'a b"c', "reason": "line\nbreak", "ua": "x=y", "empty": "", "n": 3, "ok": True}
+    line = record(fields)
+    assert "\n" not in line
+    back = parse_logfmt(line)
+    assert back["call_id"] == 'a b"c' and back["reason"] == "line\nbreak" and back["ua"] == "x=y"
+    assert back["empty"] == "" and back["n"] == "3" and back["ok"] == "true"
+    assert back["event"] == "route" and back["proc"] == "proxy" and back["level"] == "info"
+
+
+def test_fields_without_a_value_are_left_out():
+    line = record({"node": None, "partner": "node2"})
+    assert "node=" not in line.replace("partner=", "") and "partner=node2" in line
+
+
+def test_json_lines():
+    obj = json.loads(record({"call_id": "c1", "node": None}, fmt="json"))
+    assert obj["call_id"] == "c1" and "node" not in obj and obj["event"] == "route"
+
+
+def test_control_characters_cannot_forge_a_second_line():
+    assert logfmt_value("evil\r\nts=x level=error") == '"evil\\r\\nts=x level=error"'
+    assert logfmt_value("\x1b[31m") == '"\\x1b[31m"'
+
+
+def test_rate_limited_log_counts_what_it_suppressed():
+    rl = RateLimitedLog(burst=3, per=60)
+    results = [rl.allow() for _ in range(10)]
+    assert [ok for ok, _ in results] == [True] * 3 + [False] * 7
+    rl.window -= 61
+    assert rl.allow() == (True, 7)
+
+
+def test_disabled_level_formats_nothing():
+    logger = logging.getLogger("quiet")
+    logger.setLevel(logging.WARNING)
+
+    class Boom:
+        def __str__(self):
+            raise AssertionError("formatted although DEBUG is off")
+    event(logger, "route", logging.DEBUG, call_id=Boom())
