@@ -475,20 +475,17 @@ class Proxy:
 
     # ---- responses ---------------------------------------------------
     def on_response(self, resp: SipResponse, src, transport: str) -> None:
-        vias = resp.vias
-        if not vias:
-            raise SipParseError("missing Via")
-        top = vias[0]
+        top = resp.top_via
         if not (top.branch or "").startswith(BRANCH_PREFIX):
             self.stats.inc("events", "response_not_ours")
             event(log, "response_dropped", logging.DEBUG, status=resp.status,
                   src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
             return
         self.relay.answered(top.branch, resp.status, resp.cseq[1])
-        if len(vias) < 2:
+        nxt = resp.second_via
+        if nxt is None:
             return
         resp.pop_first("Via")
-        nxt = vias[1]
         dest = nxt.response_target()
         out_transport = nxt.transport.lower()
         if out_transport not in ("udp", "tcp"):

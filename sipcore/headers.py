@@ -67,6 +67,25 @@ def split_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     if not text:
         return params
+    if '"' not in text:
+        # fast path: no quoted values, so ';' and '=' cannot hide anywhere
+        for part in text.split(";"):
+            name, sep, value = part.partition("=")
+            name = name.strip(_WS).lower()
+            if not name:
+                if sep or part.strip(_WS):
+                    raise SipParseError("parameter without a name")
+                continue
+            if any(c in name for c in _WS):
+                raise SipParseError(f"junk after parameter {name.split()[0]!r}")
+            if sep:
+                value = value.strip(_WS)
+                if any(c in value for c in _WS):
+                    raise SipParseError(f"junk after parameter {name!r}")
+                params[name] = value
+            else:
+                params[name] = None
+        return params
     i = 0
     n = len(text)
     while i < n:

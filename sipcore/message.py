@@ -134,12 +134,38 @@ class SipMessage:
     def vias(self) -> list[Via]:
         return self._cached("via", lambda: [parse_via(v) for v in self.values("via")])
 
+    def _via_value(self, index: int) -> str | None:
+        """The index-th via-parm without splitting every Via of the message."""
+        seen = 0
+        for f in self.fields:
+            if f.key == "via":
+                parts = split_commas(f.value) if "," in f.value else [f.value.strip()]
+                if index - seen < len(parts):
+                    return parts[index - seen]
+                seen += len(parts)
+        return None
+
     @property
     def top_via(self) -> Via:
-        vias = self.vias
-        if not vias:
-            raise SipParseError("missing Via")
-        return vias[0]
+        def parse():
+            if "via" in self._cache:
+                vias = self._cache["via"]
+                if not vias:
+                    raise SipParseError("missing Via")
+                return vias[0]
+            v = self._via_value(0)
+            if v is None:
+                raise SipParseError("missing Via")
+            return parse_via(v)
+        return self._cached("top-via", parse)
+
+    @property
+    def second_via(self) -> Via | None:
+        """The Via below the top one (where a proxy sends a response)."""
+        def parse():
+            v = self._via_value(1)
+            return None if v is None else parse_via(v)
+        return self._cached("second-via", parse)
 
     def _required(self, name: str) -> str:
         v = self.get(name)
