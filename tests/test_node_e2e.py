@@ -132,24 +132,31 @@ def test_failover_promotes_the_replica_and_mirrors_it_to_the_new_partner(make_cl
     assert [parse_logfmt(t)["ts"] for t in trace] == sorted(parse_logfmt(t)["ts"] for t in trace)
 
 
-def test_restarted_node_takes_its_dialogs_back(make_cluster):
-    c = make_cluster(nodes=3, ramp=1.0)
-
+def kill_busiest_and_restart(c, *, process_only: bool, gap: float, settle: float, inspect=all_keys):
+    """9 calls (INVITE, hold 5 s, re-INVITE, hold 5 s, BYE); 2 s in, kill the
+    node with the most active dialogs, restart it `gap` s later, and
+    `settle` s after that -- once the re-INVITEs are through -- look at the
+    keyspaces with `inspect(cluster)`. -> (SIPp result, victim, its dialogs, inspect's answer)."""
     async def scenario():
         s = uac(c, "reinvite", calls=9, rate=9, hold_ms=5000)
         await s.start()
         await asyncio.sleep(2.0)
         before = all_keys(c)
         victim = max(before, key=lambda n: len(before[n]["active"]))
-        mine = set(before[victim]["active"])
-        c.kill(victim)
-        await asyncio.sleep(0.5)
+        c.kill(victim, process_only=process_only)
+        await asyncio.sleep(gap)
         await asyncio.to_thread(c.start_node, victim)
-        await asyncio.sleep(5.5)               # ramp done; re-INVITEs arrived
-        after, _ = assert_replicas_where_design_says(c)
-        return await s.wait(60), victim, mine, after
+        await asyncio.sleep(settle)
+        seen = inspect(c)
+        return await s.wait(60), victim, set(before[victim]["active"]), seen
+    return run(scenario())
 
-    result, victim, mine, after = run(scenario())
+
+def test_restarted_node_takes_its_dialogs_back(make_cluster):
+    c = make_cluster(nodes=3, ramp=1.0)
+    result, victim, mine, after = kill_busiest_and_restart(
+        c, process_only=False, gap=0.5, settle=5.5,          # ramp done; re-INVITEs arrived
+        inspect=lambda cl: assert_replicas_where_design_says(cl)[0])
     assert result.ok == 9 and result.failed == 0, result.log_tail
     assert mine
     assert mine <= set(after[victim]["active"]), "dialogs did not move back home"
@@ -200,22 +207,8 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
 
 def test_node_crashing_with_its_redis_intact_serves_its_dialogs_again_without_failover(make_cluster):
     c = make_cluster(nodes=3, ramp=5.0)
-
-    async def scenario():
-        s = uac(c, "reinvite", calls=9, rate=9, hold_ms=5000)
-        await s.start()
-        await asyncio.sleep(2.0)
-        before = all_keys(c)
-        victim = max(before, key=lambda n: len(before[n]["active"]))
-        mine = set(before[victim]["active"])
-        c.kill(victim, process_only=True)
-        await asyncio.sleep(1.5)                   # long enough for the proxy to take it out
-        await asyncio.to_thread(c.start_node, victim)
-        await asyncio.sleep(4.0)                   # the re-INVITEs have come and gone
-        after = all_keys(c)
-        return await s.wait(60), victim, mine, after
-
-    result, victim, mine, after = run(scenario())
+    # 1.5 s is long enough for the proxy to take it out; 4 s for the re-INVITEs
+    result, victim, mine, after = kill_busiest_and_restart(c, process_only=True, gap=1.5, settle=4.0)
     assert result.ok == 9 and result.failed == 0, result.log_tail
     assert mine and mine <= set(after[victim]["active"])
     logs = {n: (c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"]}
