@@ -6,6 +6,7 @@ import socket
 import threading
 import uuid
 
+from sipcore.framing import StreamFramer
 from sipcore.message import SipRequest, make_response, parse_message
 
 SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n"
@@ -14,10 +15,17 @@ SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 
 class Phone:
     """answer=True: 180 then 200 to INVITE; False: 180 and ring until CANCEL."""
 
-    def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True):
-        self.user, self.proxy, self.answer = user, proxy, answer
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp"):
+        self.user, self.proxy, self.answer, self.transport = user, proxy, answer, transport
+        if transport == "tcp":
+            # one connection to the proxy, kept open: the proxy must reach
+            # this phone over it (RFC 5626 flow, via the Path it added)
+            self.sock = socket.create_connection(proxy)
+            self.framer = StreamFramer()
+            self.pending: list[bytes] = []
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.got: list[str] = []
         self.tag = uuid.uuid4().hex[:8]
@@ -27,21 +35,38 @@ class Phone:
 
     @property
     def contact(self) -> str:
-        return f"sip:{self.user}@127.0.0.1:{self.port}"
+        t = ";transport=tcp" if self.transport == "tcp" else ""
+        return f"sip:{self.user}@127.0.0.1:{self.port}{t}"
+
+    def _sendto(self, data: bytes, dest) -> None:
+        if self.transport == "tcp":
+            self.sock.sendall(data)
+        else:
+            self.sock.sendto(data, dest)
+
+    def _recv(self) -> tuple[bytes, tuple]:
+        if self.transport != "tcp":
+            return self.sock.recvfrom(65535)
+        while not self.pending:
+            chunk = self.sock.recv(65535)
+            if not chunk:
+                raise OSError("connection closed")
+            self.pending += [m for m in self.framer.feed(chunk) if isinstance(m, bytes)]
+        return self.pending.pop(0), self.proxy
 
     def register(self, expires: int = 300, contacts: str | None = None, cseq: int = 1,
                  call_id: str | None = None, extra: str = ""):
         contact_hdr = contacts if contacts is not None else f"<{self.contact}>"
         text = (f"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
                 f"Max-Forwards: 70\r\nFrom: <sip:{self.user}@127.0.0.1>;tag={self.tag}\r\n"
                 f"To: <sip:{self.user}@127.0.0.1>\r\nCall-ID: {call_id or 'reg-' + self.tag}\r\n"
                 f"CSeq: {cseq} REGISTER\r\nContact: {contact_hdr}\r\nExpires: {expires}\r\n{extra}"
                 f"Content-Length: 0\r\n\r\n")
         self.sock.settimeout(5)
-        self.sock.sendto(text.encode(), self.proxy)
+        self._sendto(text.encode(), self.proxy)
         while True:
-            resp = parse_message(self.sock.recv(65535))
+            resp = parse_message(self._recv()[0])
             if resp.status >= 200:
                 return resp
 
@@ -58,14 +83,16 @@ class Phone:
         self.sock.close()
 
     def _send(self, resp, dest) -> None:
-        self.sock.sendto(resp.to_bytes(), dest)
+        self._sendto(resp.to_bytes(), dest)
 
     def _run(self) -> None:
         while not self._stop:
             try:
-                data, src = self.sock.recvfrom(65535)
-            except (socket.timeout, OSError):
+                data, src = self._recv()
+            except socket.timeout:
                 continue
+            except OSError:
+                return
             msg = parse_message(data)
             if not isinstance(msg, SipRequest):
                 continue

@@ -100,3 +100,18 @@ def test_unregistered_user_without_upstream_gets_404(cluster):
     result = run(uac(cluster, "uac", calls=1, rate=1, service="nobody").run(30))
     assert result.failed == 1
     assert "404 Not Found" in result.log_tail
+
+
+def test_phone_registered_over_tcp_is_called_over_its_own_connection(cluster):
+    phone = Phone("tina", cluster.proxy_addr, transport="tcp")
+    try:
+        resp = phone.register(300)
+        assert resp.status == 200
+        assert "flow=tcp:127.0.0.1:" in resp.get("Path")
+        phone.start()
+        result = run(uac(cluster, "uac", calls=3, rate=5, hold_ms=300, service="tina").run(30))
+        assert result.ok == 3 and result.failed == 0, result.log_tail
+        assert phone.got.count("INVITE") == 3 and phone.got.count("BYE") == 3
+        assert phone.invite.top_via.transport == "TCP"
+    finally:
+        phone.stop()
