@@ -255,7 +255,7 @@ class Proxy:
         except SipParseError as exc:
             if exc.message is None:
                 exc.message = msg
-            self.on_bad_input(exc, msg.to_bytes(), src, transport)
+            self.on_bad_input(exc, msg._raw or b"", src, transport)
         self.routing_latency.observe(time.perf_counter() - t0)
 
     # ---- requests ----------------------------------------------------

@@ -22,6 +22,15 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+_TOKEN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+
+def is_token(text: str) -> bool:
+    """RFC 3261 token: ASCII only (a latin-1 byte such as 0xFF upper-cases to
+    a character latin-1 cannot encode again)."""
+    return bool(text) and _TOKEN.issuperset(text)
+
+
 def split_commas(value: str) -> list[str]:
     """Split a comma-joined header value (RFC 3261 §7.3.1) outside quoted
     strings and angle brackets; empty elements are dropped."""
@@ -315,7 +324,7 @@ def parse_via(value: str) -> Via:
                 j += 1
         i = j
     name, version, transport = parts
-    if name.upper() != "SIP" or not version or not transport:
+    if name.upper() != "SIP" or not is_token(version) or not is_token(transport):
         raise SipParseError("bad Via sent-protocol")
     rest = text[i:].strip()
     sent_by, _, param_text = rest.partition(";")

@@ -36,6 +36,11 @@ def in_process_proxy() -> Proxy:
     p.internal = p.advertise = ("127.0.0.1", 5060)
     p.our_addrs = {("127.0.0.1", 5060)}
     p.node_by_addr = {("127.0.0.1", 5070): "node1", ("127.0.0.1", 5071): "node2"}
+
+    async def no_dns(msg, dest, transport):
+        # hostnames in random input must not turn into DNS queries
+        p.transports[0].sent.append((msg.to_bytes(), dest, transport))
+    p._resolve_and_send = no_dns
     return p
 
 
@@ -227,3 +232,21 @@ def test_known_scanner_user_agents_are_dropped(procs):
         node.recv(65535)
     node.close()
     assert proxy.lines("event=scanner_dropped")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("atheris") is None, reason="atheris not installed")
+def test_coverage_guided_fuzzing_finds_no_crash(tmp_path):
+    """A bounded atheris run over parser, framing and proxy (seeded with
+    tests/fuzz_corpus); longer runs: tests/fuzz_sip.py -runs=N."""
+    import shutil as sh
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    corpus = tmp_path / "corpus"
+    sh.copytree(here / "fuzz_corpus", corpus)
+    r = subprocess.run([sys.executable, str(here / "fuzz_sip.py"), "-runs=40000", "-max_len=4096",
+                        f"-artifact_prefix={tmp_path}/", str(corpus)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 40000 runs" in r.stderr

@@ -276,3 +276,11 @@ def test_unicode_digits_are_not_digits(field):
     raw = raw.replace(b"Via:", field.encode("latin-1") + b"\r\nVia:", 1)
     with pytest.raises(SipParseError):
         parse_message(raw).check()
+
+
+def test_via_transport_must_be_an_ascii_token():
+    """Found by atheris: 'UDP\\xff' upper-cased to a character latin-1 cannot
+    encode, and rewriting that Via (received/rport) then failed."""
+    raw = request().replace(b"SIP/2.0/UDP 192.0.2.1", b"SIP/2.0/UDP\xff 192.0.2.1")
+    with pytest.raises(SipParseError, match="bad Via"):
+        parse_message(raw).check()
