@@ -31,7 +31,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import parse_name_addr, parse_uri, split_params
+from sipcore.headers import format_params, parse_name_addr, parse_uri, split_params
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -69,7 +69,7 @@ def other(leg: str) -> str:
 def without_tag(value: str) -> str:
     """A From/To value with its tag parameter removed."""
     na = parse_name_addr(value)
-    params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in na.params.items() if k != "tag")
+    params = format_params({k: v for k, v in na.params.items() if k != "tag"})
     display = f'"{na.display}" ' if na.display else ""
     return f"{display}<{na.uri}>{params}"
 
@@ -389,8 +389,7 @@ class Node:
             up = self.upstream
             user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
             host = up.host if up.port is None else f"{up.host}:{up.port}"
-            params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in up.params.items())
-            return [(f"{up.scheme}:{user}{host}{params}", [])], False
+            return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])], False
         return [], False
 
     async def new_call(self, req: SipRequest, bekey: str) -> None:

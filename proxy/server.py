@@ -36,7 +36,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import split_hostport, SipUri
+from sipcore.headers import SipUri, format_params, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -230,7 +230,8 @@ class Proxy:
             try:
                 msg.top_via, msg.from_, msg.to, msg.call_id, msg.cseq
                 resp = make_response(msg, 400, reason_phrase_safe(f"Bad Request ({exc.reason})"))
-                self.send(resp, self._response_dest(msg, src), transport)
+                # to the source, not the Via: robust against NAT and bogus sent-by
+                self.send(resp, src, transport)
                 answered = True
             except SipParseError:
                 pass
@@ -239,11 +240,6 @@ class Proxy:
             event(log, "parse_rejected", logging.INFO, src=f"{src[0]}:{src[1]}/{transport}",
                   reason=exc.reason, bytes=len(data), answered=answered,
                   suppressed=suppressed or None)
-
-    def _response_dest(self, req: SipRequest, src) -> tuple[str, int]:
-        """A response we generate goes back to the source (RFC 3581 style,
-        robust against NAT and bogus sent-by)."""
-        return src
 
     def on_message(self, msg: SipMessage, src, transport: str) -> None:
         t0 = time.perf_counter()
@@ -308,8 +304,7 @@ class Proxy:
             changed = True
         if changed:
             sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
-            new = f"{via.protocol}/{via.transport} {sent_by}" + "".join(
-                f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+            new = f"{via.protocol}/{via.transport} {sent_by}{format_params(params)}"
             self._replace_top_via(req, new)
 
     @staticmethod

@@ -54,7 +54,7 @@ class AdminServer:
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.server = await asyncio.start_server(self._client, host, port, reuse_address=True)
+        self.server = await asyncio.start_server(self._client, host, port, reuse_address=True, limit=8192)
         return self.server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
@@ -95,19 +95,3 @@ class AdminServer:
         writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
                      f"Connection: close\r\n\r\n".encode() + (b"" if head_only else data))
         await writer.drain()
-
-
-async def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> str:
-    """Tiny client for `sipha status` and the tests."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1]
-    if status != b"200":
-        raise OSError(f"GET {path}: HTTP {status.decode()}")
-    return body.decode()

@@ -214,10 +214,6 @@ class SipUri:
     def lr(self) -> bool:
         return "lr" in self.params
 
-    def host_port(self, default: int = 5060) -> tuple[str, int]:
-        host = self.host[1:-1] if self.host.startswith("[") else self.host
-        return host, self.port if self.port is not None else default
-
     def aor(self) -> str:
         """Address of record: scheme, user and host, no port or params,
         host lower-cased (RFC 3261 §10.3 step 5 compares such URIs)."""
