@@ -265,7 +265,11 @@ class Node:
 
     def _route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
         """-> (bekey, partner, from_proxy): from the proxy's internal header
-        when there is one, else from the message itself."""
+        when there is one, else from the message itself. Read once per
+        message (several steps of one request ask)."""
+        return req._cached("sipha-route-info", lambda: self._read_route_info(req))
+
+    def _read_route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
         value = req.get(ROUTE_HEADER)
         if value:
             try:

@@ -361,7 +361,8 @@ class Proxy:
             return
         bekey, how = self.bekey_for(req)
         healthy = self.health.healthy()
-        owner, partner, ramp_skipped = choose(bekey, self.node_ids, healthy)
+        order = rank(bekey, self.node_ids)
+        owner, partner, ramp_skipped = choose(bekey, self.node_ids, healthy, order=order)
         if owner is None:
             self.stats.inc("requests", req.method, "no-node")
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
@@ -369,7 +370,7 @@ class Proxy:
             self.reply(req, 503, "Service Unavailable (no node up)", src, transport,
                        headers=[("Retry-After", "5")])
             return
-        first = rank(bekey, self.node_ids)[0]
+        first = order[0]
         if ramp_skipped:
             reason = "ramp"
         elif owner != first:

@@ -87,8 +87,10 @@ def admits(node: str, bekey: str, load_factor: float) -> bool:
 
 
 def choose(bekey: str, nodes: Iterable[str], healthy: Mapping[str, float],
-           exclude: frozenset | set = frozenset()) -> tuple[str | None, str | None, bool]:
-    """-> (owner, partner, ramp_skipped).
+           exclude: frozenset | set = frozenset(),
+           order: list[str] | None = None) -> tuple[str | None, str | None, bool]:
+    """-> (owner, partner, ramp_skipped). `order` is rank(bekey, nodes) when
+    the caller has it already.
 
     `healthy` maps each healthy node to its load factor; missing nodes are
     down. The owner is the first healthy node in rank that admits the key;
@@ -96,7 +98,8 @@ def choose(bekey: str, nodes: Iterable[str], healthy: Mapping[str, float],
     `ramp_skipped` tells whether a healthy node earlier in rank turned the
     key away under its load factor.
     """
-    order = rank(bekey, nodes)
+    if order is None:
+        order = rank(bekey, nodes)
     owner = partner = None
     skipped = False
     for n in order:
