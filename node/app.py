@@ -267,7 +267,7 @@ class Node:
         """-> (bekey, partner, from_proxy): from the proxy's internal header
         when there is one, else from the message itself. Read once per
         message (several steps of one request ask)."""
-        return req._cached("sipha-route-info", lambda: self._read_route_info(req))
+        return req._cached("x-sipha-route:info", lambda: self._read_route_info(req))
 
     def _read_route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
         value = req.get(ROUTE_HEADER)

@@ -29,10 +29,10 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from prometheus_client import Histogram
 from redis.exceptions import RedisError
 
 from sipcore.logfmt import event
+from sipcore.stats import Histogram
 
 log = logging.getLogger("node.store")
 
@@ -75,8 +75,7 @@ class DialogStore:
         # host (connect timeouts, not refusals) does not slow every call
         self.peer_down_until: dict[str, float] = {}
         self.latency = Histogram("sipha_node_redis_seconds", "round trip of this node's own Redis operations",
-                                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25),
-                                 registry=None)
+                                 buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25))
         self.replication = "ok"   # what the last save could do, for /status
         self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 

@@ -29,7 +29,6 @@ import ipaddress
 import logging
 import time
 
-from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
@@ -38,7 +37,7 @@ from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
 from sipcore.headers import SipUri, format_params, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
-from sipcore.stats import Counters, prometheus
+from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
@@ -49,6 +48,7 @@ from .relay import NodeRelay, Pending
 log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
+_STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
 
 
 def _is_ip(host: str) -> bool:
@@ -92,7 +92,7 @@ class Proxy:
         self.stats = Counters(PROXY_COUNTERS)
         self.routing_latency = Histogram(
             "sipha_proxy_routing_seconds", "time from a message's arrival to its forwarding",
-            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05), registry=None)
+            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05))
         self.started = time.time()
         self.admin: AdminServer | None = None
         self.admin_addr = None
@@ -386,9 +386,10 @@ class Proxy:
         branch = self.branch_for(req)
         req.add_top("Via", self.our_via("udp", branch, internal=True))
         level = logging.INFO if (initial or reason != "owner") and req.method != "ACK" else logging.DEBUG
-        event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
-              src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
-              key_from=how)
+        if log.isEnabledFor(level):
+            event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
+                  src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
+                  key_from=how)
         dest = self.health.nodes[owner].addr or self.nodes[owner].sip
         self.send(req, dest, "udp")
         if transport != "udp" and req.method != "ACK":
@@ -451,9 +452,10 @@ class Proxy:
             req.add_top("Record-Route", self.our_uri(out_transport))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
         level = logging.INFO if initial and req.method != "ACK" else logging.DEBUG
-        event(log, "route", level, method=req.method, call_id=req.call_id,
-              bekey=read_stamp(self.secret, req.call_id) or read_stamp(self.secret, req.from_.tag),
-              node=node, dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
+        if log.isEnabledFor(level):
+            event(log, "route", level, method=req.method, call_id=req.call_id,
+                  bekey=read_stamp(self.secret, req.call_id) or read_stamp(self.secret, req.from_.tag),
+                  node=node, dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
         self.stats.inc("requests", req.method, "outbound")
         if _is_ip(dest[0]):
             self.send(req, dest, out_transport)
@@ -477,7 +479,8 @@ class Proxy:
             event(log, "response_dropped", logging.DEBUG, status=resp.status,
                   src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
             return
-        self.relay.answered(top.branch, resp.status, resp.cseq[1])
+        if self.relay.pending:
+            self.relay.answered(top.branch, resp.status, resp.cseq[1])
         nxt = resp.second_via
         if nxt is None:
             return
@@ -502,7 +505,8 @@ class Proxy:
                           dead=node, node=owner)
                     self.stats.inc("events", "response_rerouted")
                     dest = self.health.nodes[owner].addr or self.nodes[owner].sip
-        self.stats.inc("responses", f"{resp.status // 100}xx")
-        event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
-              dest=f"{dest[0]}:{dest[1]}/{out_transport}")
+        self.stats.inc("responses", _STATUS_CLASS[resp.status // 100])
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
+                  dest=f"{dest[0]}:{dest[1]}/{out_transport}")
         self.send(resp, dest, out_transport)

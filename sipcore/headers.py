@@ -8,6 +8,7 @@ the message keeps the original bytes, these views are only for reading, and
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -78,6 +79,15 @@ def split_params(text: str) -> dict[str, str | None]:
         return params
     if '"' not in text:
         # fast path: no quoted values, so ';' and '=' cannot hide anywhere
+        if " " not in text and "\t" not in text:
+            # ... and no whitespace to strip or to find junk after
+            for part in text.split(";"):
+                if part:
+                    name, sep, value = part.partition("=")
+                    if not name:
+                        raise SipParseError("parameter without a name")
+                    params[name.lower()] = value if sep else None
+            return params
         for part in text.split(";"):
             name, sep, value = part.partition("=")
             name = name.strip(_WS).lower()
@@ -85,11 +95,11 @@ def split_params(text: str) -> dict[str, str | None]:
                 if sep or part.strip(_WS):
                     raise SipParseError("parameter without a name")
                 continue
-            if any(c in name for c in _WS):
+            if " " in name or "\t" in name:
                 raise SipParseError(f"junk after parameter {name.split()[0]!r}")
             if sep:
                 value = value.strip(_WS)
-                if any(c in value for c in _WS):
+                if " " in value or "\t" in value:
                     raise SipParseError(f"junk after parameter {name!r}")
                 params[name] = value
             else:
@@ -185,7 +195,7 @@ def _check_host(host: str) -> None:
         raise SipParseError(f"bad host {host!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SipUri:
     """sip: / sips: URI (RFC 3261 §19.1). Other schemes keep only `scheme`
     and `opaque`. `user` and `password` are unescaped; `raw` is the input."""
@@ -226,6 +236,9 @@ class SipUri:
         return self.raw
 
 
+_URI_FORBIDDEN = frozenset(' \t<>"')
+
+
 def parse_uri(text: str) -> SipUri:
     text = text.strip()
     scheme, sep, rest = text.partition(":")
@@ -236,7 +249,7 @@ def parse_uri(text: str) -> SipUri:
         if not rest:
             raise SipParseError(f"empty {scheme} URI")
         return SipUri(scheme=scheme, opaque=rest, raw=text)
-    if any(c in rest for c in " \t<>\""):
+    if not _URI_FORBIDDEN.isdisjoint(rest):
         raise SipParseError(f"bad character in URI {text[:64]!r}")
     # '@' cannot appear unescaped in a SIP URI's host, parameters or headers
     # (RFC 3261 §25.1), so the last one ends the userinfo, which itself may
@@ -261,7 +274,7 @@ def parse_uri(text: str) -> SipUri:
                   params=params, headers=headers, raw=text)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Via:
     """One via-parm (RFC 3261 §20.42)."""
     protocol: str       # "SIP/2.0"
@@ -299,10 +312,19 @@ class Via:
         return host, port
 
 
+# "SIP/2.0/UDP host:port;params" with no whitespace but the one space: what
+# nearly every Via looks like, so it skips the character walk below.
+_VIA_COMMON = re.compile(r"SIP/2\.0/([A-Za-z]+) ([^;\s]+)(?:;(\S*))?")
+
+
 def parse_via(value: str) -> Via:
     # sent-protocol = protocol-name SLASH protocol-version SLASH transport,
     # with LWS allowed around the slashes (SLASH = SWS "/" SWS).
     text = value.strip()
+    m = _VIA_COMMON.fullmatch(text)
+    if m is not None:
+        host, port = split_hostport(m.group(2))
+        return Via("SIP/2.0", m.group(1).upper(), host, port, split_params(m.group(3) or ""), text)
     parts = []
     i = 0
     for _ in range(3):
@@ -329,7 +351,7 @@ def parse_via(value: str) -> Via:
                params=split_params(param_text), raw=value.strip())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NameAddr:
     """From / To / Contact / Route / Record-Route / Path value
     (RFC 3261 §20.10): optional display name, URI, header parameters."""
@@ -398,7 +420,7 @@ def parse_name_addr(value: str) -> NameAddr:
     if param_text and not param_text.startswith(";"):
         raise SipParseError("junk after URI")
     scheme, colon, _ = uri.partition(":")
-    if not colon or not scheme or any(c in uri for c in " \t<>\""):
+    if not colon or not scheme or not _URI_FORBIDDEN.isdisjoint(uri):
         raise SipParseError(f"bad URI {uri[:64]!r}")
     return NameAddr(display=display, uri=uri, params=split_params(param_text), raw=text)
 
@@ -408,6 +430,6 @@ def parse_cseq(value: str) -> tuple[int, str]:
     method = method.strip()
     if not is_digits(num) or len(num) > 10 or int(num) > 2**31 - 1:
         raise SipParseError("bad CSeq number")
-    if not method or not method.isascii() or any(c in method for c in _WS):
+    if not method or not method.isascii() or " " in method or "\t" in method:
         raise SipParseError("bad CSeq method")
     return int(num), method

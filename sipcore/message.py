@@ -51,6 +51,8 @@ DEFAULT_LIMITS = Limits()
 
 
 _NAME_CACHE: dict[str, str] = {}
+# header key -> the "key:suffix" cache entries read from it (see _cached)
+_DERIVED: dict[str, set[str]] = {}
 
 
 def canonical_name(name: str) -> str:
@@ -69,9 +71,9 @@ class HeaderField:
     """One header field line as read (or as written anew when `raw` is None)."""
     __slots__ = ("name", "key", "value", "raw")
 
-    def __init__(self, name: str, value: str, raw: str | None = None):
+    def __init__(self, name: str, value: str, raw: str | None = None, key: str | None = None):
         self.name = name                  # as spelled on the wire
-        self.key = canonical_name(name)   # lower-case long form
+        self.key = key or canonical_name(name)   # lower-case long form
         self.value = value                # unfolded, surrounding whitespace stripped
         self.raw = raw                    # exact text incl. line ending, or None if changed
 
@@ -124,10 +126,15 @@ class SipMessage:
         return any(f.key == key for f in self.fields)
 
     def _cached(self, key, fn):
+        """Value of `fn()`, computed once. `key` is the canonical name of
+        the header it is read from, or that name, ':' and a suffix; an edit
+        of that header forgets it (see _touch)."""
         try:
             return self._cache[key]
         except KeyError:
             v = self._cache[key] = fn()
+            if ":" in key:
+                _DERIVED.setdefault(key.partition(":")[0], set()).add(key)
             return v
 
     @property
@@ -147,17 +154,21 @@ class SipMessage:
 
     @property
     def top_via(self) -> Via:
-        def parse():
-            if "via" in self._cache:
-                vias = self._cache["via"]
-                if not vias:
-                    raise SipParseError("missing Via")
-                return vias[0]
-            v = self._via_value(0)
-            if v is None:
+        v = self._cache.get("via:top")
+        if v is None:
+            v = self._cached("via:top", self._parse_top_via)
+        return v
+
+    def _parse_top_via(self) -> Via:
+        if "via" in self._cache:
+            vias = self._cache["via"]
+            if not vias:
                 raise SipParseError("missing Via")
-            return parse_via(v)
-        return self._cached("top-via", parse)
+            return vias[0]
+        v = self._via_value(0)
+        if v is None:
+            raise SipParseError("missing Via")
+        return parse_via(v)
 
     @property
     def second_via(self) -> Via | None:
@@ -165,7 +176,7 @@ class SipMessage:
         def parse():
             v = self._via_value(1)
             return None if v is None else parse_via(v)
-        return self._cached("second-via", parse)
+        return self._cached("via:second", parse)
 
     def _required(self, name: str) -> str:
         v = self.get(name)
@@ -173,21 +184,34 @@ class SipMessage:
             raise SipParseError(f"missing {name}")
         return v
 
+    # the four below are read for every message: no closure per access
     @property
     def from_(self) -> NameAddr:
-        return self._cached("from", lambda: parse_name_addr(self._required("From")))
+        v = self._cache.get("from")
+        if v is None:
+            v = self._cache["from"] = parse_name_addr(self._required("From"))
+        return v
 
     @property
     def to(self) -> NameAddr:
-        return self._cached("to", lambda: parse_name_addr(self._required("To")))
+        v = self._cache.get("to")
+        if v is None:
+            v = self._cache["to"] = parse_name_addr(self._required("To"))
+        return v
 
     @property
     def call_id(self) -> str:
-        return self._cached("call-id", lambda: self._required("Call-ID"))
+        v = self._cache.get("call-id")
+        if v is None:
+            v = self._cache["call-id"] = self._required("Call-ID")
+        return v
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return self._cached("cseq", lambda: parse_cseq(self._required("CSeq")))
+        v = self._cache.get("cseq")
+        if v is None:
+            v = self._cache["cseq"] = parse_cseq(self._required("CSeq"))
+        return v
 
     @property
     def max_forwards(self) -> int | None:
@@ -240,9 +264,14 @@ class SipMessage:
             raise
 
     # ---- changing ----------------------------------------------------
-    def _touch(self) -> None:
+    def _touch(self, key: str) -> None:
+        """The header `key` changed: forget what was read from it."""
         self._dirty = True
-        self._cache.clear()
+        cache = self._cache
+        if cache:
+            cache.pop(key, None)
+            for k in _DERIVED.get(key, ()):
+                cache.pop(k, None)
 
     def set(self, name: str, value: str) -> None:
         """Replace the first field of this name (keeping its spelling and
@@ -262,12 +291,13 @@ class SipMessage:
         if first is None:
             kept.append(HeaderField(name, value))
         self.fields = kept
-        self._touch()
+        self._touch(key)
 
     def add(self, name: str, value: str) -> None:
         """Append a field at the end of the header."""
-        self.fields.append(HeaderField(name, value))
-        self._touch()
+        field = HeaderField(name, value)
+        self.fields.append(field)
+        self._touch(field.key)
 
     def add_top(self, name: str, value: str) -> None:
         """Insert a field before the first field of the same name (or first
@@ -279,7 +309,7 @@ class SipMessage:
                 idx = i
                 break
         self.fields.insert(idx, HeaderField(name, value))
-        self._touch()
+        self._touch(key)
 
     def remove(self, name: str) -> int:
         key = canonical_name(name)
@@ -287,7 +317,7 @@ class SipMessage:
         self.fields = [f for f in self.fields if f.key != key]
         removed = before - len(self.fields)
         if removed:
-            self._touch()
+            self._touch(key)
         return removed
 
     def pop_first(self, name: str) -> str | None:
@@ -302,7 +332,7 @@ class SipMessage:
                 else:
                     f.value = ", ".join(parts[1:])
                     f.raw = None
-                self._touch()
+                self._touch(key)
                 return parts[0] if parts else None
         return None
 
@@ -355,12 +385,12 @@ class SipRequest(SipMessage):
 
     @property
     def ruri(self) -> SipUri:
-        return self._cached("ruri", lambda: parse_uri(self.uri))
+        return self._cached(":ruri", lambda: parse_uri(self.uri))
 
     def set_uri(self, uri: str) -> None:
         self.uri = uri
         self._start_raw = None
-        self._touch()
+        self._touch(":ruri")
 
     def check(self) -> None:
         super().check()
@@ -431,6 +461,48 @@ def parse_start_line(line: str) -> SipMessage:
     return SipRequest(method, uri, version)
 
 
+# Header names as spelled on the wire (up to the colon, before any
+# whitespace is stripped) that were already found valid -> (name, canonical
+# key). Bounded like _NAME_CACHE.
+_WIRE_NAMES: dict[str, tuple[str, str]] = {}
+
+
+def _field_name(line: str, colon: int) -> tuple[str, str]:
+    """Validate the name of a header line -> (name, canonical key)."""
+    if colon <= 0:
+        raise SipParseError("header line without a colon")
+    spelled = line[:colon]
+    name = spelled.rstrip(" \t")
+    if not name or not _TOKEN_CHARS.issuperset(name):
+        raise SipParseError("bad header name")
+    key = canonical_name(name)
+    if len(_WIRE_NAMES) < 4096:
+        _WIRE_NAMES[spelled] = (name, key)
+    return name, key
+
+
+def _parse_fields_slow(lines: list[str], fields: list[HeaderField], limits: Limits) -> None:
+    """Header lines with folding (RFC 3261 §7.3.1) and length checks."""
+    for line in lines[1:]:
+        if len(line) > limits.max_line:
+            raise SipParseError("header line too long")
+        content = line[:-1] if line.endswith("\r") else line
+        if content[:1] in (" ", "\t"):
+            # folded continuation: joins the previous field
+            if not fields:
+                raise SipParseError("folded line before the first header")
+            prev = fields[-1]
+            prev.raw += line + "\n"
+            extra = content.strip(" \t")
+            if extra:
+                prev.value = f"{prev.value} {extra}" if prev.value else extra
+            if len(prev.raw) > limits.max_line * 4:
+                raise SipParseError("header field too long")
+            continue
+        name, key = _field_name(content, content.find(":"))
+        fields.append(HeaderField(name, content[content.find(":") + 1:].strip(" \t"), line + "\n", key))
+
+
 def parse_message(data: bytes, *, datagram: bool = True,
                   limits: Limits = DEFAULT_LIMITS) -> SipMessage:
     """Parse one SIP message. `datagram` applies RFC 3261 §18.3: a
@@ -458,34 +530,26 @@ def parse_message(data: bytes, *, datagram: bool = True,
     msg = parse_start_line(start)
     msg._start_raw = first + "\n"
     fields = msg.fields
+    head = text[len(first) + 1:head_end]
     try:
-        for line in lines[1:]:
-            if len(line) > limits.max_line:
-                raise SipParseError("header line too long")
-            content = line[:-1] if line.endswith("\r") else line
-            if content[:1] in (" ", "\t"):
-                # folded continuation (RFC 3261 §7.3.1): joins the previous field
-                if not fields:
-                    raise SipParseError("folded line before the first header")
-                prev = fields[-1]
-                prev.raw += line + "\n"
-                extra = content.strip(" \t")
-                if extra:
-                    prev.value = f"{prev.value} {extra}" if prev.value else extra
-                if len(prev.raw) > limits.max_line * 4:
-                    raise SipParseError("header field too long")
-                continue
-            colon = content.find(":")
-            if colon <= 0:
-                raise SipParseError("header line without a colon")
-            name = content[:colon].rstrip(" \t")
-            if not name or not _TOKEN_CHARS.issuperset(name):
-                raise SipParseError("bad header name")
-            field = HeaderField(name, content[colon + 1:].strip(" \t"), line + "\n")
-            fields.append(field)
+        cl_values: set[str] = set()
+        if "\n " in head or "\n\t" in head or head[:1] in (" ", "\t") or len(head) > limits.max_line:
+            _parse_fields_slow(lines, fields, limits)
+            cl_values = {f.value for f in fields if f.key == "content-length"}
+        else:
+            # the common case: no folded line, no line over the limit
+            wire = _WIRE_NAMES
+            append = fields.append
+            for line in lines[1:]:
+                colon = line.find(":")
+                known = wire.get(line[:colon]) if colon > 0 else None
+                name, key = known or _field_name(line, colon)
+                value = (line[colon + 1:-1] if line[-1:] == "\r" else line[colon + 1:]).strip(" \t")
+                append(HeaderField(name, value, line + "\n", key))
+                if key == "content-length":
+                    cl_values.add(value)
         msg._blank = text[head_end:body_start]
         body = data[body_start:]
-        cl_values = {f.value for f in fields if f.key == "content-length"}
         if cl_values:
             if len(cl_values) > 1:
                 raise SipParseError("conflicting Content-Length headers")
