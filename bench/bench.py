@@ -63,28 +63,55 @@ def read_rtt(workdir: str, since: float) -> list[float]:
     return out
 
 
-async def step(target, rate: float, seconds: float, workdir: str) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def step(target, rate: float, seconds: float, workdir: str, watch: dict[str, list[int]]) -> dict:
+    """One step of `seconds` at `rate`; `watch` names the processes whose
+    CPU use is reported (share of one core, averaged over the step)."""
     calls = max(1, int(rate * seconds))
     started = time.time()
     sipp = Sipp("uac", target=target, calls=calls, rate=rate, workdir=workdir,
                 extra=BUFFERS + ["-trace_rtt", "-rtt_freq", "1", "-recv_timeout", "10000"])
-    res = await sipp.run(timeout=seconds + 60)
+    await sipp.start()
+    before = {name: sum(cpu_seconds(p) or 0 for p in pids) for name, pids in watch.items()}
+    t0 = time.monotonic()
+    waiting = asyncio.ensure_future(sipp.wait(seconds + 60))
+    uac_cpu = 0.0
+    while not waiting.done():   # the UAC's CPU time, sampled until it exits
+        uac_cpu = cpu_seconds(sipp.proc.pid) or uac_cpu
+        await asyncio.wait([waiting], timeout=0.5)
+    res = waiting.result()
+    wall = time.monotonic() - t0
+    cpu = {name: round(100 * (sum(cpu_seconds(p) or 0 for p in pids) - before[name]) / wall)
+           for name, pids in watch.items()}
+    cpu["sipp_uac"] = round(100 * uac_cpu / wall)
     rtt = read_rtt(workdir, started)
     achieved = res.ok / res.elapsed if res.elapsed else 0.0
     return {"offered_cps": rate, "calls": calls, "ok": res.ok, "failed": res.failed + max(0, calls - res.ok - res.failed),
             "retransmissions": res.retransmissions, "achieved_cps": round(achieved, 1),
             "success_ratio": round(res.ok / calls, 4),
             "rt_p50_ms": percentile(rtt, 50), "rt_p99_ms": percentile(rtt, 99),
-            "rt_mean_ms": round(statistics.mean(rtt), 2) if rtt else None}
+            "rt_mean_ms": round(statistics.mean(rtt), 2) if rtt else None,
+            "cpu_percent": cpu}
 
 
-async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str) -> list[dict]:
+async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str,
+                    watch: dict[str, list[int]]) -> list[dict]:
     out = []
     for rate in rates:
-        r = await step(target, rate, seconds, workdir)
+        r = await step(target, rate, seconds, workdir, watch)
         print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
               f"failed {r['failed']:>5}  retrans {r['retransmissions']:>5}  "
-              f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms", flush=True)
+              f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms  "
+              f"cpu% {' '.join(f'{k}={v}' for k, v in r['cpu_percent'].items())}", flush=True)
         out.append(r)
         if r["success_ratio"] < 0.5:
             break   # far past saturation: further steps only measure collapse
@@ -116,7 +143,8 @@ async def proxy_path(rates, seconds, workdir) -> list[dict]:
                "--log-level", "warning", "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}"]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
         await asyncio.sleep(1.5)
-        return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir)
+        watch = {"proxy": [proc.pid], "sipp_uas": [b.proc.pid for b in backends]}
+        return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir, watch)
     finally:
         if proc and proc.returncode is None:
             proc.terminate()
@@ -153,7 +181,13 @@ async def ha_path(rates, seconds, held, workdir) -> tuple[list[dict], dict]:
     cluster.up(nodes=4, port=free_port(), trunk="sipp", ramp=5, log_level="info")
     extra: dict = {}
     try:
-        steps = await run_steps("ha", cluster.proxy_addr, rates, seconds, workdir)
+        procs = cluster.procs()
+        watch = {"proxy": [procs["proxy"]["pid"]],
+                 "nodes": [procs[nid]["pid"] for nid in cluster.state["nodes"]],
+                 "redis": [procs[f"redis-{nid}"]["pid"] for nid in cluster.state["nodes"]
+                           if f"redis-{nid}" in procs],
+                 "sipp_uas": [procs["trunk"]["pid"]] if "trunk" in procs else []}
+        steps = await run_steps("ha", cluster.proxy_addr, rates, seconds, workdir, watch)
         # memory: N concurrent held calls
         rate = max(50.0, min(400.0, (headline(steps) or 100) * 0.8))
         hold_s = held / rate + 15
