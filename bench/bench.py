@@ -128,7 +128,7 @@ def headline(steps: list[dict]) -> float | None:
     return max(ok) if ok else None
 
 
-async def proxy_path(rates, seconds, workdir) -> list[dict]:
+async def proxy_path(rates, seconds, workdir, workers: int = 1) -> list[dict]:
     backends = []
     proc = None
     try:
@@ -140,10 +140,11 @@ async def proxy_path(rates, seconds, workdir) -> list[dict]:
         port = free_port()
         log = os.path.join(workdir, "proxy-only.log")
         cmd = [sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--log-file", log,
-               "--log-level", "warning", "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}"]
+               "--log-level", "warning", "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}",
+               "--workers", str(workers)]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
         await asyncio.sleep(1.5)
-        watch = {"proxy": [proc.pid], "sipp_uas": [b.proc.pid for b in backends]}
+        watch = {"proxy": [proc.pid, *child_pids(proc.pid)], "sipp_uas": [b.proc.pid for b in backends]}
         return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir, watch)
     finally:
         if proc and proc.returncode is None:
@@ -151,6 +152,14 @@ async def proxy_path(rates, seconds, workdir) -> list[dict]:
             await proc.wait()
         for b in backends:
             await b.stop(0.5)
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
 
 
 def rss_kib(pid: int) -> int:
@@ -280,8 +289,11 @@ async def main_async(args) -> dict:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "step_seconds": args.seconds, "paths": {}}
     if args.only in (None, "proxy"):
-        print(f"proxy path (SIPp -> proxy -> 2 SIPp UAS), {args.seconds:g} s per step")
-        results["paths"]["proxy"] = await proxy_path(args.proxy_rates, args.seconds, workdir)
+        for n in args.workers:
+            name = "proxy" if n == 1 else f"proxy_{n}_workers"
+            print(f"proxy path (SIPp -> proxy ({n} worker{'s' if n > 1 else ''}) -> 2 SIPp UAS), "
+                  f"{args.seconds:g} s per step")
+            results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n)
     if args.only in (None, "ha"):
         print(f"full HA path (SIPp -> proxy -> 4 nodes + Redis -> proxy -> SIPp UAS), {args.seconds:g} s per step")
         ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir)
@@ -300,11 +312,14 @@ def main() -> int:
     ap.add_argument("--ha-rates", type=lambda s: [float(x) for x in s.split(",")],
                     default=[50, 100, 200, 300, 500, 700, 1000])
     ap.add_argument("--held", type=int, default=10000, help="concurrent held calls for the memory figure")
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                    help="proxy worker counts to run the proxy path with (default 1,2)")
     ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
     ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.proxy_rates, args.ha_rates, args.held = 3.0, [50.0], [20.0], 200
+        args.workers = [1]
     results = asyncio.run(main_async(args))
     jpath = os.path.join(args.out, "bench.json")
     with open(jpath, "w") as fh:

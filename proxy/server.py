@@ -44,6 +44,7 @@ from sipcore.transport import SipTransport
 from .health import HealthMonitor
 from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
+from .workers import WorkerLink, WorkerRole
 
 log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
@@ -73,7 +74,7 @@ PROXY_COUNTERS = {
 
 
 class Proxy:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, worker: WorkerRole | None = None):
         if not cfg.nodes:
             raise ValueError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]])")
         self.cfg = cfg
@@ -100,6 +101,11 @@ class Proxy:
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
+        # one of several worker processes (proxy/workers.py), or None
+        self.link = WorkerLink(worker, self) if worker is not None else None
+        self.primary = worker is None or worker.primary
+        if not self.primary:
+            self.health.probing = False    # worker 0 probes; this one follows its view
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
@@ -109,7 +115,7 @@ class Proxy:
                              max_connections=self.cfg["limits.tcp_connections"],
                              max_per_source=self.cfg["limits.tcp_per_source"],
                              header_timeout=self.cfg["limits.tcp_message_timeout"])
-            await t.listen(host, port)
+            await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
         if not self.cfg["proxy.advertise"]:
@@ -122,6 +128,11 @@ class Proxy:
             if h.addr:
                 self.node_by_addr[h.addr] = nid
             self.node_by_addr[(h.node.host, h.node.port)] = nid
+        if self.link is not None:
+            self.link.start()
+        if not self.primary:
+            event(log, "worker_started", listen=",".join(f"{h}:{p}" for h, p in self.listen))
+            return
         self.admin, self.admin_addr = await start_admin(
             self.cfg["proxy.admin"], "proxy.admin", self.listen[0][1],
             {"/status": json_handler(self.status), "/metrics": self.metrics})
@@ -134,6 +145,8 @@ class Proxy:
               probe=self.health.probing)
 
     async def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
         self.relay.close()
         if self.admin:
             await self.admin.close()
@@ -150,14 +163,19 @@ class Proxy:
             "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
-            "counters": self.stats.as_dict(),
+            "workers": self.link.role.count if self.link else 1,
+            "counters": self._counters().as_dict(),
         }
+
+    def _counters(self) -> Counters:
+        """This process's counters, or with several workers all of theirs."""
+        return self.link.counters() if self.link else self.stats
 
     async def metrics(self) -> tuple[str, str]:
         return prometheus(self.collect)
 
     def collect(self):
-        yield from self.stats.families("sipha_proxy")
+        yield from self._counters().families("sipha_proxy")
         nodes = list(self.health.nodes.values())
         up = GaugeMetricFamily("sipha_proxy_node_up", "1 while the node is in the ring", labels=["node"])
         lf = GaugeMetricFamily("sipha_proxy_load_factor", "share of its keys a node admits (ramp-up)",
@@ -170,7 +188,7 @@ class Proxy:
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
-        yield from self.routing_latency.collect()
+        yield from (self.link.latency() if self.link else self.routing_latency).collect()
 
     # ---- helpers -----------------------------------------------------
     @property
@@ -206,8 +224,14 @@ class Proxy:
             seed = f"{req.to.tag}|{req.from_.tag}|{req.call_id}|{req.uri}|{req.cseq[0]}|{via.raw}"
         return BRANCH_PREFIX + hashlib.blake2b(seed.encode("latin-1"), digest_size=10).hexdigest()
 
-    def send(self, msg: SipMessage, dest: tuple[str, int], transport: str) -> None:
+    def send(self, msg: SipMessage, dest: tuple[str, int], transport: str,
+             answered: tuple[str, int, str] | None = None) -> None:
+        """`answered`: (branch, status, method) when msg is a response,
+        for the worker that owns TCP (it may be retransmitting that branch)."""
         data = msg.to_bytes(stream=transport == "tcp")
+        if transport == "tcp" and not self.primary:
+            self.link.send_tcp(data, dest, answered)
+            return
         try:
             self.transport.send(data, dest, transport)
         except OSError as exc:
@@ -509,4 +533,5 @@ class Proxy:
         if log.isEnabledFor(logging.DEBUG):
             event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   dest=f"{dest[0]}:{dest[1]}/{out_transport}")
-        self.send(resp, dest, out_transport)
+        self.send(resp, dest, out_transport,
+                  answered=(top.branch, resp.status, resp.cseq[1]) if out_transport == "tcp" else None)

@@ -59,6 +59,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.internal": (str, "", "proxy address the nodes send to (default: the first listen address)"),
     "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path (default: the listen address)"),
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
+    "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
     "health.interval": (float, 0.5, "seconds between OPTIONS probes to each node"),
     "health.timeout": (float, 0.5, "seconds to wait for a probe answer"),
@@ -207,6 +208,10 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError(f"log.level: expected debug, info, warning or error, got {values['log.level']!r}")
     if not 0 < values["ramp.start"] <= 1:
         raise ConfigError("ramp.start: must be in (0, 1]")
+    if not 1 <= values["proxy.workers"] <= 64:
+        raise ConfigError(f"proxy.workers: expected 1 to 64, got {values['proxy.workers']}")
+    if values["proxy.workers"] > 1 and any(port == 0 for _, port in cfg.listen):
+        raise ConfigError("proxy.workers: several workers need a fixed port in proxy.listen, not 0")
     if values["health.interval"] <= 0:
         raise ConfigError("health.interval: must be positive")
     if values["health.down_after"] < 1 or values["health.up_after"] < 1:

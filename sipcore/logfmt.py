@@ -42,9 +42,10 @@ def _ts(created: float) -> str:
 
 
 class EventFormatter(logging.Formatter):
-    def __init__(self, proc: str, fmt: str = "logfmt"):
+    def __init__(self, proc: str, fmt: str = "logfmt", worker: int | None = None):
         super().__init__()
         self.proc = proc
+        self.worker = worker   # which of the proxy's worker processes, when there are several
         self.json = fmt == "json"
 
     def format(self, record: logging.LogRecord) -> str:
@@ -53,14 +54,17 @@ class EventFormatter(logging.Formatter):
             fields = {"msg": record.getMessage()}
         else:   # a field without a value is left out, not written as ""
             fields = {k: v for k, v in fields.items() if v is not None}
-        head = {"ts": _ts(record.created), "level": record.levelname.lower(),
-                "proc": self.proc, "event": getattr(record, "event", record.name)}
+        head = {"ts": _ts(record.created), "level": record.levelname.lower(), "proc": self.proc}
+        if self.worker is not None:
+            head["worker"] = self.worker
+        head["event"] = getattr(record, "event", record.name)
         if self.json:
             return json.dumps({**head, **fields}, default=str, separators=(",", ":"))
         return " ".join(f"{k}={logfmt_value(v)}" for k, v in (*head.items(), *fields.items()))
 
 
-def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: str = "") -> None:
+def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: str = "",
+                  worker: int | None = None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -69,7 +73,7 @@ def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: 
         handler = logging.handlers.WatchedFileHandler(path)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EventFormatter(proc, fmt))
+    handler.setFormatter(EventFormatter(proc, fmt, worker))
     root.addHandler(handler)
     root.setLevel(level.upper())
 

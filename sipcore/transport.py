@@ -141,12 +141,18 @@ class SipTransport:
         self.local: Addr | None = None
 
     # ---- lifecycle ---------------------------------------------------
-    async def listen(self, host: str, port: int, *, udp: bool = True, tcp: bool = True) -> Addr:
-        """Listen on host:port (port 0 picks a free one, shared by UDP and TCP)."""
+    async def listen(self, host: str, port: int, *, udp: bool = True, tcp: bool = True,
+                     reuse_port: bool = False) -> Addr:
+        """Listen on host:port (port 0 picks a free one, shared by UDP and
+        TCP). With reuse_port, several processes bind the same UDP port and
+        the kernel spreads the flows (source address and port) among them,
+        keeping each flow on one socket, so its messages stay in order."""
         loop = asyncio.get_running_loop()
         if udp:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
             _enlarge_buffers(sock)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             port = sock.getsockname()[1]
             _, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)

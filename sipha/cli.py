@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 
 from sipcore.config import ConfigError, load_config
@@ -38,6 +39,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         "log.format": args.log_format,
         "log.file": args.log_file,
     }
+    if getattr(args, "workers", None) is not None:
+        o["proxy.workers"] = args.workers
     if getattr(args, "listen", None):
         o["proxy.listen"] = ",".join(args.listen)
     if getattr(args, "no_probe", False):
@@ -69,9 +72,37 @@ def cmd_proxy(args) -> int:
         raise ConfigError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]] in --config)")
     setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
     from proxy.server import Proxy
-    _install_uvloop()
-    asyncio.run(_serve(Proxy(cfg)))
-    return 0
+    workers = cfg["proxy.workers"]
+    if workers == 1:
+        _install_uvloop()
+        asyncio.run(_serve(Proxy(cfg)))
+        return 0
+    from proxy.workers import supervise
+
+    for host, port in cfg.listen:   # a clear error now rather than N failing workers
+        _check_bindable(host, port)
+
+    def run_worker(role) -> int:
+        setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"],
+                      worker=role.index)
+        _install_uvloop()
+        asyncio.run(_serve(Proxy(cfg, role)))
+        return 0
+
+    return supervise([n.id for n in cfg.nodes], workers, run_worker)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if kind == socket.SOCK_DGRAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise OSError(f"proxy.listen: cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def cmd_node(args) -> int:
@@ -93,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="append", metavar="HOST:PORT", help="SIP address, UDP and TCP (repeat; proxy.listen)")
     p.add_argument("--no-probe", action="store_true", help="do not OPTIONS-probe the nodes; treat them all as up")
     p.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (proxy.admin)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes sharing the UDP port (proxy.workers)")
     p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser("node", help="run a backend node (registrar + B2BUA)")
