@@ -62,6 +62,7 @@ class SharedHealth:
 
     def publish(self, nodes: dict) -> None:
         seq = _SEQ.unpack_from(self.mem, 0)[0]
+        seq += seq % 2     # odd: a writer died mid-write; that write is void
         _SEQ.pack_into(self.mem, 0, seq + 1)
         for i, nid in enumerate(self.node_ids):
             h = nodes[nid]
@@ -70,16 +71,16 @@ class SharedHealth:
         _SEQ.pack_into(self.mem, 0, seq + 2)
 
     def read(self) -> list[tuple[bool, bool, float, int | None]]:
-        while True:
+        for _ in range(100):   # bounded: the writer may have died mid-write
             before = _SEQ.unpack_from(self.mem, 0)[0]
-            if before % 2 == 0:
-                out = []
-                for i in range(len(self.node_ids)):
-                    up, warm, lf, status = _NODE.unpack_from(self.mem, _SEQ.size + i * _NODE.size)
-                    out.append((bool(up), bool(warm), lf, None if status < 0 else status))
-                if _SEQ.unpack_from(self.mem, 0)[0] == before:
-                    return out
+            out = []
+            for i in range(len(self.node_ids)):
+                up, warm, lf, status = _NODE.unpack_from(self.mem, _SEQ.size + i * _NODE.size)
+                out.append((bool(up), bool(warm), lf, None if status < 0 else status))
+            if before % 2 == 0 and _SEQ.unpack_from(self.mem, 0)[0] == before:
+                break
             time.sleep(0)
+        return out
 
     def copy_into(self, nodes: dict) -> None:
         for nid, (up, warm, lf, status) in zip(self.node_ids, self.read()):

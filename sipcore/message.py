@@ -77,9 +77,6 @@ class HeaderField:
         self.value = value                # unfolded, surrounding whitespace stripped
         self.raw = raw                    # exact text incl. line ending, or None if changed
 
-    def render(self) -> str:
-        return self.raw if self.raw is not None else f"{self.name}: {self.value}\r\n"
-
     def __repr__(self) -> str:
         return f"HeaderField({self.name!r}, {self.value!r})"
 
@@ -355,7 +352,9 @@ class SipMessage:
             return self._raw
         start = self._start_raw if self._start_raw is not None else self.start_line() + "\r\n"
         parts = [start]
-        parts.extend(f.render() for f in self.fields)
+        for f in self.fields:
+            raw = f.raw
+            parts.append(raw if raw is not None else f"{f.name}: {f.value}\r\n")
         parts.append(self._blank)
         out = "".join(parts).encode("latin-1") + self.body
         self._raw = out
