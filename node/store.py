@@ -18,7 +18,8 @@ refreshes, so an abandoned record disappears by itself.
      replica -> migration: GETDEL there (atomic, so two nodes can never both
      take it), then stored as own active.
   The caller mirrors a promoted or migrated record to its partner.
-- Redis unreachable (own): StoreUnavailable, which the node turns into a
+- Redis is spoken to through node.resp (one pipelined connection per
+  server). Redis unreachable (own): StoreUnavailable, which the node turns into a
   500 with a reason; other nodes' Redis being down is only logged.
 """
 from __future__ import annotations
@@ -28,9 +29,8 @@ import json
 import logging
 import time
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
+from node.resp import Redis, RedisError
+from sipcore.config import ConfigError
 from sipcore.logfmt import event
 from sipcore.stats import Histogram
 
@@ -44,17 +44,14 @@ class StoreUnavailable(Exception):
     pass
 
 
-REDIS_CONNECTIONS = 64
-
-
-def _client(url: str) -> aioredis.Redis:
-    # A bounded pool that makes callers wait for a connection (up to 1 s)
-    # instead of opening one per concurrent request: a burst of requests
-    # must not exhaust sockets or the Redis server's client limit.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_CONNECTIONS, timeout=1.0, socket_timeout=0.5,
-        socket_connect_timeout=0.5, retry_on_timeout=False, health_check_interval=0)
-    return aioredis.Redis(connection_pool=pool)
+def _client(nid: str, url: str) -> Redis:
+    # One pipelined connection per Redis (see node.resp): a burst of
+    # requests costs no extra sockets on the Redis server; a command not
+    # answered within 0.5 s fails, and so does everything queued behind it.
+    try:
+        return Redis(url, timeout=0.5, connect_timeout=0.5)
+    except ValueError as exc:
+        raise ConfigError(f"nodes: Redis URL of node {nid}: {exc}") from None
 
 
 def encode(record: dict) -> bytes:
@@ -67,7 +64,7 @@ class DialogStore:
         self.prefix = prefix
         self.ttl = ttl
         self.urls = urls
-        self.clients = {nid: _client(url) for nid, url in urls.items() if url}
+        self.clients = {nid: _client(nid, url) for nid, url in urls.items() if url}
         if node_id not in self.clients:
             raise ValueError(f"nodes: node {node_id} has no Redis URL")
         self.own = self.clients[node_id]
@@ -79,7 +76,7 @@ class DialogStore:
         self.replication = "ok"   # what the last save could do, for /status
         self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 
-    def peer(self, nid: str | None) -> aioredis.Redis | None:
+    def peer(self, nid: str | None) -> Redis | None:
         if not nid or nid == self.node_id:
             return None
         if self.peer_down_until.get(nid, 0) > time.monotonic():
