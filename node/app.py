@@ -463,7 +463,7 @@ class Node:
         if fork is None:
             return
         if resp is not None and resp.status < 200:
-            if resp.status > 100 and not record.get("cancel") and record["st"] == "early":
+            if not record.get("cancel") and record["st"] == "early":
                 self.answer_a(record, resp.status, resp.reason, resp)
             return
         if resp is None or resp.status >= 300:
@@ -656,8 +656,6 @@ class Node:
                                 resp: SipResponse | None) -> None:
         if resp is None:
             self.reply(orig, 408, "Request Timeout")
-            return
-        if resp.status == 100:
             return
         headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
         self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,

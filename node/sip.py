@@ -96,7 +96,9 @@ class Transactions:
             return False
         if resp.status < 200:
             tx.provisional = True
-            if not tx.final:
+            # a 100 only stops retransmissions (it is hop-by-hop, never
+            # relayed): the call's handlers, its lock and Redis never see it
+            if not tx.final and resp.status > 100:
                 tx.on_response(resp)
             return True
         if tx.final:
