@@ -38,6 +38,8 @@ def split_commas(value: str) -> list[str]:
     if "," not in value:
         v = value.strip()
         return [v] if v else []
+    if '"' not in value and "<" not in value:     # Via lists: nothing to skip over
+        return [p for p in map(str.strip, value.split(",")) if p]
     out: list[str] = []
     start = 0
     in_quote = False
