@@ -41,6 +41,7 @@ from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
+from .fastpath import strip_top_via
 from .health import HealthMonitor
 from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
@@ -50,6 +51,7 @@ log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 _STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
+_ROUTE_HEADER_LINE = f"\r\n{ROUTE_HEADER.lower()}:".encode()
 
 
 def _is_ip(host: str) -> bool:
@@ -101,6 +103,7 @@ class Proxy:
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
+        self.our_via_heads: tuple[bytes, ...] = ()
         # one of several worker processes (proxy/workers.py), or None
         self.link = WorkerLink(worker, self) if worker is not None else None
         self.primary = worker is None or worker.primary
@@ -110,7 +113,7 @@ class Proxy:
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
         for host, port in self.listen:
-            t = SipTransport(self.on_message, self.on_bad_input,
+            t = SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_response,
                              idle_timeout=self.cfg["limits.tcp_idle"],
                              max_connections=self.cfg["limits.tcp_connections"],
                              max_per_source=self.cfg["limits.tcp_per_source"],
@@ -123,6 +126,9 @@ class Proxy:
         internal = self.cfg["proxy.internal"]
         self.internal = parse_hostport(internal, "proxy.internal", 5060) if internal else self.listen[0]
         self.our_addrs = {self.advertise, self.internal, *self.listen}
+        # how every Via we write begins, up to the branch prefix (fast_response)
+        self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i).encode("latin-1")
+                                    for t in ("udp", "tcp") for i in (False, True)})
         await self.health.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
@@ -496,6 +502,41 @@ class Proxy:
         self.send(msg, (infos[0][4][0], dest[1]), transport)
 
     # ---- responses ---------------------------------------------------
+    def fast_response(self, data: bytes, src, transport: SipTransport) -> bool:
+        """A UDP response in the common case (proxy/fastpath.py), relayed
+        without a message object. False: on_response has to handle it (not
+        ours, over TCP, to a node that is down, carrying the internal
+        header, a TCP request waiting for it, or not in the common form)."""
+        if self.relay.pending:
+            return False
+        t0 = time.perf_counter()
+        cut = strip_top_via(data, transport.limits)
+        if cut is None:
+            return False
+        out, top, nxt, klass = cut
+        if not top.lstrip(b" \t").startswith(self.our_via_heads) or nxt.transport != "UDP":
+            return False
+        dest = nxt.response_target()
+        node = self.node_by_addr.get(dest)
+        if node is None:
+            if _ROUTE_HEADER_LINE in out[:out.find(b"\r\n\r\n") + 2].lower():
+                return False
+        elif not self.health.nodes[node].up:
+            return False
+        self.stats.inc("responses", _STATUS_CLASS[klass])
+        if log.isEnabledFor(logging.DEBUG):
+            low = out.lower()
+            at = low.find(b"\r\ncall-id:")
+            call_id = out[at + 10:low.find(b"\r\n", at + 2)].strip().decode("latin-1") if at >= 0 else None
+            event(log, "response", logging.DEBUG, status=int(data[8:11]), call_id=call_id,
+                  dest=f"{dest[0]}:{dest[1]}/udp")
+        try:
+            self.transport.send(out, dest, "udp")
+        except OSError as exc:
+            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/udp", error=str(exc))
+        self.routing_latency.observe(time.perf_counter() - t0)
+        return True
+
     def on_response(self, resp: SipResponse, src, transport: str) -> None:
         top = resp.top_via
         if not (top.branch or "").startswith(BRANCH_PREFIX):

@@ -121,8 +121,11 @@ class SipTransport:
                  on_bad_input: Callable[[SipParseError, bytes, Addr, str], None] | None = None,
                  *, limits: Limits = DEFAULT_LIMITS, idle_timeout: float = 300.0,
                  max_write_buffer: int = 1024 * 1024, max_connections: int = 4096,
-                 max_per_source: int = 64, header_timeout: float = 10.0):
+                 max_per_source: int = 64, header_timeout: float = 10.0,
+                 fast_datagram: Callable[[bytes, Addr, "SipTransport"], bool] | None = None):
         self.on_message = on_message
+        # tried first for each datagram; True: it was handled without parsing
+        self.fast_datagram = fast_datagram
         self.on_bad_input = on_bad_input
         self.limits = limits
         self.idle_timeout = idle_timeout
@@ -179,8 +182,11 @@ class SipTransport:
 
     # ---- receiving ---------------------------------------------------
     def _received(self, data: bytes, source: Addr, transport: str, *, datagram: bool) -> None:
-        if datagram and data.strip(b"\r\n") == b"":
-            return  # UDP keep-alive (RFC 5626 §4.4.1 STUN-less CRLF)
+        if datagram:
+            if self.fast_datagram is not None and self.fast_datagram(data, source, self):
+                return
+            if data.strip(b"\r\n") == b"":
+                return  # UDP keep-alive (RFC 5626 §4.4.1 STUN-less CRLF)
         try:
             msg = parse_message(data, datagram=datagram, limits=self.limits)
         except SipParseError as exc:

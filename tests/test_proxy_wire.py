@@ -122,6 +122,21 @@ def test_responses_follow_the_via_path_and_lose_the_internal_header(wire):
     assert not resp.has(ROUTE_HEADER)
 
 
+def test_a_plain_response_leaves_byte_for_byte_but_for_our_via(wire):
+    """The common case takes proxy.fastpath: nothing but our Via changes."""
+    cid = uuid.uuid4().hex
+    wire.phone.sendto(invite(cid, wire.phone_port), wire.addr)
+    nid, _, req = wire.node_recv()
+    ours, theirs = (f"Via: {v.raw}\r\n" for v in req.vias)
+    sdp = b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\r\n"
+    rest = (f"From: {req.get('From')}\r\nTo: {req.get('To')};tag=b1\r\nCall-ID: {cid}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:bob@192.0.2.9>\r\nContent-Type: application/sdp\r\n"
+            f"Content-Length:   {len(sdp)}\r\n\r\n").encode() + sdp
+    wire.nodes[nid].sendto(b"SIP/2.0 200 OK\r\n" + ours.encode() + theirs.encode() + rest, wire.addr)
+    wire.phone.settimeout(3)
+    assert wire.phone.recv(65535) == b"SIP/2.0 200 OK\r\n" + theirs.encode() + rest
+
+
 def test_request_from_a_node_goes_out_over_the_callers_flow(wire):
     node = wire.nodes["node1"]
     nport = node.getsockname()[1]
