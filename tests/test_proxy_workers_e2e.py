@@ -70,14 +70,17 @@ def test_calls_complete_through_two_workers(procs, transport):
 
 def test_one_health_view_across_workers(procs):
     """A backend killed mid-run: worker 0 sees it down and every worker
-    stops routing to it; no call is lost."""
+    stops routing to it; no call that starts afterwards is lost."""
     nodes = two_backends(procs)
     proxy, addr, _ = start_proxy(procs, nodes)
     victim = procs.all[0]
 
     async def scenario():
         # two UACs: two flows, which the kernel may give to either worker
-        uacs = [Sipp("uac", target=addr, calls=150, rate=30, workdir=str(procs.tmp)) for _ in range(2)]
+        # (-recv_timeout: a call whose callee died between its 180 and its
+        # 200 fails after 5 s instead of waiting for that 200 forever)
+        uacs = [Sipp("uac", target=addr, calls=150, rate=30, workdir=str(procs.tmp),
+                     extra=["-recv_timeout", "5000"]) for _ in range(2)]
         for u in uacs:
             await u.start()
         await asyncio.sleep(2)
@@ -86,7 +89,11 @@ def test_one_health_view_across_workers(procs):
 
     results = asyncio.run(scenario())
     for r in results:
-        assert r.failed == 0 and r.ok == 150, r.log_tail
+        # The backends here are the callees themselves (SIPp UAS), so a call
+        # the victim was in the middle of answering dies with it: at most
+        # one per caller. (With nodes, the partner carries such a call on:
+        # tests/test_cluster_e2e.py.) Every other call completes.
+        assert r.ok + r.failed == 150 and r.failed <= 1, r.log_tail
     down = proxy.lines("worker=0 event=node_down node=node1")
     assert down
     # from shortly after (the other worker copies the view every 20 ms)
