@@ -1,7 +1,7 @@
 """cluster.toml: the one configuration shared by the proxy and the nodes.
 
 Every setting has a dotted key (`health.interval`), a TOML location
-(`[health] interval = 0.5`) and an environment variable
+(`[health] interval = 0.3`) and an environment variable
 (`SIPHA_HEALTH_INTERVAL`). Precedence: defaults < file < environment <
 command-line flags. The node list is `[[nodes]]` tables in the file, or
 `SIPHA_NODES` / repeated `--node`, each entry `ID=HOST:PORT[,REDIS_URL]`.
@@ -61,8 +61,8 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
     "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
-    "health.interval": (float, 0.5, "seconds between OPTIONS probes to each node"),
-    "health.timeout": (float, 0.5, "seconds to wait for a probe answer"),
+    "health.interval": (float, 0.3, "seconds between OPTIONS probes to each node (a hung node is out of the ring after at most interval x (down_after + 1): 0.9 s by default)"),
+    "health.timeout": (float, 0.3, "seconds to wait for a probe answer (at most health.interval)"),
     "health.down_after": (int, 2, "missed probes before a node is out of the ring"),
     "health.up_after": (int, 2, "answered probes before a node is back in the ring"),
     "ramp.start": (float, 0.1, "load factor of a node that comes back"),

@@ -157,7 +157,7 @@ class Cluster:
             "# written by sipha up; every key can also be set by SIPHA_* variables",
             "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
             "[proxy]", f'listen = "127.0.0.1:{st["proxy"]["port"]}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"', "",
-            "[health]", "interval = 0.5", "down_after = 2", "up_after = 2", "",
+            "[health]", "interval = 0.3", "down_after = 2", "up_after = 2", "",
             "[ramp]", "start = 0.1", f"duration = {ramp}", "steps = 10", "",
             "[log]", f'level = "{log_level}"', "",
             "[node]",
