@@ -106,6 +106,7 @@ async def step(target, rate: float, seconds: float, workdir: str, watch: dict[st
 async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str,
                     watch: dict[str, list[int]]) -> list[dict]:
     out = []
+    failing = 0
     for rate in rates:
         r = await step(target, rate, seconds, workdir, watch)
         print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
@@ -113,8 +114,9 @@ async def run_steps(name: str, target, rates: list[float], seconds: float, workd
               f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms  "
               f"cpu% {' '.join(f'{k}={v}' for k, v in r['cpu_percent'].items())}", flush=True)
         out.append(r)
-        if r["success_ratio"] < 0.5:
-            break   # far past saturation: further steps only measure collapse
+        failing = failing + 1 if r["failed"] else 0
+        if r["success_ratio"] < 0.5 or failing >= 2:
+            break   # past saturation: further steps only measure collapse
         await asyncio.sleep(2)
     return out
 
