@@ -310,9 +310,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of calls per step")
     ap.add_argument("--proxy-rates", type=lambda s: [float(x) for x in s.split(",")],
-                    default=[500, 1000, 1500, 2000, 2500, 3000, 3500, 4000])
+                    default=[500, 1000, 1250, 1500, 2000, 2500, 3000, 4000])
     ap.add_argument("--ha-rates", type=lambda s: [float(x) for x in s.split(",")],
-                    default=[100, 200, 300, 400, 500, 700, 1000])
+                    default=[100, 200, 250, 300, 400, 500, 700, 1000])
     ap.add_argument("--held", type=int, default=10000, help="concurrent held calls for the memory figure")
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="proxy worker counts to run the proxy path with (default 1,2)")
