@@ -266,11 +266,13 @@ def plot(results: dict, path: str) -> bool:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return False
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for name, steps in results["paths"].items():
+    for i, (name, steps) in enumerate(results["paths"].items()):
         x = [s["offered_cps"] for s in steps]
-        ax1.plot(x, [s["success_ratio"] * 100 for s in steps], marker="o", label=name)
-        ax2.plot(x, [s["rt_p50_ms"] or 0 for s in steps], marker="o", label=f"{name} p50")
-        ax2.plot(x, [s["rt_p99_ms"] or 0 for s in steps], marker="x", linestyle="--", label=f"{name} p99")
+        color = f"C{i}"                 # one colour per path in both panels
+        ax1.plot(x, [s["success_ratio"] * 100 for s in steps], marker="o", color=color, label=name)
+        ax2.plot(x, [s["rt_p50_ms"] or 0 for s in steps], marker="o", color=color, label=f"{name} p50")
+        ax2.plot(x, [s["rt_p99_ms"] or 0 for s in steps], marker="x", linestyle="--", color=color,
+                 label=f"{name} p99")
     ax1.set_ylabel("successful calls (%)")
     ax1.set_title("sipha: SIPp uac.xml over UDP, stepped call rates")
     ax1.legend()
