@@ -21,17 +21,20 @@ import re
 
 from sipcore.errors import SipParseError
 from sipcore.headers import Via, parse_via
-from sipcore.message import Limits
+from sipcore.message import _TOKEN_CHARS, Limits
 
 _STATUS_LINE = re.compile(rb"SIP/2\.0 ([1-6])[0-9][0-9] [^\r\n\x00]*\r\n")
-_FIELDS = re.compile(rb"(?:[A-Za-z0-9!%*+.'^_`|~-]+[ \t]*:[^\r\n\x00]*\r\n)*\r\n")
+# header names: the parser's token characters (RFC 3261 §25.1), nothing more
+_NAME = "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)).encode()
+_FIELDS = re.compile(rb"(?:[" + _NAME + rb"]+[ \t]*:[^\r\n\x00]*\r\n)*\r\n")
 # in the lower-cased header: compact forms, or a name with space before its colon
 _ODD_NAMES = re.compile(rb"\r\n(?:[vl][ \t:]|via[ \t]|content-length[ \t])")
 
 
-def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, Via, int] | None:
-    """-> (datagram without its top Via, the top via-parm as it was, next
-    Via, status class) or None when the full parser must look at it."""
+def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via, int] | None:
+    """-> (datagram without its top Via, its header lower-cased (for
+    finding other fields), the top via-parm as it was, next Via, status
+    class) or None when the full parser must look at it."""
     m = _STATUS_LINE.match(data)
     if m is None or len(data) > limits.max_message:
         return None
@@ -76,4 +79,4 @@ def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, Via, int] 
         nxt = parse_via(nxt_text.decode("latin-1"))
     except SipParseError:
         return None
-    return out, top, nxt, int(m.group(1))
+    return out, head, top, nxt, int(m.group(1))

@@ -234,7 +234,10 @@ class Proxy:
              answered: tuple[str, int, str] | None = None) -> None:
         """`answered`: (branch, status, method) when msg is a response,
         for the worker that owns TCP (it may be retransmitting that branch)."""
-        data = msg.to_bytes(stream=transport == "tcp")
+        self.send_data(msg.to_bytes(stream=transport == "tcp"), dest, transport, answered)
+
+    def send_data(self, data: bytes, dest: tuple[str, int], transport: str,
+                  answered: tuple[str, int, str] | None = None) -> None:
         if transport == "tcp" and not self.primary:
             self.link.send_tcp(data, dest, answered)
             return
@@ -513,27 +516,23 @@ class Proxy:
         cut = strip_top_via(data, transport.limits)
         if cut is None:
             return False
-        out, top, nxt, klass = cut
+        out, head, top, nxt, klass = cut
         if not top.lstrip(b" \t").startswith(self.our_via_heads) or nxt.transport != "UDP":
             return False
         dest = nxt.response_target()
         node = self.node_by_addr.get(dest)
         if node is None:
-            if _ROUTE_HEADER_LINE in out[:out.find(b"\r\n\r\n") + 2].lower():
+            if _ROUTE_HEADER_LINE in head:
                 return False
         elif not self.health.nodes[node].up:
             return False
         self.stats.inc("responses", _STATUS_CLASS[klass])
         if log.isEnabledFor(logging.DEBUG):
-            low = out.lower()
-            at = low.find(b"\r\ncall-id:")
-            call_id = out[at + 10:low.find(b"\r\n", at + 2)].strip().decode("latin-1") if at >= 0 else None
+            at = head.find(b"\r\ncall-id:")
+            call_id = data[at + 10:head.find(b"\r\n", at + 2)].strip().decode("latin-1") if at >= 0 else None
             event(log, "response", logging.DEBUG, status=int(data[8:11]), call_id=call_id,
                   dest=f"{dest[0]}:{dest[1]}/udp")
-        try:
-            self.transport.send(out, dest, "udp")
-        except OSError as exc:
-            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/udp", error=str(exc))
+        self.send_data(out, dest, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
         return True
 
