@@ -1,47 +1,63 @@
-"""Responses over UDP relayed as bytes: half of what the proxy forwards.
+"""Messages over UDP relayed as bytes, in their common forms: most of
+what the proxy forwards.
 
-A response only needs its top Via removed (ours) and the next Via read
-(where it goes), so the common case skips building a message object:
-the header block is checked in one regular-expression pass, the two Vias
-are found by a search on its lower-cased copy, the top one is cut out of
-the datagram and the rest is sent unchanged. Anything out of the common
-case returns None and takes the full parser (proxy/server.py
-on_response), which gives the same result or the rejection:
+Responses: a response only needs its top Via removed (ours) and the next
+Via read (where it goes), so the common case skips building a message
+object: the header block is checked in one regular-expression pass, the
+two Vias are found by a search on its lower-cased copy, the top one is cut
+out of the datagram and the rest is sent unchanged.
+
+Requests inside a dialog (a To-tag: ACK, BYE, re-INVITE, INFO, ...) from
+outside the cluster: scan_request finds and parses only the fields routing
+reads (Request-URI, top Via, From, To, Call-ID, CSeq, Max-Forwards, Route,
+User-Agent) with the parser's own value parsers, and the proxy writes its
+few edits into the datagram (proxy/server.py fast_request).
+
+Anything out of the common case returns None and takes the full parser,
+which gives the same result or the rejection:
 
 - leading CRLFs, folded or over-long lines, a header line that is not
   `token: value`, NUL bytes, more fields than the limit;
-- compact Via (`v:`) or Content-Length (`l:`) forms, a `Via` spelled with
-  whitespace before its colon, quotes in a Via line;
+- compact forms (`v:`, `l:`, `f:`, `t:`, `i:`), or a name routing reads
+  spelled with whitespace before its colon; quotes in a Via line;
 - Content-Length that does not match the body exactly (the full parser
-  truncates or rejects), or appearing twice.
+  truncates or rejects), or appearing twice;
+- for requests: a missing or repeated Max-Forwards, several Vias on the
+  top Via line, more than one Route entry or one that is not ours, the
+  internal routing header, any field the full parser would reject.
 """
 from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+
+from sipcore.bekey import ROUTE_HEADER
 from sipcore.errors import SipParseError
-from sipcore.headers import Via, parse_via
+from sipcore.headers import Via, is_digits, parse_cseq, parse_name_addr, parse_uri, parse_via
 from sipcore.message import _TOKEN_CHARS, Limits
 
-_STATUS_LINE = re.compile(rb"SIP/2\.0 ([1-6])[0-9][0-9] [^\r\n\x00]*\r\n")
-# header names: the parser's token characters (RFC 3261 §25.1), nothing more
+# header names and methods: the parser's token characters (RFC 3261 §25.1)
 _NAME = "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)).encode()
+_STATUS_LINE = re.compile(rb"SIP/2\.0 ([1-6])[0-9][0-9] [^\r\n\x00]*\r\n")
+_REQUEST_LINE = re.compile(rb"([" + _NAME + rb"]+) ([^ \t\r\n\x00]+) SIP/2\.0\r\n")
 _FIELDS = re.compile(rb"(?:[" + _NAME + rb"]+[ \t]*:[^\r\n\x00]*\r\n)*\r\n")
-# in the lower-cased header: compact forms, or a name with space before its colon
-_ODD_NAMES = re.compile(rb"\r\n(?:[vl][ \t:]|via[ \t]|content-length[ \t])")
+# in the lower-cased header: compact forms, or a name read here with space before its colon
+_READ = (b"via", b"content-length", b"from", b"to", b"call-id", b"cseq", b"max-forwards", b"route",
+         b"user-agent", ROUTE_HEADER.lower().encode())
+ROUTE_KEY = _READ[-1]
+_ODD_NAMES = re.compile(rb"\r\n(?:[vlfti][ \t:]|(?:" + b"|".join(map(re.escape, _READ)) + rb")[ \t])")
 
 
-def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via, int] | None:
-    """-> (datagram without its top Via, its header lower-cased (for
-    finding other fields), the top via-parm as it was, next Via, status
-    class) or None when the full parser must look at it."""
-    m = _STATUS_LINE.match(data)
-    if m is None or len(data) > limits.max_message:
+def _header_block(data: bytes, start_end: int, limits: Limits) -> bytes | None:
+    """Check the fields after the start line (ending at start_end) -> the
+    start line and fields lower-cased, up to the last field's CRLF, or None."""
+    if len(data) > limits.max_message:
         return None
     end = data.find(b"\r\n\r\n")
-    if end < 0 or end > limits.max_line or _FIELDS.fullmatch(data, m.end(), end + 4) is None:
+    if end < 0 or end > limits.max_line or _FIELDS.fullmatch(data, start_end, end + 4) is None:
         return None
-    head = data[:end + 2].lower()          # from the start line to the last field's CRLF
+    head = data[:end + 2].lower()
     if head.count(b"\r\n") > limits.max_headers + 1 or _ODD_NAMES.search(head) is not None:
         return None
     body = len(data) - end - 4
@@ -52,6 +68,23 @@ def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via
         value = head[cl + 17:head.find(b"\r\n", cl + 2)].strip()
         if not value.isdigit() or len(value) > 9 or int(value) != body:
             return None
+    return head
+
+
+def _value(data: bytes, line: tuple[int, int], name: bytes) -> str:
+    return data[line[0] + len(name) + 1:line[1] - 2].strip(b" \t").decode("latin-1")
+
+
+def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via, int] | None:
+    """-> (datagram without its top Via, its header lower-cased (for
+    finding other fields), the top via-parm as it was, next Via, status
+    class) or None when the full parser must look at it."""
+    m = _STATUS_LINE.match(data)
+    if m is None:
+        return None
+    head = _header_block(data, m.end(), limits)
+    if head is None:
+        return None
     first = head.find(b"\r\nvia:")
     if first < 0:
         return None
@@ -80,3 +113,92 @@ def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via
     except SipParseError:
         return None
     return out, head, top, nxt, int(m.group(1))
+
+
+@dataclass(slots=True)
+class RequestScan:
+    """What routing reads of a request, with where its fields are. Lines
+    are (start, end) offsets into the datagram, end past the CRLF."""
+    method: str
+    fields_start: int            # first header line
+    fields_end: int              # past the last header line's CRLF
+    head: bytes                  # start line and fields, lower-cased
+    via_line: tuple[int, int]
+    via: Via
+    from_tag: str | None
+    to_tag: str | None
+    call_id: str
+    mf_line: tuple[int, int]
+    mf_name: bytes               # as spelled
+    max_forwards: int
+    route_line: tuple[int, int] | None
+    route: str | None            # the Route value (one entry), not parsed yet
+    user_agent: str | None       # lower-cased
+
+
+# the fields scan_request reads, found in one pass over the lower-cased header
+_WANTED = re.compile(rb"\r\n(" + b"|".join(map(re.escape, _READ[2:])) + rb"|via):")
+_REQUIRED = (b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards")
+_UNIQUE = (b"max-forwards", b"route")
+# Request-URIs the parser accepted (in-dialog requests of a call, and all
+# calls of one phone, share theirs); bounded, forgotten all at once when full
+_GOOD_URIS: set[bytes] = set()
+
+
+def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
+    """A request in the common form, checked as SipRequest.check() does,
+    or None when the full parser must look at it."""
+    if data.count(b"tag=") < 2:
+        return None                       # no To-tag (an initial request): not for this path
+    m = _REQUEST_LINE.match(data)
+    if m is None:
+        return None
+    head = _header_block(data, m.end(), limits)
+    if head is None:
+        return None
+    lines: dict[bytes, tuple[int, int]] = {}
+    for f in _WANTED.finditer(head):
+        name = f.group(1)
+        if name in lines:
+            if name in _UNIQUE:
+                return None
+            continue
+        lines[name] = (f.start() + 2, head.find(b"\r\n", f.end()) + 2)
+    if ROUTE_KEY in lines or len(lines.keys() & _REQUIRED) != len(_REQUIRED):
+        return None                       # the internal header (the full path strips it), or one missing
+    via_text = _value(data, lines[b"via"], b"via")
+    route_line = lines.get(b"route")
+    route = _value(data, route_line, b"route") if route_line is not None else None
+    if "," in via_text or '"' in via_text or (route is not None and "," in route):
+        return None
+    mf_line = lines[b"max-forwards"]
+    mf = _value(data, mf_line, b"max-forwards")
+    call_id = _value(data, lines[b"call-id"], b"call-id")
+    if not is_digits(mf) or len(mf) > 10 or int(mf) > 255 or not call_id:
+        return None
+    ua_line = lines.get(b"user-agent")
+    method = m.group(1).decode("latin-1")
+    uri = m.group(2)
+    try:
+        if uri not in _GOOD_URIS:
+            parse_uri(uri.decode("latin-1"))
+            if len(_GOOD_URIS) >= 4096:
+                _GOOD_URIS.clear()
+            _GOOD_URIS.add(uri)
+        via = parse_via(via_text)
+        frm = parse_name_addr(_required(data, lines[b"from"], b"from"))
+        to = parse_name_addr(_required(data, lines[b"to"], b"to"))
+        if parse_cseq(_required(data, lines[b"cseq"], b"cseq"))[1] != method:
+            return None
+    except SipParseError:
+        return None
+    return RequestScan(method, m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
+                       mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], int(mf), route_line, route,
+                       _value(head, ua_line, b"user-agent") if ua_line is not None else None)
+
+
+def _required(data: bytes, line: tuple[int, int], name: bytes) -> str:
+    value = _value(data, line, name)
+    if not value:
+        raise SipParseError(f"missing {name.decode()}")
+    return value

@@ -26,6 +26,10 @@ class SourceLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
+    def is_banned(self, ip: str) -> bool:
+        until = self.banned.get(ip)
+        return until is not None and time.monotonic() < until
+
     def allow(self, ip: str, now: float | None = None) -> tuple[bool, bool]:
         """-> (allowed, newly_banned)."""
         now = time.monotonic() if now is None else now

@@ -35,13 +35,13 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import SipUri, format_params, split_hostport
+from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
-from .fastpath import strip_top_via
+from .fastpath import RequestScan, scan_request, strip_top_via
 from .health import HealthMonitor
 from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
@@ -104,6 +104,7 @@ class Proxy:
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
         self.our_via_heads: tuple[bytes, ...] = ()
+        self._our_routes: dict[str, bool] = {}    # Route value -> names us (fast_request)
         # one of several worker processes (proxy/workers.py), or None
         self.link = WorkerLink(worker, self) if worker is not None else None
         self.primary = worker is None or worker.primary
@@ -113,7 +114,7 @@ class Proxy:
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
         for host, port in self.listen:
-            t = SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_response,
+            t = SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_datagram,
                              idle_timeout=self.cfg["limits.tcp_idle"],
                              max_connections=self.cfg["limits.tcp_connections"],
                              max_per_source=self.cfg["limits.tcp_per_source"],
@@ -225,9 +226,15 @@ class Proxy:
         via = req.top_via
         b = via.branch or ""
         if b.startswith("z9hG4bK"):
-            seed = f"{b}|{via.host}|{via.port}|{req.call_id}"
-        else:  # RFC 2543 peer: hash what identifies its transaction
-            seed = f"{req.to.tag}|{req.from_.tag}|{req.call_id}|{req.uri}|{req.cseq[0]}|{via.raw}"
+            return Proxy._branch(via, req.call_id)
+        # RFC 2543 peer: hash what identifies its transaction
+        seed = f"{req.to.tag}|{req.from_.tag}|{req.call_id}|{req.uri}|{req.cseq[0]}|{via.raw}"
+        return BRANCH_PREFIX + hashlib.blake2b(seed.encode("latin-1"), digest_size=10).hexdigest()
+
+    @staticmethod
+    def _branch(via: Via, call_id: str) -> str:
+        """Our branch for a request whose top Via has an RFC 3261 branch."""
+        seed = f"{via.branch}|{via.host}|{via.port}|{call_id}"
         return BRANCH_PREFIX + hashlib.blake2b(seed.encode("latin-1"), digest_size=10).hexdigest()
 
     def send(self, msg: SipMessage, dest: tuple[str, int], transport: str,
@@ -288,15 +295,20 @@ class Proxy:
         self.routing_latency.observe(time.perf_counter() - t0)
 
     # ---- requests ----------------------------------------------------
+    def _limited(self, src, method: str) -> bool:
+        """Over its flood limit: the request is dropped (limits.rate)."""
+        allowed, banned_now = self.limiter.allow(src[0])
+        if allowed:
+            return False
+        self.stats.inc("events", "rate_limited")
+        if banned_now:
+            event(log, "source_banned", logging.WARNING, src=src[0], method=method,
+                  rate=self.limiter.rate, ban_s=self.limiter.ban)
+        return True
+
     def on_request(self, req: SipRequest, src, transport: str) -> None:
-        if self.limiter.enabled and src not in self.node_by_addr:
-            allowed, banned_now = self.limiter.allow(src[0])
-            if not allowed:
-                self.stats.inc("events", "rate_limited")
-                if banned_now:
-                    event(log, "source_banned", logging.WARNING, src=src[0], method=req.method,
-                          rate=self.limiter.rate, ban_s=self.limiter.ban)
-                return
+        if self.limiter.enabled and src not in self.node_by_addr and self._limited(src, req.method):
+            return
         if self.drop_scanners and src not in self.node_by_addr and self._is_scanner(req):
             self.stats.inc("events", "scanner_dropped")
             ok, suppressed = self.scanner_log.allow()
@@ -323,8 +335,14 @@ class Proxy:
             self.inbound(req, src, transport)
 
     def _stamp_incoming_via(self, req: SipRequest, src, transport: str) -> None:
-        # RFC 3261 §18.2.1 received; RFC 3581 §4 rport
-        via = req.top_via
+        new = self._stamped_via(req.top_via, src, transport)
+        if new is not None:
+            self._replace_top_via(req, new)
+
+    @staticmethod
+    def _stamped_via(via: Via, src, transport: str) -> str | None:
+        """The top Via with received/rport recorded (RFC 3261 §18.2.1,
+        RFC 3581 §4), or None when it needs neither."""
         params = dict(via.params)
         changed = False
         # On TCP the response must return over the same connection, which
@@ -335,10 +353,10 @@ class Proxy:
         if via.host.strip("[]") != src[0] or changed:
             params["received"] = src[0]
             changed = True
-        if changed:
-            sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
-            new = f"{via.protocol}/{via.transport} {sent_by}{format_params(params)}"
-            self._replace_top_via(req, new)
+        if not changed:
+            return None
+        sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
+        return f"{via.protocol}/{via.transport} {sent_by}{format_params(params)}"
 
     @staticmethod
     def _replace_top_via(msg: SipMessage, value: str) -> None:
@@ -373,13 +391,36 @@ class Proxy:
 
     def bekey_for(self, req: SipRequest) -> tuple[str, str]:
         """-> (bekey, source of it: stamp / aor / call-id)."""
-        for text in (req.to.tag, req.from_.tag, req.call_id):
-            k = read_stamp(self.secret, text)
-            if k:
-                return k, "stamp"
+        stamped = self._stamped_bekey(req.to.tag, req.from_.tag, req.call_id)
+        if stamped:
+            return stamped, "stamp"
         if req.method == "REGISTER":
             return bekey_of(req.to.parsed_uri.aor()), "aor"
         return bekey_of(req.call_id), "call-id"
+
+    def _stamped_bekey(self, to_tag: str | None, from_tag: str | None, call_id: str) -> str | None:
+        for text in (to_tag, from_tag, call_id):
+            k = read_stamp(self.secret, text)
+            if k:
+                return k
+        return None
+
+    def _owner(self, bekey: str) -> tuple[str | None, str | None, str]:
+        """-> (owner, partner, why: owner / failover / ramp); owner None
+        when no node is up."""
+        order = rank(bekey, self.node_ids)
+        owner, partner, ramp_skipped = choose(bekey, self.node_ids, self.health.healthy(), order=order)
+        if ramp_skipped:
+            return owner, partner, "ramp"
+        return owner, partner, "owner" if owner == order[0] else "failover"
+
+    def _log_route(self, method: str, call_id: str, bekey: str, src, transport: str, owner: str,
+                   partner: str | None, reason: str, how: str, initial: bool) -> None:
+        level = logging.INFO if (initial or reason != "owner") and method != "ACK" else logging.DEBUG
+        if log.isEnabledFor(level):
+            event(log, "route", level, method=method, call_id=call_id, bekey=bekey,
+                  src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
+                  key_from=how)
 
     def inbound(self, req: SipRequest, src, transport: str) -> None:
         req.remove(ROUTE_HEADER)
@@ -393,9 +434,7 @@ class Proxy:
                        headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER, SUBSCRIBE, NOTIFY, MESSAGE, PRACK")])
             return
         bekey, how = self.bekey_for(req)
-        healthy = self.health.healthy()
-        order = rank(bekey, self.node_ids)
-        owner, partner, ramp_skipped = choose(bekey, self.node_ids, healthy, order=order)
+        owner, partner, reason = self._owner(bekey)
         if owner is None:
             self.stats.inc("requests", req.method, "no-node")
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
@@ -403,13 +442,6 @@ class Proxy:
             self.reply(req, 503, "Service Unavailable (no node up)", src, transport,
                        headers=[("Retry-After", "5")])
             return
-        first = order[0]
-        if ramp_skipped:
-            reason = "ramp"
-        elif owner != first:
-            reason = "failover"
-        else:
-            reason = "owner"
         self.stats.inc("requests", req.method, reason)
         if req.method == "REGISTER":
             req.add_top("Path", self.our_uri(transport, flow_of_caller))
@@ -418,11 +450,7 @@ class Proxy:
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
         branch = self.branch_for(req)
         req.add_top("Via", self.our_via("udp", branch, internal=True))
-        level = logging.INFO if (initial or reason != "owner") and req.method != "ACK" else logging.DEBUG
-        if log.isEnabledFor(level):
-            event(log, "route", level, method=req.method, call_id=req.call_id, bekey=bekey,
-                  src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
-                  key_from=how)
+        self._log_route(req.method, req.call_id, bekey, src, transport, owner, partner, reason, how, initial)
         dest = self.health.nodes[owner].addr or self.nodes[owner].sip
         self.send(req, dest, "udp")
         if transport != "udp" and req.method != "ACK":
@@ -503,6 +531,84 @@ class Proxy:
                   error=f"cannot resolve: {exc}")
             return
         self.send(msg, (infos[0][4][0], dest[1]), transport)
+
+    def fast_datagram(self, data: bytes, src, transport: SipTransport) -> bool:
+        if data[:4] == b"SIP/":
+            return self.fast_response(data, src, transport)
+        return self.fast_request(data, src, transport)
+
+    def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:
+        """A request inside a dialog from outside the cluster over UDP, in
+        the common form (proxy/fastpath.py), routed as inbound() would and
+        written as the datagram with our edits: Max-Forwards decremented,
+        received/rport stamped, our Route popped, our Via and the internal
+        header added. False: on_request has to handle it."""
+        if src in self.node_by_addr or (self.limiter.enabled and self.limiter.is_banned(src[0])):
+            return False                    # from a node (outbound), or dropped at once by on_request
+        t0 = time.perf_counter()
+        scan = scan_request(data, transport.limits)
+        if (scan is None or scan.to_tag is None or scan.method == "REGISTER" or scan.max_forwards <= 0
+                or not (scan.via.branch or "").startswith("z9hG4bK")
+                or (scan.route is not None and not self._route_is_ours(scan.route))
+                or (self.drop_scanners and scan.user_agent and any(s in scan.user_agent for s in SCANNER_AGENTS))):
+            return False
+        stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
+        bekey, how = (stamped, "stamp") if stamped else (bekey_of(scan.call_id), "call-id")
+        owner, partner, reason = self._owner(bekey)
+        if owner is None:
+            return False                    # the full path answers 503
+        if self.limiter.enabled and self._limited(src, scan.method):
+            return True
+        self.stats.inc("requests", scan.method, reason)
+        route = f"{ROUTE_HEADER}: {self._route_header(bekey, owner, partner, reason)}\r\n"
+        out = self._edit_request(data, scan, src, route.encode("latin-1"))
+        self._log_route(scan.method, scan.call_id, bekey, src, "udp", owner, partner, reason, how, False)
+        self.send_data(out, self.health.nodes[owner].addr or self.nodes[owner].sip, "udp")
+        self.routing_latency.observe(time.perf_counter() - t0)
+        return True
+
+    def _route_is_ours(self, value: str) -> bool:
+        """A Route value that parses and names us (what _pop_our_routes
+        pops). Remembered: every in-dialog request of a phone carries the
+        same one."""
+        ours = self._our_routes.get(value)
+        if ours is None:
+            try:
+                ours = self.is_us(parse_name_addr(value).parsed_uri)
+            except SipParseError:
+                ours = False
+            if len(self._our_routes) >= 4096:
+                self._our_routes.clear()
+            self._our_routes[value] = ours
+        return ours
+
+    def _edit_request(self, data: bytes, scan: RequestScan, src, internal: bytes) -> bytes:
+        """The datagram as inbound() would serialize the parsed request."""
+        ours = f"Via: {self.our_via('udp', self._branch(scan.via, scan.call_id), internal=True)}\r\n"
+        stamped = self._stamped_via(scan.via, src, "udp")
+        via_start, via_end = scan.via_line
+        edits = [(scan.mf_line[0], scan.mf_line[1], scan.mf_name + b": %d\r\n" % (scan.max_forwards - 1)),
+                 (scan.fields_end, scan.fields_end, internal)]
+        if stamped is None:
+            edits.append((via_start, via_start, ours.encode("latin-1")))
+        else:
+            # SipMessage.pop_first + add_top: the stamped Via goes before
+            # the next Via field, or first of all when there is none
+            edits.append((via_start, via_end, b""))
+            nxt = scan.head.find(b"\r\nvia:", via_end - 2)
+            at = nxt + 2 if nxt >= 0 else scan.fields_start
+            edits.append((at, at, f"{ours}Via: {stamped}\r\n".encode("latin-1")))
+        if scan.route_line is not None:
+            edits.append((scan.route_line[0], scan.route_line[1], b""))
+        edits.sort()
+        parts = []
+        pos = 0
+        for start, end, text in edits:
+            parts.append(data[pos:start])
+            parts.append(text)
+            pos = end
+        parts.append(data[pos:])
+        return b"".join(parts)
 
     # ---- responses ---------------------------------------------------
     def fast_response(self, data: bytes, src, transport: SipTransport) -> bool:

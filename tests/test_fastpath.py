@@ -1,8 +1,11 @@
 """proxy.fastpath: a UDP response relayed as bytes must leave exactly as the
 full parser would send it (top Via popped, the rest untouched, the same
-next hop), and anything out of the common form must go to the full parser."""
+next hop); a request inside a dialog must be routed and written exactly as
+the full path does it; anything out of the common form must go to the
+full parser."""
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -10,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.fastpath import strip_top_via
+from proxy.server import Proxy
+from sipcore.bekey import ROUTE_HEADER, make_stamp
+from sipcore.config import load_config
 from sipcore.errors import SipParseError
 from sipcore.message import DEFAULT_LIMITS, parse_message
 
@@ -118,3 +124,212 @@ def test_a_shuffled_real_response_still_matches():
         data = response(extra=list(extra), body=b"x" * rng.randrange(0, 40))
         out, _, _, _, _ = strip_top_via(data, DEFAULT_LIMITS)
         assert out == full_parser(data)[0]
+
+
+# ---- requests inside a dialog ------------------------------------------------
+# Two proxies with the same advertised and internal address, one with the
+# fast paths and one without, are fed the same datagram; what they send
+# (bytes and next hop) and count must be the same.
+
+PROXY = "10.9.9.9:5060"       # advertised and internal: written into Vias and Record-Routes
+PHONE = ("192.0.2.50", 5070)
+OUR_ROUTE = f"<sip:{PROXY};lr;flow=udp:{PHONE[0]}:{PHONE[1]}>"
+
+
+class Pair:
+    def __init__(self, env=None):
+        self.env = env or {}
+
+    async def __aenter__(self):
+        self.proxies = []
+        for fast in (True, False):
+            cfg = load_config(None, overrides={"proxy.listen": "127.0.0.1:0", "proxy.admin": "off",
+                                               "proxy.advertise": PROXY, "proxy.internal": PROXY,
+                                               "health.probe": False, **self.env},
+                              nodes=["node1=127.0.0.1:7001", "node2=127.0.0.1:7002"])
+            p = Proxy(cfg)
+            await p.start()
+            p.sent = []
+            p.transport.send = lambda data, dest, tr="udp", sent=p.sent: sent.append((data, dest, tr))
+            if not fast:
+                p.transport.fast_datagram = None
+            self.proxies.append(p)
+        return self
+
+    async def __aexit__(self, *exc):
+        for p in self.proxies:
+            await p.close()
+
+    def feed(self, data: bytes, src=PHONE) -> bool:
+        """-> whether the fast path took it; asserts both sent the same."""
+        fast, full = self.proxies
+        taken = fast.fast_request(data, src, fast.transport)
+        if not taken:
+            fast.transport._received(data, src, "udp", datagram=True)
+        full.transport._received(data, src, "udp", datagram=True)
+        assert fast.sent == full.sent, (data, fast.sent, full.sent)
+        assert fast.stats.values == full.stats.values
+        return taken
+
+
+def in_dialog(method="BYE", *, via=f"SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKph-1;rport",
+              route=OUR_ROUTE, to_tag="b2", extra=(), first=(), mf="70", cseq=None, body=b"") -> bytes:
+    lines = [f"{method} sip:bob@192.0.2.80:5062;transport=udp SIP/2.0", *first, f"Via: {via}"]
+    if route is not None:
+        lines.append(f"Route: {route}")
+    if mf is not None:
+        lines.append(f"Max-Forwards: {mf}")
+    lines += ["From: Alice <sip:alice@example.com>;tag=a1",
+              f"To: <sip:bob@example.com>;tag={to_tag}" if to_tag else "To: <sip:bob@example.com>",
+              "Call-ID: dlg-1@192.0.2.50", f"CSeq: {cseq or '7 ' + method}", *extra,
+              f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def run(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+@pytest.mark.parametrize("data", [
+    in_dialog("ACK"),
+    in_dialog("BYE"),
+    in_dialog("INFO", body=b"Signal=5\r\nDuration=160\r\n", extra=["Content-Type: application/dtmf-relay"]),
+    in_dialog("INVITE", extra=["Contact: <sip:alice@192.0.2.50:5070>"]),            # a re-INVITE
+    in_dialog(via=f"SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKph-2"),           # nothing to stamp
+    in_dialog(via="SIP/2.0/UDP 10.0.0.5:5070;branch=z9hG4bKph-3"),                    # behind NAT: received
+    in_dialog(route=None),                                                            # no route set
+    in_dialog(extra=["Via: SIP/2.0/UDP 198.51.100.1;branch=z9hG4bKup"]),             # a second Via line later
+    in_dialog(first=["Max-Forwards: 9"], mf=None),                                    # fields in another order
+    in_dialog(first=["Route: " + OUR_ROUTE], route=None),                             # stamped Via goes first of all
+    in_dialog(extra=["User-Agent: Linphone/5.2", "X-Odd:   spaced  "]),
+    in_dialog(to_tag="b2").replace(b"Max-Forwards", b"MAX-FORWARDS").replace(b"Via:", b"VIA:"),
+])
+def test_requests_in_a_dialog_leave_as_the_full_path_sends_them(data):
+    async def go():
+        async with Pair() as pair:
+            assert pair.feed(data), "the fast path should take this one"
+            sent, dest, transport = pair.proxies[0].sent[0]
+            assert dest in (("127.0.0.1", 7001), ("127.0.0.1", 7002)) and transport == "udp"
+            msg = parse_message(sent)
+            assert msg.top_via.branch.startswith("z9hG4bKsph") and not msg.routes
+            assert msg.max_forwards == 69 or (b"Max-Forwards: 9" in data and msg.max_forwards == 8)
+    run(go)
+
+
+def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
+    async def go():
+        async with Pair() as pair:
+            fast = pair.proxies[0]
+            tag = make_stamp(fast.secret, "00000000000000aa")
+            for method in ("ACK", "BYE"):
+                assert pair.feed(in_dialog(method, to_tag=tag))
+            route = parse_message(fast.sent[-1][0]).get(ROUTE_HEADER)
+            assert "bekey=00000000000000aa" in route and "reason=owner" in route
+            assert fast.stats.get("requests", "BYE", "owner") == 1
+    run(go)
+
+
+@pytest.mark.parametrize("data, src, why", [
+    (in_dialog(to_tag=""), PHONE, "initial request"),
+    (in_dialog("REGISTER"), PHONE, "REGISTER: keyed by its AOR"),
+    (in_dialog(mf="0"), PHONE, "Max-Forwards 0: the full path answers 483"),
+    (in_dialog(mf=None), PHONE, "no Max-Forwards"),
+    (in_dialog(extra=["Max-Forwards: 3"]), PHONE, "Max-Forwards twice"),
+    (in_dialog(mf="300"), PHONE, "Max-Forwards out of range: 400"),
+    (in_dialog(route="<sip:203.0.113.1;lr>"), PHONE, "a Route that is not ours"),
+    (in_dialog(route=f"{OUR_ROUTE}, <sip:203.0.113.1;lr>"), PHONE, "two Route entries"),
+    (in_dialog(extra=["Route: <sip:203.0.113.1;lr>"]), PHONE, "two Route fields"),
+    (in_dialog(route="<sip:bad host;lr>"), PHONE, "a Route the parser rejects"),
+    (in_dialog(extra=[f"{ROUTE_HEADER}: bekey=1;owner=node2"]), PHONE, "the internal header from outside"),
+    (in_dialog(extra=["User-Agent: friendly-scanner"]), PHONE, "a scanner"),
+    (in_dialog(cseq="7 INVITE"), PHONE, "CSeq method does not match"),
+    (in_dialog(via=f"SIP/2.0/UDP {PHONE[0]};branch=1234"), PHONE, "RFC 2543 branch"),
+    (in_dialog(via="SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2"), PHONE, "two Vias on a line"),
+    (in_dialog().replace(b"\r\nTo:", b"\r\nt:"), PHONE, "compact To"),
+    (in_dialog().replace(b"\r\nCall-ID:", b"\r\nCall-ID :"), PHONE, "space before a colon"),
+    (in_dialog().replace(b"sip:bob@192.0.2.80:5062;transport=udp", b"sip:bob@<x>"), PHONE, "bad Request-URI"),
+    (in_dialog().replace(b"From: Alice <sip:alice@example.com>", b"From: Alice <sip:alice@example.com"), PHONE,
+     "bad From"),
+    (in_dialog(body=b"xyz").replace(b"Content-Length: 3", b"Content-Length: 2"), PHONE, "body longer than said"),
+    (in_dialog(), ("127.0.0.1", 7001), "from a node: outbound"),
+])
+def test_other_requests_take_the_full_path_with_the_same_outcome(data, src, why):
+    async def go():
+        async with Pair() as pair:
+            assert not pair.feed(data, src), why
+    run(go)
+
+
+def test_a_banned_source_is_not_scanned_and_stays_dropped():
+    async def go():
+        async with Pair({"limits.rate": 5.0, "limits.burst": 3}) as pair:
+            taken = [pair.feed(in_dialog(cseq=f"{n} BYE")) for n in range(6)]
+            # three sent, the fourth dropped and its source banned, the rest not even scanned
+            assert taken == [True, True, True, True, False, False]
+            assert len(pair.proxies[0].sent) == 3
+            assert pair.proxies[0].stats.get("events", "rate_limited") == 3
+    run(go)
+
+
+_REQ_NAMES = st.sampled_from(["Via", "From", "To", "Call-ID", "CSeq", "Max-Forwards", "Route", "User-Agent",
+                              "Contact", "X-Foo", "Content-Length", "v", "t", "i", "VIA", "To ", ROUTE_HEADER])
+_REQ_VALUES = st.sampled_from([
+    f"SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKa;rport", "SIP/2.0/UDP 10.1.1.1;branch=z9hG4bKb",
+    "Bob <sip:bob@example.com>;tag=b2", "<sip:alice@example.com>;tag=a1", "sip:carol@example.com;tag=c3",
+    "<sip:x@y>", "c-1@example.com", "1 BYE", "2 ACK", "70", "0", "256", OUR_ROUTE, "<sip:203.0.113.1;lr>",
+    "friendly-scanner", "", " spaced ", '"q, r" <sip:c@d>;tag=q', "0", "3"])
+_COMMON_BYE = [("Via", f"SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKa;rport"), ("Max-Forwards", "70"),
+               ("Route", OUR_ROUTE), ("From", "<sip:alice@example.com>;tag=a1"),
+               ("To", "Bob <sip:bob@example.com>;tag=b2"), ("Call-ID", "c-1@example.com"), ("CSeq", "1 BYE")]
+
+
+def _mutate(fields: list, edits) -> list:
+    fields = list(fields)
+    for op, i, j, name, value in edits:
+        i %= len(fields) or 1
+        if not fields:
+            fields.append((name, value))
+        elif op == "drop":
+            del fields[i]
+        elif op == "copy":
+            fields.insert(j % (len(fields) + 1), fields[i])
+        elif op == "swap":
+            j %= len(fields)
+            fields[i], fields[j] = fields[j], fields[i]
+        elif op == "value":
+            fields[i] = (fields[i][0], value)
+        elif op == "name":
+            fields[i] = (name, fields[i][1])
+        else:
+            fields.insert(i, (name, value))
+    return fields
+
+
+def _request(method: str, fields, body=b"") -> bytes:
+    return (f"{method} sip:bob@192.0.2.80 SIP/2.0\r\n" + "".join(f"{n}: {v}\r\n" for n, v in fields)
+            + "\r\n").encode() + body
+
+
+@settings(max_examples=200, deadline=None)
+@given(edits=st.lists(st.tuples(st.sampled_from(["drop", "copy", "swap", "value", "name", "add"]),
+                                st.integers(0, 30), st.integers(0, 30), _REQ_NAMES, _REQ_VALUES), max_size=3),
+       body=st.sampled_from([b"", b"abc"]), method=st.sampled_from(["BYE", "ACK", "INFO", "REGISTER"]))
+def test_changed_dialog_requests_route_the_same_either_way(edits, body, method):
+    """A common BYE with up to three edits (a field dropped, copied, moved,
+    renamed, given another value, or added): the fast path either declines
+    it or sends what the full path sends."""
+    fields = [(n, v.replace("BYE", method)) for n, v in _COMMON_BYE]
+    data = _request(method, _mutate(fields, edits), body)
+
+    async def go():
+        async with Pair() as pair:
+            pair.feed(data)
+    run(go)
+
+
+def test_the_unchanged_common_request_is_taken():
+    """The test above starts from a request the fast path takes."""
+    async def go():
+        async with Pair() as pair:
+            assert pair.feed(_request("BYE", _COMMON_BYE))
+    run(go)
