@@ -22,6 +22,7 @@ message size limit (see framing).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -151,24 +152,46 @@ class SipTransport:
         the kernel spreads the flows (source address and port) among them,
         keeping each flow on one socket, so its messages stay in order."""
         loop = asyncio.get_running_loop()
-        if udp:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-            _enlarge_buffers(sock)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]
-            _, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
-            self.udp = proto
-        if tcp:
-            server = await loop.create_server(lambda: _TcpConnection(self), host, port,
-                                              reuse_address=True)
-            port = server.sockets[0].getsockname()[1]
-            self.tcp_servers.append(server)
-        self.local = (host, port)
+        for attempt in range(20):
+            try:
+                await self._bind(host, port, udp=udp, tcp=tcp, reuse_port=reuse_port)
+                break
+            except OSError as exc:
+                # port 0: the UDP port the kernel chose may be taken for TCP
+                # by someone else; then choose again
+                if port != 0 or not (udp and tcp) or exc.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+        bound = self.tcp_servers[-1].sockets[0] if tcp else self.udp.transport.get_extra_info("socket")
+        self.local = (host, bound.getsockname()[1])
         if self._reaper is None:
             self._reaper = loop.create_task(self._reap_idle())
         return self.local
+
+    async def _bind(self, host: str, port: int, *, udp: bool, tcp: bool, reuse_port: bool) -> None:
+        loop = asyncio.get_running_loop()
+        udp_transport = None
+        if udp:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                _enlarge_buffers(sock)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            port = sock.getsockname()[1]
+            udp_transport, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+        if tcp:
+            try:
+                server = await loop.create_server(lambda: _TcpConnection(self), host, port, reuse_address=True)
+            except OSError:
+                if udp_transport is not None:
+                    udp_transport.close()
+                raise
+            self.tcp_servers.append(server)
+        if udp:
+            self.udp = proto
 
     async def close(self) -> None:
         if self._reaper:
