@@ -401,7 +401,6 @@ class Node:
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
-        self.reply(req, 100, "Trying")
         partner = self.partner_for(bekey, req)
         contact = req.contacts[0].uri if req.contacts else req.from_.uri
         a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
@@ -420,6 +419,10 @@ class Node:
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
                   "forks": forks, "ack": {}}
         await self.store.save(bekey, record, partner, self.others(bekey))
+        # 100 Trying only now that the call is in both Redis: it stops the
+        # caller's retransmissions (and the proxy's, for TCP), which would
+        # otherwise bring the INVITE to the partner if this node died first
+        self.reply(req, 100, "Trying")
         self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
@@ -641,12 +644,12 @@ class Node:
         L["rc"] = req.cseq[0]
         if req.method in ("INVITE", "UPDATE") and req.contacts:
             L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
-        if req.method == "INVITE":
-            self.reply(req, 100, "Trying")
         far = other(leg)
         record[far]["lc"] += 1
         out_cseq = record[far]["lc"]
         await self.store.save(bekey, record, partner, self.others(bekey))
+        if req.method == "INVITE":
+            self.reply(req, 100, "Trying")      # after the save, as for a new call
         out = self.build(record, far, req.method, out_cseq, body=req.body,
                          content_type=req.get("Content-Type"))
         self.tx.request(out, lambda resp: self.spawn(

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
+import os
+import signal
 import socket
 import time
+import urllib.request
 import uuid
 
 import pytest
 
 from clusterkit import all_keys, assert_replicas_where_design_says, owner_in_rank, run, uac
-from sipcore.bekey import make_stamp
+from sipcore.bekey import bekey_of, make_stamp, rank
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
 from sipha.logs import merged
@@ -231,3 +233,40 @@ def test_last_node_standing_keeps_serving_and_says_it_is_unmirrored(make_cluster
     assert status["replication"].startswith("no partner reachable")
     assert status["store"]["unmirrored_saves"] > 0
     assert "event=mirror_skipped" in (c.dir / "logs" / "node1.log").read_text()
+
+
+def test_100_trying_waits_until_the_call_is_written(make_cluster):
+    """A 100 Trying stops the caller's INVITE retransmissions (and the
+    proxy's, for TCP). Sent before the record is in Redis, it would leave
+    a call that dies with its node before the write with nobody to bring
+    the INVITE to the partner. With the partner's Redis frozen the write
+    waits for its 0.5 s timeout, and so must the 100."""
+    c = make_cluster(nodes=2)
+    cid = uuid.uuid4().hex
+    owner = rank(bekey_of(cid), ["node1", "node2"])[0]
+    partner = "node2" if owner == "node1" else "node1"
+    redis_pid = c.procs()[f"redis-{partner}"]["pid"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        port = s.getsockname()[1]
+        # no user in the Request-URI: no registrar look-up (which would wait
+        # for the frozen Redis too), straight to the trunk
+        invite = (f"INVITE sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{cid}\r\n"
+                  f"Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:service@127.0.0.1>\r\n"
+                  f"Call-ID: {cid}\r\nCSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:{port}>\r\n"
+                  "Content-Length: 0\r\n\r\n")
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            s.sendto(invite.encode(), c.proxy_addr)
+            seen = {}
+            while 200 not in seen:
+                status = parse_message(s.recv(65535)).status
+                seen.setdefault(status, time.monotonic() - t0)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+    assert seen[100] >= 0.4, f"100 Trying after {seen[100]:.3f} s, before the record was written"
+    assert list(seen) == sorted(seen)                 # 100, (180,) 200: the call went on unmirrored
+    log = (c.dir / "logs" / f"{owner}.log").read_text()
+    assert f"call_id={cid}" in log and "event=mirror_" in log
