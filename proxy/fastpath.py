@@ -202,3 +202,46 @@ def _required(data: bytes, line: tuple[int, int], name: bytes) -> str:
     if not value:
         raise SipParseError(f"missing {name.decode()}")
     return value
+
+
+_ANSWER_FIELDS = re.compile(rb"\r\n(via|from|to|call-id|cseq|user-agent):")
+
+
+def refuse_initial_invite(data: bytes, limits: Limits, status_line: bytes, to_tag: bytes,
+                          extra: bytes) -> tuple[bytes, str | None] | None:
+    """A final response to an initial INVITE in the common form, written
+    from its bytes (Via, From, Call-ID and CSeq copied, a To-tag added, RFC
+    3261 §8.2.6), and the INVITE's User-Agent lower-cased; or None. Cheap
+    on purpose: it is how an overloaded proxy says no, and saying no must
+    cost far less than the call would."""
+    if not data.startswith(b"INVITE ") or data.count(b"tag=") > 1:
+        return None
+    m = _REQUEST_LINE.match(data)
+    if m is None:
+        return None
+    head = _header_block(data, m.end(), limits)
+    if head is None:
+        return None
+    parts = [status_line]
+    seen = set()
+    user_agent = None
+    for f in _ANSWER_FIELDS.finditer(head):
+        name = f.group(1)
+        end = head.find(b"\r\n", f.end())
+        if name == b"user-agent":
+            if user_agent is None:
+                user_agent = head[f.end():end].strip(b" \t").decode("latin-1")
+            continue
+        line = data[f.start() + 2:end]
+        if name == b"to":
+            if name in seen or b"tag=" in line.lower():
+                return None
+            line += b";tag=" + to_tag
+        elif name != b"via" and name in seen:
+            return None
+        seen.add(name)
+        parts.append(line + b"\r\n")
+    if len(seen) != 5:
+        return None
+    parts.append(extra)
+    return b"".join(parts), user_agent

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import random
 import time
 
 from prometheus_client.core import GaugeMetricFamily
@@ -41,9 +42,9 @@ from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
-from .fastpath import RequestScan, scan_request, strip_top_via
+from .fastpath import RequestScan, refuse_initial_invite, scan_request, strip_top_via
 from .health import HealthMonitor
-from .limits import SourceLimiter
+from .limits import OverloadGuard, SourceLimiter
 from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 
@@ -51,6 +52,8 @@ log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 _STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
+OVERLOAD_REASON = "Service Unavailable (overloaded)"
+OVERLOAD_RETRY_AFTER = "2"
 _ROUTE_HEADER_LINE = f"\r\n{ROUTE_HEADER.lower()}:".encode()
 
 
@@ -68,7 +71,7 @@ SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "vaxsi
                   "iws-sip", "pplsip", "sipsak scan")
 
 PROXY_COUNTERS = {
-    "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected
+    "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected overload
     "responses": ("class",),
     "parse_rejections": (),
     "events": ("kind",),
@@ -103,6 +106,16 @@ class Proxy:
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
+        self.guards: list[OverloadGuard] = []
+        self.overloaded = False
+        self.refuse_share = 0.0     # of new INVITEs refused now (OverloadGuard)
+        self._overload_timer: asyncio.TimerHandle | None = None
+        # To-tag of the proxy's own final responses: the ACK to one is absorbed
+        # (the same in every worker, so whichever gets the ACK knows it)
+        self.reply_tag = "sph" + hashlib.blake2b(self.secret + b"|proxy-reply-tag", digest_size=6).hexdigest()
+        self._reply_tag_bytes = self.reply_tag.encode()
+        self._refusal_line = f"SIP/2.0 503 {OVERLOAD_REASON}\r\n".encode()
+        self._refusal_tail = f"Retry-After: {OVERLOAD_RETRY_AFTER}\r\nServer: sipha-proxy\r\nContent-Length: 0\r\n\r\n".encode()
         self.our_via_heads: tuple[bytes, ...] = ()
         self._our_routes: dict[str, bool] = {}    # Route value -> names us (fast_request)
         # one of several worker processes (proxy/workers.py), or None
@@ -122,6 +135,12 @@ class Proxy:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
+        if self.cfg["limits.overload_queue"] > 0:
+            self.guards = [g for g in (OverloadGuard(t.udp.transport.get_extra_info("socket"),
+                                                     self.cfg["limits.overload_queue"])
+                                       for t in self.transports if t.udp and t.udp.transport) if g.enabled]
+            if self.guards:
+                self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
         if not self.cfg["proxy.advertise"]:
             self.advertise = self.listen[0]
         internal = self.cfg["proxy.internal"]
@@ -152,6 +171,8 @@ class Proxy:
               probe=self.health.probing)
 
     async def close(self) -> None:
+        if self._overload_timer is not None:
+            self._overload_timer.cancel()
         if self.link is not None:
             self.link.close()
         self.relay.close()
@@ -171,6 +192,7 @@ class Proxy:
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
             "workers": self.link.role.count if self.link else 1,
+            "overloaded": self.overloaded,
             "counters": self._counters().as_dict(),
         }
 
@@ -193,6 +215,8 @@ class Proxy:
         yield up
         yield lf
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
+        yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs are being refused (limits.overload_queue)",
+                                value=int(self.overloaded))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
         yield from (self.link.latency() if self.link else self.routing_latency).collect()
@@ -257,7 +281,7 @@ class Proxy:
               headers=()) -> None:
         if req.method == "ACK":
             return  # an ACK is never answered (RFC 3261 §17.1.1.3)
-        resp = make_response(req, status, reason, headers=headers)
+        resp = make_response(req, status, reason, headers=headers, to_tag=self.reply_tag)
         resp.add("Server", "sipha-proxy")
         self.send(resp, src, transport)
 
@@ -317,6 +341,8 @@ class Proxy:
                       user_agent=req.get("User-Agent"), suppressed=suppressed or None)
             return
         req.check()
+        if req.method == "ACK" and req.to.tag == self.reply_tag:
+            return      # the ACK to our own final response ends there
         mf = req.max_forwards
         if mf is None:
             mf = 70
@@ -433,6 +459,14 @@ class Proxy:
             self.reply(req, 200, "OK", src, transport,
                        headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER, SUBSCRIBE, NOTIFY, MESSAGE, PRACK")])
             return
+        # UDP INVITEs were weighed by fast_refuse already, once
+        if (initial and req.method == "INVITE" and transport != "udp" and self.refuse_share
+                and random.random() < self.refuse_share):
+            self._count_refusal()
+            event(log, "route", logging.DEBUG, method=req.method, call_id=req.call_id,
+                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
+            self.reply(req, 503, OVERLOAD_REASON, src, transport, headers=[("Retry-After", OVERLOAD_RETRY_AFTER)])
+            return
         bekey, how = self.bekey_for(req)
         owner, partner, reason = self._owner(bekey)
         if owner is None:
@@ -532,10 +566,61 @@ class Proxy:
             return
         self.send(msg, (infos[0][4][0], dest[1]), transport)
 
+    def _watch_overload(self) -> None:
+        """Every 10 ms: is any UDP receive queue backing up (OverloadGuard)?"""
+        for g in self.guards:
+            change = g.sample()
+            if change is None:
+                continue
+            what, queued = change
+            if what == "start":
+                event(log, "overload_start", logging.WARNING, queued_bytes=queued, limit_bytes=g.low,
+                      msg="the proxy is falling behind: a share of new INVITEs gets 503 until its queue drains")
+            else:
+                event(log, "overload_end", queued_bytes=queued, refused=g.refused,
+                      duration_s=round(time.monotonic() - g.since, 3))
+        self.overloaded = any(g.active for g in self.guards)
+        self.refuse_share = max(g.share for g in self.guards)
+        self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
+
     def fast_datagram(self, data: bytes, src, transport: SipTransport) -> bool:
         if data[:4] == b"SIP/":
             return self.fast_response(data, src, transport)
+        if self.refuse_share and data[:7] == b"INVITE " and self.fast_refuse(data, src, transport):
+            return True
         return self.fast_request(data, src, transport)
+
+    def fast_refuse(self, data: bytes, src, transport: SipTransport) -> bool:
+        """While overloaded, a share of new INVITEs from outside is answered
+        503 from the bytes, without parsing: refusing through the full path
+        would cost about half of what the call would and leave little for
+        the calls in progress. One not in the common form is let through
+        (over TCP, inbound() weighs them)."""
+        if (src in self.node_by_addr or random.random() >= self.refuse_share
+                or (self.limiter.enabled and self.limiter.is_banned(src[0]))):
+            return False
+        refusal = refuse_initial_invite(data, transport.limits, self._refusal_line, self._reply_tag_bytes,
+                                        self._refusal_tail)
+        if refusal is None:
+            return False
+        answer, user_agent = refusal
+        if self.drop_scanners and user_agent and any(s in user_agent for s in SCANNER_AGENTS):
+            return False                    # on_request drops it without an answer
+        if self.limiter.enabled and self._limited(src, "INVITE"):
+            return True
+        self._count_refusal()
+        if log.isEnabledFor(logging.DEBUG):
+            at = answer.lower().find(b"\r\ncall-id:")
+            event(log, "route", logging.DEBUG, method="INVITE",
+                  call_id=answer[at + 10:answer.find(b"\r\n", at + 2)].strip().decode("latin-1"),
+                  src=f"{src[0]}:{src[1]}/udp", node=None, reason="overload", status=503)
+        self.send_data(answer, src, "udp")
+        return True
+
+    def _count_refusal(self) -> None:
+        self.stats.inc("requests", "INVITE", "overload")
+        for g in self.guards:
+            g.refused += g.active
 
     def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:
         """A request inside a dialog from outside the cluster over UDP, in
@@ -559,6 +644,8 @@ class Proxy:
             return False                    # the full path answers 503
         if self.limiter.enabled and self._limited(src, scan.method):
             return True
+        if scan.method == "ACK" and scan.to_tag == self.reply_tag:
+            return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, reason)
         route = f"{ROUTE_HEADER}: {self._route_header(bekey, owner, partner, reason)}\r\n"
         out = self._edit_request(data, scan, src, route.encode("latin-1"))

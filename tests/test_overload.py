@@ -1,0 +1,164 @@
+"""Overload: while the proxy's UDP receive queue backs up, a share of new
+INVITEs gets 503 (cheaply, from the bytes) and everything of the calls in
+progress is still relayed. The guard reads a real socket's queue; the proxy
+is driven with datagrams and its sends are captured."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from proxy.limits import OverloadGuard
+from proxy.server import Proxy
+from sipcore.config import load_config
+from sipcore.message import parse_message
+
+PHONE = ("192.0.2.50", 5070)
+NODE = ("127.0.0.1", 7001)
+
+
+@contextlib.contextmanager
+def backed_up_socket():
+    """-> (receiving socket nobody has read yet, its guard, datagrams
+    queued): filled past three times the guard's threshold."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        guard = OverloadGuard(rx, 0.05)
+        assert guard.enabled and guard.sample() is None and guard.share == 0
+        n = 0
+        while guard.backlog() <= guard.low * 3:
+            tx.sendto(b"x" * 500, rx.getsockname())
+            n += 1
+        yield rx, guard, n
+    finally:
+        rx.close()
+        tx.close()
+
+
+def drain(rx, n):
+    rx.setblocking(False)
+    for _ in range(n):
+        rx.recv(2048)
+
+
+def test_the_guard_follows_a_real_receive_queue():
+    with backed_up_socket() as (rx, guard, n):
+        assert guard.sample(now=100.0) is None and guard.share == 0     # a burst, so far
+        what, queued = guard.sample(now=100.0 + guard.hold)          # still there half a T1 later
+        assert what == "start" and queued > guard.low and guard.share == 1 and guard.active
+        drain(rx, n)                                                 # the proxy catches up
+        assert guard.sample(now=101.0) is None and guard.share == 0 and guard.active
+        assert guard.sample(now=101.0 + guard.calm)[0] == "end" and guard.share == 0 and not guard.active
+
+
+def test_a_burst_that_clears_within_the_hold_refuses_nothing():
+    with backed_up_socket() as (rx, guard, n):
+        assert guard.sample(now=200.0) is None
+        drain(rx, n)
+        assert guard.sample(now=200.0 + guard.hold) is None and guard.share == 0 and not guard.active
+
+
+def test_a_guard_that_cannot_read_the_queue_stays_off():
+    class NoMeminfo:
+        def getsockopt(self, *args):
+            raise OSError("not supported")
+    assert not OverloadGuard(NoMeminfo(), 0.25).enabled
+
+
+def invite(to_tag="", method="INVITE", cseq="1 INVITE", extra=""):
+    to = "<sip:bob@example.com>" + (f";tag={to_tag}" if to_tag else "")
+    return (f"{method} sip:bob@example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKov1;rport\r\n"
+            f"Via: SIP/2.0/UDP 198.51.100.7;branch=z9hG4bKup\r\n"
+            f"Max-Forwards: 70\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=a1\r\nTo: {to}\r\n"
+            f"Call-ID: ov-1@example.com\r\nCSeq: {cseq}\r\nContact: <sip:alice@{PHONE[0]}:{PHONE[1]}>\r\n"
+            f"{extra}Content-Length: 0\r\n\r\n").encode()
+
+
+async def overloaded_proxy() -> Proxy:
+    cfg = load_config(None, overrides={"proxy.listen": "127.0.0.1:0", "proxy.admin": "off",
+                                       "health.probe": False},
+                      nodes=[f"node1={NODE[0]}:{NODE[1]}"])
+    p = Proxy(cfg)
+    await p.start()
+    p.sent = []
+    p.transport.send = lambda data, dest, tr="udp": p.sent.append((data, dest))
+    p.refuse_share = 1.0            # as the guard sets it with the queue at three times its threshold
+    return p
+
+
+def test_new_invites_get_503_and_the_ack_to_it_ends_at_the_proxy():
+    async def go():
+        answers = []
+        for transport in ("udp", "tcp"):       # from the bytes; through the full path
+            p = await overloaded_proxy()
+            if transport == "udp":
+                p.transport._received(invite(), PHONE, "udp", datagram=True)
+            else:
+                p.on_message(parse_message(invite()), PHONE, "tcp")
+            (data, dest), = p.sent
+            resp = parse_message(data)
+            assert dest == PHONE and resp.status == 503 and resp.get("Retry-After") == "2"
+            assert [v.branch for v in resp.vias] == ["z9hG4bKov1", "z9hG4bKup"]
+            assert resp.from_.tag == "a1" and resp.call_id == "ov-1@example.com" and resp.cseq == (1, "INVITE")
+            assert resp.to.tag == p.reply_tag
+            assert p.stats.get("requests", "INVITE", "overload") == 1
+            answers.append((resp.status, resp.reason, resp.to.raw, resp.get("From")))
+            # the caller's ACK to the 503 (RFC 3261 §17.1.1.3) is not sent on to a node
+            ack = invite(p.reply_tag, "ACK", "1 ACK")
+            if transport == "udp":
+                p.transport._received(ack, PHONE, "udp", datagram=True)
+            else:
+                p.on_message(parse_message(ack), PHONE, "tcp")
+            assert len(p.sent) == 1
+            await p.close()
+        assert answers[0] == answers[1]      # the cheap refusal says what the full path says
+    asyncio.run(go())
+
+
+def test_calls_in_progress_and_calls_from_the_nodes_go_on():
+    async def go():
+        p = await overloaded_proxy()
+        p.transport._received(invite("b2", "BYE", "2 BYE"), PHONE, "udp", datagram=True)
+        p.transport._received(invite("b2", "ACK", "1 ACK"), PHONE, "udp", datagram=True)
+        p.transport._received(invite("b2", "INVITE", "3 INVITE"), PHONE, "udp", datagram=True)   # re-INVITE
+        assert [dest for _, dest in p.sent] == [NODE] * 3
+        p.sent.clear()
+        # a B-leg INVITE from a node: the call was already taken on
+        p.transport._received(invite(extra=f"Route: <sip:{PHONE[0]}:{PHONE[1]};lr>\r\n")
+                              .replace(f"{PHONE[0]}:{PHONE[1]};branch".encode(), f"{NODE[0]}:{NODE[1]};branch".encode()),
+                              NODE, "udp", datagram=True)
+        assert [dest for _, dest in p.sent] == [PHONE]
+        assert parse_message(p.sent[0][0]).method == "INVITE"
+        assert p.stats.get("requests", "INVITE", "overload") == 0
+        await p.close()
+    asyncio.run(go())
+
+
+def test_no_invite_is_refused_while_the_queue_is_short():
+    async def go():
+        p = await overloaded_proxy()
+        p.refuse_share = 0.0
+        p.transport._received(invite(), PHONE, "udp", datagram=True)
+        assert [dest for _, dest in p.sent] == [NODE]
+        await p.close()
+    asyncio.run(go())
+
+
+def test_floods_and_scanners_get_no_answer_even_while_overloaded():
+    """An answer is what a flood or a scanner wants: the flood limit and the
+    scanner filter come before the refusal."""
+    async def go():
+        p = await overloaded_proxy()
+        p.transport._received(invite(extra="User-Agent: friendly-scanner\r\n"), PHONE, "udp", datagram=True)
+        assert p.sent == [] and p.stats.get("events", "scanner_dropped") == 1
+        p.limiter.rate, p.limiter.burst = 1.0, 1.0            # one request, then banned
+        for _ in range(3):
+            p.transport._received(invite(), PHONE, "udp", datagram=True)
+        assert len(p.sent) == 1 and p.sent[0][0].startswith(b"SIP/2.0 503 ")
+        assert p.stats.get("events", "rate_limited") == 2
+        await p.close()
+    asyncio.run(go())
