@@ -3,6 +3,10 @@
     proxy   SIPp UAC -> proxy -> two SIPp UAS as backends
     ha      SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk
 
+With several proxy workers the proxy path runs twice: from one SIPp UAC (one
+flow, so one worker takes all its requests) and from --uacs UACs at once
+(several flows, which the kernel spreads over the workers, as phones would be).
+
 Per step: offered and achieved rate, calls ok / failed, retransmissions,
 response-time percentiles (from SIPp's -trace_rtt). The headline per path
 is the highest offered rate with 0 failed calls. Also measured: Redis bytes
@@ -73,42 +77,51 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def step(target, rate: float, seconds: float, workdir: str, watch: dict[str, list[int]]) -> dict:
-    """One step of `seconds` at `rate`; `watch` names the processes whose
-    CPU use is reported (share of one core, averaged over the step)."""
-    calls = max(1, int(rate * seconds))
+async def step(target, rate: float, seconds: float, workdir: str, watch: dict[str, list[int]],
+               uacs: int = 1) -> dict:
+    """One step of `seconds` at `rate`, offered by `uacs` SIPp UACs (each
+    its own socket: one flow apiece) sharing the rate; `watch` names the
+    processes whose CPU use is reported (share of one core, averaged over
+    the step)."""
+    per_uac = max(1, int(rate * seconds / uacs))
+    calls = per_uac * uacs
     started = time.time()
-    sipp = Sipp("uac", target=target, calls=calls, rate=rate, workdir=workdir,
-                extra=BUFFERS + ["-trace_rtt", "-rtt_freq", "1", "-recv_timeout", "10000"])
-    await sipp.start()
+    sipps = [Sipp("uac", target=target, calls=per_uac, rate=rate / uacs, workdir=workdir,
+                  extra=BUFFERS + ["-trace_rtt", "-rtt_freq", "1", "-recv_timeout", "10000"])
+             for _ in range(uacs)]
+    for sipp in sipps:
+        await sipp.start()
     before = {name: sum(cpu_seconds(p) or 0 for p in pids) for name, pids in watch.items()}
     t0 = time.monotonic()
-    waiting = asyncio.ensure_future(sipp.wait(seconds + 60))
-    uac_cpu = 0.0
-    while not waiting.done():   # the UAC's CPU time, sampled until it exits
-        uac_cpu = cpu_seconds(sipp.proc.pid) or uac_cpu
-        await asyncio.wait([waiting], timeout=0.5)
-    res = waiting.result()
+    waiting = [asyncio.ensure_future(sipp.wait(seconds + 60)) for sipp in sipps]
+    uac_cpu = [0.0] * uacs
+    while not all(w.done() for w in waiting):   # the UACs' CPU time, sampled until they exit
+        uac_cpu = [cpu_seconds(sipp.proc.pid) or c for sipp, c in zip(sipps, uac_cpu)]
+        await asyncio.wait(waiting, timeout=0.5)
+    results = [w.result() for w in waiting]
     wall = time.monotonic() - t0
     cpu = {name: round(100 * (sum(cpu_seconds(p) or 0 for p in pids) - before[name]) / wall)
            for name, pids in watch.items()}
-    cpu["sipp_uac"] = round(100 * uac_cpu / wall)
+    cpu["sipp_uac"] = round(100 * sum(uac_cpu) / wall)
     rtt = read_rtt(workdir, started)
-    achieved = res.ok / res.elapsed if res.elapsed else 0.0
-    return {"offered_cps": rate, "calls": calls, "ok": res.ok, "failed": res.failed + max(0, calls - res.ok - res.failed),
-            "retransmissions": res.retransmissions, "achieved_cps": round(achieved, 1),
-            "success_ratio": round(res.ok / calls, 4),
+    ok = sum(r.ok for r in results)
+    failed = sum(r.failed for r in results)
+    elapsed = max(r.elapsed for r in results)
+    achieved = ok / elapsed if elapsed else 0.0
+    return {"offered_cps": rate, "calls": calls, "ok": ok, "failed": failed + max(0, calls - ok - failed),
+            "retransmissions": sum(r.retransmissions for r in results), "achieved_cps": round(achieved, 1),
+            "success_ratio": round(ok / calls, 4),
             "rt_p50_ms": percentile(rtt, 50), "rt_p99_ms": percentile(rtt, 99),
             "rt_mean_ms": round(statistics.mean(rtt), 2) if rtt else None,
             "cpu_percent": cpu}
 
 
 async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str,
-                    watch: dict[str, list[int]]) -> list[dict]:
+                    watch: dict[str, list[int]], uacs: int = 1) -> list[dict]:
     out = []
     failing = 0
     for rate in rates:
-        r = await step(target, rate, seconds, workdir, watch)
+        r = await step(target, rate, seconds, workdir, watch, uacs)
         print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
               f"failed {r['failed']:>5}  retrans {r['retransmissions']:>5}  "
               f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms  "
@@ -130,7 +143,7 @@ def headline(steps: list[dict]) -> float | None:
     return max(ok) if ok else None
 
 
-async def proxy_path(rates, seconds, workdir, workers: int = 1) -> list[dict]:
+async def proxy_path(rates, seconds, workdir, workers: int = 1, uacs: int = 1) -> list[dict]:
     backends = []
     proc = None
     try:
@@ -147,7 +160,7 @@ async def proxy_path(rates, seconds, workdir, workers: int = 1) -> list[dict]:
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
         await asyncio.sleep(1.5)
         watch = {"proxy": [proc.pid, *child_pids(proc.pid)], "sipp_uas": [b.proc.pid for b in backends]}
-        return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir, watch)
+        return await run_steps("proxy", ("127.0.0.1", port), rates, seconds, workdir, watch, uacs)
     finally:
         if proc and proc.returncode is None:
             proc.terminate()
@@ -294,10 +307,11 @@ async def main_async(args) -> dict:
                      "step_seconds": args.seconds, "paths": {}}
     if args.only in (None, "proxy"):
         for n in args.workers:
-            name = "proxy" if n == 1 else f"proxy_{n}_workers"
-            print(f"proxy path (SIPp -> proxy ({n} worker{'s' if n > 1 else ''}) -> 2 SIPp UAS), "
-                  f"{args.seconds:g} s per step")
-            results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n)
+            for uacs in sorted({1, args.uacs if n > 1 else 1}):
+                name = ("proxy" if n == 1 else f"proxy_{n}_workers") + (f"_{uacs}_uacs" if uacs > 1 else "")
+                print(f"proxy path ({uacs} SIPp UAC{'s' if uacs > 1 else ''} -> proxy ({n} worker"
+                      f"{'s' if n > 1 else ''}) -> 2 SIPp UAS), {args.seconds:g} s per step")
+                results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n, uacs)
     if args.only in (None, "ha"):
         print(f"full HA path (SIPp -> proxy -> 4 nodes + Redis -> proxy -> SIPp UAS), {args.seconds:g} s per step")
         ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir)
@@ -318,6 +332,8 @@ def main() -> int:
     ap.add_argument("--held", type=int, default=10000, help="concurrent held calls for the memory figure")
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="proxy worker counts to run the proxy path with (default 1,2)")
+    ap.add_argument("--uacs", type=int, default=4,
+                    help="with several workers, also offer the calls from this many SIPp UACs (flows) at once")
     ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
     ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only")
     args = ap.parse_args()
