@@ -79,7 +79,7 @@ class OverloadGuard:
     once the queue holds more than `fraction` of the socket's buffer, the
     proxy refuses a share of new calls with 503 (RFC 3261 §21.5.4; the
     local overload control of RFC 6357), a share that grows with the queue
-    to all of them at three times `fraction`, and keeps relaying everything
+    to all of them at twice `fraction`, and keeps relaying everything
     of the calls it already has. Refusing early and in proportion (random
     early drop) keeps the queue short without swinging between all and
     nothing.
@@ -134,8 +134,8 @@ class OverloadGuard:
             self.above_since = now
         sustained = self.above_since is not None and now - self.above_since >= self.hold
         if sustained or self.active:
-            # refuse in proportion to the excess, all at three times the threshold
-            self.share = max(0.0, min(1.0, (queued - self.low) / (2 * self.low)))
+            # refuse in proportion to the excess, all at twice the threshold
+            self.share = max(0.0, min(1.0, (queued - self.low) / self.low))
         else:
             self.share = 0.0
         if not self.active and sustained:
