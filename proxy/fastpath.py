@@ -71,6 +71,16 @@ def _header_block(data: bytes, start_end: int, limits: Limits) -> bytes | None:
     return head
 
 
+def _message(start_line: re.Pattern, data: bytes, limits: Limits) -> tuple[re.Match, bytes] | None:
+    """-> (the start line's match, the header lower-cased) when both are in
+    the common form, else None."""
+    m = start_line.match(data)
+    if m is None:
+        return None
+    head = _header_block(data, m.end(), limits)
+    return None if head is None else (m, head)
+
+
 def _value(data: bytes, line: tuple[int, int], name: bytes) -> str:
     return data[line[0] + len(name) + 1:line[1] - 2].strip(b" \t").decode("latin-1")
 
@@ -79,12 +89,10 @@ def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via
     """-> (datagram without its top Via, its header lower-cased (for
     finding other fields), the top via-parm as it was, next Via, status
     class) or None when the full parser must look at it."""
-    m = _STATUS_LINE.match(data)
-    if m is None:
+    checked = _message(_STATUS_LINE, data, limits)
+    if checked is None:
         return None
-    head = _header_block(data, m.end(), limits)
-    if head is None:
-        return None
+    m, head = checked
     first = head.find(b"\r\nvia:")
     if first < 0:
         return None
@@ -150,12 +158,10 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     or None when the full parser must look at it."""
     if data.count(b"tag=") < 2:
         return None                       # no To-tag (an initial request): not for this path
-    m = _REQUEST_LINE.match(data)
-    if m is None:
+    checked = _message(_REQUEST_LINE, data, limits)
+    if checked is None:
         return None
-    head = _header_block(data, m.end(), limits)
-    if head is None:
-        return None
+    m, head = checked
     lines: dict[bytes, tuple[int, int]] = {}
     for f in _WANTED.finditer(head):
         name = f.group(1)
@@ -216,12 +222,10 @@ def refuse_initial_invite(data: bytes, limits: Limits, status_line: bytes, to_ta
     cost far less than the call would."""
     if not data.startswith(b"INVITE ") or data.count(b"tag=") > 1:
         return None
-    m = _REQUEST_LINE.match(data)
-    if m is None:
+    checked = _message(_REQUEST_LINE, data, limits)
+    if checked is None:
         return None
-    head = _header_block(data, m.end(), limits)
-    if head is None:
-        return None
+    m, head = checked
     parts = [status_line]
     seen = set()
     user_agent = None
