@@ -70,6 +70,11 @@ def _is_ip(host: str) -> bool:
 SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "vaxsipuseragent", "sundayddr",
                   "iws-sip", "pplsip", "sipsak scan")
 
+def _scanner(user_agent: str | None) -> bool:
+    """A lower-cased User-Agent of a known scanner."""
+    return bool(user_agent) and any(s in user_agent for s in SCANNER_AGENTS)
+
+
 PROXY_COUNTERS = {
     "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected overload
     "responses": ("class",),
@@ -492,8 +497,7 @@ class Proxy:
 
     @staticmethod
     def _is_scanner(req: SipRequest) -> bool:
-        ua = (req.get("User-Agent") or "").lower()
-        return bool(ua) and any(s in ua for s in SCANNER_AGENTS)
+        return _scanner((req.get("User-Agent") or "").lower())
 
     @staticmethod
     def _route_header(bekey: str, owner: str, partner: str | None, reason: str) -> str:
@@ -604,7 +608,7 @@ class Proxy:
         if refusal is None:
             return False
         answer, user_agent = refusal
-        if self.drop_scanners and user_agent and any(s in user_agent for s in SCANNER_AGENTS):
+        if self.drop_scanners and _scanner(user_agent):
             return False                    # on_request drops it without an answer
         if self.limiter.enabled and self._limited(src, "INVITE"):
             return True
@@ -635,7 +639,7 @@ class Proxy:
         if (scan is None or scan.to_tag is None or scan.method == "REGISTER" or scan.max_forwards <= 0
                 or not (scan.via.branch or "").startswith("z9hG4bK")
                 or (scan.route is not None and not self._route_is_ours(scan.route))
-                or (self.drop_scanners and scan.user_agent and any(s in scan.user_agent for s in SCANNER_AGENTS))):
+                or (self.drop_scanners and _scanner(scan.user_agent))):
             return False
         stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
         bekey, how = (stamped, "stamp") if stamped else (bekey_of(scan.call_id), "call-id")
