@@ -13,6 +13,9 @@ reads (Request-URI, top Via, From, To, Call-ID, CSeq, Max-Forwards, Route,
 User-Agent) with the parser's own value parsers, and the proxy writes its
 few edits into the datagram (proxy/server.py fast_request).
 
+New INVITEs while the proxy is overloaded (proxy/limits.py OverloadGuard):
+refuse_initial_invite writes the 503 from the INVITE's bytes.
+
 Anything out of the common case returns None and takes the full parser,
 which gives the same result or the rejection:
 
@@ -29,7 +32,6 @@ which gives the same result or the rejection:
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 from sipcore.bekey import ROUTE_HEADER
@@ -45,7 +47,7 @@ _FIELDS = re.compile(rb"(?:[" + _NAME + rb"]+[ \t]*:[^\r\n\x00]*\r\n)*\r\n")
 # in the lower-cased header: compact forms, or a name read here with space before its colon
 _READ = (b"via", b"content-length", b"from", b"to", b"call-id", b"cseq", b"max-forwards", b"route",
          b"user-agent", ROUTE_HEADER.lower().encode())
-ROUTE_KEY = _READ[-1]
+_ROUTE_KEY = _READ[-1]
 _ODD_NAMES = re.compile(rb"\r\n(?:[vlfti][ \t:]|(?:" + b"|".join(map(re.escape, _READ)) + rb")[ \t])")
 
 
@@ -170,7 +172,7 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
                 return None
             continue
         lines[name] = (f.start() + 2, head.find(b"\r\n", f.end()) + 2)
-    if ROUTE_KEY in lines or len(lines.keys() & _REQUIRED) != len(_REQUIRED):
+    if _ROUTE_KEY in lines or len(lines.keys() & _REQUIRED) != len(_REQUIRED):
         return None                       # the internal header (the full path strips it), or one missing
     via_text = _value(data, lines[b"via"], b"via")
     route_line = lines.get(b"route")
