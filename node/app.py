@@ -60,6 +60,7 @@ NODE_COUNTERS = {
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
+TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 
 
 def other(leg: str) -> str:
@@ -402,6 +403,7 @@ class Node:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
         partner = self.partner_for(bekey, req)
+        trying = self.trying_once_saved(req)
         contact = req.contacts[0].uri if req.contacts else req.from_.uri
         a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
              "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
@@ -418,11 +420,10 @@ class Node:
                   "ah": [[f.name, f.value] for f in req.fields
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
                   "forks": forks, "ack": {}}
-        await self.store.save(bekey, record, partner, self.others(bekey))
-        # 100 Trying only now that the call is in both Redis: it stops the
-        # caller's retransmissions (and the proxy's, for TCP), which would
-        # otherwise bring the INVITE to the partner if this node died first
-        self.reply(req, 100, "Trying")
+        try:
+            await self.store.save(bekey, record, partner, self.others(bekey))
+        finally:
+            trying()
         self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
@@ -432,6 +433,28 @@ class Node:
                                 branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
             self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
                 bekey, self.on_invite_response(bekey, br, resp)))
+
+    def trying_once_saved(self, req: SipRequest):
+        """-> a function that sends the 100 Trying for `req` if it has not
+        gone yet; call it once the call is saved. The 100 stops the
+        caller's INVITE retransmissions (and the proxy's, for TCP), which
+        would otherwise bring the INVITE to the partner if this node died
+        before the write; so it waits for the write, but no longer than
+        the 200 ms RFC 3261 §17.2.1 allows (a slow save under load must
+        not draw retransmissions)."""
+        sent = False
+
+        def send() -> None:
+            nonlocal sent
+            if not sent:
+                sent = True
+                self.reply(req, 100, "Trying")
+        timer = asyncio.get_running_loop().call_later(TRYING_AFTER, send)
+
+        def now() -> None:
+            timer.cancel()
+            send()
+        return now
 
     def a_invite(self, record: dict) -> SipRequest:
         """The caller's INVITE as far as answering it needs (from `ah`)."""
@@ -647,9 +670,11 @@ class Node:
         far = other(leg)
         record[far]["lc"] += 1
         out_cseq = record[far]["lc"]
-        await self.store.save(bekey, record, partner, self.others(bekey))
-        if req.method == "INVITE":
-            self.reply(req, 100, "Trying")      # after the save, as for a new call
+        trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
+        try:
+            await self.store.save(bekey, record, partner, self.others(bekey))
+        finally:
+            trying()
         out = self.build(record, far, req.method, out_cseq, body=req.body,
                          content_type=req.get("Content-Type"))
         self.tx.request(out, lambda resp: self.spawn(
