@@ -86,7 +86,8 @@ async def overloaded_proxy() -> Proxy:
     await p.start()
     p.sent = []
     p.transport.send = lambda data, dest, tr="udp": p.sent.append((data, dest))
-    p.refuse_share = 1.0            # as the guard sets it with the queue at three times its threshold
+    p.refuse_share = 1.0            # as the guard sets it with the queue at twice its threshold (no await
+                                    # follows before the test is done, so its 10 ms timer cannot reset it)
     return p
 
 
