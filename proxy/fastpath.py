@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from sipcore.bekey import ROUTE_HEADER
 from sipcore.errors import SipParseError
-from sipcore.headers import Via, is_digits, parse_cseq, parse_name_addr, parse_uri, parse_via
+from sipcore.headers import Via, parse_cseq, parse_max_forwards, parse_name_addr, parse_uri, parse_via
 from sipcore.message import _TOKEN_CHARS, Limits
 
 # header names and methods: the parser's token characters (RFC 3261 §25.1)
@@ -85,6 +85,15 @@ def _message(start_line: re.Pattern, data: bytes, limits: Limits) -> tuple[re.Ma
 
 def _value(data: bytes, line: tuple[int, int], name: bytes) -> str:
     return data[line[0] + len(name) + 1:line[1] - 2].strip(b" \t").decode("latin-1")
+
+
+def first_value(data: bytes, head: bytes, name: bytes) -> str | None:
+    """The value of the first field `name` (lower case) of a message whose
+    header `head` is its lower-cased copy, or None."""
+    at = head.find(b"\r\n" + name + b":")
+    if at < 0:
+        return None
+    return _value(data, (at + 2, head.find(b"\r\n", at + 2) + 2), name)
 
 
 def strip_top_via(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes, Via, int] | None:
@@ -180,9 +189,8 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     if "," in via_text or '"' in via_text or (route is not None and "," in route):
         return None
     mf_line = lines[b"max-forwards"]
-    mf = _value(data, mf_line, b"max-forwards")
     call_id = _value(data, lines[b"call-id"], b"call-id")
-    if not is_digits(mf) or len(mf) > 10 or int(mf) > 255 or not call_id:
+    if not call_id:
         return None
     ua_line = lines.get(b"user-agent")
     method = m.group(1).decode("latin-1")
@@ -193,6 +201,7 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
             if len(_GOOD_URIS) >= 4096:
                 _GOOD_URIS.clear()
             _GOOD_URIS.add(uri)
+        max_forwards = parse_max_forwards(_value(data, mf_line, b"max-forwards"))
         via = parse_via(via_text)
         frm = parse_name_addr(_required(data, lines[b"from"], b"from"))
         to = parse_name_addr(_required(data, lines[b"to"], b"to"))
@@ -201,7 +210,7 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     except SipParseError:
         return None
     return RequestScan(method, m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
-                       mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], int(mf), route_line, route,
+                       mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], max_forwards, route_line, route,
                        _value(head, ua_line, b"user-agent") if ua_line is not None else None)
 
 

@@ -42,7 +42,7 @@ from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.transport import SipTransport
 
-from .fastpath import RequestScan, refuse_initial_invite, scan_request, strip_top_via
+from .fastpath import RequestScan, first_value, refuse_initial_invite, scan_request, strip_top_via
 from .health import HealthMonitor
 from .limits import OverloadGuard, SourceLimiter
 from .relay import NodeRelay, Pending
@@ -467,9 +467,7 @@ class Proxy:
         # UDP INVITEs were weighed by fast_refuse already, once
         if (initial and req.method == "INVITE" and transport != "udp" and self.refuse_share
                 and random.random() < self.refuse_share):
-            self._count_refusal()
-            event(log, "route", logging.DEBUG, method=req.method, call_id=req.call_id,
-                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
+            self._refused(src, transport, lambda: req.call_id)
             self.reply(req, 503, OVERLOAD_REASON, src, transport, headers=[("Retry-After", OVERLOAD_RETRY_AFTER)])
             return
         bekey, how = self.bekey_for(req)
@@ -612,19 +610,19 @@ class Proxy:
             return False                    # on_request drops it without an answer
         if self.limiter.enabled and self._limited(src, "INVITE"):
             return True
-        self._count_refusal()
-        if log.isEnabledFor(logging.DEBUG):
-            at = answer.lower().find(b"\r\ncall-id:")
-            event(log, "route", logging.DEBUG, method="INVITE",
-                  call_id=answer[at + 10:answer.find(b"\r\n", at + 2)].strip().decode("latin-1"),
-                  src=f"{src[0]}:{src[1]}/udp", node=None, reason="overload", status=503)
+        self._refused(src, "udp", lambda: first_value(answer, answer.lower(), b"call-id"))
         self.send_data(answer, src, "udp")
         return True
 
-    def _count_refusal(self) -> None:
+    def _refused(self, src, transport: str, call_id) -> None:
+        """Count an INVITE refused for overload and say so at debug level
+        (`call_id`: a function, so nothing is looked up when that is off)."""
         self.stats.inc("requests", "INVITE", "overload")
         for g in self.guards:
             g.refused += g.active
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "route", logging.DEBUG, method="INVITE", call_id=call_id(),
+                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
 
     def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:
         """A request inside a dialog from outside the cluster over UDP, in
@@ -725,9 +723,7 @@ class Proxy:
             return False
         self.stats.inc("responses", _STATUS_CLASS[klass])
         if log.isEnabledFor(logging.DEBUG):
-            at = head.find(b"\r\ncall-id:")
-            call_id = data[at + 10:head.find(b"\r\n", at + 2)].strip().decode("latin-1") if at >= 0 else None
-            event(log, "response", logging.DEBUG, status=int(data[8:11]), call_id=call_id,
+            event(log, "response", logging.DEBUG, status=int(data[8:11]), call_id=first_value(data, head, b"call-id"),
                   dest=f"{dest[0]}:{dest[1]}/udp")
         self.send_data(out, dest, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)

@@ -427,6 +427,13 @@ def parse_name_addr(value: str) -> NameAddr:
     return NameAddr(display=display, uri=uri, params=split_params(param_text), raw=text)
 
 
+def parse_max_forwards(value: str) -> int:
+    """Max-Forwards = 1*DIGIT (RFC 3261 §20.22); more than 255 is refused."""
+    if not is_digits(value) or len(value) > 10 or int(value) > 255:
+        raise SipParseError("bad Max-Forwards")
+    return int(value)
+
+
 def parse_cseq(value: str) -> tuple[int, str]:
     num, _, method = value.strip().partition(" ")
     method = method.strip()

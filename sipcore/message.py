@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import SipParseError
-from .headers import (NameAddr, SipUri, Via, is_digits, parse_cseq, parse_name_addr, parse_uri,
-                      parse_via, split_commas)
+from .headers import (NameAddr, SipUri, Via, is_digits, parse_cseq, parse_max_forwards, parse_name_addr,
+                      parse_uri, parse_via, split_commas)
 
 # RFC 3261 §7.3.3 and the IANA registry: compact form -> canonical long name.
 COMPACT_FORMS = {
@@ -214,11 +214,7 @@ class SipMessage:
     def max_forwards(self) -> int | None:
         def parse():
             v = self.get("Max-Forwards")
-            if v is None:
-                return None
-            if not is_digits(v) or len(v) > 10 or int(v) > 255:
-                raise SipParseError("bad Max-Forwards")
-            return int(v)
+            return None if v is None else parse_max_forwards(v)
         return self._cached("max-forwards", parse)
 
     def _name_addrs(self, name: str) -> list[NameAddr]:
