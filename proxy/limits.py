@@ -10,9 +10,11 @@ most `max_sources` buckets; when full, buckets idle for longer than a
 refill are forgotten first (a full one is equivalent).
 
 OverloadGuard: new calls refused while the proxy as a whole falls behind.
+RecentCalls: the calls it let through lately, which it must never refuse.
 """
 from __future__ import annotations
 
+import collections
 import socket
 import struct
 import time
@@ -151,3 +153,37 @@ class OverloadGuard:
                 self.share = 0.0
                 return "end", queued
         return None
+
+
+class RecentCalls:
+    """Call-IDs of the new INVITEs the proxy forwarded in the last `ttl`
+    seconds (64*T1, Timer B: as long as a caller may retransmit one). A
+    stateless proxy cannot tell a retransmitted INVITE from a new one by
+    its looks, and an overloaded one is slowest to answer, so that is when
+    callers retransmit; refusing a retransmission with 503 would end a call
+    its node already has (caller told no, callee ringing). Memory is
+    bounded: at most `limit` entries, the oldest dropped first."""
+
+    def __init__(self, ttl: float = 32.0, limit: int = 65536):
+        self.ttl = ttl
+        self.limit = limit
+        self.until: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def add(self, call_id: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        until = self.until
+        until[call_id] = now + self.ttl
+        until.move_to_end(call_id)
+        # forget the expired ones at the front, a few per call
+        for _ in range(2):
+            first = next(iter(until))
+            if until[first] > now and len(until) <= self.limit:
+                break
+            del until[first]
+
+    def __contains__(self, call_id: str) -> bool:
+        until = self.until.get(call_id)
+        return until is not None and until > time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.until)

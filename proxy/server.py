@@ -44,7 +44,7 @@ from sipcore.transport import SipTransport
 
 from .fastpath import RequestScan, first_value, refuse_initial_invite, scan_request, strip_top_via
 from .health import HealthMonitor
-from .limits import OverloadGuard, SourceLimiter
+from .limits import OverloadGuard, RecentCalls, SourceLimiter
 from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 
@@ -114,6 +114,7 @@ class Proxy:
         self.guards: list[OverloadGuard] = []
         self.overloaded = False
         self.refuse_share = 0.0     # of new INVITEs refused now (OverloadGuard)
+        self.forwarded = RecentCalls()   # ... never those of a call let through already
         self._overload_timer: asyncio.TimerHandle | None = None
         # To-tag of the proxy's own final responses: the ACK to one is absorbed
         # (the same in every worker, so whichever gets the ACK knows it)
@@ -466,7 +467,7 @@ class Proxy:
             return
         # UDP INVITEs were weighed by fast_refuse already, once
         if (initial and req.method == "INVITE" and transport != "udp" and self.refuse_share
-                and random.random() < self.refuse_share):
+                and random.random() < self.refuse_share and req.call_id not in self.forwarded):
             self._refused(src, transport, lambda: req.call_id)
             self.reply(req, 503, OVERLOAD_REASON, src, transport, headers=[("Retry-After", OVERLOAD_RETRY_AFTER)])
             return
@@ -484,6 +485,8 @@ class Proxy:
             req.add_top("Path", self.our_uri(transport, flow_of_caller))
         elif initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
+            if self.guards and req.method == "INVITE":
+                self.forwarded.add(req.call_id)
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
         branch = self.branch_for(req)
         req.add_top("Via", self.our_via("udp", branch, internal=True))
@@ -608,9 +611,12 @@ class Proxy:
         answer, user_agent = refusal
         if self.drop_scanners and _scanner(user_agent):
             return False                    # on_request drops it without an answer
+        call_id = first_value(answer, answer.lower(), b"call-id")
+        if call_id in self.forwarded:
+            return False                    # a retransmission of a call we have
         if self.limiter.enabled and self._limited(src, "INVITE"):
             return True
-        self._refused(src, "udp", lambda: first_value(answer, answer.lower(), b"call-id"))
+        self._refused(src, "udp", lambda: call_id)
         self.send_data(answer, src, "udp")
         return True
 

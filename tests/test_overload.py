@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
-from proxy.limits import OverloadGuard
+from proxy.limits import OverloadGuard, RecentCalls
 from proxy.server import Proxy
 from sipcore.config import load_config
 from sipcore.message import parse_message
@@ -147,6 +148,43 @@ def test_no_invite_is_refused_while_the_queue_is_short():
         assert [dest for _, dest in p.sent] == [NODE]
         await p.close()
     asyncio.run(go())
+
+
+def test_a_retransmitted_invite_of_a_call_let_through_is_never_refused():
+    """Seen in the HA benchmark: callers retransmit most when the proxy is
+    slowest, and a 503 to the retransmission of an INVITE the node already
+    has ended a call whose callee was ringing."""
+    async def go():
+        p = await overloaded_proxy()
+        p.refuse_share = 0.0
+        p.transport._received(invite(), PHONE, "udp", datagram=True)
+        p.refuse_share = 1.0
+        p.transport._received(invite(), PHONE, "udp", datagram=True)            # its retransmission
+        p.on_message(parse_message(invite()), PHONE, "tcp")                     # the same call over TCP
+        p.transport._received(invite().replace(b"ov-1@", b"ov-2@"), PHONE, "udp", datagram=True)   # a new one
+        assert [dest for _, dest in p.sent] == [NODE, NODE, NODE, PHONE]
+        assert parse_message(p.sent[3][0]).status == 503
+        assert p.stats.get("requests", "INVITE", "overload") == 1
+        await p.close()
+    asyncio.run(go())
+
+
+def test_the_calls_let_through_are_remembered_for_timer_b_and_no_more_than_the_limit():
+    recent = RecentCalls(ttl=32.0, limit=3)
+    t = time.monotonic()
+    recent.add("a", now=t)
+    recent.add("b", now=t + 1)
+    assert "a" in recent and "b" in recent and "c" not in recent
+    for n, cid in enumerate("cdef"):
+        recent.add(cid, now=t + 2 + n)
+    assert len(recent) == 3 and "a" not in recent and list(recent.until) == ["d", "e", "f"]
+    recent.add("g", now=t + 40)        # d, e expired: forgotten a few per addition
+    recent.add("h", now=t + 40)
+    assert list(recent.until) == ["g", "h"]
+    recent.add("g", now=t + 41)        # seen again: its time starts over
+    assert list(recent.until) == ["h", "g"] and recent.until["g"] == t + 73
+    recent.until["h"] = time.monotonic() - 0.001
+    assert "h" not in recent           # expired, even before it is forgotten
 
 
 def test_floods_and_scanners_get_no_answer_even_while_overloaded():
