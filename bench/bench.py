@@ -1,7 +1,8 @@
 """sipha benchmark: SIPp at stepped call rates over UDP, two paths.
 
     proxy   SIPp UAC -> proxy -> two SIPp UAS as backends
-    ha      SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk
+    ha      SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk,
+            with 4 nodes and with 2 (--ha-nodes)
 
 With several proxy workers the proxy path runs twice: from one SIPp UAC (one
 flow, so one worker takes all its requests) and from --uacs UACs at once
@@ -200,9 +201,11 @@ def redis_bytes_per_dialog(cluster: Cluster) -> dict:
             "sampled": len(sizes)}
 
 
-async def ha_path(rates, seconds, held, workdir) -> tuple[list[dict], dict]:
-    cluster = Cluster(os.path.join(workdir, "cluster"))
-    cluster.up(nodes=4, port=free_port(), trunk="sipp", ramp=5, log_level="info")
+async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = True) -> tuple[list[dict], dict]:
+    """The HA path's steps with `nodes` nodes; with `extras`, then held
+    calls (memory), Redis per dialog and failover on the same cluster."""
+    cluster = Cluster(os.path.join(workdir, f"cluster-{nodes}"))
+    cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=5, log_level="info")
     extra: dict = {}
     try:
         procs = cluster.procs()
@@ -212,6 +215,8 @@ async def ha_path(rates, seconds, held, workdir) -> tuple[list[dict], dict]:
                            if f"redis-{nid}" in procs],
                  "sipp_uas": [procs["trunk"]["pid"]] if "trunk" in procs else []}
         steps = await run_steps("ha", cluster.proxy_addr, rates, seconds, workdir, watch)
+        if not extras:
+            return steps, extra
         # memory: N concurrent held calls
         rate = max(50.0, min(400.0, (headline(steps) or 100) * 0.8))
         hold_s = held / rate + 15
@@ -313,10 +318,12 @@ async def main_async(args) -> dict:
                       f"{'s' if n > 1 else ''}) -> 2 SIPp UAS), {args.seconds:g} s per step")
                 results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n, uacs)
     if args.only in (None, "ha"):
-        print(f"full HA path (SIPp -> proxy -> 4 nodes + Redis -> proxy -> SIPp UAS), {args.seconds:g} s per step")
-        ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir)
-        results["paths"]["ha"] = ha_steps
-        results.update(extra)
+        for i, nodes in enumerate(args.ha_nodes):
+            print(f"full HA path (SIPp -> proxy -> {nodes} nodes + Redis -> proxy -> SIPp UAS), "
+                  f"{args.seconds:g} s per step")
+            ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir, nodes, extras=i == 0)
+            results["paths"]["ha" if i == 0 else f"ha_{nodes}_nodes"] = ha_steps
+            results.update(extra)
     results["headline_cps_zero_failed"] = {k: headline(v) for k, v in results["paths"].items()}
     return results
 
@@ -334,12 +341,15 @@ def main() -> int:
                     help="proxy worker counts to run the proxy path with (default 1,2)")
     ap.add_argument("--uacs", type=int, default=4,
                     help="with several workers, also offer the calls from this many SIPp UACs (flows) at once")
+    ap.add_argument("--ha-nodes", type=lambda s: [int(x) for x in s.split(",")], default=[4, 2],
+                    help="node counts to run the HA path with (default 4,2; held calls and failover "
+                         "are measured with the first)")
     ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
     ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.proxy_rates, args.ha_rates, args.held = 3.0, [50.0], [20.0], 200
-        args.workers = [1]
+        args.workers, args.ha_nodes = [1], [4]
     results = asyncio.run(main_async(args))
     jpath = os.path.join(args.out, "bench.json")
     with open(jpath, "w") as fh:

@@ -111,7 +111,7 @@ class Proxy:
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
-        self.guards: list[OverloadGuard] = []
+        self.guards: list[tuple[SipTransport, OverloadGuard]] = []
         self.overloaded = False
         self.refuse_share = 0.0     # of new INVITEs refused now (OverloadGuard)
         self.forwarded = RecentCalls()   # ... never those of a call let through already
@@ -141,10 +141,9 @@ class Proxy:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
-        if self.cfg["limits.overload_queue"] > 0:
-            self.guards = [g for g in (OverloadGuard(t.udp.transport.get_extra_info("socket"),
-                                                     self.cfg["limits.overload_queue"])
-                                       for t in self.transports if t.udp and t.udp.transport) if g.enabled]
+        if self.cfg["limits.overload_delay"] > 0:
+            self.guards = [(t, OverloadGuard(self.cfg["limits.overload_delay"]))
+                           for t in self.transports if t.measure_wait()]
             if self.guards:
                 self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
         if not self.cfg["proxy.advertise"]:
@@ -221,7 +220,7 @@ class Proxy:
         yield up
         yield lf
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
-        yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs are being refused (limits.overload_queue)",
+        yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs are being refused (limits.overload_delay)",
                                 value=int(self.overloaded))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
@@ -572,20 +571,19 @@ class Proxy:
         self.send(msg, (infos[0][4][0], dest[1]), transport)
 
     def _watch_overload(self) -> None:
-        """Every 10 ms: is any UDP receive queue backing up (OverloadGuard)?"""
-        for g in self.guards:
-            change = g.sample()
-            if change is None:
-                continue
-            what, queued = change
-            if what == "start":
-                event(log, "overload_start", logging.WARNING, queued_bytes=queued, limit_bytes=g.low,
+        """Every 10 ms: how long did the last datagram read wait in its
+        socket's queue (OverloadGuard)?"""
+        for t, g in self.guards:
+            change = g.sample(t.last_wait)
+            t.last_wait, t.wait_wanted = None, True
+            if change == "start":
+                event(log, "overload_start", logging.WARNING, wait_ms=round(g.wait * 1000),
+                      limit_ms=round(g.low * 1000),
                       msg="the proxy is falling behind: a share of new INVITEs gets 503 until its queue drains")
-            else:
-                event(log, "overload_end", queued_bytes=queued, refused=g.refused,
-                      duration_s=round(time.monotonic() - g.since, 3))
-        self.overloaded = any(g.active for g in self.guards)
-        self.refuse_share = max(g.share for g in self.guards)
+            elif change == "end":
+                event(log, "overload_end", refused=g.refused, duration_s=round(time.monotonic() - g.since, 3))
+        self.overloaded = any(g.active for _, g in self.guards)
+        self.refuse_share = max(g.share for _, g in self.guards)
         self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
 
     def fast_datagram(self, data: bytes, src, transport: SipTransport) -> bool:
@@ -624,7 +622,7 @@ class Proxy:
         """Count an INVITE refused for overload and say so at debug level
         (`call_id`: a function, so nothing is looked up when that is off)."""
         self.stats.inc("requests", "INVITE", "overload")
-        for g in self.guards:
+        for _, g in self.guards:
             g.refused += g.active
         if log.isEnabledFor(logging.DEBUG):
             event(log, "route", logging.DEBUG, method="INVITE", call_id=call_id(),

@@ -71,7 +71,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "limits.rate": (float, 0.0, "requests per second one source address may send; 0 turns the flood limit off"),
     "limits.burst": (int, 0, "requests a source may send at once before its rate applies (0: twice the rate)"),
     "limits.ban": (float, 30.0, "seconds a source that exceeded its rate is ignored"),
-    "limits.overload_queue": (float, 0.25, "share of the UDP receive buffer that may fill before new INVITEs get 503 (the proxy is falling behind): a growing share of them, all at twice this, once it has lasted 0.5 s; 0 turns this off"),
+    "limits.overload_delay": (float, 0.04, "seconds a message may wait in the proxy's UDP receive queue (the proxy is falling behind) before new INVITEs get 503: a growing share of them, all at twice this, once it has lasted 0.5 s; 0 turns this off"),
     "limits.drop_scanners": (bool, True, "silently drop requests whose User-Agent is a known scanner (sipvicious, sipcli, ...)"),
     "limits.tcp_connections": (int, 4096, "most TCP connections the proxy keeps open"),
     "limits.tcp_per_source": (int, 64, "most TCP connections from one address"),
@@ -213,8 +213,9 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError(f"proxy.workers: expected 1 to 64, got {values['proxy.workers']}")
     if values["proxy.workers"] > 1 and any(port == 0 for _, port in cfg.listen):
         raise ConfigError("proxy.workers: several workers need a fixed port in proxy.listen, not 0")
-    if not 0 <= values["limits.overload_queue"] <= 0.5:
-        raise ConfigError(f"limits.overload_queue: expected 0 (off) up to 0.5, got {values['limits.overload_queue']}")
+    if not 0 <= values["limits.overload_delay"] <= 0.25:
+        # past that, callers are retransmitting before anything is refused
+        raise ConfigError(f"limits.overload_delay: expected 0 (off) up to 0.25 s, got {values['limits.overload_delay']}")
     if values["health.interval"] <= 0:
         raise ConfigError("health.interval: must be positive")
     if values["health.down_after"] < 1 or values["health.up_after"] < 1:

@@ -7,6 +7,11 @@ transport = "udp" | "tcp". Input that does not parse reaches
 `on_bad_input(error, data, source, transport)`, which may answer 400 with
 `send()`; on TCP the connection is closed after framing is lost.
 
+Queue wait (UDP, Linux): `measure_wait()` has the kernel timestamp
+datagrams as they arrive; then, after `wait_wanted` is set, the next
+datagram read leaves in `last_wait` how long it sat in the socket's
+receive queue (SIOCGSTAMP), the measure an overload guard needs.
+
 Sending: `send(data, (host, port), transport)`. TCP reuses the connection to
 that remote address in either direction (a phone that registered over TCP
 is reached over its own connection, RFC 3261 §18.2.2 / RFC 5626), opens one
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import socket
+import struct
 import time
 from typing import Callable
 
@@ -37,6 +44,8 @@ log = logging.getLogger("sipcore.transport")
 
 Addr = tuple[str, int]
 SOCKET_BUFFER = 4 * 1024 * 1024
+SIOCGSTAMP = 0x8906          # Linux: arrival time (struct timeval) of the last datagram read
+_TIMEVAL = struct.Struct("@ll")
 
 
 def _enlarge_buffers(sock: socket.socket) -> None:
@@ -143,6 +152,9 @@ class SipTransport:
         self._connecting: dict[Addr, asyncio.Task] = {}
         self._reaper: asyncio.Task | None = None
         self.local: Addr | None = None
+        self.wait_wanted = False                 # measure the next datagram's queue wait
+        self.last_wait: float | None = None      # ... seconds it waited (measure_wait)
+        self._stamp_fd = -1
 
     # ---- lifecycle ---------------------------------------------------
     async def listen(self, host: str, port: int, *, udp: bool = True, tcp: bool = True,
@@ -206,6 +218,8 @@ class SipTransport:
     # ---- receiving ---------------------------------------------------
     def _received(self, data: bytes, source: Addr, transport: str, *, datagram: bool) -> None:
         if datagram:
+            if self.wait_wanted:
+                self._measure()
             if self.fast_datagram is not None and self.fast_datagram(data, source, self):
                 return
             if data.strip(b"\r\n") == b"":
@@ -217,6 +231,28 @@ class SipTransport:
             return
         msg.source = source
         self.on_message(msg, source, transport)
+
+    def measure_wait(self) -> bool:
+        """Have the kernel timestamp datagrams on arrival (their queue wait
+        can be read then); False where it cannot (not Linux, no UDP)."""
+        if self.udp is None or self.udp.transport is None:
+            return False
+        fd = self.udp.transport.get_extra_info("socket").fileno()
+        try:
+            fcntl.ioctl(fd, SIOCGSTAMP, bytes(_TIMEVAL.size))   # the first call turns stamping on
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:                        # ENOENT: nothing read yet
+                return False
+        self._stamp_fd = fd
+        return True
+
+    def _measure(self) -> None:
+        self.wait_wanted = False
+        try:
+            sec, usec = _TIMEVAL.unpack(fcntl.ioctl(self._stamp_fd, SIOCGSTAMP, bytes(_TIMEVAL.size)))
+        except OSError:
+            return
+        self.last_wait = max(0.0, time.time() - sec - usec / 1e6)
 
     def _bad_input(self, exc: SipParseError, data: bytes, source: Addr, transport: str) -> None:
         if self.on_bad_input is not None:

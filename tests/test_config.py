@@ -33,7 +33,7 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[proxy]\nlisten = \"nohost:\"\n", "proxy.listen"),
     ("[[nodes]]\nid = \"n1\"\n", "nodes[0]"),
     ("[log]\nformat = \"xml\"\n", "log.format"),
-    ("[limits]\noverload_queue = 0.9\n", "limits.overload_queue"),
+    ("[limits]\noverload_delay = 0.5\n", "limits.overload_delay"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):

@@ -99,7 +99,7 @@ def test_a_flooding_source_is_banned_while_legitimate_calls_go_on(procs, monkeyp
     # with the proxy logging at debug level) saturates the proxy for about
     # half a second, in which the overload guard would rightly refuse a few
     # new calls; that guard has its own tests (test_overload.py).
-    monkeypatch.setenv("SIPHA_LIMITS_OVERLOAD_QUEUE", "0")
+    monkeypatch.setenv("SIPHA_LIMITS_OVERLOAD_DELAY", "0")
     proxy, addr = procs.proxy(backends(procs))
 
     async def scenario():

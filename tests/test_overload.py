@@ -1,72 +1,68 @@
 """Overload: while the proxy's UDP receive queue backs up, a share of new
 INVITEs gets 503 (cheaply, from the bytes) and everything of the calls in
-progress is still relayed. The guard reads a real socket's queue; the proxy
-is driven with datagrams and its sends are captured."""
+progress is still relayed. The wait is measured on a real socket; the
+proxy is driven with datagrams and its sends are captured."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
+
+import pytest
 
 from proxy.limits import OverloadGuard, RecentCalls
 from proxy.server import Proxy
 from sipcore.config import load_config
 from sipcore.message import parse_message
+from sipcore.transport import SipTransport
 
 PHONE = ("192.0.2.50", 5070)
 NODE = ("127.0.0.1", 7001)
 
 
-@contextlib.contextmanager
-def backed_up_socket():
-    """-> (receiving socket nobody has read yet, its guard, datagrams
-    queued): filled past three times the guard's threshold."""
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        rx.bind(("127.0.0.1", 0))
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        guard = OverloadGuard(rx, 0.05)
-        assert guard.enabled and guard.sample() is None and guard.share == 0
-        n = 0
-        while guard.backlog() <= guard.low * 3:
-            tx.sendto(b"x" * 500, rx.getsockname())
-            n += 1
-        yield rx, guard, n
-    finally:
-        rx.close()
-        tx.close()
+def test_the_transport_measures_how_long_a_datagram_waited_in_the_queue():
+    async def go():
+        t = SipTransport(lambda *a: None)
+        await t.listen("127.0.0.1", 0, tcp=False)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            assert t.measure_wait()
+            tx.sendto(b"\r\n\r\n", t.local)           # stamping is switched on in the background
+            await asyncio.sleep(0.1)
+            t.wait_wanted = True
+            tx.sendto(b"\r\n\r\n", t.local)
+            time.sleep(0.08)                              # the proxy busy with something else
+            await asyncio.sleep(0.02)
+            assert 0.07 < t.last_wait < 1 and not t.wait_wanted
+            t.last_wait = None
+            tx.sendto(b"\r\n\r\n", t.local)           # not asked: not measured
+            await asyncio.sleep(0.02)
+            assert t.last_wait is None
+        finally:
+            tx.close()
+            await t.close()
+    asyncio.run(go())
 
 
-def drain(rx, n):
-    rx.setblocking(False)
-    for _ in range(n):
-        rx.recv(2048)
-
-
-def test_the_guard_follows_a_real_receive_queue():
-    with backed_up_socket() as (rx, guard, n):
-        assert guard.sample(now=100.0) is None and guard.share == 0     # a burst, so far
-        what, queued = guard.sample(now=100.0 + guard.hold)          # still there half a T1 later
-        assert what == "start" and queued > guard.low and guard.share == 1 and guard.active
-        drain(rx, n)                                                 # the proxy catches up
-        assert guard.sample(now=101.0) is None and guard.share == 0 and guard.active
-        assert guard.sample(now=101.0 + guard.calm)[0] == "end" and guard.share == 0 and not guard.active
+def test_a_standing_wait_starts_refusals_in_proportion_and_a_calm_second_ends_them():
+    g = OverloadGuard(0.04)
+    assert g.sample(0.1, now=100.0) is None and g.share == 0         # a burst, so far
+    assert g.sample(0.1, now=100.3) is None and g.share == 0
+    assert g.sample(0.1, now=100.5) == "start" and g.share == 1 and g.active   # still there after T1
+    assert g.sample(0.06, now=100.6) is None and g.share == pytest.approx(0.5)
+    assert g.sample(0.03, now=100.7) is None and g.share == 0 and g.active     # under the threshold
+    assert g.sample(0.01, now=100.8) is None and g.active                      # under half of it
+    assert g.sample(0.05, now=101.0) is None and g.active                      # not for a second
+    assert g.sample(None, now=101.1) is None and g.active                      # nothing waiting
+    assert g.sample(0.01, now=102.1) == "end" and not g.active and g.share == 0
 
 
 def test_a_burst_that_clears_within_the_hold_refuses_nothing():
-    with backed_up_socket() as (rx, guard, n):
-        assert guard.sample(now=200.0) is None
-        drain(rx, n)
-        assert guard.sample(now=200.0 + guard.hold) is None and guard.share == 0 and not guard.active
-
-
-def test_a_guard_that_cannot_read_the_queue_stays_off():
-    class NoMeminfo:
-        def getsockopt(self, *args):
-            raise OSError("not supported")
-    assert not OverloadGuard(NoMeminfo(), 0.25).enabled
+    g = OverloadGuard(0.04)
+    for n in range(40):                                  # 0.4 s of a long wait, then none
+        assert g.sample(0.2, now=200.0 + n / 100) is None and g.share == 0
+    assert g.sample(0.0, now=200.45) is None and g.sample(0.2, now=200.6) is None
+    assert g.share == 0 and not g.active
 
 
 def invite(to_tag="", method="INVITE", cseq="1 INVITE", extra=""):
