@@ -4,8 +4,8 @@
 
 Values containing spaces, quotes, '=' or control characters are quoted with
 backslash escapes, so every line splits unambiguously (`grep event=failover`,
-`cut`, Loki/Vector logfmt parsers). A log file is a WatchedFileHandler:
-logrotate may move it and the next line goes to a new file.
+`cut`, Loki/Vector logfmt parsers). A log file is watched (once a second):
+logrotate may move it and the lines from the next second on go to a new file.
 
 Callers log with `event(logger, "name", key=value, ...)`; when the level is
 off, the call returns before formatting anything.
@@ -37,8 +37,30 @@ def logfmt_value(value) -> str:
     return f'"{escaped}"'
 
 
+_second: list = [-1, ""]     # the last whole second formatted, and how
+
+
 def _ts(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    whole = int(created)
+    if whole != _second[0]:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"
+
+
+class _RotatedFileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that looks for a rotation (stat of the path)
+    at most once a second, not before every line: lines written in the
+    second after logrotate moved the file still land in the moved one."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.checked = 0.0
+
+    def reopenIfNeeded(self) -> None:
+        now = time.monotonic()
+        if now - self.checked >= 1.0:
+            self.checked = now
+            super().reopenIfNeeded()
 
 
 class EventFormatter(logging.Formatter):
@@ -69,8 +91,11 @@ def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: 
     for h in list(root.handlers):
         root.removeHandler(h)
     handler: logging.Handler
+    # none of these is in a line, and each costs time on every record
+    logging._srcfile = None         # the caller's file and line (the logging HOWTO's "Optimization")
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if path:
-        handler = logging.handlers.WatchedFileHandler(path)
+        handler = _RotatedFileHandler(path)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EventFormatter(proc, fmt, worker))
