@@ -8,10 +8,11 @@ two Vias are found by a search on its lower-cased copy, the top one is cut
 out of the datagram and the rest is sent unchanged.
 
 Requests inside a dialog (a To-tag: ACK, BYE, re-INVITE, INFO, ...) from
-outside the cluster: scan_request finds and parses only the fields routing
-reads (Request-URI, top Via, From, To, Call-ID, CSeq, Max-Forwards, Route,
-User-Agent) with the parser's own value parsers, and the proxy writes its
-few edits into the datagram (proxy/server.py fast_request).
+outside the cluster, and from the nodes on their way out: scan_request
+finds and parses only the fields routing reads (Request-URI, top Via,
+From, To, Call-ID, CSeq, Max-Forwards, Route, User-Agent) with the
+parser's own value parsers, and the proxy writes its few edits into the
+datagram (proxy/server.py fast_request, fast_outbound).
 
 New INVITEs while the proxy is overloaded (proxy/limits.py OverloadGuard):
 refuse_initial_invite writes the 503 from the INVITE's bytes.
@@ -139,6 +140,7 @@ class RequestScan:
     """What routing reads of a request, with where its fields are. Lines
     are (start, end) offsets into the datagram, end past the CRLF."""
     method: str
+    uri: str                     # the Request-URI (it parses)
     fields_start: int            # first header line
     fields_end: int              # past the last header line's CRLF
     head: bytes                  # start line and fields, lower-cased
@@ -209,7 +211,7 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
             return None
     except SipParseError:
         return None
-    return RequestScan(method, m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
+    return RequestScan(method, uri.decode("latin-1"), m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
                        mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], max_forwards, route_line, route,
                        _value(head, ua_line, b"user-agent") if ua_line is not None else None)
 

@@ -36,7 +36,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_hostport
+from sipcore.headers import SipUri, Via, format_params, parse_name_addr, parse_uri, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -123,7 +123,8 @@ class Proxy:
         self._refusal_line = f"SIP/2.0 503 {OVERLOAD_REASON}\r\n".encode()
         self._refusal_tail = f"Retry-After: {OVERLOAD_RETRY_AFTER}\r\nServer: sipha-proxy\r\nContent-Length: 0\r\n\r\n".encode()
         self.our_via_heads: tuple[bytes, ...] = ()
-        self._our_routes: dict[str, bool] = {}    # Route value -> names us (fast_request)
+        self._our_routes: dict[str, tuple[bool, str | None]] = {}   # Route value -> (names us, flow)
+        self._uris: dict[str, SipUri] = {}        # Request-URIs parsed (fast_outbound)
         # one of several worker processes (proxy/workers.py), or None
         self.link = WorkerLink(worker, self) if worker is not None else None
         self.primary = worker is None or worker.primary
@@ -521,10 +522,8 @@ class Proxy:
         flow = self._pop_our_routes(req)
         initial = req.to.tag is None
         if flow:
-            out_transport, _, hostport = flow.partition(":")
             try:
-                dest = split_hostport(hostport)
-                dest = (dest[0].strip("[]"), dest[1] or 5060)
+                dest, out_transport = self._flow_hop(flow)
             except SipParseError:
                 self.reply(req, 400, "Bad Request (bad flow in Route)", src, transport)
                 return
@@ -544,9 +543,7 @@ class Proxy:
             if not target.is_sip:
                 self.reply(req, 416, "Unsupported URI Scheme", src, transport)
                 return
-            out_transport = target.transport if target.transport in ("udp", "tcp") else "tcp"
-            maddr = target.params.get("maddr")
-            dest = ((maddr or target.host).strip("[]"), target.port or 5060)
+            dest, out_transport = self._uri_hop(target)
         if initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(out_transport))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
@@ -560,6 +557,20 @@ class Proxy:
             self.send(req, dest, out_transport)
         else:
             asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
+
+    @staticmethod
+    def _flow_hop(flow: str) -> tuple[tuple[str, int], str]:
+        """-> (address, transport) of a flow= value (SipParseError if bad)."""
+        out_transport, _, hostport = flow.partition(":")
+        host, port = split_hostport(hostport)
+        return (host.strip("[]"), port or 5060), out_transport
+
+    @staticmethod
+    def _uri_hop(target: SipUri) -> tuple[tuple[str, int], str]:
+        """-> (address, transport) a request for a SIP URI goes to."""
+        out_transport = target.transport if target.transport in ("udp", "tcp") else "tcp"
+        maddr = target.params.get("maddr")
+        return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
 
     async def _resolve_and_send(self, msg: SipMessage, dest, transport: str) -> None:
         try:
@@ -634,13 +645,16 @@ class Proxy:
         written as the datagram with our edits: Max-Forwards decremented,
         received/rport stamped, our Route popped, our Via and the internal
         header added. False: on_request has to handle it."""
-        if src in self.node_by_addr or (self.limiter.enabled and self.limiter.is_banned(src[0])):
-            return False                    # from a node (outbound), or dropped at once by on_request
+        node = self.node_by_addr.get(src)
+        if node is not None:
+            return self.fast_outbound(data, src, transport, node)
+        if self.limiter.enabled and self.limiter.is_banned(src[0]):
+            return False                    # dropped at once by on_request
         t0 = time.perf_counter()
         scan = scan_request(data, transport.limits)
         if (scan is None or scan.to_tag is None or scan.method == "REGISTER" or scan.max_forwards <= 0
                 or not (scan.via.branch or "").startswith("z9hG4bK")
-                or (scan.route is not None and not self._route_is_ours(scan.route))
+                or (scan.route is not None and not self._our_route(scan.route)[0])
                 or (self.drop_scanners and _scanner(scan.user_agent))):
             return False
         stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
@@ -654,30 +668,86 @@ class Proxy:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, reason)
         route = f"{ROUTE_HEADER}: {self._route_header(bekey, owner, partner, reason)}\r\n"
-        out = self._edit_request(data, scan, src, route.encode("latin-1"))
+        ours = self.our_via("udp", self._branch(scan.via, scan.call_id), internal=True)
+        out = self._edit_request(data, scan, src, ours, route.encode("latin-1"))
         self._log_route(scan.method, scan.call_id, bekey, src, "udp", owner, partner, reason, how, False)
         self.send_data(out, self.health.nodes[owner].addr or self.nodes[owner].sip, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
         return True
 
-    def _route_is_ours(self, value: str) -> bool:
-        """A Route value that parses and names us (what _pop_our_routes
-        pops). Remembered: every in-dialog request of a phone carries the
-        same one."""
-        ours = self._our_routes.get(value)
-        if ours is None:
+    def fast_outbound(self, data: bytes, src, transport: SipTransport, node: str) -> bool:
+        """A request inside a dialog from a node on its way out (a B-leg
+        ACK or BYE, a BYE to the caller), in the common form with our
+        Route as its only one: sent where outbound() would send it, with
+        Max-Forwards decremented, received/rport stamped, our Route popped
+        and our Via added. False: on_request has to handle it."""
+        t0 = time.perf_counter()
+        scan = scan_request(data, transport.limits)
+        if (scan is None or scan.to_tag is None or scan.max_forwards <= 0 or scan.route is None
+                or not (scan.via.branch or "").startswith("z9hG4bK")):
+            return False
+        ours, flow = self._our_route(scan.route)
+        if not ours:
+            return False
+        if flow:
             try:
-                ours = self.is_us(parse_name_addr(value).parsed_uri)
+                dest, out_transport = self._flow_hop(flow)
             except SipParseError:
-                ours = False
+                return False                # the full path answers 400
+        else:
+            target = self._request_uri(scan.uri)
+            if target is None or not target.is_sip or self.is_us(target):
+                return False                # 416, or a strict router's request (full path)
+            dest, out_transport = self._uri_hop(target)
+        if out_transport != "udp" or not _is_ip(dest[0]):
+            return False
+        if scan.method == "ACK" and scan.to_tag == self.reply_tag:
+            return True                     # the ACK to our own final response
+        self.stats.inc("requests", scan.method, "outbound")
+        ours = self.our_via("udp", self._branch(scan.via, scan.call_id))
+        out = self._edit_request(data, scan, src, ours, b"")
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "route", logging.DEBUG, method=scan.method, call_id=scan.call_id,
+                  bekey=read_stamp(self.secret, scan.call_id) or read_stamp(self.secret, scan.from_tag),
+                  node=node, dest=f"{dest[0]}:{dest[1]}/udp", reason="outbound")
+        self.send_data(out, dest, "udp")
+        self.routing_latency.observe(time.perf_counter() - t0)
+        return True
+
+    def _our_route(self, value: str) -> tuple[bool, str | None]:
+        """-> (a Route value that parses and names us, i.e. one that
+        _pop_our_routes pops; the flow it carries). Remembered: every
+        in-dialog request of a phone or a trunk carries the same one."""
+        known = self._our_routes.get(value)
+        if known is None:
+            try:
+                uri = parse_name_addr(value).parsed_uri
+                known = (self.is_us(uri), uri.params.get("flow"))
+            except SipParseError:
+                known = (False, None)
             if len(self._our_routes) >= 4096:
                 self._our_routes.clear()
-            self._our_routes[value] = ours
-        return ours
+            self._our_routes[value] = known
+        return known
 
-    def _edit_request(self, data: bytes, scan: RequestScan, src, internal: bytes) -> bytes:
-        """The datagram as inbound() would serialize the parsed request."""
-        ours = f"Via: {self.our_via('udp', self._branch(scan.via, scan.call_id), internal=True)}\r\n"
+    def _request_uri(self, uri: str) -> SipUri | None:
+        """The parsed Request-URI (None if it does not parse), remembered:
+        the requests of one trunk or phone share theirs. Read only."""
+        parsed = self._uris.get(uri)
+        if parsed is None:
+            try:
+                parsed = parse_uri(uri)
+            except SipParseError:
+                return None
+            if len(self._uris) >= 4096:
+                self._uris.clear()
+            self._uris[uri] = parsed
+        return parsed
+
+    def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes) -> bytes:
+        """The datagram as inbound() or outbound() would serialize the
+        parsed request, with `our_via` on top and `internal` last."""
+        ours = f"Via: {our_via}\r\n"
         stamped = self._stamped_via(scan.via, src, "udp")
         via_start, via_end = scan.via_line
         edits = [(scan.mf_line[0], scan.mf_line[1], scan.mf_name + b": %d\r\n" % (scan.max_forwards - 1)),

@@ -190,6 +190,40 @@ def run(coro_fn):
     return asyncio.run(coro_fn())
 
 
+NODE1 = ("127.0.0.1", 7001)
+TRUNK_URI = "sip:service@192.0.2.80:5062;transport=UDP"
+
+
+def from_node(method="BYE", *, uri=TRUNK_URI, route=f"<sip:{PROXY};lr>",
+              via=f"SIP/2.0/UDP {NODE1[0]}:{NODE1[1]};branch=z9hG4bKn1-9;rport", **kw) -> bytes:
+    """An in-dialog request a node sends out: its B-leg route set is our
+    Record-Route (a flow in it on the leg to the caller)."""
+    data = in_dialog(method, via=via, route=route, **kw)
+    return data.replace(b"sip:bob@192.0.2.80:5062;transport=udp", uri.encode(), 1)
+
+
+@pytest.mark.parametrize("data, dest", [
+    (from_node("ACK"), ("192.0.2.80", 5062)),
+    (from_node("BYE"), ("192.0.2.80", 5062)),
+    (from_node("BYE", uri="sip:service@192.0.2.80"), ("192.0.2.80", 5060)),
+    (from_node("BYE", uri="sip:service@192.0.2.81:5062;maddr=192.0.2.82"), ("192.0.2.82", 5062)),
+    (from_node("BYE", route=OUR_ROUTE), PHONE),                          # to the caller, over its flow
+    (from_node("INFO", body=b"Signal=1\r\n", extra=["Content-Type: application/dtmf-relay"]), ("192.0.2.80", 5062)),
+    (from_node("BYE", via=f"SIP/2.0/UDP {NODE1[0]}:{NODE1[1]};branch=z9hG4bKn1-8"), ("192.0.2.80", 5062)),
+])
+def test_requests_from_the_nodes_leave_as_the_full_path_sends_them(data, dest):
+    async def go():
+        async with Pair() as pair:
+            assert pair.feed(data, NODE1), "the fast path should take this one"
+            sent, to, transport = pair.proxies[0].sent[0]
+            assert to == dest and transport == "udp"
+            msg = parse_message(sent)
+            assert msg.top_via.branch.startswith("z9hG4bKsph") and msg.top_via.host == PROXY.split(":")[0]
+            assert not msg.routes and not msg.has(ROUTE_HEADER) and msg.max_forwards == 69
+            assert pair.proxies[0].stats.get("requests", msg.method, "outbound") == 1
+    run(go)
+
+
 @pytest.mark.parametrize("data", [
     in_dialog("ACK"),
     in_dialog("BYE"),
@@ -251,7 +285,16 @@ def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
     (in_dialog().replace(b"From: Alice <sip:alice@example.com>", b"From: Alice <sip:alice@example.com"), PHONE,
      "bad From"),
     (in_dialog(body=b"xyz").replace(b"Content-Length: 3", b"Content-Length: 2"), PHONE, "body longer than said"),
-    (in_dialog(), ("127.0.0.1", 7001), "from a node: outbound"),
+    # from a node, on its way out
+    (from_node(route=None), NODE1, "no Route: not through a proxy that record-routed"),
+    (from_node(route="<sip:203.0.113.1;lr>"), NODE1, "a Route that is not ours"),
+    (from_node(uri="sip:bob@192.0.2.80:5062;transport=tcp"), NODE1, "over TCP"),
+    (from_node(uri="sip:bob@trunk.example.com"), NODE1, "a host name to resolve"),
+    (from_node(uri=f"sip:{PROXY};lr"), NODE1, "a Request-URI naming us"),
+    (from_node(uri="tel:+15551234"), NODE1, "not a SIP URI: 416"),
+    (from_node(route=f"<sip:{PROXY};lr;flow=udp:nohost:>"), NODE1, "a bad flow: 400"),
+    (from_node(mf="0"), NODE1, "Max-Forwards 0: 483"),
+    (from_node(to_tag=""), NODE1, "a B-leg INVITE: Record-Route"),
 ])
 def test_other_requests_take_the_full_path_with_the_same_outcome(data, src, why):
     async def go():
@@ -313,17 +356,18 @@ def _request(method: str, fields, body=b"") -> bytes:
 @settings(max_examples=200, deadline=None)
 @given(edits=st.lists(st.tuples(st.sampled_from(["drop", "copy", "swap", "value", "name", "add"]),
                                 st.integers(0, 30), st.integers(0, 30), _REQ_NAMES, _REQ_VALUES), max_size=3),
-       body=st.sampled_from([b"", b"abc"]), method=st.sampled_from(["BYE", "ACK", "INFO", "REGISTER"]))
-def test_changed_dialog_requests_route_the_same_either_way(edits, body, method):
+       body=st.sampled_from([b"", b"abc"]), method=st.sampled_from(["BYE", "ACK", "INFO", "REGISTER"]),
+       src=st.sampled_from([PHONE, NODE1]))
+def test_changed_dialog_requests_route_the_same_either_way(edits, body, method, src):
     """A common BYE with up to three edits (a field dropped, copied, moved,
-    renamed, given another value, or added): the fast path either declines
-    it or sends what the full path sends."""
+    renamed, given another value, or added), from a phone or from a node:
+    the fast path either declines it or sends what the full path sends."""
     fields = [(n, v.replace("BYE", method)) for n, v in _COMMON_BYE]
     data = _request(method, _mutate(fields, edits), body)
 
     async def go():
         async with Pair() as pair:
-            pair.feed(data)
+            pair.feed(data, src)
     run(go)
 
 
@@ -332,6 +376,7 @@ def test_the_unchanged_common_request_is_taken():
     async def go():
         async with Pair() as pair:
             assert pair.feed(_request("BYE", _COMMON_BYE))
+            assert pair.feed(_request("BYE", _COMMON_BYE), NODE1)
     run(go)
 
 
@@ -352,13 +397,14 @@ def _mutated(data: bytes, draw) -> bytes:
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_damaged_requests_route_the_same_either_way_and_never_raise(data):
-    base = data.draw(st.sampled_from([in_dialog("BYE"), in_dialog("ACK", via="SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKn"),
-                                      in_dialog("INVITE", to_tag="")]))
+    base, src = data.draw(st.sampled_from([
+        (in_dialog("BYE"), PHONE), (in_dialog("ACK", via="SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKn"), PHONE),
+        (in_dialog("INVITE", to_tag=""), PHONE), (from_node("BYE"), NODE1), (from_node("ACK", route=OUR_ROUTE), NODE1)]))
     raw = _mutated(base, data.draw)
 
     async def go():
         async with Pair() as pair:
-            pair.feed(raw)
+            pair.feed(raw, src)
             fast = pair.proxies[0]
             fast.refuse_share = 1.0             # overloaded: a new INVITE may be refused from its bytes
             fast.sent.clear()
