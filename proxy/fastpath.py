@@ -169,8 +169,6 @@ _GOOD_URIS: set[bytes] = set()
 def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     """A request in the common form, checked as SipRequest.check() does,
     or None when the full parser must look at it."""
-    if data.count(b"tag=") < 2:
-        return None                       # no To-tag (an initial request): not for this path
     checked = _message(_REQUEST_LINE, data, limits)
     if checked is None:
         return None

@@ -640,23 +640,34 @@ class Proxy:
                   src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
 
     def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:
-        """A request inside a dialog from outside the cluster over UDP, in
-        the common form (proxy/fastpath.py), routed as inbound() would and
-        written as the datagram with our edits: Max-Forwards decremented,
-        received/rport stamped, our Route popped, our Via and the internal
-        header added. False: on_request has to handle it."""
+        """A request from outside the cluster over UDP, inside a dialog or
+        a new INVITE, in the common form (proxy/fastpath.py), routed as
+        inbound() would and written as the datagram with our edits:
+        Max-Forwards decremented, received/rport stamped, our Route popped,
+        our Via and the internal header added, and on a new INVITE our
+        Record-Route. False: on_request has to handle it."""
         node = self.node_by_addr.get(src)
         if node is not None:
             return self.fast_outbound(data, src, transport, node)
         if self.limiter.enabled and self.limiter.is_banned(src[0]):
             return False                    # dropped at once by on_request
+        if data.count(b"tag=") < 2 and not data.startswith(b"INVITE "):
+            return False                    # no To-tag: a new request, and only INVITEs take this path
         t0 = time.perf_counter()
         scan = scan_request(data, transport.limits)
-        if (scan is None or scan.to_tag is None or scan.method == "REGISTER" or scan.max_forwards <= 0
+        if (scan is None or scan.method == "REGISTER" or scan.max_forwards <= 0
                 or not (scan.via.branch or "").startswith("z9hG4bK")
                 or (scan.route is not None and not self._our_route(scan.route)[0])
                 or (self.drop_scanners and _scanner(scan.user_agent))):
             return False
+        initial = scan.to_tag is None
+        record_route = None
+        if initial:
+            at = self._record_route_at(scan) if scan.method == "INVITE" else None
+            if at is None:
+                return False
+            flow = f"udp:{src[0]}:{src[1]}"
+            record_route = (*at, f"Record-Route: {self.our_uri('udp', flow)}\r\n".encode("latin-1"))
         stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
         bekey, how = (stamped, "stamp") if stamped else (bekey_of(scan.call_id), "call-id")
         owner, partner, reason = self._owner(bekey)
@@ -667,13 +678,27 @@ class Proxy:
         if scan.method == "ACK" and scan.to_tag == self.reply_tag:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, reason)
+        if initial and self.guards:
+            self.forwarded.add(scan.call_id)
         route = f"{ROUTE_HEADER}: {self._route_header(bekey, owner, partner, reason)}\r\n"
         ours = self.our_via("udp", self._branch(scan.via, scan.call_id), internal=True)
-        out = self._edit_request(data, scan, src, ours, route.encode("latin-1"))
-        self._log_route(scan.method, scan.call_id, bekey, src, "udp", owner, partner, reason, how, False)
+        out = self._edit_request(data, scan, src, ours, route.encode("latin-1"), record_route)
+        self._log_route(scan.method, scan.call_id, bekey, src, "udp", owner, partner, reason, how, initial)
         self.send_data(out, self.health.nodes[owner].addr or self.nodes[owner].sip, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
         return True
+
+    @staticmethod
+    def _record_route_at(scan: RequestScan) -> tuple[int, int] | None:
+        """Where add_top puts our Record-Route: before the first one there
+        is, else first of all; None when a Record-Route is spelled in a way
+        this search could miss (the full path reads it). -> (offset, rank
+        among insertions there: first of all goes before a Via inserted
+        first of all as well, since it is added later)."""
+        at = scan.head.find(b"\r\nrecord-route:")
+        if at >= 0:
+            return at + 2, 2
+        return None if b"record-route" in scan.head else (scan.fields_start, 0)
 
     def fast_outbound(self, data: bytes, src, transport: SipTransport, node: str) -> bool:
         """A request inside a dialog from a node on its way out (a B-leg
@@ -681,6 +706,8 @@ class Proxy:
         Route as its only one: sent where outbound() would send it, with
         Max-Forwards decremented, received/rport stamped, our Route popped
         and our Via added. False: on_request has to handle it."""
+        if data.count(b"tag=") < 2:
+            return False                    # no To-tag: a B-leg INVITE, which gets a Record-Route
         t0 = time.perf_counter()
         scan = scan_request(data, transport.limits)
         if (scan is None or scan.to_tag is None or scan.max_forwards <= 0 or scan.route is None
@@ -744,29 +771,35 @@ class Proxy:
             self._uris[uri] = parsed
         return parsed
 
-    def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes) -> bytes:
+    def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes,
+                      record_route: tuple[int, int, bytes] | None = None) -> bytes:
         """The datagram as inbound() or outbound() would serialize the
-        parsed request, with `our_via` on top and `internal` last."""
+        parsed request, with `our_via` on top, `internal` last and the
+        Record-Route line `record_route` (where, rank, what) when there is one."""
         ours = f"Via: {our_via}\r\n"
         stamped = self._stamped_via(scan.via, src, "udp")
         via_start, via_end = scan.via_line
-        edits = [(scan.mf_line[0], scan.mf_line[1], scan.mf_name + b": %d\r\n" % (scan.max_forwards - 1)),
-                 (scan.fields_end, scan.fields_end, internal)]
+        # (start, end, rank among insertions at one place, text)
+        edits = [(scan.mf_line[0], scan.mf_line[1], 1, scan.mf_name + b": %d\r\n" % (scan.max_forwards - 1)),
+                 (scan.fields_end, scan.fields_end, 1, internal)]
+        if record_route is not None:
+            at, rank_there, line = record_route
+            edits.append((at, at, rank_there, line))
         if stamped is None:
-            edits.append((via_start, via_start, ours.encode("latin-1")))
+            edits.append((via_start, via_start, 1, ours.encode("latin-1")))
         else:
             # SipMessage.pop_first + add_top: the stamped Via goes before
             # the next Via field, or first of all when there is none
-            edits.append((via_start, via_end, b""))
+            edits.append((via_start, via_end, 1, b""))
             nxt = scan.head.find(b"\r\nvia:", via_end - 2)
             at = nxt + 2 if nxt >= 0 else scan.fields_start
-            edits.append((at, at, f"{ours}Via: {stamped}\r\n".encode("latin-1")))
+            edits.append((at, at, 1, f"{ours}Via: {stamped}\r\n".encode("latin-1")))
         if scan.route_line is not None:
-            edits.append((scan.route_line[0], scan.route_line[1], b""))
-        edits.sort()
+            edits.append((scan.route_line[0], scan.route_line[1], 1, b""))
+        edits.sort(key=lambda e: e[:3])
         parts = []
         pos = 0
-        for start, end, text in edits:
+        for start, end, _, text in edits:
             parts.append(data[pos:start])
             parts.append(text)
             pos = end

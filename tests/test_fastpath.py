@@ -250,6 +250,27 @@ def test_requests_in_a_dialog_leave_as_the_full_path_sends_them(data):
     run(go)
 
 
+@pytest.mark.parametrize("data", [
+    in_dialog("INVITE", to_tag="", route=None, extra=["Contact: <sip:alice@192.0.2.50:5070>"]),
+    in_dialog("INVITE", to_tag="", extra=["Record-Route: <sip:198.51.100.1;lr>"]),        # behind another proxy
+    in_dialog("INVITE", to_tag="", first=["Record-Route: <sip:198.51.100.1;lr>"]),
+    in_dialog("INVITE", to_tag="", via="SIP/2.0/UDP 10.0.0.5:5070;branch=z9hG4bKph-4"),   # NAT: stamped, alone
+    in_dialog("INVITE", to_tag="", route=None, via=f"SIP/2.0/UDP {PHONE[0]}:{PHONE[1]};branch=z9hG4bKph-5"),
+    in_dialog("INVITE", to_tag="", extra=["Via: SIP/2.0/UDP 198.51.100.1;branch=z9hG4bKup",
+                                          "Content-Type: application/sdp"], body=b"v=0\r\n"),
+    in_dialog("INVITE", to_tag="", first=["Max-Forwards: 9"], mf=None, route=None),
+])
+def test_new_invites_leave_as_the_full_path_sends_them_with_our_record_route(data):
+    async def go():
+        async with Pair() as pair:
+            assert pair.feed(data), "the fast path should take this one"
+            msg = parse_message(pair.proxies[0].sent[0][0])
+            assert msg.record_routes[0].raw == f"<sip:{PROXY};lr;flow=udp:{PHONE[0]}:{PHONE[1]}>"
+            assert msg.top_via.branch.startswith("z9hG4bKsph") and msg.has(ROUTE_HEADER)
+            assert "ov" not in msg.call_id and pair.proxies[0].forwarded.until   # remembered (overload guard)
+    run(go)
+
+
 def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
     async def go():
         async with Pair() as pair:
@@ -264,7 +285,10 @@ def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
 
 
 @pytest.mark.parametrize("data, src, why", [
-    (in_dialog(to_tag=""), PHONE, "initial request"),
+    (in_dialog(to_tag=""), PHONE, "a new request other than INVITE"),
+    (in_dialog("INVITE", to_tag="", extra=["Record-Route : <sip:198.51.100.1;lr>"]), PHONE,
+     "a Record-Route spelled with space before the colon"),
+    (in_dialog("INVITE", to_tag="", route="<sip:203.0.113.1;lr>"), PHONE, "preloaded with a Route not ours"),
     (in_dialog("REGISTER"), PHONE, "REGISTER: keyed by its AOR"),
     (in_dialog(mf="0"), PHONE, "Max-Forwards 0: the full path answers 483"),
     (in_dialog(mf=None), PHONE, "no Max-Forwards"),
@@ -356,7 +380,7 @@ def _request(method: str, fields, body=b"") -> bytes:
 @settings(max_examples=200, deadline=None)
 @given(edits=st.lists(st.tuples(st.sampled_from(["drop", "copy", "swap", "value", "name", "add"]),
                                 st.integers(0, 30), st.integers(0, 30), _REQ_NAMES, _REQ_VALUES), max_size=3),
-       body=st.sampled_from([b"", b"abc"]), method=st.sampled_from(["BYE", "ACK", "INFO", "REGISTER"]),
+       body=st.sampled_from([b"", b"abc"]), method=st.sampled_from(["BYE", "ACK", "INFO", "REGISTER", "INVITE"]),
        src=st.sampled_from([PHONE, NODE1]))
 def test_changed_dialog_requests_route_the_same_either_way(edits, body, method, src):
     """A common BYE with up to three edits (a field dropped, copied, moved,
