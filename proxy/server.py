@@ -701,19 +701,22 @@ class Proxy:
         return None if b"record-route" in scan.head else (scan.fields_start, 0)
 
     def fast_outbound(self, data: bytes, src, transport: SipTransport, node: str) -> bool:
-        """A request inside a dialog from a node on its way out (a B-leg
-        ACK or BYE, a BYE to the caller), in the common form with our
+        """A request from a node on its way out (a B-leg INVITE, ACK or
+        BYE, a BYE to the caller) in the common form, with no Route or our
         Route as its only one: sent where outbound() would send it, with
-        Max-Forwards decremented, received/rport stamped, our Route popped
-        and our Via added. False: on_request has to handle it."""
-        if data.count(b"tag=") < 2:
-            return False                    # no To-tag: a B-leg INVITE, which gets a Record-Route
+        Max-Forwards decremented, received/rport stamped, our Route popped,
+        our Via added and, on an INVITE that starts a dialog, our
+        Record-Route. False: on_request has to handle it."""
+        if data.count(b"tag=") < 2 and not data.startswith(b"INVITE "):
+            return False                    # a new request other than INVITE
         t0 = time.perf_counter()
         scan = scan_request(data, transport.limits)
-        if (scan is None or scan.to_tag is None or scan.max_forwards <= 0 or scan.route is None
-                or not (scan.via.branch or "").startswith("z9hG4bK")):
+        if scan is None or scan.max_forwards <= 0 or not (scan.via.branch or "").startswith("z9hG4bK"):
             return False
-        ours, flow = self._our_route(scan.route)
+        initial = scan.to_tag is None
+        if initial and scan.method != "INVITE":
+            return False
+        ours, flow = self._our_route(scan.route) if scan.route is not None else (True, None)
         if not ours:
             return False
         if flow:
@@ -728,13 +731,20 @@ class Proxy:
             dest, out_transport = self._uri_hop(target)
         if out_transport != "udp" or not _is_ip(dest[0]):
             return False
-        if scan.method == "ACK" and scan.to_tag == self.reply_tag:
+        record_route = None
+        if initial:
+            at = self._record_route_at(scan)
+            if at is None:
+                return False
+            record_route = (*at, f"Record-Route: {self.our_uri('udp')}\r\n".encode("latin-1"))
+        elif scan.method == "ACK" and scan.to_tag == self.reply_tag:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, "outbound")
-        ours = self.our_via("udp", self._branch(scan.via, scan.call_id))
-        out = self._edit_request(data, scan, src, ours, b"")
-        if log.isEnabledFor(logging.DEBUG):
-            event(log, "route", logging.DEBUG, method=scan.method, call_id=scan.call_id,
+        ours_via = self.our_via("udp", self._branch(scan.via, scan.call_id))
+        out = self._edit_request(data, scan, src, ours_via, b"", record_route)
+        level = logging.INFO if initial else logging.DEBUG
+        if log.isEnabledFor(level):
+            event(log, "route", level, method=scan.method, call_id=scan.call_id,
                   bekey=read_stamp(self.secret, scan.call_id) or read_stamp(self.secret, scan.from_tag),
                   node=node, dest=f"{dest[0]}:{dest[1]}/udp", reason="outbound")
         self.send_data(out, dest, "udp")

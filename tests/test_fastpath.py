@@ -210,6 +210,9 @@ def from_node(method="BYE", *, uri=TRUNK_URI, route=f"<sip:{PROXY};lr>",
     (from_node("BYE", route=OUR_ROUTE), PHONE),                          # to the caller, over its flow
     (from_node("INFO", body=b"Signal=1\r\n", extra=["Content-Type: application/dtmf-relay"]), ("192.0.2.80", 5062)),
     (from_node("BYE", via=f"SIP/2.0/UDP {NODE1[0]}:{NODE1[1]};branch=z9hG4bKn1-8"), ("192.0.2.80", 5062)),
+    (from_node("BYE", route=None), ("192.0.2.80", 5062)),                 # a route set without us
+    (from_node("INVITE", to_tag="", route=None), ("192.0.2.80", 5062)),  # a B-leg to the trunk
+    (from_node("INVITE", to_tag="", route=OUR_ROUTE), PHONE),             # to a phone, over its Path
 ])
 def test_requests_from_the_nodes_leave_as_the_full_path_sends_them(data, dest):
     async def go():
@@ -221,6 +224,8 @@ def test_requests_from_the_nodes_leave_as_the_full_path_sends_them(data, dest):
             assert msg.top_via.branch.startswith("z9hG4bKsph") and msg.top_via.host == PROXY.split(":")[0]
             assert not msg.routes and not msg.has(ROUTE_HEADER) and msg.max_forwards == 69
             assert pair.proxies[0].stats.get("requests", msg.method, "outbound") == 1
+            if msg.to.tag is None:                       # a new dialog: we stay in its path
+                assert msg.record_routes[0].raw == f"<sip:{PROXY};lr>"
     run(go)
 
 
@@ -310,7 +315,6 @@ def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
      "bad From"),
     (in_dialog(body=b"xyz").replace(b"Content-Length: 3", b"Content-Length: 2"), PHONE, "body longer than said"),
     # from a node, on its way out
-    (from_node(route=None), NODE1, "no Route: not through a proxy that record-routed"),
     (from_node(route="<sip:203.0.113.1;lr>"), NODE1, "a Route that is not ours"),
     (from_node(uri="sip:bob@192.0.2.80:5062;transport=tcp"), NODE1, "over TCP"),
     (from_node(uri="sip:bob@trunk.example.com"), NODE1, "a host name to resolve"),
@@ -318,7 +322,7 @@ def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
     (from_node(uri="tel:+15551234"), NODE1, "not a SIP URI: 416"),
     (from_node(route=f"<sip:{PROXY};lr;flow=udp:nohost:>"), NODE1, "a bad flow: 400"),
     (from_node(mf="0"), NODE1, "Max-Forwards 0: 483"),
-    (from_node(to_tag=""), NODE1, "a B-leg INVITE: Record-Route"),
+    (from_node("SUBSCRIBE", to_tag=""), NODE1, "a new request other than INVITE"),
 ])
 def test_other_requests_take_the_full_path_with_the_same_outcome(data, src, why):
     async def go():
