@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -39,7 +38,7 @@ from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
 from .registrar import register
-from .sip import Transactions, new_branch, parse_request
+from .sip import Transactions, new_branch, parse_request, random_hex
 from .store import DialogStore, StoreUnavailable
 
 log = logging.getLogger("node")
@@ -101,6 +100,9 @@ class Node:
             self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
         self.tx = Transactions(self._send, self.proxy_addr)
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # calls this node is setting up (B-leg INVITE in progress), as saved:
+        # a provisional answer is relayed from here, without a read
+        self.in_setup: dict[str, dict] = {}
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -313,7 +315,7 @@ class Node:
         self.tx.respond(req, resp)
 
     def new_tag(self, bekey: str) -> str:
-        return f"{make_stamp(self.secret, bekey)}.{uuid.uuid4().hex[:8]}"
+        return f"{make_stamp(self.secret, bekey)}.{random_hex(8)}"
 
     # ---- requests ----------------------------------------------------------
     async def on_request(self, req: SipRequest, bekey: str) -> None:
@@ -409,7 +411,7 @@ class Node:
              "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
              "lc": 0, "rc": req.cseq[0], "tgt": contact, "rs": [r.raw for r in req.record_routes]}
         first_uri, first_route = targets[0]
-        b = {"cid": f"{make_stamp(self.secret, bekey)}-{uuid.uuid4().hex[:12]}@sipha",
+        b = {"cid": f"{make_stamp(self.secret, bekey)}-{random_hex(12)}@sipha",
              "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"],
              "ru": f"<{req.uri}>" if registered else f"<{first_uri}>",
              "lc": 1, "rc": 0, "tgt": first_uri, "rs": list(first_route)}
@@ -424,6 +426,7 @@ class Node:
             await self.store.save(bekey, record, partner, self.others(bekey))
         finally:
             trying()
+        self.in_setup[bekey] = record
         self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
@@ -479,7 +482,14 @@ class Node:
         return next((f for f in record.get("forks", []) if f["br"] == branch), None)
 
     async def on_invite_response(self, bekey: str, branch: str, resp: SipResponse | None) -> None:
-        record, _ = await self.store.load(bekey, [])
+        provisional = resp is not None and resp.status < 200
+        record = self.in_setup.get(bekey) if provisional else None
+        if not provisional:
+            # the setup is over (a final answer or a timeout): what changes
+            # now is read from Redis, where a partner may have changed it
+            self.in_setup.pop(bekey, None)
+        if record is None:
+            record, _ = await self.store.load(bekey, [])
         if record is None:
             if resp is not None and 200 <= resp.status < 300:
                 # answered after the call ended (CANCEL race): ACK and hang up
@@ -645,6 +655,7 @@ class Node:
         if record["st"] != "early" or record.get("cancel"):
             return
         record["cancel"] = True
+        self.in_setup.pop(bekey, None)
         for fork in record["forks"]:
             if fork["st"] is None:
                 self.send_cancel(record, fork)
