@@ -73,9 +73,21 @@ def read_stamp(secret: bytes, text: str | None) -> str | None:
     return None
 
 
+_RANKS: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+
 def rank(bekey: str, nodes: Iterable[str]) -> list[str]:
-    """All nodes, best first, for this BEKey."""
-    return sorted(nodes, key=lambda n: (-_h64("rank", n, bekey), n))
+    """All nodes, best first, for this BEKey. Remembered (a hash per node
+    and a sort, asked several times for every message of a call); the
+    memory is bounded and forgotten all at once when full."""
+    key = (bekey, tuple(nodes))
+    order = _RANKS.get(key)
+    if order is None:
+        order = tuple(sorted(key[1], key=lambda n: (-_h64("rank", n, bekey), n)))
+        if len(_RANKS) >= 16384:
+            _RANKS.clear()
+        _RANKS[key] = order
+    return list(order)
 
 
 def admits(node: str, bekey: str, load_factor: float) -> bool:
