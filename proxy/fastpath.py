@@ -7,12 +7,13 @@ object: the header block is checked in one regular-expression pass, the
 two Vias are found by a search on its lower-cased copy, the top one is cut
 out of the datagram and the rest is sent unchanged.
 
-Requests inside a dialog (a To-tag: ACK, BYE, re-INVITE, INFO, ...) from
-outside the cluster, and from the nodes on their way out: scan_request
-finds and parses only the fields routing reads (Request-URI, top Via,
-From, To, Call-ID, CSeq, Max-Forwards, Route, User-Agent) with the
-parser's own value parsers, and the proxy writes its few edits into the
-datagram (proxy/server.py fast_request, fast_outbound).
+Requests inside a dialog (a To-tag: ACK, BYE, re-INVITE, INFO, ...) and
+new INVITEs, from outside the cluster and from the nodes on their way
+out: scan_request finds and parses only the fields routing reads
+(Request-URI, top Via, From, To, Call-ID, CSeq, Max-Forwards, Route,
+User-Agent) with the parser's own value parsers, and the proxy writes its
+few edits into the datagram (proxy/server.py fast_request, fast_outbound),
+a Record-Route among them on a new INVITE.
 
 New INVITEs while the proxy is overloaded (proxy/limits.py OverloadGuard):
 refuse_initial_invite writes the 503 from the INVITE's bytes.
