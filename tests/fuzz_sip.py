@@ -1,8 +1,9 @@
 """Coverage-guided fuzzing (atheris) of everything that reads bytes from the
-network: the parser, TCP framing, and the proxy's handling of whatever
-parses. Only SipParseError may come out.
+network: the parser, TCP framing, the proxy's byte paths and its handling
+of whatever parses. Only SipParseError may come out.
 
-    .venv/bin/python tests/fuzz_sip.py -runs=200000 [corpus_dir]
+    cp -r tests/fuzz_corpus /tmp/corpus    # libFuzzer adds what it finds to it
+    .venv/bin/python tests/fuzz_sip.py -runs=200000 -max_len=2048 /tmp/corpus
 
 A crash writes crash-<hash> here; keep it as a regression test in
 test_message.py / test_hardening.py.
@@ -37,6 +38,14 @@ def one(data: bytes) -> None:
                 parse_message(piece, datagram=False)
     except SipParseError:
         pass
+    # the byte paths (new INVITEs, requests in a dialog, a node's requests,
+    # the overload refusal): they decline or relay, never raise
+    for share in (0.0, 1.0):
+        PROXY.refuse_share = share
+        for src in (("192.0.2.7", 5060), ("127.0.0.1", 5070)):
+            PROXY.fast_datagram(data, src, PROXY.transports[0])
+    PROXY.refuse_share = 0.0
+    PROXY.transports[0].sent.clear()
     try:
         msg = parse_message(data)
     except SipParseError:

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from proxy.server import Proxy
 from sipcore.config import load_config
-from sipcore.message import parse_message
+from sipcore.message import DEFAULT_LIMITS, parse_message
 from sipha.sipp import Sipp, free_port
 from clusterkit import uac as uac_sipp
 from sipmsgs import INVITE, RESPONSE
@@ -21,6 +21,8 @@ from sipmsgs import INVITE, RESPONSE
 # ---- in-process: the proxy's request handling under random input --------
 
 class FakeTransport:
+    limits = DEFAULT_LIMITS
+
     def __init__(self):
         self.sent = []
 
