@@ -426,7 +426,6 @@ class Node:
             await self.store.save(bekey, record, partner, self.others(bekey))
         finally:
             trying()
-        self.in_setup[bekey] = record
         self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
               target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
@@ -436,6 +435,7 @@ class Node:
                                 branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
             self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
                 bekey, self.on_invite_response(bekey, br, resp)))
+        self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
 
     def trying_once_saved(self, req: SipRequest):
         """-> a function that sends the 100 Trying for `req` if it has not
