@@ -104,6 +104,10 @@ class Proxy:
         self.routing_latency = Histogram(
             "sipha_proxy_routing_seconds", "time from a message's arrival to its forwarding",
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05))
+        self.queue_wait = Histogram(
+            "sipha_proxy_queue_wait_seconds",
+            "how long a datagram waited in the UDP receive queue (one sampled every 10 ms; see limits.overload_delay)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
         self.started = time.time()
         self.admin: AdminServer | None = None
         self.admin_addr = None
@@ -198,7 +202,7 @@ class Proxy:
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
             "workers": self.link.role.count if self.link else 1,
-            "overloaded": self.overloaded,
+            "overloaded": self.link.overloaded() if self.link else self.overloaded,
             "counters": self._counters().as_dict(),
         }
 
@@ -222,10 +226,11 @@ class Proxy:
         yield lf
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
         yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs are being refused (limits.overload_delay)",
-                                value=int(self.overloaded))
+                                value=int(self.link.overloaded() if self.link else self.overloaded))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
-        yield from (self.link.latency() if self.link else self.routing_latency).collect()
+        for h in (self.link.histograms() if self.link else [self.routing_latency, self.queue_wait]):
+            yield from h.collect()
 
     # ---- helpers -----------------------------------------------------
     @property
@@ -586,6 +591,8 @@ class Proxy:
         socket's queue (OverloadGuard)?"""
         for t, g in self.guards:
             change = g.sample(t.last_wait)
+            if t.last_wait is not None:
+                self.queue_wait.observe(t.last_wait)
             t.last_wait, t.wait_wanted = None, True
             if change == "start":
                 event(log, "overload_start", logging.WARNING, wait_ms=round(g.wait * 1000),

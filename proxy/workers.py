@@ -162,9 +162,9 @@ class WorkerLink:
         self._post(f"T {dest[0]} {dest[1]} {branch} {status} {method}\n".encode() + data)
 
     def _send_stats(self) -> None:
-        h = self.proxy.routing_latency
         snap = {"counters": [[list(k), v] for k, v in self.proxy.stats.values.items()],
-                "latency": {"counts": h.counts, "sum": h.sum}}
+                "overloaded": self.proxy.overloaded,
+                **{name: {"counts": h.counts, "sum": h.sum} for name, h in self._histograms().items()}}
         self._post(b"S " + str(self.role.index).encode() + b"\n" + json.dumps(snap).encode())
 
     # worker 0
@@ -196,16 +196,27 @@ class WorkerLink:
                 merged.values[tuple(key)] += v
         return merged
 
-    def latency(self) -> Histogram:
-        own = self.proxy.routing_latency
-        merged = Histogram(own.name, own.doc, own.buckets)
-        merged.counts = list(own.counts)
-        merged.sum = own.sum
-        for snap in self.role.snapshots.values():
-            lat = snap["latency"]
-            merged.counts = [a + b for a, b in zip(merged.counts, lat["counts"])]
-            merged.sum += lat["sum"]
-        return merged
+    def _histograms(self) -> dict[str, Histogram]:
+        return {"latency": self.proxy.routing_latency, "wait": self.proxy.queue_wait}
+
+    def histograms(self) -> list[Histogram]:
+        """Each of this process's histograms with the other workers' added."""
+        out = []
+        for name, own in self._histograms().items():
+            merged = Histogram(own.name, own.doc, own.buckets)
+            merged.counts = list(own.counts)
+            merged.sum = own.sum
+            for snap in self.role.snapshots.values():
+                theirs = snap.get(name)
+                if theirs is not None:
+                    merged.counts = [a + b for a, b in zip(merged.counts, theirs["counts"])]
+                    merged.sum += theirs["sum"]
+            out.append(merged)
+        return out
+
+    def overloaded(self) -> bool:
+        """Whether any worker is refusing new INVITEs now (as of its last report)."""
+        return self.proxy.overloaded or any(snap.get("overloaded") for snap in self.role.snapshots.values())
 
 
 # ---- the supervisor -------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from proxy.limits import OverloadGuard, RecentCalls
 from proxy.server import Proxy
+from proxy.workers import WorkerLink, WorkerRole
 from sipcore.config import load_config
 from sipcore.message import parse_message
 from sipcore.transport import SipTransport
@@ -196,4 +197,40 @@ def test_floods_and_scanners_get_no_answer_even_while_overloaded():
         assert len(p.sent) == 1 and p.sent[0][0].startswith(b"SIP/2.0 503 ")
         assert p.stats.get("events", "rate_limited") == 2
         await p.close()
+    asyncio.run(go())
+
+
+def test_queue_waits_are_a_histogram_and_workers_report_theirs_and_their_overload():
+    """sipha_proxy_queue_wait_seconds: the wait of the datagram sampled every
+    10 ms, for operators to see how close the proxy runs to the guard; with
+    several workers, worker 0's /metrics and /status add the others'."""
+    async def go():
+        p0, p1 = await overloaded_proxy(), await overloaded_proxy()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        b.setblocking(False)                    # as WorkerLink.start() sets it
+        try:
+            for p, wait in ((p0, 0.003), (p1, 0.05)):
+                t, _ = p.guards[0]
+                t.last_wait = wait
+                p._watch_overload()
+                t.last_wait = None              # nothing read in the next 10 ms: nothing observed
+                p._watch_overload()
+                assert p.queue_wait.count == 1
+            p1.overloaded = True
+            w0, w1 = WorkerLink(WorkerRole(0, 2, None, [b]), p0), WorkerLink(WorkerRole(1, 2, None, [a]), p1)
+            p0.link = w0
+            w1._send_stats()
+            w0._receive(b)
+            wait, = [h for h in w0.histograms() if h.name == "sipha_proxy_queue_wait_seconds"]
+            assert wait.count == 2 and wait.sum == pytest.approx(0.053)
+            _, text = await p0.metrics()
+            assert 'sipha_proxy_queue_wait_seconds_bucket{le="0.005"} 1.0' in text
+            assert 'sipha_proxy_queue_wait_seconds_bucket{le="0.08"} 2.0' in text
+            assert "sipha_proxy_overloaded 1.0" in text and (await p0.status())["overloaded"] is True
+        finally:
+            a.close()
+            b.close()
+            p0.link = None
+            for p in (p0, p1):
+                await p.close()
     asyncio.run(go())
