@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import defaultdict
 
@@ -34,6 +35,7 @@ from sipcore.headers import format_params, parse_name_addr, parse_uri, split_par
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
+from sipcore.overload import OverloadGuard
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
@@ -110,6 +112,9 @@ class Node:
         self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
         self.started = time.time()
         self.warm = 0            # active records found in our Redis at start
+        # new calls refused while messages wait too long in our UDP queue
+        # (limits.overload_delay, as on the proxy)
+        self.guard: OverloadGuard | None = None
         self.warm_until = 0.0
         self.admin: AdminServer | None = None
 
@@ -123,6 +128,9 @@ class Node:
         self.proxy_addr = await self._resolve(self.proxy_addr)
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
+        if self.cfg["limits.overload_delay"] > 0 and self.transport.measure_wait():
+            self.guard = OverloadGuard(self.cfg["limits.overload_delay"])
+            self._tasks.append(loop.create_task(self._watch_overload()))
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
         setting = self.cfg["node.admin"]
@@ -148,6 +156,7 @@ class Node:
                 "dialogs": {space: by and by["call"] for space, by in kinds.items()},
                 "registrations": {space: by and by["reg"] for space, by in kinds.items()}, "calls_in_memory_locks": len(self.locks),
                 "replication": self.store.replication,
+                "overloaded": self.guard is not None and self.guard.active,
                 "counters": self.stats.as_dict(), "store": self.store.stats}
 
     async def metrics(self) -> tuple[str, str]:
@@ -186,6 +195,21 @@ class Node:
                 self.healthy = ok
                 event(log, "redis_up" if ok else "redis_down", logging.INFO if ok else logging.ERROR,
                       node=self.id)
+
+    async def _watch_overload(self) -> None:
+        """Every 10 ms: how long did the last datagram read wait (OverloadGuard)?"""
+        t, g = self.transport, self.guard
+        while True:
+            await asyncio.sleep(0.01)
+            change = g.sample(t.last_wait)
+            t.last_wait, t.wait_wanted = None, True
+            if change == "start":
+                event(log, "overload_start", logging.WARNING, node=self.id, wait_ms=round(g.wait * 1000),
+                      limit_ms=round(g.low * 1000),
+                      msg="the node is falling behind: a share of new INVITEs gets 503 until its queue drains")
+            elif change == "end":
+                event(log, "overload_end", node=self.id, refused=g.refused,
+                      duration_s=round(time.monotonic() - g.since, 3))
 
     def _send(self, data: bytes, dest) -> None:
         try:
@@ -231,10 +255,15 @@ class Node:
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return
-        if self.inflight >= MAX_INFLIGHT and msg.method in ("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE") \
-                and msg.to.tag is None:
-            # overload: turn new work away (RFC 3261 §21.5.4) and keep serving calls in progress
+        if msg.to.tag is None and msg.method in ("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE") and (
+                self.inflight >= MAX_INFLIGHT
+                or (msg.method == "INVITE" and self.guard is not None and self.guard.share
+                    and random.random() < self.guard.share)):
+            # overload: turn new work away (RFC 3261 §21.5.4) and keep serving
+            # calls in progress (a retransmission was answered above)
             self.stats.inc("overload_rejections")
+            if self.guard is not None:
+                self.guard.refused += self.guard.active
             self.reply(msg, 503, "Service Unavailable (overloaded)", headers=[("Retry-After", "2")])
             return
         bekey = self._route_info(msg)[0]

@@ -40,11 +40,12 @@ from sipcore.headers import SipUri, Via, format_params, parse_name_addr, parse_u
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
+from sipcore.overload import OverloadGuard
 from sipcore.transport import SipTransport
 
 from .fastpath import RequestScan, first_value, refuse_initial_invite, scan_request, strip_top_via
 from .health import HealthMonitor
-from .limits import OverloadGuard, RecentCalls, SourceLimiter
+from .limits import RecentCalls, SourceLimiter
 from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 

@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from proxy.limits import OverloadGuard, RecentCalls
+from proxy.limits import RecentCalls
 from proxy.server import Proxy
 from proxy.workers import WorkerLink, WorkerRole
 from sipcore.config import load_config
 from sipcore.message import parse_message
+from sipcore.overload import OverloadGuard
 from sipcore.transport import SipTransport
 
 PHONE = ("192.0.2.50", 5070)
@@ -233,4 +234,38 @@ def test_queue_waits_are_a_histogram_and_workers_report_theirs_and_their_overloa
             p0.link = None
             for p in (p0, p1):
                 await p.close()
+    asyncio.run(go())
+
+
+def test_a_node_falling_behind_refuses_new_invites_but_not_a_call_it_has():
+    """The nodes watch their own queue as the proxy does (with the nodes on
+    their own machines the proxy may have room while a node drowns)."""
+    from node.app import Node
+
+    async def go():
+        cfg = load_config(None, overrides={"node.admin": "off"},
+                          nodes=["node1=127.0.0.1:0,redis://127.0.0.1:1/0", "node2=127.0.0.1:7002,redis://127.0.0.1:2/0"])
+        n = Node(cfg, "node1")
+        await n.transport.listen("127.0.0.1", 0)
+        assert n.transport.measure_wait()
+        n.guard = OverloadGuard(cfg["limits.overload_delay"])
+        sent = []
+        n.tx._send = lambda data, dest: sent.append(data)
+        n.spawn = lambda bekey, coro, req=None: coro.close()      # what a call would do next: not here
+        try:
+            first = invite().replace(b"ov-1@", b"ov-7@")
+            n.transport._received(first, NODE, "udp", datagram=True)        # before: taken on
+            assert sent == []
+            n.guard.share = 1.0                                               # now it is behind
+            n.transport._received(first, NODE, "udp", datagram=True)        # a retransmission: not refused
+            n.transport._received(invite("b2", "BYE", "2 BYE"), NODE, "udp", datagram=True)   # a call it has
+            assert sent == []
+            n.transport._received(invite(), NODE, "udp", datagram=True)     # a new call
+            (data,) = sent
+            resp = parse_message(data)
+            assert resp.status == 503 and resp.reason == "Service Unavailable (overloaded)"
+            assert resp.get("Retry-After") == "2" and n.stats.get("overload_rejections") == 1
+        finally:
+            await n.transport.close()
+            await n.store.close()
     asyncio.run(go())
