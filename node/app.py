@@ -198,18 +198,9 @@ class Node:
 
     async def _watch_overload(self) -> None:
         """Every 10 ms: how long did the last datagram read wait (OverloadGuard)?"""
-        t, g = self.transport, self.guard
         while True:
             await asyncio.sleep(0.01)
-            change = g.sample(t.last_wait)
-            t.last_wait, t.wait_wanted = None, True
-            if change == "start":
-                event(log, "overload_start", logging.WARNING, node=self.id, wait_ms=round(g.wait * 1000),
-                      limit_ms=round(g.low * 1000),
-                      msg="the node is falling behind: a share of new INVITEs gets 503 until its queue drains")
-            elif change == "end":
-                event(log, "overload_end", node=self.id, refused=g.refused,
-                      duration_s=round(time.monotonic() - g.since, 3))
+            self.guard.poll(self.transport, log, "node", node=self.id)
 
     def _send(self, data: bytes, dest) -> None:
         try:
@@ -263,7 +254,7 @@ class Node:
             # calls in progress (a retransmission was answered above)
             self.stats.inc("overload_rejections")
             if self.guard is not None:
-                self.guard.refused += self.guard.active
+                self.guard.count_refusal()
             self.reply(msg, 503, "Service Unavailable (overloaded)", headers=[("Retry-After", "2")])
             return
         bekey = self._route_info(msg)[0]

@@ -591,16 +591,9 @@ class Proxy:
         """Every 10 ms: how long did the last datagram read wait in its
         socket's queue (OverloadGuard)?"""
         for t, g in self.guards:
-            change = g.sample(t.last_wait)
-            if t.last_wait is not None:
-                self.queue_wait.observe(t.last_wait)
-            t.last_wait, t.wait_wanted = None, True
-            if change == "start":
-                event(log, "overload_start", logging.WARNING, wait_ms=round(g.wait * 1000),
-                      limit_ms=round(g.low * 1000),
-                      msg="the proxy is falling behind: a share of new INVITEs gets 503 until its queue drains")
-            elif change == "end":
-                event(log, "overload_end", refused=g.refused, duration_s=round(time.monotonic() - g.since, 3))
+            wait = g.poll(t, log, "proxy")
+            if wait is not None:
+                self.queue_wait.observe(wait)
         self.overloaded = any(g.active for _, g in self.guards)
         self.refuse_share = max(g.share for _, g in self.guards)
         self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
@@ -642,7 +635,7 @@ class Proxy:
         (`call_id`: a function, so nothing is looked up when that is off)."""
         self.stats.inc("requests", "INVITE", "overload")
         for _, g in self.guards:
-            g.refused += g.active
+            g.count_refusal()
         if log.isEnabledFor(logging.DEBUG):
             event(log, "route", logging.DEBUG, method="INVITE", call_id=call_id(),
                   src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)

@@ -4,7 +4,10 @@ The proxy and the nodes use it alike; SipTransport.measure_wait gives the
 waits."""
 from __future__ import annotations
 
+import logging
 import time
+
+from .logfmt import event
 
 
 class OverloadGuard:
@@ -77,3 +80,24 @@ class OverloadGuard:
                 self.share = 0.0
                 return "end"
         return None
+
+    def poll(self, transport, log: logging.Logger, who: str, **fields) -> float | None:
+        """Every 10 ms: sample the wait `transport` measured since the last
+        poll, ask it to measure the next datagram, and log overload_start /
+        overload_end (`who` falls behind; `fields` first on the line).
+        -> the wait sampled (None: nothing was read)."""
+        wait = transport.last_wait
+        change = self.sample(wait)
+        transport.last_wait, transport.wait_wanted = None, True
+        if change == "start":
+            event(log, "overload_start", logging.WARNING, **fields, wait_ms=round(self.wait * 1000),
+                  limit_ms=round(self.low * 1000),
+                  msg=f"the {who} is falling behind: a share of new INVITEs gets 503 until its queue drains")
+        elif change == "end":
+            event(log, "overload_end", **fields, refused=self.refused,
+                  duration_s=round(time.monotonic() - self.since, 3))
+        return wait
+
+    def count_refusal(self) -> None:
+        """A new call was refused (counted for overload_end while active)."""
+        self.refused += self.active
