@@ -15,7 +15,7 @@ User-Agent) with the parser's own value parsers, and the proxy writes its
 few edits into the datagram (proxy/server.py fast_request, fast_outbound),
 a Record-Route among them on a new INVITE.
 
-New INVITEs while the proxy is overloaded (proxy/limits.py OverloadGuard):
+New INVITEs while the proxy is overloaded (sipcore/overload.py OverloadGuard):
 refuse_initial_invite writes the 503 from the INVITE's bytes.
 
 Anything out of the common case returns None and takes the full parser,
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from sipcore.bekey import ROUTE_HEADER
 from sipcore.errors import SipParseError
-from sipcore.headers import Via, parse_cseq, parse_max_forwards, parse_name_addr, parse_uri, parse_via
+from sipcore.headers import SipUri, Via, parse_cseq, parse_max_forwards, parse_name_addr, parse_uri, parse_via
 from sipcore.message import _TOKEN_CHARS, Limits
 
 # header names and methods: the parser's token characters (RFC 3261 §25.1)
@@ -141,7 +141,7 @@ class RequestScan:
     """What routing reads of a request, with where its fields are. Lines
     are (start, end) offsets into the datagram, end past the CRLF."""
     method: str
-    uri: str                     # the Request-URI (it parses)
+    ruri: SipUri                 # the Request-URI, parsed (shared: read only)
     fields_start: int            # first header line
     fields_end: int              # past the last header line's CRLF
     head: bytes                  # start line and fields, lower-cased
@@ -162,9 +162,9 @@ class RequestScan:
 _WANTED = re.compile(rb"\r\n(" + b"|".join(map(re.escape, _READ[2:])) + rb"|via):")
 _REQUIRED = (b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards")
 _UNIQUE = (b"max-forwards", b"route")
-# Request-URIs the parser accepted (in-dialog requests of a call, and all
-# calls of one phone, share theirs); bounded, forgotten all at once when full
-_GOOD_URIS: set[bytes] = set()
+# Request-URIs parsed (the requests of a call, and all calls of one phone
+# or trunk, share theirs); bounded, forgotten all at once when full
+_URIS: dict[bytes, SipUri] = {}
 
 
 def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
@@ -197,11 +197,12 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     method = m.group(1).decode("latin-1")
     uri = m.group(2)
     try:
-        if uri not in _GOOD_URIS:
-            parse_uri(uri.decode("latin-1"))
-            if len(_GOOD_URIS) >= 4096:
-                _GOOD_URIS.clear()
-            _GOOD_URIS.add(uri)
+        ruri = _URIS.get(uri)
+        if ruri is None:
+            ruri = parse_uri(uri.decode("latin-1"))
+            if len(_URIS) >= 4096:
+                _URIS.clear()
+            _URIS[uri] = ruri
         max_forwards = parse_max_forwards(_value(data, mf_line, b"max-forwards"))
         via = parse_via(via_text)
         frm = parse_name_addr(_required(data, lines[b"from"], b"from"))
@@ -210,7 +211,7 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
             return None
     except SipParseError:
         return None
-    return RequestScan(method, uri.decode("latin-1"), m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
+    return RequestScan(method, ruri, m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
                        mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], max_forwards, route_line, route,
                        _value(head, ua_line, b"user-agent") if ua_line is not None else None)
 

@@ -36,7 +36,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import SipUri, Via, format_params, parse_name_addr, parse_uri, split_hostport
+from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -129,7 +129,6 @@ class Proxy:
         self._refusal_tail = f"Retry-After: {OVERLOAD_RETRY_AFTER}\r\nServer: sipha-proxy\r\nContent-Length: 0\r\n\r\n".encode()
         self.our_via_heads: tuple[bytes, ...] = ()
         self._our_routes: dict[str, tuple[bool, str | None]] = {}   # Route value -> (names us, flow)
-        self._uris: dict[str, SipUri] = {}        # Request-URIs parsed (fast_outbound)
         # one of several worker processes (proxy/workers.py), or None
         self.link = WorkerLink(worker, self) if worker is not None else None
         self.primary = worker is None or worker.primary
@@ -553,16 +552,20 @@ class Proxy:
         if initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(out_transport))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
-        level = logging.INFO if initial and req.method != "ACK" else logging.DEBUG
-        if log.isEnabledFor(level):
-            event(log, "route", level, method=req.method, call_id=req.call_id,
-                  bekey=read_stamp(self.secret, req.call_id) or read_stamp(self.secret, req.from_.tag),
-                  node=node, dest=f"{dest[0]}:{dest[1]}/{out_transport}", reason="outbound")
+        self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
         if _is_ip(dest[0]):
             self.send(req, dest, out_transport)
         else:
             asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
+
+    def _log_outbound(self, method: str, call_id: str, from_tag: str | None, node: str, dest,
+                      transport: str, initial: bool) -> None:
+        level = logging.INFO if initial and method != "ACK" else logging.DEBUG
+        if log.isEnabledFor(level):
+            event(log, "route", level, method=method, call_id=call_id,
+                  bekey=read_stamp(self.secret, call_id) or read_stamp(self.secret, from_tag),
+                  node=node, dest=f"{dest[0]}:{dest[1]}/{transport}", reason="outbound")
 
     @staticmethod
     def _flow_hop(flow: str) -> tuple[tuple[str, int], str]:
@@ -652,23 +655,18 @@ class Proxy:
             return self.fast_outbound(data, src, transport, node)
         if self.limiter.enabled and self.limiter.is_banned(src[0]):
             return False                    # dropped at once by on_request
-        if data.count(b"tag=") < 2 and not data.startswith(b"INVITE "):
-            return False                    # no To-tag: a new request, and only INVITEs take this path
         t0 = time.perf_counter()
-        scan = scan_request(data, transport.limits)
-        if (scan is None or scan.method == "REGISTER" or scan.max_forwards <= 0
-                or not (scan.via.branch or "").startswith("z9hG4bK")
+        scan = self._scan(data, transport)
+        if (scan is None or scan.method == "REGISTER"
                 or (scan.route is not None and not self._our_route(scan.route)[0])
                 or (self.drop_scanners and _scanner(scan.user_agent))):
             return False
         initial = scan.to_tag is None
         record_route = None
         if initial:
-            at = self._record_route_at(scan) if scan.method == "INVITE" else None
-            if at is None:
+            record_route = self._record_route(scan, self.our_uri("udp", f"udp:{src[0]}:{src[1]}"))
+            if record_route is None:
                 return False
-            flow = f"udp:{src[0]}:{src[1]}"
-            record_route = (*at, f"Record-Route: {self.our_uri('udp', flow)}\r\n".encode("latin-1"))
         stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
         bekey, how = (stamped, "stamp") if stamped else (bekey_of(scan.call_id), "call-id")
         owner, partner, reason = self._owner(bekey)
@@ -690,16 +688,31 @@ class Proxy:
         return True
 
     @staticmethod
-    def _record_route_at(scan: RequestScan) -> tuple[int, int] | None:
-        """Where add_top puts our Record-Route: before the first one there
-        is, else first of all; None when a Record-Route is spelled in a way
-        this search could miss (the full path reads it). -> (offset, rank
-        among insertions there: first of all goes before a Via inserted
-        first of all as well, since it is added later)."""
+    def _scan(data: bytes, transport: SipTransport) -> RequestScan | None:
+        """A request for a byte path: in a dialog, or a new INVITE, in the
+        common form (scan_request) with an RFC 3261 branch and hops left;
+        None: the full path has to handle it."""
+        if data.count(b"tag=") < 2 and not data.startswith(b"INVITE "):
+            return None                     # no To-tag: a new request, and only INVITEs take this path
+        scan = scan_request(data, transport.limits)
+        if (scan is None or scan.max_forwards <= 0 or not (scan.via.branch or "").startswith("z9hG4bK")
+                or (scan.to_tag is None and scan.method != "INVITE")):
+            return None
+        return scan
+
+    @staticmethod
+    def _record_route(scan: RequestScan, uri: str) -> tuple[int, int, bytes] | None:
+        """Our Record-Route line for _edit_request, where add_top puts it:
+        before the first Record-Route there is, else first of all; None
+        when a Record-Route is spelled in a way this search could miss (the
+        full path reads it). -> (offset, rank among insertions there: first
+        of all goes before a Via inserted first of all as well, since it is
+        added later, line)."""
+        line = f"Record-Route: {uri}\r\n".encode("latin-1")
         at = scan.head.find(b"\r\nrecord-route:")
         if at >= 0:
-            return at + 2, 2
-        return None if b"record-route" in scan.head else (scan.fields_start, 0)
+            return at + 2, 2, line
+        return None if b"record-route" in scan.head else (scan.fields_start, 0, line)
 
     def fast_outbound(self, data: bytes, src, transport: SipTransport, node: str) -> bool:
         """A request from a node on its way out (a B-leg INVITE, ACK or
@@ -708,15 +721,11 @@ class Proxy:
         Max-Forwards decremented, received/rport stamped, our Route popped,
         our Via added and, on an INVITE that starts a dialog, our
         Record-Route. False: on_request has to handle it."""
-        if data.count(b"tag=") < 2 and not data.startswith(b"INVITE "):
-            return False                    # a new request other than INVITE
         t0 = time.perf_counter()
-        scan = scan_request(data, transport.limits)
-        if scan is None or scan.max_forwards <= 0 or not (scan.via.branch or "").startswith("z9hG4bK"):
+        scan = self._scan(data, transport)
+        if scan is None:
             return False
         initial = scan.to_tag is None
-        if initial and scan.method != "INVITE":
-            return False
         ours, flow = self._our_route(scan.route) if scan.route is not None else (True, None)
         if not ours:
             return False
@@ -726,28 +735,23 @@ class Proxy:
             except SipParseError:
                 return False                # the full path answers 400
         else:
-            target = self._request_uri(scan.uri)
-            if target is None or not target.is_sip or self.is_us(target):
+            target = scan.ruri
+            if not target.is_sip or self.is_us(target):
                 return False                # 416, or a strict router's request (full path)
             dest, out_transport = self._uri_hop(target)
         if out_transport != "udp" or not _is_ip(dest[0]):
             return False
         record_route = None
         if initial:
-            at = self._record_route_at(scan)
-            if at is None:
+            record_route = self._record_route(scan, self.our_uri("udp"))
+            if record_route is None:
                 return False
-            record_route = (*at, f"Record-Route: {self.our_uri('udp')}\r\n".encode("latin-1"))
         elif scan.method == "ACK" and scan.to_tag == self.reply_tag:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, "outbound")
         ours_via = self.our_via("udp", self._branch(scan.via, scan.call_id))
         out = self._edit_request(data, scan, src, ours_via, b"", record_route)
-        level = logging.INFO if initial else logging.DEBUG
-        if log.isEnabledFor(level):
-            event(log, "route", level, method=scan.method, call_id=scan.call_id,
-                  bekey=read_stamp(self.secret, scan.call_id) or read_stamp(self.secret, scan.from_tag),
-                  node=node, dest=f"{dest[0]}:{dest[1]}/udp", reason="outbound")
+        self._log_outbound(scan.method, scan.call_id, scan.from_tag, node, dest, "udp", initial)
         self.send_data(out, dest, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
         return True
@@ -767,20 +771,6 @@ class Proxy:
                 self._our_routes.clear()
             self._our_routes[value] = known
         return known
-
-    def _request_uri(self, uri: str) -> SipUri | None:
-        """The parsed Request-URI (None if it does not parse), remembered:
-        the requests of one trunk or phone share theirs. Read only."""
-        parsed = self._uris.get(uri)
-        if parsed is None:
-            try:
-                parsed = parse_uri(uri)
-            except SipParseError:
-                return None
-            if len(self._uris) >= 4096:
-                self._uris.clear()
-            self._uris[uri] = parsed
-        return parsed
 
     def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes,
                       record_route: tuple[int, int, bytes] | None = None) -> bytes:
