@@ -158,13 +158,59 @@ class RequestScan:
     user_agent: str | None       # lower-cased
 
 
-# the fields scan_request reads, found in one pass over the lower-cased header
-_WANTED = re.compile(rb"\r\n(" + b"|".join(map(re.escape, _READ[2:])) + rb"|via):")
+# the fields scan_request reads, each found by a search of the lower-cased
+# header for the line that starts with its name
+_NEEDLES = {name: b"\r\n" + name + b":" for name in (b"via", *_READ[2:])}
 _REQUIRED = (b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards")
 _UNIQUE = (b"max-forwards", b"route")
-# Request-URIs parsed (the requests of a call, and all calls of one phone
-# or trunk, share theirs); bounded, forgotten all at once when full
+# Request-URIs parsed, and the tags of From and To values (the requests of
+# a call repeat them; the calls of one phone or trunk share a Request-URI
+# and often a To): bounded, forgotten all at once when full, short values only
 _URIS: dict[bytes, SipUri] = {}
+_TAGS: dict[str, str | None] = {}
+_MEMO_SIZE = 4096
+_MEMO_LEN = 256
+
+
+def _lines(head: bytes) -> dict[bytes, tuple[int, int]] | None:
+    """-> {name: (start, end) of its first line} for the fields read here,
+    or None when one required is missing, a unique one repeats, or the
+    internal routing header is there (the full path strips it)."""
+    lines = {}
+    for name, needle in _NEEDLES.items():
+        at = head.find(needle)
+        if at < 0:
+            if name in _REQUIRED:
+                return None
+            continue
+        if name in _UNIQUE and head.find(needle, at + 2) >= 0:
+            return None
+        lines[name] = (at + 2, head.find(b"\r\n", at + 2) + 2)
+    return None if _ROUTE_KEY in lines else lines
+
+
+def _parsed_uri(uri: bytes) -> SipUri:
+    ruri = _URIS.get(uri)
+    if ruri is None:
+        ruri = parse_uri(uri.decode("latin-1"))
+        if len(uri) <= _MEMO_LEN:
+            if len(_URIS) >= _MEMO_SIZE:
+                _URIS.clear()
+            _URIS[uri] = ruri
+    return ruri
+
+
+def _tag(value: str) -> str | None:
+    """parse_name_addr(value).tag (raising as it does), remembered."""
+    try:
+        return _TAGS[value]
+    except KeyError:
+        tag = parse_name_addr(value).tag
+    if len(value) <= _MEMO_LEN:
+        if len(_TAGS) >= _MEMO_SIZE:
+            _TAGS.clear()
+        _TAGS[value] = tag
+    return tag
 
 
 def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
@@ -174,16 +220,9 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     if checked is None:
         return None
     m, head = checked
-    lines: dict[bytes, tuple[int, int]] = {}
-    for f in _WANTED.finditer(head):
-        name = f.group(1)
-        if name in lines:
-            if name in _UNIQUE:
-                return None
-            continue
-        lines[name] = (f.start() + 2, head.find(b"\r\n", f.end()) + 2)
-    if _ROUTE_KEY in lines or len(lines.keys() & _REQUIRED) != len(_REQUIRED):
-        return None                       # the internal header (the full path strips it), or one missing
+    lines = _lines(head)
+    if lines is None:
+        return None
     via_text = _value(data, lines[b"via"], b"via")
     route_line = lines.get(b"route")
     route = _value(data, route_line, b"route") if route_line is not None else None
@@ -195,23 +234,17 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
         return None
     ua_line = lines.get(b"user-agent")
     method = m.group(1).decode("latin-1")
-    uri = m.group(2)
     try:
-        ruri = _URIS.get(uri)
-        if ruri is None:
-            ruri = parse_uri(uri.decode("latin-1"))
-            if len(_URIS) >= 4096:
-                _URIS.clear()
-            _URIS[uri] = ruri
+        ruri = _parsed_uri(m.group(2))
         max_forwards = parse_max_forwards(_value(data, mf_line, b"max-forwards"))
         via = parse_via(via_text)
-        frm = parse_name_addr(_required(data, lines[b"from"], b"from"))
-        to = parse_name_addr(_required(data, lines[b"to"], b"to"))
+        from_tag = _tag(_required(data, lines[b"from"], b"from"))
+        to_tag = _tag(_required(data, lines[b"to"], b"to"))
         if parse_cseq(_required(data, lines[b"cseq"], b"cseq"))[1] != method:
             return None
     except SipParseError:
         return None
-    return RequestScan(method, ruri, m.end(), len(head), head, lines[b"via"], via, frm.tag, to.tag, call_id,
+    return RequestScan(method, ruri, m.end(), len(head), head, lines[b"via"], via, from_tag, to_tag, call_id,
                        mf_line, data[mf_line[0]:mf_line[0] + len(b"max-forwards")], max_forwards, route_line, route,
                        _value(head, ua_line, b"user-agent") if ua_line is not None else None)
 
