@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -208,13 +209,26 @@ class Redis:
         self.connecting: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def execute(self, *args) -> object:
+    def execute(self, *args) -> Awaitable:
+        """Send a command -> an awaitable of its reply. Connected, that is
+        the reply's future itself, so awaiting it, or gathering the writes
+        of one save, runs no coroutine or task of its own (a call makes a
+        dozen commands); else a coroutine that connects first."""
         conn = self.conn
         if conn is None or conn.lost:
-            conn = await self._connect()
+            return self._connect_and_send(args)
+        return self._send(conn, args)
+
+    def _send(self, conn: _Connection, args) -> asyncio.Future:
         if len(conn.pending) >= self.max_pending:
-            raise RedisConnectionError(f"Redis at {self.ep.name}: {self.max_pending} commands already waiting")
-        return await conn.send(hiredis.pack_command(args))
+            fut = self.loop.create_future()
+            fut.set_exception(RedisConnectionError(
+                f"Redis at {self.ep.name}: {self.max_pending} commands already waiting"))
+            return fut
+        return conn.send(hiredis.pack_command(args))
+
+    async def _connect_and_send(self, args) -> object:
+        return await self._send(await self._connect(), args)
 
     async def _connect(self) -> _Connection:
         if self.connecting is not None:           # someone is connecting already: wait for that

@@ -96,6 +96,24 @@ def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(server):
     assert asyncio.run(go()) == b"Y"
 
 
+def test_commands_past_the_pending_limit_fail_at_once_and_the_rest_are_answered(server):
+    """A connected client hands back each reply's future; past max_pending
+    waiting commands the future carries the error instead of queueing."""
+    port, _ = server
+
+    async def go():
+        r = Redis(f"redis://127.0.0.1:{port}/0", max_pending=3)
+        await r.set("k", b"v")
+        first = [r.get("k") for _ in range(5)]     # none answered yet: all sent this tick
+        results = await asyncio.gather(*first, return_exceptions=True)
+        after = await r.get("k")
+        await r.aclose()
+        return results, after
+    results, after = asyncio.run(go())
+    assert results[:3] == [b"v"] * 3 and after == b"v"
+    assert all(isinstance(e, RedisConnectionError) and "3 commands already waiting" in str(e) for e in results[3:])
+
+
 def test_a_stalled_redis_times_out_everything_waiting_and_the_next_command_reconnects(server):
     port, procs = server
 
