@@ -9,7 +9,9 @@ flow, so one worker takes all its requests) and from --uacs UACs at once
 (several flows, which the kernel spreads over the workers, as phones would be).
 
 Per step: offered and achieved rate, calls ok / failed, retransmissions,
-response-time percentiles (from SIPp's -trace_rtt). The headline per path
+response-time percentiles (from SIPp's -trace_rtt), and the CPU of each
+part (proxy, nodes, Redis, SIPp) as a share of one core and in ms per
+completed call, the figure to size a deployment by. The headline per path
 is the highest offered rate with 0 failed calls. Also measured: Redis bytes
 per dialog (MEMORY USAGE), node RSS with N concurrent held calls, and
 failover detection time (node killed -> out of the ring, and -> first call
@@ -101,9 +103,9 @@ async def step(target, rate: float, seconds: float, workdir: str, watch: dict[st
         await asyncio.wait(waiting, timeout=0.5)
     results = [w.result() for w in waiting]
     wall = time.monotonic() - t0
-    cpu = {name: round(100 * (sum(cpu_seconds(p) or 0 for p in pids) - before[name]) / wall)
-           for name, pids in watch.items()}
-    cpu["sipp_uac"] = round(100 * sum(uac_cpu) / wall)
+    used = {name: sum(cpu_seconds(p) or 0 for p in pids) - before[name] for name, pids in watch.items()}
+    used["sipp_uac"] = sum(uac_cpu)
+    cpu = {name: round(100 * seconds_used / wall) for name, seconds_used in used.items()}
     rtt = read_rtt(workdir, started)
     ok = sum(r.ok for r in results)
     failed = sum(r.failed for r in results)
@@ -114,7 +116,10 @@ async def step(target, rate: float, seconds: float, workdir: str, watch: dict[st
             "success_ratio": round(ok / calls, 4),
             "rt_p50_ms": percentile(rtt, 50), "rt_p99_ms": percentile(rtt, 99),
             "rt_mean_ms": round(statistics.mean(rtt), 2) if rtt else None,
-            "cpu_percent": cpu}
+            "cpu_percent": cpu,
+            # what sizing needs: CPU each part spends on one completed call
+            "cpu_ms_per_call": {name: round(1000 * seconds_used / ok, 2) if ok else None
+                                for name, seconds_used in used.items()}}
 
 
 async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str,
@@ -126,7 +131,8 @@ async def run_steps(name: str, target, rates: list[float], seconds: float, workd
         print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
               f"failed {r['failed']:>5}  retrans {r['retransmissions']:>5}  "
               f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms  "
-              f"cpu% {' '.join(f'{k}={v}' for k, v in r['cpu_percent'].items())}", flush=True)
+              f"cpu% {' '.join(f'{k}={v}' for k, v in r['cpu_percent'].items())}  "
+              f"ms/call {' '.join(f'{k}={v}' for k, v in r['cpu_ms_per_call'].items())}", flush=True)
         out.append(r)
         failing = failing + 1 if r["failed"] else 0
         if r["success_ratio"] < 0.5 or failing >= 2:
