@@ -105,9 +105,6 @@ class Node:
         # calls this node is setting up (B-leg INVITE in progress), as saved:
         # a provisional answer is relayed from here, without a read
         self.in_setup: dict[str, dict] = {}
-        # the callers' INVITEs rebuilt for answering them (a call answers
-        # its caller two or three times): (Call-ID, target) -> (ah, request)
-        self.a_invites: dict[tuple[str, str], tuple[list, SipRequest]] = {}
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -483,20 +480,10 @@ class Node:
         return now
 
     def a_invite(self, record: dict) -> SipRequest:
-        """The caller's INVITE as far as answering it needs (from `ah`),
-        parsed once for the answers of one call (bounded, forgotten all
-        at once when full)."""
+        """The caller's INVITE as far as answering it needs (from `ah`)."""
         a = record["a"]
-        key = (a["cid"], a["tgt"])
-        known = self.a_invites.get(key)
-        if known is not None and known[0] == record["ah"]:
-            return known[1]
         lines = "".join(f"{n}: {v}\r\n" for n, v in record["ah"])
-        inv = parse_request(f"INVITE {a['tgt']} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
-        if len(self.a_invites) >= 1024:
-            self.a_invites.clear()
-        self.a_invites[key] = (record["ah"], inv)
-        return inv
+        return parse_request(f"INVITE {a['tgt']} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
 
     def answer_a(self, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
         inv = self.a_invite(record)
