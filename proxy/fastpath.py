@@ -163,11 +163,10 @@ class RequestScan:
 _NEEDLES = {name: b"\r\n" + name + b":" for name in (b"via", *_READ[2:])}
 _REQUIRED = (b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards")
 _UNIQUE = (b"max-forwards", b"route")
-# Request-URIs parsed, and the tags of From and To values (the requests of
-# a call repeat them; the calls of one phone or trunk share a Request-URI
-# and often a To): bounded, forgotten all at once when full, short values only
+# Request-URIs parsed (the requests of a call, and all calls of one phone
+# or trunk, share theirs); bounded, forgotten all at once when full, short
+# URIs only
 _URIS: dict[bytes, SipUri] = {}
-_TAGS: dict[str, str | None] = {}
 _MEMO_SIZE = 4096
 _MEMO_LEN = 256
 
@@ -200,19 +199,6 @@ def _parsed_uri(uri: bytes) -> SipUri:
     return ruri
 
 
-def _tag(value: str) -> str | None:
-    """parse_name_addr(value).tag (raising as it does), remembered."""
-    try:
-        return _TAGS[value]
-    except KeyError:
-        tag = parse_name_addr(value).tag
-    if len(value) <= _MEMO_LEN:
-        if len(_TAGS) >= _MEMO_SIZE:
-            _TAGS.clear()
-        _TAGS[value] = tag
-    return tag
-
-
 def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
     """A request in the common form, checked as SipRequest.check() does,
     or None when the full parser must look at it."""
@@ -238,8 +224,8 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
         ruri = _parsed_uri(m.group(2))
         max_forwards = parse_max_forwards(_value(data, mf_line, b"max-forwards"))
         via = parse_via(via_text)
-        from_tag = _tag(_required(data, lines[b"from"], b"from"))
-        to_tag = _tag(_required(data, lines[b"to"], b"to"))
+        from_tag = parse_name_addr(_required(data, lines[b"from"], b"from")).tag
+        to_tag = parse_name_addr(_required(data, lines[b"to"], b"to")).tag
         if parse_cseq(_required(data, lines[b"cseq"], b"cseq"))[1] != method:
             return None
     except SipParseError:
