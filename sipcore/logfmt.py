@@ -69,20 +69,30 @@ class EventFormatter(logging.Formatter):
         self.proc = proc
         self.worker = worker   # which of the proxy's worker processes, when there are several
         self.json = fmt == "json"
+        # what follows the level on every logfmt line, up to the event's name
+        self._after_level = (f" proc={logfmt_value(proc)}"
+                             + ("" if worker is None else f" worker={worker}") + " event=")
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
-        if fields is None:
-            fields = {"msg": record.getMessage()}
-        else:   # a field without a value is left out, not written as ""
-            fields = {k: v for k, v in fields.items() if v is not None}
+        event_name = getattr(record, "event", record.name)
+        if not self.json:       # a line per routed request: built in one pass, no dicts
+            parts = [f"ts={_ts(record.created)} level={record.levelname.lower()}{self._after_level}"
+                     f"{logfmt_value(event_name)}"]
+            if fields is None:
+                parts.append(f"msg={logfmt_value(record.getMessage())}")
+            else:               # a field without a value is left out, not written as ""
+                parts.extend(f"{k}={logfmt_value(v)}" for k, v in fields.items() if v is not None)
+            return " ".join(parts)
         head = {"ts": _ts(record.created), "level": record.levelname.lower(), "proc": self.proc}
         if self.worker is not None:
             head["worker"] = self.worker
-        head["event"] = getattr(record, "event", record.name)
-        if self.json:
-            return json.dumps({**head, **fields}, default=str, separators=(",", ":"))
-        return " ".join(f"{k}={logfmt_value(v)}" for k, v in (*head.items(), *fields.items()))
+        head["event"] = event_name
+        if fields is None:
+            fields = {"msg": record.getMessage()}
+        else:
+            fields = {k: v for k, v in fields.items() if v is not None}
+        return json.dumps({**head, **fields}, default=str, separators=(",", ":"))
 
 
 def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: str = "",

@@ -29,6 +29,16 @@ def test_fields_without_a_value_are_left_out():
     assert "node=" not in line.replace("partner=", "") and "partner=node2" in line
 
 
+def test_plain_log_calls_and_worker_lines_split_the_same_way():
+    rec = logging.getLogger("proxy.x").makeRecord("proxy.x", logging.WARNING, __file__, 1, "odd %s", ("a=b c",), None)
+    line = EventFormatter("proxy", worker=1).format(rec)
+    assert line.split(" ", 1)[1].startswith("level=warning proc=proxy worker=1 event=proxy.x ")
+    back = parse_logfmt(line)
+    assert back["msg"] == "odd a=b c" and back["worker"] == "1" and back["ts"].endswith("Z")
+    obj = json.loads(EventFormatter("proxy", "json", worker=1).format(rec))
+    assert obj["msg"] == "odd a=b c" and obj["worker"] == 1 and obj["event"] == "proxy.x"
+
+
 def test_json_lines():
     obj = json.loads(record({"call_id": "c1", "node": None}, fmt="json"))
     assert obj["call_id"] == "c1" and "node" not in obj and obj["event"] == "route"
