@@ -30,6 +30,7 @@ import asyncio
 import glob
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -150,7 +151,8 @@ def headline(steps: list[dict]) -> float | None:
     return max(ok) if ok else None
 
 
-async def proxy_path(rates, seconds, workdir, workers: int = 1, uacs: int = 1) -> list[dict]:
+async def proxy_path(rates, seconds, workdir, workers: int = 1, uacs: int = 1,
+                     log_level: str = "info") -> list[dict]:
     backends = []
     proc = None
     try:
@@ -162,7 +164,7 @@ async def proxy_path(rates, seconds, workdir, workers: int = 1, uacs: int = 1) -
         port = free_port()
         log = os.path.join(workdir, "proxy-only.log")
         cmd = [sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--log-file", log,
-               "--log-level", "warning", "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}",
+               "--log-level", log_level, "--admin", "off", "--node", f"b1=127.0.0.1:{ports[0]}", "--node", f"b2=127.0.0.1:{ports[1]}",
                "--workers", str(workers)]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT))
         await asyncio.sleep(1.5)
@@ -313,16 +315,17 @@ def plot(results: dict, path: str) -> bool:
 
 async def main_async(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="sipha-bench-")
+    workdir = args.workdir
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                     "step_seconds": args.seconds, "paths": {}}
+                     "step_seconds": args.seconds, "proxy_path_log_level": args.proxy_log_level, "paths": {}}
     if args.only in (None, "proxy"):
         for n in args.workers:
             for uacs in sorted({1, args.uacs if n > 1 else 1}):
                 name = ("proxy" if n == 1 else f"proxy_{n}_workers") + (f"_{uacs}_uacs" if uacs > 1 else "")
                 print(f"proxy path ({uacs} SIPp UAC{'s' if uacs > 1 else ''} -> proxy ({n} worker"
                       f"{'s' if n > 1 else ''}) -> 2 SIPp UAS), {args.seconds:g} s per step")
-                results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n, uacs)
+                results["paths"][name] = await proxy_path(args.proxy_rates, args.seconds, workdir, n, uacs,
+                                                          args.proxy_log_level)
     if args.only in (None, "ha"):
         for i, nodes in enumerate(args.ha_nodes):
             print(f"full HA path (SIPp -> proxy -> {nodes} nodes + Redis -> proxy -> SIPp UAS), "
@@ -352,11 +355,24 @@ def main() -> int:
                          "are measured with the first)")
     ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
     ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only")
+    ap.add_argument("--proxy-log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="the proxy's log level on the proxy path (default info, as deployed: a line per "
+                         "routed request; warning writes none of them)")
+    ap.add_argument("--keep-workdir", action="store_true",
+                    help="keep the SIPp and cluster logs of the run (removed at the end otherwise)")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.proxy_rates, args.ha_rates, args.held = 3.0, [50.0], [20.0], 200
         args.workers, args.ha_nodes = [1], [4]
-    results = asyncio.run(main_async(args))
+    # SIPp's statistics and logs, the clusters' logs: tens of MB a run
+    args.workdir = tempfile.mkdtemp(prefix="sipha-bench-")
+    try:
+        results = asyncio.run(main_async(args))
+    finally:
+        if args.keep_workdir:
+            print(f"working files kept in {args.workdir}")
+        else:
+            shutil.rmtree(args.workdir, ignore_errors=True)
     jpath = os.path.join(args.out, "bench.json")
     with open(jpath, "w") as fh:
         json.dump(results, fh, indent=1)

@@ -3,6 +3,7 @@ results file and plot; the figures themselves are the README's business."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_benchmark_writes_results_and_plot(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert list(scratch.iterdir()) == []          # its working files are gone
     res = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     for path in ("proxy", "ha"):
