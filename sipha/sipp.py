@@ -138,6 +138,9 @@ class Sipp:
         self.timeout_s = timeout_s
         self.auto_answer = auto_answer
         self.service = service
+        # a directory of our own when none is given: removed after a run
+        # that went well, kept (SIPp's error log in it) after one that did not
+        self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="sipp-")
         self.stat_file = os.path.join(self.workdir, f"{Path(scenario).stem}-{self.local[1]}.csv")
         self.log_file = os.path.join(self.workdir, f"{Path(scenario).stem}-{self.local[1]}.log")
@@ -211,7 +214,10 @@ class Sipp:
                 err = await asyncio.wait_for(self.proc.stderr.read(), 2)
             except asyncio.TimeoutError:
                 pass
-        return self.result(err.decode(errors="replace"))
+        result = self.result(err.decode(errors="replace"))
+        if self.own_workdir and result.returncode == 0 and not result.failed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return result
 
     async def run(self, timeout: float | None = None) -> SippResult:
         await self.start()
