@@ -35,7 +35,7 @@ from sipcore.headers import format_params, parse_name_addr, parse_uri, split_par
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
-from sipcore.overload import OverloadGuard
+from sipcore.overload import NEW_WORK, OverloadGuard
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
@@ -112,7 +112,7 @@ class Node:
         self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
         self.started = time.time()
         self.warm = 0            # active records found in our Redis at start
-        # new calls refused while messages wait too long in our UDP queue
+        # new work (NEW_WORK) refused while messages wait too long in our UDP queue
         # (limits.overload_delay, as on the proxy)
         self.guard: OverloadGuard | None = None
         self.warm_until = 0.0
@@ -246,10 +246,9 @@ class Node:
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return
-        if msg.to.tag is None and msg.method in ("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE") and (
+        if msg.to.tag is None and msg.method in NEW_WORK and (
                 self.inflight >= MAX_INFLIGHT
-                or (msg.method == "INVITE" and self.guard is not None and self.guard.share
-                    and random.random() < self.guard.share)):
+                or (self.guard is not None and self.guard.share and random.random() < self.guard.share)):
             # overload: turn new work away (RFC 3261 §21.5.4) and keep serving
             # calls in progress (a retransmission was answered above)
             self.stats.inc("overload_rejections")

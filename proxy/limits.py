@@ -69,13 +69,15 @@ class SourceLimiter:
 
 
 class RecentCalls:
-    """Call-IDs of the new INVITEs the proxy forwarded in the last `ttl`
-    seconds (64*T1, Timer B: as long as a caller may retransmit one). A
-    stateless proxy cannot tell a retransmitted INVITE from a new one by
+    """The new requests (an INVITE's Call-ID; REGISTER, SUBSCRIBE,
+    MESSAGE: Call-ID, CSeq and method) the proxy forwarded in the last
+    `ttl` seconds (64*T1, Timer B: as long as a sender may retransmit one).
+    A stateless proxy cannot tell a retransmission from a new request by
     its looks, and an overloaded one is slowest to answer, so that is when
-    callers retransmit; refusing a retransmission with 503 would end a call
-    its node already has (caller told no, callee ringing). Memory is
-    bounded: at most `limit` entries, the oldest dropped first."""
+    phones retransmit; refusing a retransmission with 503 would end a call
+    its node already has (caller told no, callee ringing), or tell a phone
+    its registration failed while its node records it. Memory is bounded:
+    at most `limit` entries, the oldest dropped first."""
 
     def __init__(self, ttl: float = 32.0, limit: int = 65536):
         self.ttl = ttl

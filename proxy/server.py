@@ -40,7 +40,7 @@ from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_h
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
-from sipcore.overload import OverloadGuard
+from sipcore.overload import NEW_WORK, OverloadGuard
 from sipcore.transport import SipTransport
 
 from .fastpath import RequestScan, first_value, refuse_initial_invite, scan_request, strip_top_via
@@ -56,6 +56,14 @@ _STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
 OVERLOAD_REASON = "Service Unavailable (overloaded)"
 OVERLOAD_RETRY_AFTER = "2"
 _ROUTE_HEADER_LINE = f"\r\n{ROUTE_HEADER.lower()}:".encode()
+
+
+def _let_through_key(req: SipRequest) -> str:
+    """How RecentCalls knows a new request forwarded already, so that its
+    retransmission is never refused: an INVITE by its Call-ID (as the byte
+    path reads it), anything else by Call-ID, CSeq and method (a phone
+    keeps one Call-ID for all its REGISTERs)."""
+    return req.call_id if req.method == "INVITE" else f"{req.call_id} {req.cseq[0]} {req.method}"
 
 
 def _is_ip(host: str) -> bool:
@@ -118,7 +126,7 @@ class Proxy:
         self.scanner_log = RateLimitedLog()
         self.guards: list[tuple[SipTransport, OverloadGuard]] = []
         self.overloaded = False
-        self.refuse_share = 0.0     # of new INVITEs refused now (OverloadGuard)
+        self.refuse_share = 0.0     # of new requests (NEW_WORK) refused now (OverloadGuard)
         self.forwarded = RecentCalls()   # ... never those of a call let through already
         self._overload_timer: asyncio.TimerHandle | None = None
         # To-tag of the proxy's own final responses: the ACK to one is absorbed
@@ -225,7 +233,7 @@ class Proxy:
         yield up
         yield lf
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
-        yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs are being refused (limits.overload_delay)",
+        yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs, REGISTERs, SUBSCRIBEs and MESSAGEs are being refused (limits.overload_delay)",
                                 value=int(self.link.overloaded() if self.link else self.overloaded))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
@@ -470,10 +478,11 @@ class Proxy:
             self.reply(req, 200, "OK", src, transport,
                        headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER, SUBSCRIBE, NOTIFY, MESSAGE, PRACK")])
             return
-        # UDP INVITEs were weighed by fast_refuse already, once
-        if (initial and req.method == "INVITE" and transport != "udp" and self.refuse_share
-                and random.random() < self.refuse_share and req.call_id not in self.forwarded):
-            self._refused(src, transport, lambda: req.call_id)
+        # new work while overloaded (UDP INVITEs were weighed by fast_refuse already, once)
+        if (initial and self.refuse_share and req.method in NEW_WORK
+                and not (req.method == "INVITE" and transport == "udp")
+                and random.random() < self.refuse_share and _let_through_key(req) not in self.forwarded):
+            self._refused(src, transport, req.method, lambda: req.call_id)
             self.reply(req, 503, OVERLOAD_REASON, src, transport, headers=[("Retry-After", OVERLOAD_RETRY_AFTER)])
             return
         bekey, how = self.bekey_for(req)
@@ -490,8 +499,8 @@ class Proxy:
             req.add_top("Path", self.our_uri(transport, flow_of_caller))
         elif initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
-            if self.guards and req.method == "INVITE":
-                self.forwarded.add(req.call_id)
+        if self.guards and initial and req.method in NEW_WORK:
+            self.forwarded.add(_let_through_key(req))
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
         branch = self.branch_for(req)
         req.add_top("Via", self.our_via("udp", branch, internal=True))
@@ -629,18 +638,18 @@ class Proxy:
             return False                    # a retransmission of a call we have
         if self.limiter.enabled and self._limited(src, "INVITE"):
             return True
-        self._refused(src, "udp", lambda: call_id)
+        self._refused(src, "udp", "INVITE", lambda: call_id)
         self.send_data(answer, src, "udp")
         return True
 
-    def _refused(self, src, transport: str, call_id) -> None:
-        """Count an INVITE refused for overload and say so at debug level
-        (`call_id`: a function, so nothing is looked up when that is off)."""
-        self.stats.inc("requests", "INVITE", "overload")
+    def _refused(self, src, transport: str, method: str, call_id) -> None:
+        """Count a new request refused for overload and say so at debug
+        level (`call_id`: a function, so nothing is looked up when that is off)."""
+        self.stats.inc("requests", method, "overload")
         for _, g in self.guards:
             g.count_refusal()
         if log.isEnabledFor(logging.DEBUG):
-            event(log, "route", logging.DEBUG, method="INVITE", call_id=call_id(),
+            event(log, "route", logging.DEBUG, method=method, call_id=call_id(),
                   src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
 
     def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:

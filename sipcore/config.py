@@ -71,7 +71,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "limits.rate": (float, 0.0, "requests per second one source address may send; 0 turns the flood limit off"),
     "limits.burst": (int, 0, "requests a source may send at once before its rate applies (0: twice the rate)"),
     "limits.ban": (float, 30.0, "seconds a source that exceeded its rate is ignored"),
-    "limits.overload_delay": (float, 0.04, "seconds a message may wait in the UDP receive queue of the proxy or a node (it is falling behind) before new INVITEs get 503: a growing share of them, all at twice this, once it has lasted 0.5 s; 0 turns this off"),
+    "limits.overload_delay": (float, 0.04, "seconds a message may wait in the UDP receive queue of the proxy or a node (it is falling behind) before new INVITEs, REGISTERs, SUBSCRIBEs and MESSAGEs get 503: a growing share of them, all at twice this, once it has lasted 0.5 s; 0 turns this off"),
     "limits.drop_scanners": (bool, True, "silently drop requests whose User-Agent is a known scanner (sipvicious, sipcli, ...)"),
     "limits.tcp_connections": (int, 4096, "most TCP connections the proxy keeps open"),
     "limits.tcp_per_source": (int, 64, "most TCP connections from one address"),

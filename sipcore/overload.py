@@ -1,5 +1,6 @@
 """Local overload control for a SIP server reading UDP (RFC 6357): refuse a
-share of new calls while messages wait too long in the receive queue.
+share of new work (NEW_WORK: calls, registrations, subscriptions, pager
+messages) while messages wait too long in the receive queue.
 The proxy and the nodes use it alike; SipTransport.measure_wait gives the
 waits."""
 from __future__ import annotations
@@ -8,6 +9,12 @@ import logging
 import time
 
 from .logfmt import event
+
+# out-of-dialog requests that start new work: what an overloaded proxy or
+# node refuses (a registration avalanche after an outage overloads as
+# surely as a call flood, RFC 6357 §4), while everything inside a dialog
+# goes on
+NEW_WORK = frozenset(("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE"))
 
 
 class OverloadGuard:
@@ -92,7 +99,8 @@ class OverloadGuard:
         if change == "start":
             event(log, "overload_start", logging.WARNING, **fields, wait_ms=round(self.wait * 1000),
                   limit_ms=round(self.low * 1000),
-                  msg=f"the {who} is falling behind: a share of new INVITEs gets 503 until its queue drains")
+                  msg=f"the {who} is falling behind: a share of new INVITEs, REGISTERs, SUBSCRIBEs and "
+                      "MESSAGEs gets 503 until its queue drains")
         elif change == "end":
             event(log, "overload_end", **fields, refused=self.refused,
                   duration_s=round(time.monotonic() - self.since, 3))
