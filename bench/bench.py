@@ -1,8 +1,12 @@
-"""sipha benchmark: SIPp at stepped call rates over UDP, two paths.
+"""sipha benchmark: SIPp at stepped call rates over UDP, two paths, and
+the registrar.
 
-    proxy   SIPp UAC -> proxy -> two SIPp UAS as backends
-    ha      SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk,
-            with 4 nodes and with 2 (--ha-nodes)
+    proxy     SIPp UAC -> proxy -> two SIPp UAS as backends
+    ha        SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk,
+              with 4 nodes and with 2 (--ha-nodes)
+    register  SIPp (register_many.xml: REGISTER, then un-REGISTER, one AOR per
+              SIPp call) -> proxy -> nodes (registrar, Redis mirror), on the
+              first HA cluster; its rate is in REGISTER pairs per second
 
 With several proxy workers the proxy path runs twice: from one SIPp UAC (one
 flow, so one worker takes all its requests) and from --uacs UACs at once
@@ -82,7 +86,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 async def step(target, rate: float, seconds: float, workdir: str, watch: dict[str, list[int]],
-               uacs: int = 1) -> dict:
+               uacs: int = 1, scenario: str = "uac") -> dict:
     """One step of `seconds` at `rate`, offered by `uacs` SIPp UACs (each
     its own socket: one flow apiece) sharing the rate; `watch` names the
     processes whose CPU use is reported (share of one core, averaged over
@@ -90,7 +94,7 @@ async def step(target, rate: float, seconds: float, workdir: str, watch: dict[st
     per_uac = max(1, int(rate * seconds / uacs))
     calls = per_uac * uacs
     started = time.time()
-    sipps = [Sipp("uac", target=target, calls=per_uac, rate=rate / uacs, workdir=workdir,
+    sipps = [Sipp(scenario, target=target, calls=per_uac, rate=rate / uacs, workdir=workdir,
                   extra=BUFFERS + ["-trace_rtt", "-rtt_freq", "1", "-recv_timeout", "10000"])
              for _ in range(uacs)]
     for sipp in sipps:
@@ -124,11 +128,11 @@ async def step(target, rate: float, seconds: float, workdir: str, watch: dict[st
 
 
 async def run_steps(name: str, target, rates: list[float], seconds: float, workdir: str,
-                    watch: dict[str, list[int]], uacs: int = 1) -> list[dict]:
+                    watch: dict[str, list[int]], uacs: int = 1, scenario: str = "uac") -> list[dict]:
     out = []
     failing = 0
     for rate in rates:
-        r = await step(target, rate, seconds, workdir, watch, uacs)
+        r = await step(target, rate, seconds, workdir, watch, uacs, scenario)
         print(f"  {name:5s} offered {rate:>6g}/s  achieved {r['achieved_cps']:>7.1f}/s  ok {r['ok']:>6}  "
               f"failed {r['failed']:>5}  retrans {r['retransmissions']:>5}  "
               f"p50 {r['rt_p50_ms']} ms  p99 {r['rt_p99_ms']} ms  "
@@ -209,9 +213,12 @@ def redis_bytes_per_dialog(cluster: Cluster) -> dict:
             "sampled": len(sizes)}
 
 
-async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = True) -> tuple[list[dict], dict]:
-    """The HA path's steps with `nodes` nodes; with `extras`, then held
-    calls (memory), Redis per dialog and failover on the same cluster."""
+async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = True,
+                  reg_rates=()) -> tuple[list[dict], dict]:
+    """The HA path's steps with `nodes` nodes; with `extras`, then the
+    registrar's steps (register_many.xml at `reg_rates`: a REGISTER and
+    its un-REGISTER per SIPp call, one AOR each), held calls (memory),
+    Redis per dialog and failover on the same cluster."""
     cluster = Cluster(os.path.join(workdir, f"cluster-{nodes}"))
     cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=5, log_level="info")
     extra: dict = {}
@@ -225,6 +232,11 @@ async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = 
         steps = await run_steps("ha", cluster.proxy_addr, rates, seconds, workdir, watch)
         if not extras:
             return steps, extra
+        if reg_rates:
+            await asyncio.sleep(2)
+            extra["register_steps"] = await run_steps("reg", cluster.proxy_addr, reg_rates, seconds, workdir,
+                                                      {k: v for k, v in watch.items() if k != "sipp_uas"},
+                                                      scenario="register_many")
         # memory: N concurrent held calls
         rate = max(50.0, min(400.0, (headline(steps) or 100) * 0.8))
         hold_s = held / rate + 15
@@ -300,11 +312,11 @@ def plot(results: dict, path: str) -> bool:
         ax2.plot(x, [s["rt_p99_ms"] or 0 for s in steps], marker="x", linestyle="--", color=color,
                  label=f"{name} p99")
     ax1.set_ylabel("successful calls (%)")
-    ax1.set_title("sipha: SIPp uac.xml over UDP, stepped call rates")
+    ax1.set_title("sipha: SIPp over UDP, stepped rates (register: REGISTER pairs)")
     ax1.legend()
     ax1.grid(True, alpha=0.3)
-    ax2.set_xlabel("offered call rate (calls/s)")
-    ax2.set_ylabel("INVITE->200 response time (ms)")
+    ax2.set_xlabel("offered rate (calls/s; register: REGISTER pairs/s)")
+    ax2.set_ylabel("INVITE (REGISTER) -> 200 response time (ms)")
     ax2.set_yscale("symlog")
     ax2.legend()
     ax2.grid(True, alpha=0.3)
@@ -330,8 +342,11 @@ async def main_async(args) -> dict:
         for i, nodes in enumerate(args.ha_nodes):
             print(f"full HA path (SIPp -> proxy -> {nodes} nodes + Redis -> proxy -> SIPp UAS), "
                   f"{args.seconds:g} s per step")
-            ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir, nodes, extras=i == 0)
+            ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir, nodes, extras=i == 0,
+                                            reg_rates=args.register_rates)
             results["paths"]["ha" if i == 0 else f"ha_{nodes}_nodes"] = ha_steps
+            if "register_steps" in extra:
+                results["paths"]["register"] = extra.pop("register_steps")
             results.update(extra)
     results["headline_cps_zero_failed"] = {k: headline(v) for k, v in results["paths"].items()}
     return results
@@ -345,6 +360,9 @@ def main() -> int:
                     default=[500, 1000, 1250, 1500, 2000, 2500, 3000, 4000])
     ap.add_argument("--ha-rates", type=lambda s: [float(x) for x in s.split(",")],
                     default=[100, 200, 250, 300, 400, 500, 700, 1000])
+    ap.add_argument("--register-rates", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[250, 500, 750, 1000, 1500],
+                    help="registrar path (on the first HA cluster): REGISTER + un-REGISTER pairs per second")
     ap.add_argument("--held", type=int, default=10000, help="concurrent held calls for the memory figure")
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="proxy worker counts to run the proxy path with (default 1,2)")
@@ -354,7 +372,7 @@ def main() -> int:
                     help="node counts to run the HA path with (default 4,2; held calls and failover "
                          "are measured with the first)")
     ap.add_argument("--quick", action="store_true", help="one low step per path, 200 held calls")
-    ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only")
+    ap.add_argument("--only", choices=["proxy", "ha"], help="run one path only (ha includes register)")
     ap.add_argument("--proxy-log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="the proxy's log level on the proxy path (default info, as deployed: a line per "
                          "routed request; warning writes none of them)")
@@ -363,6 +381,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.proxy_rates, args.ha_rates, args.held = 3.0, [50.0], [20.0], 200
+        args.register_rates = [20.0]
         args.workers, args.ha_nodes = [1], [4]
     # SIPp's statistics and logs, the clusters' logs: tens of MB a run
     args.workdir = tempfile.mkdtemp(prefix="sipha-bench-")

@@ -24,7 +24,7 @@ def test_quick_benchmark_writes_results_and_plot(tmp_path):
     assert list(scratch.iterdir()) == []          # its working files are gone
     res = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 10_000
-    for path in ("proxy", "ha"):
+    for path in ("proxy", "ha", "register"):
         step = res["paths"][path][0]
         assert step["ok"] == step["calls"] and step["failed"] == 0
         assert res["headline_cps_zero_failed"][path] == step["offered_cps"]
