@@ -11,9 +11,9 @@ import time
 from .logfmt import event
 
 # out-of-dialog requests that start new work: what an overloaded proxy or
-# node refuses (a registration avalanche after an outage overloads as
-# surely as a call flood, RFC 6357 §4), while everything inside a dialog
-# goes on
+# node refuses (every phone registering at once after an outage, RFC
+# 5390's "avalanche restart", overloads as surely as a call flood), while
+# everything inside a dialog goes on
 NEW_WORK = frozenset(("INVITE", "REGISTER", "SUBSCRIBE", "MESSAGE"))
 
 
