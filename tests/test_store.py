@@ -114,3 +114,19 @@ def test_migration_takes_the_record_and_the_new_mirror_retires_the_old_replica(t
     assert raw(ports, "n1", "active", KEY)["p"] == "n2"
     assert raw(ports, "n2", "replica", KEY) is not None
     assert raw(ports, "n3", "replica", KEY) is None        # the stale replica is gone
+
+
+def test_a_record_nowhere_costs_one_look_at_each_node_at_once(three_redis):
+    """A REGISTER for a new AOR loads a record that is nowhere: one MGET per
+    other node, all at once, not a GETDEL per key and node in turn."""
+    _, ports = three_redis
+    for port in ports.values():
+        redis.Redis(port=port).config_resetstat()
+
+    async def go():
+        s = stores(ports)
+        return await s["n1"].load(KEY, ["n2", "n3"])
+    assert asyncio.run(go()) == (None, "missing")
+    for nid in ("n2", "n3"):
+        stats = redis.Redis(port=ports[nid]).info("commandstats")
+        assert stats["cmdstat_mget"]["calls"] == 1 and "cmdstat_getdel" not in stats, (nid, stats)
