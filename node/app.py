@@ -35,7 +35,7 @@ from sipcore.headers import format_params, parse_name_addr, parse_uri, split_par
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
-from sipcore.overload import NEW_WORK, OverloadGuard
+from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
@@ -115,6 +115,7 @@ class Node:
         # new work (NEW_WORK) refused while messages wait too long in our UDP queue
         # (limits.overload_delay, as on the proxy)
         self.guard: OverloadGuard | None = None
+        self.admitted = RecentCalls()   # ... but not what continues a Call-ID let in lately
         self.warm_until = 0.0
         self.admin: AdminServer | None = None
 
@@ -246,16 +247,19 @@ class Node:
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return
-        if msg.to.tag is None and msg.method in NEW_WORK and (
-                self.inflight >= MAX_INFLIGHT
-                or (self.guard is not None and self.guard.share and random.random() < self.guard.share)):
-            # overload: turn new work away (RFC 3261 §21.5.4) and keep serving
-            # calls in progress (a retransmission was answered above)
-            self.stats.inc("overload_rejections")
+        if msg.to.tag is None and msg.method in NEW_WORK:
+            if self.inflight >= MAX_INFLIGHT or (
+                    self.guard is not None and self.guard.share and random.random() < self.guard.share
+                    and msg.call_id not in self.admitted):
+                # overload: turn new work away (RFC 3261 §21.5.4) and keep serving
+                # calls in progress (a retransmission was answered above)
+                self.stats.inc("overload_rejections")
+                if self.guard is not None:
+                    self.guard.count_refusal()
+                self.reply(msg, 503, "Service Unavailable (overloaded)", headers=[("Retry-After", "2")])
+                return
             if self.guard is not None:
-                self.guard.count_refusal()
-            self.reply(msg, 503, "Service Unavailable (overloaded)", headers=[("Retry-After", "2")])
-            return
+                self.admitted.add(msg.call_id)
         bekey = self._route_info(msg)[0]
         self.spawn(bekey, self.on_request(msg, bekey), msg)
 

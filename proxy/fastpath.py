@@ -15,8 +15,9 @@ User-Agent) with the parser's own value parsers, and the proxy writes its
 few edits into the datagram (proxy/server.py fast_request, fast_outbound),
 a Record-Route among them on a new INVITE.
 
-New INVITEs while the proxy is overloaded (sipcore/overload.py OverloadGuard):
-refuse_initial_invite writes the 503 from the INVITE's bytes.
+New INVITEs, REGISTERs, SUBSCRIBEs and MESSAGEs while the proxy is
+overloaded (sipcore/overload.py OverloadGuard): refuse_new_request writes
+the 503 from the request's bytes.
 
 Anything out of the common case returns None and takes the full parser,
 which gives the same result or the rejection:
@@ -245,14 +246,16 @@ def _required(data: bytes, line: tuple[int, int], name: bytes) -> str:
 _ANSWER_FIELDS = re.compile(rb"\r\n(via|from|to|call-id|cseq|user-agent):")
 
 
-def refuse_initial_invite(data: bytes, limits: Limits, status_line: bytes, to_tag: bytes,
-                          extra: bytes) -> tuple[bytes, str | None] | None:
-    """A final response to an initial INVITE in the common form, written
-    from its bytes (Via, From, Call-ID and CSeq copied, a To-tag added, RFC
-    3261 §8.2.6), and the INVITE's User-Agent lower-cased; or None. Cheap
-    on purpose: it is how an overloaded proxy says no, and saying no must
-    cost far less than the call would."""
-    if not data.startswith(b"INVITE ") or data.count(b"tag=") > 1:
+def refuse_new_request(data: bytes, limits: Limits, status_line: bytes, to_tag: bytes,
+                       extra: bytes) -> tuple[bytes, str | None] | None:
+    """A final response to a request outside a dialog (no To-tag) in the
+    common form, written from its bytes (Via, From, Call-ID and CSeq
+    copied, a To-tag added, RFC 3261 §8.2.6), and the request's User-Agent
+    lower-cased; or None. Cheap on purpose: it is how an overloaded proxy
+    says no, and saying no must cost far less than the call or the
+    registration would (one that costs as much as the work itself keeps
+    the proxy as busy as before, and the guard refuses ever more)."""
+    if data.count(b"tag=") > 1:
         return None
     checked = _message(_REQUEST_LINE, data, limits)
     if checked is None:

@@ -1,4 +1,4 @@
-"""Flood and overload protection for the proxy.
+"""Flood protection for the proxy.
 
 SourceLimiter, per-source flood protection (in the manner of Kamailio's
 pike): a token bucket per source IP address refilled at `rate` requests/s
@@ -8,13 +8,9 @@ answer is what a flood wants). Legitimate sources keep their own buckets,
 so they go on being served while one source floods. Memory is bounded: at
 most `max_sources` buckets; when full, buckets idle for longer than a
 refill are forgotten first (a full one is equivalent).
-
-RecentCalls: the calls the proxy let through lately, which its overload
-guard (sipcore.overload) must never refuse.
 """
 from __future__ import annotations
 
-import collections
 import time
 
 
@@ -66,39 +62,3 @@ class SourceLimiter:
                 del self.buckets[ip]
         for ip in [ip for ip, until in self.banned.items() if until <= now]:
             del self.banned[ip]
-
-
-class RecentCalls:
-    """The new requests (an INVITE's Call-ID; REGISTER, SUBSCRIBE,
-    MESSAGE: Call-ID, CSeq and method) the proxy forwarded in the last
-    `ttl` seconds (64*T1, Timer B: as long as a sender may retransmit one).
-    A stateless proxy cannot tell a retransmission from a new request by
-    its looks, and an overloaded one is slowest to answer, so that is when
-    phones retransmit; refusing a retransmission with 503 would end a call
-    its node already has (caller told no, callee ringing), or tell a phone
-    its registration failed while its node records it. Memory is bounded:
-    at most `limit` entries, the oldest dropped first."""
-
-    def __init__(self, ttl: float = 32.0, limit: int = 65536):
-        self.ttl = ttl
-        self.limit = limit
-        self.until: collections.OrderedDict[str, float] = collections.OrderedDict()
-
-    def add(self, call_id: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        until = self.until
-        until[call_id] = now + self.ttl
-        until.move_to_end(call_id)
-        # forget the expired ones at the front, a few per call
-        for _ in range(2):
-            first = next(iter(until))
-            if until[first] > now and len(until) <= self.limit:
-                break
-            del until[first]
-
-    def __contains__(self, call_id: str) -> bool:
-        until = self.until.get(call_id)
-        return until is not None and until > time.monotonic()
-
-    def __len__(self) -> int:
-        return len(self.until)

@@ -40,12 +40,12 @@ from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_h
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
-from sipcore.overload import NEW_WORK, OverloadGuard
+from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
-from .fastpath import RequestScan, first_value, refuse_initial_invite, scan_request, strip_top_via
+from .fastpath import RequestScan, first_value, refuse_new_request, scan_request, strip_top_via
 from .health import HealthMonitor
-from .limits import RecentCalls, SourceLimiter
+from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 
@@ -58,12 +58,8 @@ OVERLOAD_RETRY_AFTER = "2"
 _ROUTE_HEADER_LINE = f"\r\n{ROUTE_HEADER.lower()}:".encode()
 
 
-def _let_through_key(req: SipRequest) -> str:
-    """How RecentCalls knows a new request forwarded already, so that its
-    retransmission is never refused: an INVITE by its Call-ID (as the byte
-    path reads it), anything else by Call-ID, CSeq and method (a phone
-    keeps one Call-ID for all its REGISTERs)."""
-    return req.call_id if req.method == "INVITE" else f"{req.call_id} {req.cseq[0]} {req.method}"
+# the request line's method -> its name, for the requests fast_refuse weighs
+_NEW_WORK_METHODS = {m.encode(): m for m in NEW_WORK}
 
 
 def _is_ip(host: str) -> bool:
@@ -127,7 +123,7 @@ class Proxy:
         self.guards: list[tuple[SipTransport, OverloadGuard]] = []
         self.overloaded = False
         self.refuse_share = 0.0     # of new requests (NEW_WORK) refused now (OverloadGuard)
-        self.forwarded = RecentCalls()   # ... never those of a call let through already
+        self.forwarded = RecentCalls()   # ... never those of a Call-ID let through lately
         self._overload_timer: asyncio.TimerHandle | None = None
         # To-tag of the proxy's own final responses: the ACK to one is absorbed
         # (the same in every worker, so whichever gets the ACK knows it)
@@ -478,10 +474,9 @@ class Proxy:
             self.reply(req, 200, "OK", src, transport,
                        headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER, SUBSCRIBE, NOTIFY, MESSAGE, PRACK")])
             return
-        # new work while overloaded (UDP INVITEs were weighed by fast_refuse already, once)
-        if (initial and self.refuse_share and req.method in NEW_WORK
-                and not (req.method == "INVITE" and transport == "udp")
-                and random.random() < self.refuse_share and _let_through_key(req) not in self.forwarded):
+        # new work while overloaded (over UDP it was weighed by fast_refuse already, once)
+        if (initial and self.refuse_share and req.method in NEW_WORK and transport != "udp"
+                and random.random() < self.refuse_share and req.call_id not in self.forwarded):
             self._refused(src, transport, req.method, lambda: req.call_id)
             self.reply(req, 503, OVERLOAD_REASON, src, transport, headers=[("Retry-After", OVERLOAD_RETRY_AFTER)])
             return
@@ -500,7 +495,7 @@ class Proxy:
         elif initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
         if self.guards and initial and req.method in NEW_WORK:
-            self.forwarded.add(_let_through_key(req))
+            self.forwarded.add(req.call_id)
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
         branch = self.branch_for(req)
         req.add_top("Via", self.our_via("udp", branch, internal=True))
@@ -613,21 +608,24 @@ class Proxy:
     def fast_datagram(self, data: bytes, src, transport: SipTransport) -> bool:
         if data[:4] == b"SIP/":
             return self.fast_response(data, src, transport)
-        if self.refuse_share and data[:7] == b"INVITE " and self.fast_refuse(data, src, transport):
-            return True
+        if self.refuse_share:
+            method = _NEW_WORK_METHODS.get(data[:data.find(b" ", 0, 10)])
+            if method is not None and self.fast_refuse(data, src, transport, method):
+                return True
         return self.fast_request(data, src, transport)
 
-    def fast_refuse(self, data: bytes, src, transport: SipTransport) -> bool:
-        """While overloaded, a share of new INVITEs from outside is answered
-        503 from the bytes, without parsing: refusing through the full path
-        would cost about half of what the call would and leave little for
-        the calls in progress. One not in the common form is let through
+    def fast_refuse(self, data: bytes, src, transport: SipTransport, method: str) -> bool:
+        """While overloaded, a share of new requests (NEW_WORK) from outside
+        is answered 503 from the bytes, without parsing: refusing through
+        the full path would cost about half of what the call would and
+        leave little for the calls in progress (for a REGISTER, about what
+        forwarding it costs). One not in the common form is let through
         (over TCP, inbound() weighs them)."""
         if (src in self.node_by_addr or random.random() >= self.refuse_share
                 or (self.limiter.enabled and self.limiter.is_banned(src[0]))):
             return False
-        refusal = refuse_initial_invite(data, transport.limits, self._refusal_line, self._reply_tag_bytes,
-                                        self._refusal_tail)
+        refusal = refuse_new_request(data, transport.limits, self._refusal_line, self._reply_tag_bytes,
+                                     self._refusal_tail)
         if refusal is None:
             return False
         answer, user_agent = refusal
@@ -635,10 +633,10 @@ class Proxy:
             return False                    # on_request drops it without an answer
         call_id = first_value(answer, answer.lower(), b"call-id")
         if call_id in self.forwarded:
-            return False                    # a retransmission of a call we have
-        if self.limiter.enabled and self._limited(src, "INVITE"):
+            return False                    # a retransmission, or what follows one let through
+        if self.limiter.enabled and self._limited(src, method):
             return True
-        self._refused(src, "udp", "INVITE", lambda: call_id)
+        self._refused(src, "udp", method, lambda: call_id)
         self.send_data(answer, src, "udp")
         return True
 

@@ -5,6 +5,7 @@ The proxy and the nodes use it alike; SipTransport.measure_wait gives the
 waits."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -109,3 +110,42 @@ class OverloadGuard:
     def count_refusal(self) -> None:
         """A new call was refused (counted for overload_end while active)."""
         self.refused += self.active
+
+
+class RecentCalls:
+    """Call-IDs of the new requests (NEW_WORK) let through in the last
+    `ttl` seconds (64*T1, Timer B: as long as a sender may retransmit one),
+    which the overload guard must not refuse again. A stateless proxy
+    cannot tell a retransmission from a new request by its looks, and an
+    overloaded one is slowest to answer, so that is when phones retransmit;
+    a 503 to a retransmission would end a call its node already has
+    (caller told no, callee ringing). The Call-ID rather than the request:
+    what follows a request let through in the same Call-ID finishes what
+    was started and must not be wasted either (the INVITE or REGISTER
+    again with credentials after a 401/407, a phone's un-REGISTER); a
+    phone's next refresh, minutes later, is new work again. Memory is
+    bounded: at most `limit` entries, the oldest dropped first."""
+
+    def __init__(self, ttl: float = 32.0, limit: int = 65536):
+        self.ttl = ttl
+        self.limit = limit
+        self.until: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def add(self, call_id: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        until = self.until
+        until[call_id] = now + self.ttl
+        until.move_to_end(call_id)
+        # forget the expired ones at the front, a few per call
+        for _ in range(2):
+            first = next(iter(until))
+            if until[first] > now and len(until) <= self.limit:
+                break
+            del until[first]
+
+    def __contains__(self, call_id: str) -> bool:
+        until = self.until.get(call_id)
+        return until is not None and until > time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.until)

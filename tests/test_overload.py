@@ -10,12 +10,11 @@ import time
 
 import pytest
 
-from proxy.limits import RecentCalls
 from proxy.server import Proxy
 from proxy.workers import WorkerLink, WorkerRole
 from sipcore.config import load_config
 from sipcore.message import parse_message
-from sipcore.overload import OverloadGuard
+from sipcore.overload import OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 PHONE = ("192.0.2.50", 5070)
@@ -175,26 +174,32 @@ def register(cseq=1, call_id="reg-1@example.com"):
             f"Expires: 300\r\nContent-Length: 0\r\n\r\n").encode()
 
 
-def test_a_registration_avalanche_is_shed_like_a_call_flood_but_not_its_retransmissions():
+def test_a_registration_avalanche_is_shed_like_a_call_flood_but_not_what_was_let_in():
     """Phones re-registering all at once after an outage overload as surely
     as calls do (seen in the benchmark: 1000 REGISTER pairs/s on 2 nodes
     collapsed into 30,000 retransmissions with nothing refused). A new
     REGISTER gets 503 as a new INVITE does; the retransmission of one let
-    through does not (a phone keeps its Call-ID, so CSeq tells them apart);
-    in-dialog requests go on."""
+    through does not, nor what follows it in its Call-ID (its retry with
+    credentials after a 401, or its un-REGISTER: refusing those wastes the
+    work done for the first); in-dialog requests go on."""
     async def go():
         p = await overloaded_proxy()
         p.refuse_share = 0.0
         p.transport._received(register(1), PHONE, "udp", datagram=True)          # let through
         p.refuse_share = 1.0
         p.transport._received(register(1), PHONE, "udp", datagram=True)          # its retransmission
-        p.on_message(parse_message(register(2)), PHONE, "tcp")                   # the refresh: new work
-        p.transport._received(register(1, "reg-2@example.com"), PHONE, "udp", datagram=True)
+        p.on_message(parse_message(register(2)), PHONE, "tcp")                   # what follows it
+        p.transport._received(register(1, "reg-2@example.com"), PHONE, "udp", datagram=True)   # a new phone
+        p.on_message(parse_message(register(1, "reg-3@example.com")), PHONE, "tcp")             # another
         p.transport._received(invite("b2", "BYE", "2 BYE"), PHONE, "udp", datagram=True)   # a call it has
-        assert [dest for _, dest in p.sent] == [NODE, NODE, PHONE, PHONE, NODE]
-        refusals = [parse_message(p.sent[i][0]) for i in (2, 3)]
-        assert [(r.status, r.cseq, r.get("Retry-After")) for r in refusals] == [
-            (503, (2, "REGISTER"), "2"), (503, (1, "REGISTER"), "2")]
+        assert [dest for _, dest in p.sent] == [NODE, NODE, NODE, PHONE, PHONE, NODE]
+        refusals = [parse_message(p.sent[i][0]) for i in (3, 4)]
+        assert [(r.status, r.call_id, r.get("Retry-After")) for r in refusals] == [
+            (503, "reg-2@example.com", "2"), (503, "reg-3@example.com", "2")]
+        # the UDP one was written from the bytes, the TCP one by the full path: the same answer
+        udp, tcp = ((r.reason, r.to.raw, r.get("From"), r.cseq, r.get("Server"), [v.branch for v in r.vias])
+                    for r in refusals)
+        assert udp == tcp and udp[3] == (1, "REGISTER")
         assert p.stats.get("requests", "REGISTER", "overload") == 2
         await p.close()
     asyncio.run(go())
@@ -288,10 +293,12 @@ def test_a_node_falling_behind_refuses_new_calls_and_registrations_but_not_a_cal
         try:
             first = invite().replace(b"ov-1@", b"ov-7@")
             n.transport._received(first, NODE, "udp", datagram=True)        # before: taken on
+            n.transport._received(register(1, "reg-9@x"), NODE, "udp", datagram=True)
             assert sent == []
             n.guard.share = 1.0                                               # now it is behind
             n.transport._received(first, NODE, "udp", datagram=True)        # a retransmission: not refused
             n.transport._received(invite("b2", "BYE", "2 BYE"), NODE, "udp", datagram=True)   # a call it has
+            n.transport._received(register(2, "reg-9@x"), NODE, "udp", datagram=True)  # what follows it
             assert sent == []
             n.transport._received(invite(), NODE, "udp", datagram=True)     # a new call
             n.transport._received(register(), NODE, "udp", datagram=True)   # a new registration
