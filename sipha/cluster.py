@@ -48,12 +48,30 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def _alive(pid: int, cmd0: str) -> bool:
+    """Whether `pid` still runs the program started as `cmd0` (not a pid
+    the kernel has given to something else since)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             argv = fh.read().split(b"\0")
     except OSError:
         return False
-    return bool(argv) and os.path.basename(cmd0).encode() in b" ".join(argv[:3])
+    if argv == [b""]:
+        # No arguments: a zombie (it exited, nobody reaped it yet), or a
+        # process in the middle of exec. Popen returns once exec has closed
+        # the close-on-exec pipe, which is before the new program's
+        # arguments are laid out, so a process checked right after its
+        # start can read empty for a moment: that one is alive.
+        return _state(pid) not in (None, "Z", "X")
+    return os.path.basename(cmd0).encode() in b" ".join(argv[:3])
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, D, Z, ...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 class Cluster:
