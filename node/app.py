@@ -587,6 +587,14 @@ class Node:
         if record["st"] == "early" and not record.get("cancel"):
             # it died before relaying the answer: the caller still waits
             await self.confirm(bekey, record, resp)
+        elif record["st"] == "confirmed" and cseq == 1 and resp.to.tag == record["b"]["rt"]:
+            # It saved the answer, and may have died before relaying it: the
+            # callee still sending its 2xx means no ACK got through, so the
+            # caller may be waiting yet (seen in a kill under load: one call
+            # in 300 hung). The caller gets the 2xx again; one it already
+            # had is a retransmission, which it ACKs again (RFC 3261
+            # §13.2.2.4), and this node takes that ACK.
+            self.answer_a(record, resp.status, resp.reason, resp)
         if record.get("ack", {}).get("a") == cseq:
             del record["ack"]["a"]   # the caller's ACK will not be relayed twice
         self.send_ack(record, resp, cseq=cseq)
