@@ -609,7 +609,8 @@ class Proxy:
         if data[:4] == b"SIP/":
             return self.fast_response(data, src, transport)
         if self.refuse_share:
-            method = _NEW_WORK_METHODS.get(data[:data.find(b" ", 0, 10)])
+            space = data.find(b" ", 0, 10)
+            method = _NEW_WORK_METHODS.get(data[:space]) if space > 0 else None
             if method is not None and self.fast_refuse(data, src, transport, method):
                 return True
         return self.fast_request(data, src, transport)
