@@ -247,11 +247,11 @@ _ANSWER_FIELDS = re.compile(rb"\r\n(via|from|to|call-id|cseq|user-agent):")
 
 
 def refuse_new_request(data: bytes, limits: Limits, status_line: bytes, to_tag: bytes,
-                       extra: bytes) -> tuple[bytes, str | None] | None:
+                       extra: bytes) -> tuple[bytes, str, str | None] | None:
     """A final response to a request outside a dialog (no To-tag) in the
     common form, written from its bytes (Via, From, Call-ID and CSeq
-    copied, a To-tag added, RFC 3261 §8.2.6), and the request's User-Agent
-    lower-cased; or None. Cheap on purpose: it is how an overloaded proxy
+    copied, a To-tag added, RFC 3261 §8.2.6), the request's Call-ID and its
+    User-Agent lower-cased; or None. Cheap on purpose: it is how an overloaded proxy
     says no, and saying no must cost far less than the call or the
     registration would (one that costs as much as the work itself keeps
     the proxy as busy as before, and the guard refuses ever more)."""
@@ -263,7 +263,7 @@ def refuse_new_request(data: bytes, limits: Limits, status_line: bytes, to_tag: 
     m, head = checked
     parts = [status_line]
     seen = set()
-    user_agent = None
+    user_agent = call_id = None
     for f in _ANSWER_FIELDS.finditer(head):
         name = f.group(1)
         end = head.find(b"\r\n", f.end())
@@ -278,9 +278,11 @@ def refuse_new_request(data: bytes, limits: Limits, status_line: bytes, to_tag: 
             line += b";tag=" + to_tag
         elif name != b"via" and name in seen:
             return None
+        elif name == b"call-id":
+            call_id = _value(data, (f.start() + 2, end + 2), name)
         seen.add(name)
         parts.append(line + b"\r\n")
     if len(seen) != 5:
         return None
     parts.append(extra)
-    return b"".join(parts), user_agent
+    return b"".join(parts), call_id, user_agent

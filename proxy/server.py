@@ -629,10 +629,9 @@ class Proxy:
                                      self._refusal_tail)
         if refusal is None:
             return False
-        answer, user_agent = refusal
+        answer, call_id, user_agent = refusal
         if self.drop_scanners and _scanner(user_agent):
             return False                    # on_request drops it without an answer
-        call_id = first_value(answer, answer.lower(), b"call-id")
         if call_id in self.forwarded:
             return False                    # a retransmission, or what follows one let through
         if self.limiter.enabled and self._limited(src, method):
