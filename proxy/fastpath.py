@@ -189,14 +189,21 @@ def _lines(head: bytes) -> dict[bytes, tuple[int, int]] | None:
     return None if _ROUTE_KEY in lines else lines
 
 
+def remember(memo: dict, key, value) -> None:
+    """Keep `value` for `key` in a memo of what the byte paths parse:
+    short keys only (long ones are rare and would fill memory), at most
+    _MEMO_SIZE of them, forgotten all at once when full."""
+    if len(key) <= _MEMO_LEN:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[key] = value
+
+
 def _parsed_uri(uri: bytes) -> SipUri:
     ruri = _URIS.get(uri)
     if ruri is None:
         ruri = parse_uri(uri.decode("latin-1"))
-        if len(uri) <= _MEMO_LEN:
-            if len(_URIS) >= _MEMO_SIZE:
-                _URIS.clear()
-            _URIS[uri] = ruri
+        remember(_URIS, uri, ruri)
     return ruri
 
 

@@ -43,7 +43,7 @@ from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, 
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
-from .fastpath import RequestScan, first_value, refuse_new_request, scan_request, strip_top_via
+from .fastpath import RequestScan, first_value, refuse_new_request, remember, scan_request, strip_top_via
 from .health import HealthMonitor
 from .limits import SourceLimiter
 from .relay import NodeRelay, Pending
@@ -774,9 +774,7 @@ class Proxy:
                 known = (self.is_us(uri), uri.params.get("flow"))
             except SipParseError:
                 known = (False, None)
-            if len(self._our_routes) >= 4096:
-                self._our_routes.clear()
-            self._our_routes[value] = known
+            remember(self._our_routes, value, known)
         return known
 
     def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes,
