@@ -113,6 +113,8 @@ class Proxy:
             "sipha_proxy_queue_wait_seconds",
             "how long a datagram waited in the UDP receive queue (one sampled every 10 ms; see limits.overload_delay)",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
+        # by the name the workers report them under (proxy/workers.py)
+        self.histograms = {"latency": self.routing_latency, "wait": self.queue_wait}
         self.started = time.time()
         self.admin: AdminServer | None = None
         self.admin_addr = None
@@ -206,13 +208,21 @@ class Proxy:
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
             "workers": self.link.role.count if self.link else 1,
-            "overloaded": self.link.overloaded() if self.link else self.overloaded,
+            "overloaded": self._overloaded(),
             "counters": self._counters().as_dict(),
         }
 
     def _counters(self) -> Counters:
         """This process's counters, or with several workers all of theirs."""
         return self.link.counters() if self.link else self.stats
+
+    def _histograms(self) -> list[Histogram]:
+        """This process's histograms, or with several workers all of theirs added."""
+        return self.link.histograms() if self.link else list(self.histograms.values())
+
+    def _overloaded(self) -> bool:
+        """Whether this process, or with several workers any of them, refuses new work now."""
+        return self.link.overloaded() if self.link else self.overloaded
 
     async def metrics(self) -> tuple[str, str]:
         return prometheus(self.collect)
@@ -230,10 +240,10 @@ class Proxy:
         yield lf
         yield GaugeMetricFamily("sipha_proxy_nodes_up", "nodes in the ring", value=sum(h.up for h in nodes))
         yield GaugeMetricFamily("sipha_proxy_overloaded", "1 while new INVITEs, REGISTERs, SUBSCRIBEs and MESSAGEs are being refused (limits.overload_delay)",
-                                value=int(self.link.overloaded() if self.link else self.overloaded))
+                                value=int(self._overloaded()))
         yield GaugeMetricFamily("sipha_proxy_uptime_seconds", "seconds since start",
                                 value=round(time.time() - self.started, 1))
-        for h in (self.link.histograms() if self.link else [self.routing_latency, self.queue_wait]):
+        for h in self._histograms():
             yield from h.collect()
 
     # ---- helpers -----------------------------------------------------

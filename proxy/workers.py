@@ -164,7 +164,7 @@ class WorkerLink:
     def _send_stats(self) -> None:
         snap = {"counters": [[list(k), v] for k, v in self.proxy.stats.values.items()],
                 "overloaded": self.proxy.overloaded,
-                **{name: {"counts": h.counts, "sum": h.sum} for name, h in self._histograms().items()}}
+                **{name: {"counts": h.counts, "sum": h.sum} for name, h in self.proxy.histograms.items()}}
         self._post(b"S " + str(self.role.index).encode() + b"\n" + json.dumps(snap).encode())
 
     # worker 0
@@ -196,13 +196,10 @@ class WorkerLink:
                 merged.values[tuple(key)] += v
         return merged
 
-    def _histograms(self) -> dict[str, Histogram]:
-        return {"latency": self.proxy.routing_latency, "wait": self.proxy.queue_wait}
-
     def histograms(self) -> list[Histogram]:
         """Each of this process's histograms with the other workers' added."""
         out = []
-        for name, own in self._histograms().items():
+        for name, own in self.proxy.histograms.items():
             merged = Histogram(own.name, own.doc, own.buckets)
             merged.counts = list(own.counts)
             merged.sum = own.sum
@@ -215,7 +212,7 @@ class WorkerLink:
         return out
 
     def overloaded(self) -> bool:
-        """Whether any worker is refusing new INVITEs now (as of its last report)."""
+        """Whether any worker is refusing new work now (as of its last report)."""
         return self.proxy.overloaded or any(snap.get("overloaded") for snap in self.role.snapshots.values())
 
 
