@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,3 +91,16 @@ class Procs:
 def redis_cmd(port: int, datadir: Path) -> list[str]:
     return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(datadir), "--protected-mode", "yes"]
+
+
+def start_redis(port: int, datadir: Path, *extra: str) -> subprocess.Popen:
+    """A redis-server on loopback `port`, once it accepts connections."""
+    proc = subprocess.Popen(redis_cmd(port, datadir) + list(extra), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return proc
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)

@@ -11,8 +11,8 @@ from node.app import Node
 from sipcore.bekey import ROUTE_HEADER, bekey_of
 from sipcore.config import load_config
 from sipcore.message import make_response, parse_message
+from procs import start_redis
 from sipha.sipp import free_port
-from test_resp import start as start_redis
 
 pytestmark = pytest.mark.e2e
 

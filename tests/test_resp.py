@@ -7,35 +7,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
 import time
 
 import pytest
 
 from node.resp import Redis, RedisConnectionError, RedisError, RedisTimeout, parse_url
-from procs import redis_cmd
+from procs import start_redis
 from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
 
 
-def start(port, tmp_path, *extra) -> subprocess.Popen:
-    proc = subprocess.Popen(redis_cmd(port, tmp_path) + list(extra), stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return proc
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def server(tmp_path):
     port = free_port()
-    procs = [start(port, tmp_path)]
+    procs = [start_redis(port, tmp_path)]
     yield port, procs
     for p in procs:
         if p.poll() is None:
@@ -147,7 +133,7 @@ def test_a_redis_that_dies_fails_fast_and_is_used_again_when_it_returns(server, 
             await r.get("k")
         with pytest.raises(RedisConnectionError) as refused:
             await r.get("k")
-        procs.append(start(port, tmp_path))
+        procs.append(start_redis(port, tmp_path))
         back = await r.set("k", b"w")
         await r.aclose()
         return str(lost.value) + " | " + str(refused.value), back
@@ -158,7 +144,7 @@ def test_a_redis_that_dies_fails_fast_and_is_used_again_when_it_returns(server, 
 
 def test_a_password_is_sent_and_a_wrong_one_is_named_but_not_shown(server, tmp_path):
     port = free_port()
-    proc = start(port, tmp_path, "--requirepass", "s3cret-pw")
+    proc = start_redis(port, tmp_path, "--requirepass", "s3cret-pw")
     try:
         async def go():
             good = Redis(f"redis://:s3cret-pw@127.0.0.1:{port}/0")

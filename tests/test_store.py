@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import time
 
 import pytest
 import redis
 
 from node.store import DialogStore
-from procs import redis_cmd
+from procs import start_redis
 from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
@@ -25,16 +23,7 @@ def three_redis(tmp_path):
         ports[nid] = free_port()
         d = tmp_path / nid
         d.mkdir()
-        procs[nid] = subprocess.Popen(redis_cmd(ports[nid], d), stdout=subprocess.DEVNULL)
-    for port in ports.values():
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        procs[nid] = start_redis(ports[nid], d)
     yield procs, ports
     for p in procs.values():
         p.kill()
