@@ -56,22 +56,24 @@ def _alive(pid: int, cmd0: str) -> bool:
     except OSError:
         return False
     if argv == [b""]:
-        # No arguments: a zombie (it exited, nobody reaped it yet), or a
-        # process in the middle of exec. Popen returns once exec has closed
-        # the close-on-exec pipe, which is before the new program's
-        # arguments are laid out, so a process checked right after its
-        # start can read empty for a moment: that one is alive.
-        return _state(pid) not in (None, "Z", "X")
+        # No arguments. Popen returns once exec has closed the close-on-exec
+        # pipe, which is before the new program's arguments are laid out, so
+        # our own child checked right after its start reads empty for a
+        # moment: that one is alive. Anything else without arguments is not
+        # ours: a zombie, or a kernel thread that was given the pid since.
+        state, ppid = _stat(pid)
+        return ppid == os.getpid() and state not in ("Z", "X")
     return os.path.basename(cmd0).encode() in b" ".join(argv[:3])
 
 
-def _state(pid: int) -> str | None:
-    """The process state letter from /proc (R, S, D, Z, ...), None if gone."""
+def _stat(pid: int) -> tuple[str | None, int | None]:
+    """(state letter, parent pid) from /proc/<pid>/stat; (None, None) if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rpartition(b")")[2].split()[0].decode()
-    except (OSError, IndexError):
-        return None
+            fields = fh.read().rpartition(b")")[2].split()
+        return fields[0].decode(), int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None, None
 
 
 class Cluster:

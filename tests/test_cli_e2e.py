@@ -3,6 +3,7 @@ start, down, and their errors."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -72,7 +73,9 @@ def test_a_process_just_started_is_alive_and_one_that_exited_is_not():
     exec has closed the close-on-exec pipe, a moment before the new
     program's arguments are readable: a node checked right after its start
     read as dead about once in 25 starts, and `sipha up` (and the tests)
-    gave up on it ("node2 did not start", with an empty log)."""
+    gave up on it ("node2 did not start", with an empty log). Nor may a
+    pid read as ours once a kernel thread has it (`sipha up` then said a
+    cluster already ran)."""
     from sipha.cluster import _alive
     for _ in range(200):
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
@@ -86,6 +89,17 @@ def test_a_process_just_started_is_alive_and_one_that_exited_is_not():
         assert not _alive(p.pid, sys.executable)      # exited, not reaped yet
         p.wait()
         assert not _alive(p.pid, sys.executable)
+    # a pid the kernel gave to one of its threads (no arguments either) is not ours
+    kernel_threads = [int(d) for d in os.listdir("/proc") if d.isdigit() and _parent(int(d)) == 2]
+    assert all(not _alive(pid, sys.executable) for pid in kernel_threads[:50])
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rpartition(b")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _zombie(pid: int) -> bool:
