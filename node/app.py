@@ -447,27 +447,29 @@ class Node:
                   "forks": forks, "ack": {}}
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
+            self.stats.inc("dialogs", "created")
+            event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
+                  target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
+            ctype = req.get("Content-Type")
+            for fork in forks:
+                invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
+                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
+                self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
+                    bekey, self.on_invite_response(bekey, br, resp)))
+            self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
-        self.stats.inc("dialogs", "created")
-        event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
-              target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
-        ctype = req.get("Content-Type")
-        for fork in forks:
-            invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
-                                branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
-            self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
-                bekey, self.on_invite_response(bekey, br, resp)))
-        self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
 
     def trying_once_saved(self, req: SipRequest):
         """-> a function that sends the 100 Trying for `req` if it has not
-        gone yet; call it once the call is saved. The 100 stops the
-        caller's INVITE retransmissions (and the proxy's, for TCP), which
-        would otherwise bring the INVITE to the partner if this node died
-        before the write; so it waits for the write, but no longer than
-        the 200 ms RFC 3261 §17.2.1 allows (a slow save under load must
-        not draw retransmissions)."""
+        gone yet; call it once the call is saved and the INVITE it leads to
+        has gone out. The 100 stops the caller's INVITE retransmissions
+        (and the proxy's, for TCP), which would otherwise bring the INVITE
+        to the partner if this node died first; a caller told Trying by a
+        node that died before sending the INVITE on waits forever (seen in
+        a kill under load). So it waits for both, but no longer than the
+        200 ms RFC 3261 §17.2.1 allows (a slow save under load must not
+        draw retransmissions)."""
         sent = False
 
         def send() -> None:
@@ -715,12 +717,12 @@ class Node:
         trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
+            out = self.build(record, far, req.method, out_cseq, body=req.body,
+                             content_type=req.get("Content-Type"))
+            self.tx.request(out, lambda resp: self.spawn(
+                bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
         finally:
             trying()
-        out = self.build(record, far, req.method, out_cseq, body=req.body,
-                         content_type=req.get("Content-Type"))
-        self.tx.request(out, lambda resp: self.spawn(
-            bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
 
     async def on_relay_response(self, bekey: str, orig: SipRequest, leg: str, out_cseq: int,
                                 resp: SipResponse | None) -> None:

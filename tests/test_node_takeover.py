@@ -78,3 +78,35 @@ def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_
     assert to_caller and to_caller[0].to.tag and to_caller[0].cseq == (1, "INVITE")
     assert [v.branch for v in to_caller[0].vias] == ["z9hG4bKsphproxy1", "z9hG4bKcaller1"]
     assert len(acks) == 1 and acks[0].call_id != CALL_ID            # and the callee its ACK
+
+
+def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tmp_path):
+    """Seen in a node killed under load: the node saved the call, sent the
+    caller its 100 Trying and died before the B-leg INVITE went out; the
+    caller, told Trying, never retransmitted, and nobody ever called the
+    callee. The 100 now follows the B-leg INVITE, so a node that dies
+    before it leaves the caller retransmitting to the partner."""
+    port = free_port()
+    redis = start_redis(port, tmp_path)
+
+    async def go():
+        cfg = load_config(None, overrides={"node.admin": "off", "node.upstream": "sip:service@127.0.0.1:5998",
+                                           "proxy.internal": PROXY},
+                          nodes=[f"node1=127.0.0.1:7001,redis://127.0.0.1:{port}/0"])
+        n = Node(cfg, "node1")
+        sent = []
+        n.tx._send = lambda data, dest: sent.append(parse_message(data))
+        try:
+            bekey = bekey_of(CALL_ID)
+            await n.new_call(parse_message(caller_invite(bekey).replace(b";partner=node2", b";partner=")), bekey)
+            return [getattr(m, "method", None) or m.status for m in sent]
+        finally:
+            n.tx.close()
+            await n.store.close()
+
+    try:
+        order = asyncio.run(go())
+    finally:
+        redis.kill()
+        redis.wait()
+    assert order == ["INVITE", 100]
