@@ -230,9 +230,9 @@ class Node:
             if self.tx.response(msg):
                 return
             bekey = read_stamp(self.secret, msg.call_id)
-            if bekey and msg.cseq[1] == "INVITE" and 200 <= msg.status < 300:
-                # a 2xx whose INVITE another node sent (it died): see stray_2xx
-                self.spawn(bekey, self.stray_2xx(bekey, msg))
+            if bekey and msg.cseq[1] == "INVITE" and msg.status >= 200:
+                # a final answer to an INVITE another node sent (it died)
+                self.spawn(bekey, (self.stray_2xx if msg.status < 300 else self.stray_failure)(bekey, msg))
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
@@ -551,7 +551,13 @@ class Node:
         """When every fork has failed, the caller gets the best final
         response (RFC 3261 §16.7: a 6xx first, else the lowest status)."""
         forks = record["forks"]
-        if any(f["st"] is None for f in forks) or record["st"] != "early":
+        if record["st"] != "early":
+            return
+        if any(f["st"] is None for f in forks):
+            # the next fork's answer reads the record from Redis: it must
+            # find this fork's failure there, or the caller never hears
+            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey),
+                                  self.others(bekey))
             return
         six = [f for f in forks if f["st"] >= 600]
         best = six[0] if six else min(forks, key=lambda f: f["st"])
@@ -602,6 +608,18 @@ class Node:
         self.send_ack(record, resp, cseq=cseq)
         await self.store.save(bekey, record, record.get("p") or partner, self.others(bekey))
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=cseq)
+
+    async def stray_failure(self, bekey: str, resp: SipResponse) -> None:
+        """A callee's failure (486, 480, 408...) for an INVITE sent by a node
+        that died before it had it: the callee retransmits it until ACKed
+        (RFC 3261 §17.2.1) and the caller still waits for a final answer.
+        This node takes the call over and finishes it as the owner would."""
+        record = await self.load_call(bekey, self.partner_for(bekey))
+        if record is None or record["b"]["cid"] != resp.call_id:
+            event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
+                  reason="no call")
+            return
+        await self.on_invite_response(bekey, resp.top_via.branch, resp)
 
     async def _ack_and_bye_orphan(self, resp: SipResponse) -> None:
         contact = resp.contacts[0].uri if resp.contacts else resp.to.uri

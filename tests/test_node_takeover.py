@@ -1,6 +1,6 @@
-"""node.app, two nodes in one process against two real redis-servers: a
-call whose owner saved the callee's answer and died before the caller had
-it is finished by the partner when the callee sends its 2xx again."""
+"""node.app, nodes in one process against real redis-servers (one each):
+the windows in which a node dies with a call half done, and the partner
+that finishes it when the callee or the caller sends again."""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +20,8 @@ PROXY = "127.0.0.1:5999"
 CALL_ID = "hang-1@192.0.2.50"
 
 
-def caller_invite(bekey: str) -> bytes:
-    return (f"INVITE sip:service@{PROXY} SIP/2.0\r\n"
+def caller_invite(bekey: str, ruri: str = f"sip:service@{PROXY}") -> bytes:
+    return (f"INVITE {ruri} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {PROXY};branch=z9hG4bKsphproxy1\r\n"
             f"Via: SIP/2.0/UDP 192.0.2.50:5070;branch=z9hG4bKcaller1;rport=5070;received=192.0.2.50\r\n"
             f"Record-Route: <sip:{PROXY};lr;flow=udp:192.0.2.50:5070>\r\n"
@@ -31,12 +31,11 @@ def caller_invite(bekey: str) -> bytes:
             f"Content-Length: 0\r\n\r\n").encode()
 
 
-def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_path):
-    """Seen in a node killed under load: the owner saved the confirmed call
-    (replica on its partner) and died before relaying the 2xx, so the
-    caller, which had its 100 Trying, waited forever while the partner
-    ACKed the callee's 2xx retransmission and relayed nothing."""
-    ports = [free_port(), free_port()]
+def with_nodes(tmp_path, count: int, scenario):
+    """Run `await scenario(nodes, sent)` with `count` nodes (node1, node2...),
+    each on its own real redis-server; what each node sends is parsed into
+    sent[node] instead of leaving on the wire. -> what scenario returned."""
+    ports = [free_port() for _ in range(count)]
     redis = []
     for i, port in enumerate(ports):
         (tmp_path / str(i)).mkdir()
@@ -45,39 +44,124 @@ def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_
     async def go():
         cfg = load_config(None, overrides={"node.admin": "off", "node.upstream": "sip:service@127.0.0.1:5998",
                                            "proxy.internal": PROXY},
-                          nodes=[f"node1=127.0.0.1:7001,redis://127.0.0.1:{ports[0]}/0",
-                                 f"node2=127.0.0.1:7002,redis://127.0.0.1:{ports[1]}/0"])
-        owner, partner = Node(cfg, "node1"), Node(cfg, "node2")
-        sent = {owner: [], partner: []}
-        for n in (owner, partner):
+                          nodes=[f"node{i + 1}=127.0.0.1:{7001 + i},redis://127.0.0.1:{port}/0"
+                                 for i, port in enumerate(ports)])
+        nodes = [Node(cfg, f"node{i + 1}") for i in range(count)]
+        sent = {n: [] for n in nodes}
+        for n in nodes:
             n.tx._send = lambda data, dest, n=n: sent[n].append(parse_message(data))
         try:
-            bekey = bekey_of(CALL_ID)
-            await owner.new_call(parse_message(caller_invite(bekey)), bekey)
-            b_invite, = [m for m in sent[owner] if getattr(m, "method", None) == "INVITE"]
-            answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
-                                   headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
-            await owner.on_invite_response(bekey, b_invite.top_via.branch, answer)   # saved, then relayed...
-            assert any(getattr(m, "status", None) == 200 for m in sent[owner])
-            # ... or not: the owner dies here, and the caller never had it.
-            await partner.stray_2xx(bekey, answer)          # the callee sends its 2xx again
-            return sent[partner]
+            return await scenario(nodes, sent)
         finally:
-            for n in (owner, partner):
+            for n in nodes:
                 n.tx.close()
                 await n.store.close()
 
     try:
-        out = asyncio.run(go())
+        return asyncio.run(go())
     finally:
         for p in redis:
             p.kill()
             p.wait()
-    to_caller = [m for m in out if getattr(m, "status", None) == 200 and m.call_id == CALL_ID]
-    acks = [m for m in out if getattr(m, "method", None) == "ACK"]
+
+
+def of_method(msgs, method: str) -> list:
+    return [m for m in msgs if getattr(m, "method", None) == method]
+
+
+def of_status(msgs, status: int) -> list:
+    return [m for m in msgs if getattr(m, "status", None) == status]
+
+
+async def settled(node: Node) -> None:
+    """Until what on_message spawned on `node` has run."""
+    await asyncio.sleep(0)
+    while node.inflight:
+        await asyncio.sleep(0.01)
+
+
+def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_path):
+    """Seen in a node killed under load: the owner saved the confirmed call
+    (replica on its partner) and died before relaying the 2xx, so the
+    caller, which had its 100 Trying, waited forever while the partner
+    ACKed the callee's 2xx retransmission and relayed nothing."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
+                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        await owner.on_invite_response(bekey, b_invite.top_via.branch, answer)   # saved, then relayed...
+        assert of_status(sent[owner], 200)
+        # ... or not: the owner dies here, and the caller never had it.
+        partner.on_message(answer, ("127.0.0.1", 5999), "udp")     # the callee sends its 2xx again
+        await settled(partner)
+        return sent[partner]
+
+    out = with_nodes(tmp_path, 2, scenario)
+    to_caller = [m for m in of_status(out, 200) if m.call_id == CALL_ID]
+    acks = of_method(out, "ACK")
     assert to_caller and to_caller[0].to.tag and to_caller[0].cseq == (1, "INVITE")
     assert [v.branch for v in to_caller[0].vias] == ["z9hG4bKsphproxy1", "z9hG4bKcaller1"]
     assert len(acks) == 1 and acks[0].call_id != CALL_ID            # and the callee its ACK
+
+
+def test_the_partner_tells_the_caller_a_failure_the_dead_owner_never_had(tmp_path):
+    """The owner sent the B-leg INVITE and died; the callee's 486 comes to
+    the partner (the proxy reroutes it) and was dropped there: the caller,
+    told Trying, hung, and the callee retransmitted its 486 for 32 s. The
+    partner now ACKs the 486, answers the caller with it, and ends the call
+    in both Redis."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        busy = make_response(b_invite, 486, "Busy Here", to_tag="callee-1")
+        partner.on_message(busy, ("127.0.0.1", 5999), "udp")   # the owner died; here comes the 486
+        await settled(partner)
+        left = [await n.store.load(bekey, []) for n in nodes]
+        return b_invite, sent[partner], left
+
+    b_invite, out, left = with_nodes(tmp_path, 2, scenario)
+    to_caller = [m for m in of_status(out, 486) if m.call_id == CALL_ID]
+    ack, = of_method(out, "ACK")
+    assert to_caller and [v.branch for v in to_caller[0].vias] == ["z9hG4bKsphproxy1", "z9hG4bKcaller1"]
+    # the ACK of a failure is part of the INVITE transaction (RFC 3261 §17.1.1.3)
+    assert (ack.call_id, ack.top_via.branch, ack.uri) == (b_invite.call_id, b_invite.top_via.branch, b_invite.uri)
+    assert ack.to.tag == "callee-1"
+    assert left == [(None, "missing")] * 2
+
+
+def test_the_caller_hears_the_best_failure_once_every_fork_has_failed(tmp_path):
+    """A call to a user registered from two phones rings both; the first
+    fork's failure was kept only in memory, and the second fork's failure,
+    read from Redis, still found the first one pending: the caller never
+    had an answer. RFC 3261 §16.7: the lowest status when no 6xx."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        aor_key = bekey_of("sip:carol@example.com")
+        register = parse_message(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg1\r\n"
+            "From: <sip:carol@example.com>;tag=r1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-1\r\n"
+            "CSeq: 1 REGISTER\r\nContact: <sip:carol@192.0.2.60:5060>, <sip:carol@192.0.2.61:5060>\r\n"
+            "Expires: 300\r\nContent-Length: 0\r\n\r\n".encode())
+        await n.on_request(register, aor_key)
+        assert of_status(sent[n], 200)
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey, "sip:carol@example.com")), bekey)
+        forks = of_method(sent[n], "INVITE")
+        assert len(forks) == 2
+        for fork, (status, reason) in zip(forks, [(486, "Busy Here"), (480, "Temporarily Unavailable")]):
+            n.on_message(make_response(fork, status, reason, to_tag=f"t{status}"), ("127.0.0.1", 5999), "udp")
+            await settled(n)
+        return sent[n], await n.store.load(bekey, [])
+
+    out, left = with_nodes(tmp_path, 1, scenario)
+    finals = [m.status for m in out if getattr(m, "status", 0) >= 300 and m.call_id == CALL_ID]
+    assert finals == [480] and len(of_method(out, "ACK")) == 2
+    assert left == (None, "missing")
 
 
 def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tmp_path):
@@ -86,27 +170,10 @@ def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tm
     caller, told Trying, never retransmitted, and nobody ever called the
     callee. The 100 now follows the B-leg INVITE, so a node that dies
     before it leaves the caller retransmitting to the partner."""
-    port = free_port()
-    redis = start_redis(port, tmp_path)
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey).replace(b";partner=node2", b";partner=")), bekey)
+        return [getattr(m, "method", None) or m.status for m in sent[n]]
 
-    async def go():
-        cfg = load_config(None, overrides={"node.admin": "off", "node.upstream": "sip:service@127.0.0.1:5998",
-                                           "proxy.internal": PROXY},
-                          nodes=[f"node1=127.0.0.1:7001,redis://127.0.0.1:{port}/0"])
-        n = Node(cfg, "node1")
-        sent = []
-        n.tx._send = lambda data, dest: sent.append(parse_message(data))
-        try:
-            bekey = bekey_of(CALL_ID)
-            await n.new_call(parse_message(caller_invite(bekey).replace(b";partner=node2", b";partner=")), bekey)
-            return [getattr(m, "method", None) or m.status for m in sent]
-        finally:
-            n.tx.close()
-            await n.store.close()
-
-    try:
-        order = asyncio.run(go())
-    finally:
-        redis.kill()
-        redis.wait()
-    assert order == ["INVITE", 100]
+    assert with_nodes(tmp_path, 1, scenario) == ["INVITE", 100]
