@@ -207,6 +207,32 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
     assert logs.count('reason="callee 486"') == 5
 
 
+def test_callee_busy_after_its_callers_node_died_still_reaches_the_caller(make_cluster):
+    """The callee rings, the node that called it dies, then the callee says
+    486: the proxy reroutes the 486 to the call's new owner, which must
+    answer the caller (told Trying, it does not retransmit) and ACK the
+    callee (which otherwise retransmits its 486 for 32 s)."""
+    c = make_cluster(nodes=3, trunk_scenario="uas_busy_late")
+
+    async def scenario():
+        s = uac(c, "uac_busy", calls=6, rate=6)
+        await s.start()
+        await asyncio.sleep(1.5)                 # all ringing; the 486s come at ~3 s
+        before = all_keys(c)
+        victim = max(before, key=lambda n: len(before[n]["active"]))
+        c.kill(victim)
+        return await s.wait(30), victim, set(before[victim]["active"])
+
+    result, victim, ringing = run(scenario())
+    assert ringing, "the killed node held no call"
+    assert result.ok == 6 and result.failed == 0, result.log_tail
+    alive = [n for n in c.state["nodes"] if n != victim]
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c, alive).values())
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in alive)
+    assert logs.count('reason="callee 486"') == 6
+    assert "event=response_rerouted status=486" in (c.dir / "logs" / "proxy.log").read_text()
+
+
 def test_node_crashing_with_its_redis_intact_serves_its_dialogs_again_without_failover(make_cluster):
     c = make_cluster(nodes=3, ramp=5.0)
     # 1.5 s is long enough for the proxy to take it out; 4 s for the re-INVITEs
