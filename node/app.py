@@ -14,6 +14,10 @@ Call record (JSON in Redis, see node.store), two legs:
     forks: one per callee contact: the INVITE's R-URI, Route and branch
          (CANCEL and the non-2xx ACK must match it) and its final status
     ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
+    q:   the last in-dialog request relayed: leg it came on (l), method (m),
+         its CSeq (c), the CSeq it went on with (o), its Via/From/To/
+         Call-ID/CSeq (h), so the partner can answer it, or relay it again,
+         if this node dies before the answer comes back
 Every tag and Call-ID we generate carries the BEKey stamp (sipcore.bekey),
 so the proxy brings every later request of the call here, whichever leg.
 """
@@ -229,10 +233,12 @@ class Node:
         if isinstance(msg, SipResponse):
             if self.tx.response(msg):
                 return
-            bekey = read_stamp(self.secret, msg.call_id)
-            if bekey and msg.cseq[1] == "INVITE" and msg.status >= 200:
-                # a final answer to an INVITE another node sent (it died)
-                self.spawn(bekey, (self.stray_2xx if msg.status < 300 else self.stray_failure)(bekey, msg))
+            # B-leg Call-IDs carry the stamp; requests sent on leg a carry
+            # it in the From-tag (as the proxy reads it)
+            bekey = read_stamp(self.secret, msg.call_id) or read_stamp(self.secret, msg.from_.tag)
+            if bekey and msg.status >= 200:
+                # a final answer to a request another node sent (it died)
+                self.spawn(bekey, self.stray_final(bekey, msg))
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
@@ -486,9 +492,13 @@ class Node:
 
     def a_invite(self, record: dict) -> SipRequest:
         """The caller's INVITE as far as answering it needs (from `ah`)."""
-        a = record["a"]
-        lines = "".join(f"{n}: {v}\r\n" for n, v in record["ah"])
-        return parse_request(f"INVITE {a['tgt']} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
+        return self.answerable("INVITE", record["a"]["tgt"], record["ah"])
+
+    @staticmethod
+    def answerable(method: str, uri: str, headers: list) -> SipRequest:
+        """A request as far as answering it needs, from saved headers."""
+        lines = "".join(f"{n}: {v}\r\n" for n, v in headers)
+        return parse_request(f"{method} {uri} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
 
     def answer_a(self, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
         inv = self.a_invite(record)
@@ -582,12 +592,55 @@ class Node:
         self.stats.inc("dialogs", "confirmed")
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
 
-    async def stray_2xx(self, bekey: str, resp: SipResponse) -> None:
-        """A callee's (retransmitted) 2xx for an INVITE sent by a node that
-        died before it could ACK: this node holds the call now, so it sends
-        the ACK the callee is waiting for (and hangs up if the call is gone)."""
+    async def stray_final(self, bekey: str, resp: SipResponse) -> None:
+        """A final response to a request sent by a node that died before it
+        had it (the proxy brings it to the call's new owner): this node
+        holds the call now and finishes what the dead node started."""
         partner = self.partner_for(bekey)
         record = await self.load_call(bekey, partner)
+        cseq, method = resp.cseq
+        q = record and record.get("q")
+        if q and (q["o"], q["m"]) == (cseq, method) and record[other(q["l"])]["cid"] == resp.call_id:
+            await self.stray_relayed(bekey, record, resp)
+        elif method != "INVITE":
+            event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
+                  reason="no transaction")
+        elif resp.status < 300:
+            await self.stray_2xx(bekey, record, resp, partner)
+        elif record is not None and record["b"]["cid"] == resp.call_id:
+            # the callee's failure (486, 480, 408...): the caller still waits
+            # for a final answer, the callee for its ACK (RFC 3261 §17.2.1)
+            await self.on_invite_response(bekey, resp.top_via.branch, resp)
+        else:
+            event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
+                  reason="no call")
+
+    async def stray_relayed(self, bekey: str, record: dict, resp: SipResponse) -> None:
+        """The answer to an in-dialog request the dead node relayed (record
+        `q`): the side that sent it waits for it (after a 100 Trying, a
+        re-INVITE is never sent again)."""
+        q = record["q"]
+        orig = self.answerable(q["m"], record[q["l"]]["tgt"], q["h"])
+        self.relay_answer(orig, resp)
+        if q["m"] != "INVITE":
+            return
+        far = other(q["l"])
+        if resp.status >= 300:
+            self.send_ack_for(record, far, q["o"], resp.top_via.branch)
+            return
+        # as for a stray 2xx of the first INVITE, the ACK goes now: the
+        # caller's ACK may have gone to the dead node
+        if resp.contacts:
+            record[far]["tgt"] = resp.contacts[0].uri
+        record.get("ack", {}).pop(q["l"], None)
+        self.send_ack_for(record, far, q["o"])
+        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
+        event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=q["o"])
+
+    async def stray_2xx(self, bekey: str, record: dict | None, resp: SipResponse, partner: str | None) -> None:
+        """A callee's (retransmitted) 2xx for an INVITE sent by a node that
+        died before it could ACK: this node sends the ACK the callee is
+        waiting for (and hangs up if the call is gone)."""
         if record is None or record["b"]["cid"] != resp.call_id:
             await self._ack_and_bye_orphan(resp)
             return
@@ -608,18 +661,6 @@ class Node:
         self.send_ack(record, resp, cseq=cseq)
         await self.store.save(bekey, record, record.get("p") or partner, self.others(bekey))
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=cseq)
-
-    async def stray_failure(self, bekey: str, resp: SipResponse) -> None:
-        """A callee's failure (486, 480, 408...) for an INVITE sent by a node
-        that died before it had it: the callee retransmits it until ACKed
-        (RFC 3261 §17.2.1) and the caller still waits for a final answer.
-        This node takes the call over and finishes it as the owner would."""
-        record = await self.load_call(bekey, self.partner_for(bekey))
-        if record is None or record["b"]["cid"] != resp.call_id:
-            event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
-                  reason="no call")
-            return
-        await self.on_invite_response(bekey, resp.top_via.branch, resp)
 
     async def _ack_and_bye_orphan(self, resp: SipResponse) -> None:
         contact = resp.contacts[0].uri if resp.contacts else resp.to.uri
@@ -723,18 +764,32 @@ class Node:
 
     async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
         L = record[leg]
-        if req.cseq[0] <= L["rc"] and req.method != "PRACK":
+        far = other(leg)
+        q = record.get("q")
+        trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
+        again = q and (q["l"], q["c"], q["m"], q["o"]) == (leg, req.cseq[0], req.method, record[far]["lc"])
+        if again:
+            # Relayed by a node that died before the answer came back (this
+            # node would have answered a retransmission of its own from its
+            # transaction cache): it goes on again with the same CSeq, which
+            # the far side takes as in order (RFC 3261 §12.2.2 rejects only
+            # a lower one). The record is as it was saved.
+            out_cseq = q["o"]
+        elif req.cseq[0] <= L["rc"] and req.method != "PRACK":
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
-        L["rc"] = req.cseq[0]
-        if req.method in ("INVITE", "UPDATE") and req.contacts:
-            L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
-        far = other(leg)
-        record[far]["lc"] += 1
-        out_cseq = record[far]["lc"]
-        trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
+        else:
+            L["rc"] = req.cseq[0]
+            if req.method in ("INVITE", "UPDATE") and req.contacts:
+                L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
+            record[far]["lc"] += 1
+            out_cseq = record[far]["lc"]
+            record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq,
+                           "h": [[f.name, f.value] for f in req.fields
+                                 if f.key in ("via", "from", "to", "call-id", "cseq")]}
         try:
-            await self.store.save(bekey, record, partner, self.others(bekey))
+            if not again:
+                await self.store.save(bekey, record, partner, self.others(bekey))
             out = self.build(record, far, req.method, out_cseq, body=req.body,
                              content_type=req.get("Content-Type"))
             self.tx.request(out, lambda resp: self.spawn(
@@ -747,9 +802,7 @@ class Node:
         if resp is None:
             self.reply(orig, 408, "Request Timeout")
             return
-        headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
-        self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
-                   content_type=resp.get("Content-Type") if resp.body else None)
+        self.relay_answer(orig, resp)
         if orig.method == "INVITE" and 200 <= resp.status < 300:
             record, _ = await self.store.load(bekey, [])
             if record is None:
@@ -763,7 +816,16 @@ class Node:
             # the far side expects its ACK for the failed re-INVITE
             record, _ = await self.store.load(bekey, [])
             if record is not None:
-                far = other(leg)
-                ack = self.build(record, far, "ACK", out_cseq, branch=resp.top_via.branch)
-                self.tx.request(ack, lambda r: None)
+                self.send_ack_for(record, other(leg), out_cseq, resp.top_via.branch)
+
+    def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
+        """Answer `orig` as the far side answered the request relayed for it."""
+        headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+        self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
+                   content_type=resp.get("Content-Type") if resp.body else None)
+
+    def send_ack_for(self, record: dict, leg: str, cseq: int, branch: str | None = None) -> None:
+        """ACK an INVITE sent on `leg`: a 2xx's ACK is a new transaction,
+        a failure's belongs to the INVITE's (its branch)."""
+        self.tx.request(self.build(record, leg, "ACK", cseq, branch=branch), lambda r: None)
 

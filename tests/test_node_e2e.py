@@ -210,27 +210,28 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
 @pytest.mark.parametrize("caller, callee, hold_ms, ending", [
     ("uac_busy", "uas_busy_late", None, 'reason="callee 486"'),   # the callee says 486 at ~3 s
     ("cancel", "uas_ring", 2500, "reason=cancelled"),              # the caller cancels at ~2.5 s
+    ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"'),  # re-INVITEs at ~1-2 s, answered at ~3 s
 ])
-def test_a_call_ringing_when_its_node_dies_ends_cleanly(make_cluster, caller, callee, hold_ms, ending):
-    """The callee rings, the node that called it dies, then the call ends
-    while still ringing. A 486 goes to the call's new owner (the proxy
-    reroutes it), which must answer the caller (told Trying, it does not
-    retransmit) and ACK the callee (else it retransmits its 486 for 32 s);
-    a CANCEL goes there too, and the 487 it draws from the callee must be
-    ACKed and the call deleted."""
+def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, caller, callee, hold_ms, ending):
+    """The node that sent a request on dies before the answer comes back:
+    the proxy brings the answer (or the caller's CANCEL) to the call's new
+    owner, which must finish what the dead node started. The caller, told
+    Trying, does not send its INVITE or re-INVITE again: it must get the
+    486, 487 or 200 from the new owner; the callee must get its ACK (else
+    it retransmits for 32 s); the call must end and leave no record."""
     c = make_cluster(nodes=3, trunk_scenario=callee)
 
     async def scenario():
         s = uac(c, caller, calls=6, rate=6, hold_ms=hold_ms)
         await s.start()
-        await asyncio.sleep(1.5)                 # all ringing
+        await asyncio.sleep(1.5)                 # every call waits for the callee
         before = all_keys(c)
         victim = max(before, key=lambda n: len(before[n]["active"]))
         c.kill(victim)
         return await s.wait(30), victim, set(before[victim]["active"])
 
-    result, victim, ringing = run(scenario())
-    assert ringing, "the killed node held no call"
+    result, victim, waiting = run(scenario())
+    assert waiting, "the killed node held no call"
     assert result.ok == 6 and result.failed == 0, result.log_tail
     alive = [n for n in c.state["nodes"] if n != victim]
     time.sleep(0.5)                              # the last ACKs and deletes

@@ -10,7 +10,7 @@ import pytest
 from node.app import Node
 from sipcore.bekey import ROUTE_HEADER, bekey_of
 from sipcore.config import load_config
-from sipcore.message import make_response, parse_message
+from sipcore.message import SipMessage, make_response, parse_message
 from procs import start_redis
 from sipha.sipp import free_port
 
@@ -177,3 +177,77 @@ def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tm
         return [getattr(m, "method", None) or m.status for m in sent[n]]
 
     assert with_nodes(tmp_path, 1, scenario) == ["INVITE", 100]
+
+
+def in_dialog(method: str, cseq: int, call_id: str, from_tag: str, to_tag: str, branch: str) -> SipMessage:
+    """A request within a dialog as the proxy hands it to a node."""
+    return parse_message((
+        f"{method} sip:node@127.0.0.1:7001 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {PROXY};branch=z9hG4bKsph{branch}\r\nVia: SIP/2.0/UDP 192.0.2.70:5060;branch={branch}\r\n"
+        f"Max-Forwards: 69\r\nFrom: <sip:someone@example.com>;tag={from_tag}\r\nTo: <sip:other@example.com>;tag={to_tag}\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:someone@192.0.2.70:5060>\r\n"
+        f"Content-Length: 0\r\n\r\n").encode())
+
+
+async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]:
+    """A call set up on `owner` -> (bekey, its 200 to the caller, its B-leg INVITE)."""
+    bekey = bekey_of(CALL_ID)
+    await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+    b_invite, = of_method(sent[owner], "INVITE")
+    await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
+        b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
+    ok, = of_status(sent[owner], 200)
+    return bekey, ok, b_invite
+
+
+def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
+    """The owner relayed the caller's INFO and died before the answer came
+    back. The caller's retransmission reaches the partner, which said 500
+    (CSeq out of order: the owner had saved that CSeq); it now relays it
+    again with the same CSeq and answers with what the callee says."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        info = in_dialog("INFO", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKinfo2")
+        owner.on_message(info, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        first, = of_method(sent[owner], "INFO")
+        # the owner dies; the caller sends its INFO again
+        partner.on_message(in_dialog("INFO", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKinfo2"), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        again, = of_method(sent[partner], "INFO")
+        partner.on_message(make_response(again, 200, "OK"), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        return first, again, sent[partner]
+
+    first, again, out = with_nodes(tmp_path, 2, scenario)
+    assert (again.call_id, again.cseq) == (first.call_id, first.cseq) == (again.call_id, (2, "INFO"))
+    to_caller = [m for m in out if getattr(m, "status", None) and m.call_id == CALL_ID]
+    assert [(m.status, m.cseq) for m in to_caller] == [(200, (2, "INFO"))]
+
+
+def test_the_partner_relays_the_answer_to_a_re_invite_the_dead_owner_sent(tmp_path):
+    """The callee re-INVITEs (hold); the owner relays it to the caller and
+    dies. The caller's 200 (found by the stamp in the From-tag: the Call-ID
+    is the caller's) reaches the partner, which ACKs it and relays it to
+    the callee; the callee, told Trying, would otherwise wait for ever."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        reinvite = in_dialog("INVITE", 1, b_invite.call_id, "callee-1", b_invite.from_.tag, "z9hG4bKhold1")
+        owner.on_message(reinvite, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        to_caller = [m for m in of_method(sent[owner], "INVITE") if m.call_id == CALL_ID]
+        assert to_caller and of_status(sent[owner], 100)
+        # the owner dies; the caller answers
+        partner.on_message(make_response(to_caller[0], 200, "OK", headers=[("Contact", "<sip:alice@192.0.2.50:5070>")]),
+                           ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        return b_invite, to_caller[0], sent[partner]
+
+    b_invite, relayed, out = with_nodes(tmp_path, 2, scenario)
+    to_callee = of_status(out, 200)
+    assert [(m.call_id, m.cseq) for m in to_callee] == [(b_invite.call_id, (1, "INVITE"))]
+    assert [v.branch for v in to_callee[0].vias] == ["z9hG4bKsphz9hG4bKhold1", "z9hG4bKhold1"]
+    ack, = of_method(out, "ACK")
+    assert (ack.call_id, ack.cseq) == (CALL_ID, relayed.cseq[:1] + ("ACK",))
