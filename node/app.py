@@ -44,7 +44,7 @@ from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
 from .registrar import register
-from .sip import Transactions, new_branch, parse_request, random_hex
+from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
 from .store import DialogStore, StoreUnavailable
 
 log = logging.getLogger("node")
@@ -105,6 +105,7 @@ class Node:
                 raise ConfigError(f"auth.users_file: {exc}") from None
             self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
         self.tx = Transactions(self._send, self.proxy_addr)
+        self.acks = AckGate()       # which ACKs of a 2xx go on to the other leg
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # calls this node is setting up (B-leg INVITE in progress), as saved:
         # a provisional answer is relayed from here, without a read
@@ -511,6 +512,8 @@ class Node:
         out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,
                             content_type=ctype)
         self.tx.respond(inv, out, retransmit_2xx=True)
+        if 200 <= status < 300:
+            self.acks.grant(inv.call_id, inv.cseq[0])
 
     @staticmethod
     def fork_of(record: dict, branch: str) -> dict | None:
@@ -715,17 +718,19 @@ class Node:
     # ---- in-dialog requests ------------------------------------------------
     def ack(self, req: SipRequest, record: dict, leg: str) -> None:
         self.tx.acked(req.call_id, req.cseq[0])
+        if not self.acks.take(req.call_id, req.cseq[0]):
+            return  # a copy for a 2xx the far side did not send again (AckGate)
         cseq = record.get("ack", {}).pop(leg, None)
         if cseq is None:
             return  # ACK of a non-2xx we sent, or a retransmission
         ack = self.build(record, other(leg), "ACK", cseq, body=req.body,
                          content_type=req.get("Content-Type"))
         self.tx.request(ack, lambda r: None)
-        # Not saved: the only change is that this ACK was relayed. Should a
-        # partner take the call over from the replica, it may relay the
-        # caller's next ACK retransmission once more, which the callee takes
-        # as the retransmission it is (RFC 3261 §17.2.1). Two Redis writes a
-        # call fewer.
+        # Not saved: the only change is that this ACK was relayed, and the
+        # AckGate keeps the caller's further copies here. Should a partner
+        # take the call over from the replica, it relays the first copy it
+        # sees once more, which the callee takes as the 2xx retransmission's
+        # ACK. Two Redis writes a call fewer.
 
     async def bye(self, req: SipRequest, bekey: str, record: dict, leg: str) -> None:
         self.reply(req, 200, "OK")
@@ -804,6 +809,7 @@ class Node:
             return
         self.relay_answer(orig, resp)
         if orig.method == "INVITE" and 200 <= resp.status < 300:
+            self.acks.grant(orig.call_id, orig.cseq[0])
             record, _ = await self.store.load(bekey, [])
             if record is None:
                 return

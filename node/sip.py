@@ -7,6 +7,7 @@ ACK arrives (§13.3.1.4). Everything a node sends goes to the proxy over UDP.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -185,6 +186,57 @@ class Transactions:
             cutoff = time.monotonic() - TIMEOUT
             for k in [k for k, v in self.responses.items() if v[0] < cutoff]:
                 del self.responses[k]
+
+
+class AckGate:
+    """Which ACKs of a 2xx a B2BUA relays to the other leg: one for each 2xx
+    the far side sent (the first, and each retransmission of it, which
+    means our ACK was lost), never the copies in between. A caller ACKs
+    every copy of a 2xx it receives (RFC 3261 §13.2.2.4), and it may
+    receive copies the far side never sent: the node that relayed the 2xx
+    retransmits it until it sees the ACK (§13.3.1.4), and when the ramp
+    brings that ACK to another node (the call moved home), it never does.
+    A callee that gets an ACK it already had as a new message may drop the
+    call (SIPp aborts it: seen in a kill-and-restart run). An ACK this
+    node has no 2xx for (its call came over from another node) is relayed
+    the first time. Entries live for 64*T1, at most `limit` of them."""
+
+    def __init__(self, ttl: float = TIMEOUT, limit: int = 65536):
+        self.ttl, self.limit = ttl, limit
+        self.entries: collections.OrderedDict[tuple[str, int], list] = collections.OrderedDict()
+
+    def grant(self, call_id: str, cseq: int) -> None:
+        """A 2xx to (call_id, cseq) went to the side that will ACK it."""
+        now = time.monotonic()
+        entry = self._entry((call_id, cseq), now)
+        entry[0] = now + self.ttl
+        entry[1] += 1
+
+    def take(self, call_id: str, cseq: int) -> bool:
+        """An ACK of (call_id, cseq) came: True if it is to be relayed."""
+        now = time.monotonic()
+        key = (call_id, cseq)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] < now:
+            self._entry(key, now)
+            return True
+        if entry[1] > 0:
+            entry[1] -= 1
+            return True
+        return False
+
+    def _entry(self, key: tuple[str, int], now: float) -> list:
+        entries = self.entries
+        for _ in range(2):    # forget the expired ones at the front, a few at a time
+            first = next(iter(entries), None)
+            if first is None or (entries[first][0] >= now and len(entries) < self.limit):
+                break
+            del entries[first]
+        entry = entries.get(key)
+        if entry is None or entry[0] < now:
+            entry = entries[key] = [now + self.ttl, 0]
+        entries.move_to_end(key)
+        return entry
 
 
 def parse_request(text: str, body: bytes = b"") -> SipRequest:

@@ -251,3 +251,33 @@ def test_the_partner_relays_the_answer_to_a_re_invite_the_dead_owner_sent(tmp_pa
     assert [v.branch for v in to_callee[0].vias] == ["z9hG4bKsphz9hG4bKhold1", "z9hG4bKhold1"]
     ack, = of_method(out, "ACK")
     assert (ack.call_id, ack.cseq) == (CALL_ID, relayed.cseq[:1] + ("ACK",))
+
+
+def test_an_ack_goes_on_once_for_each_2xx_the_callee_sent(tmp_path):
+    """Seen in a kill-and-restart run: the ramp brought the caller's ACK to
+    the node the call belongs home to (it took the call over), while the
+    node that had relayed the 2xx, never seeing that ACK, kept sending the
+    2xx; each copy the caller ACKed went on to the callee, and SIPp
+    aborted the call on the second ACK. Copies are kept back now; an ACK
+    after a retransmission by the callee itself (our ACK was lost) goes on."""
+    async def scenario(nodes, sent):
+        home, other = nodes
+        bekey, ok, b_invite = await answered_call(other, sent)     # the 2xx went out from `other`
+        acked = []
+        for copy in range(3):               # the caller ACKs each copy of the 2xx `other` sends
+            home.on_message(in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, f"z9hG4bKack{copy}"),
+                            ("127.0.0.1", 5999), "udp")
+            await settled(home)
+            acked.append(len(of_method(sent[home], "ACK")))
+        # the callee had no ACK after all and sends its 2xx again: home relays it, and the next ACK
+        home.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
+                                      headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), ("127.0.0.1", 5999), "udp")
+        await settled(home)
+        again = [m for m in of_status(sent[home], 200) if m.call_id == CALL_ID]
+        home.on_message(in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack9"), ("127.0.0.1", 5999), "udp")
+        await settled(home)
+        return acked, again, of_method(sent[home], "ACK")
+
+    acked, again, acks = with_nodes(tmp_path, 2, scenario)
+    assert acked == [1, 1, 1]
+    assert again and len(acks) == 2 and {a.call_id for a in acks} == {acks[0].call_id} != {CALL_ID}
