@@ -501,7 +501,7 @@ class Node:
         lines = "".join(f"{n}: {v}\r\n" for n, v in headers)
         return parse_request(f"{method} {uri} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
 
-    def answer_a(self, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
+    def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
         inv = self.a_invite(record)
         headers = []
         if 100 < status < 300:
@@ -511,7 +511,7 @@ class Node:
         ctype = resp.get("Content-Type") if resp is not None and resp.body else None
         out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,
                             content_type=ctype)
-        self.tx.respond(inv, out, retransmit_2xx=True)
+        self.tx.respond(inv, out, retransmit_2xx=True, still_ours=lambda: self.store.holds(bekey))
         if 200 <= status < 300:
             self.acks.grant(inv.call_id, inv.cseq[0])
 
@@ -538,7 +538,7 @@ class Node:
             return
         if resp is not None and resp.status < 200:
             if not record.get("cancel") and record["st"] == "early":
-                self.answer_a(record, resp.status, resp.reason, resp)
+                self.answer_a(bekey, record, resp.status, resp.reason, resp)
             return
         if resp is None or resp.status >= 300:
             if resp is not None:
@@ -555,7 +555,7 @@ class Node:
                     self.send_cancel(record, other_fork)
             return
         if record["st"] == "confirmed" and resp.to.tag == record["b"]["rt"]:
-            self.answer_a(record, resp.status, resp.reason, resp)   # 2xx retransmission
+            self.answer_a(bekey, record, resp.status, resp.reason, resp)   # 2xx retransmission
             return
         # a second fork answered, or the caller cancelled meanwhile
         await self._ack_and_bye_orphan(resp)
@@ -575,7 +575,7 @@ class Node:
         six = [f for f in forks if f["st"] >= 600]
         best = six[0] if six else min(forks, key=lambda f: f["st"])
         if not record.get("cancel"):
-            self.answer_a(record, best["st"], best.get("reason") or "Failed")
+            self.answer_a(bekey, record, best["st"], best.get("reason") or "Failed")
         await self.store.delete(bekey, record)
         self.stats.inc("dialogs", "failed")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
@@ -591,7 +591,7 @@ class Node:
         record["st"] = "confirmed"
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
-        self.answer_a(record, resp.status, resp.reason, resp)
+        self.answer_a(bekey, record, resp.status, resp.reason, resp)
         self.stats.inc("dialogs", "confirmed")
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
 
@@ -658,7 +658,7 @@ class Node:
             # in 300 hung). The caller gets the 2xx again; one it already
             # had is a retransmission, which it ACKs again (RFC 3261
             # §13.2.2.4), and this node takes that ACK.
-            self.answer_a(record, resp.status, resp.reason, resp)
+            self.answer_a(bekey, record, resp.status, resp.reason, resp)
         if record.get("ack", {}).get("a") == cseq:
             del record["ack"]["a"]   # the caller's ACK will not be relayed twice
         self.send_ack(record, resp, cseq=cseq)
@@ -756,7 +756,7 @@ class Node:
         for fork in record["forks"]:
             if fork["st"] is None:
                 self.send_cancel(record, fork)
-        self.answer_a(record, 487, "Request Terminated")
+        self.answer_a(bekey, record, 487, "Request Terminated")
         await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
 

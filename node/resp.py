@@ -311,6 +311,9 @@ class Redis:
     def delete(self, *keys):
         return self.execute("DEL", *keys)
 
+    def exists(self, *keys):
+        return self.execute("EXISTS", *keys)
+
     async def scan_iter(self, match: str, count: int = 1000):
         cursor = b"0"
         while True:

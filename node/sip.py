@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from sipcore.message import SipRequest, SipResponse, parse_message
 
@@ -152,7 +152,14 @@ class Transactions:
             self._send(hit[1], hit[2])
         return True
 
-    def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False) -> None:
+    def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False,
+                still_ours: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Send `resp` to `req` and keep it for retransmissions of `req`. A
+        2xx to INVITE with `retransmit_2xx` is sent again until its ACK
+        comes (RFC 3261 §13.3.1.4), as long as `still_ours()` says the call
+        is still this node's: once another node took it over, the ACK goes
+        there, and copies sent on would only be ACKed again, or taken by a
+        UA as the answer to its next INVITE (SIPp does)."""
         # Everything reaches a node through the proxy: answer where the
         # request came from (the proxy's internal address), not the Via
         # sent-by, which names the proxy's public side.
@@ -162,18 +169,27 @@ class Transactions:
         self._send(data, dest)
         if retransmit_2xx and 200 <= resp.status < 300:
             key = (req.call_id, req.cseq[0])
-            self._schedule_2xx(key, data, dest, T1, time.monotonic())
+            self._schedule_2xx(key, data, dest, T1, time.monotonic(), still_ours)
 
-    def _schedule_2xx(self, key, data, dest, interval, started) -> None:
-        def fire():
+    def _schedule_2xx(self, key, data, dest, interval, started, still_ours) -> None:
+        loop = asyncio.get_running_loop()
+
+        def again(ours: bool = True) -> None:
             if key not in self.pending_2xx:
-                return
-            if time.monotonic() - started >= TIMEOUT:
+                return                      # ACKed meanwhile
+            if not ours or time.monotonic() - started >= TIMEOUT:
                 self.pending_2xx.pop(key, None)
                 return
             self._send(data, dest)
-            self._schedule_2xx(key, data, dest, min(interval * 2, T2), started)
-        self.pending_2xx[key] = asyncio.get_running_loop().call_later(interval, fire)
+            self._schedule_2xx(key, data, dest, min(interval * 2, T2), started, still_ours)
+
+        def fire() -> None:
+            if still_ours is None:
+                again()
+            else:
+                loop.create_task(still_ours()).add_done_callback(
+                    lambda t: again(t.cancelled() or t.exception() is not None or t.result()))
+        self.pending_2xx[key] = loop.call_later(interval, fire)
 
     def acked(self, call_id: str, cseq: int) -> None:
         h = self.pending_2xx.pop((call_id, cseq), None)

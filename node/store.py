@@ -99,6 +99,14 @@ class DialogStore:
         except (RedisError, OSError):
             return False
 
+    async def holds(self, bekey: str) -> bool:
+        """Whether our active keyspace still has `bekey`: not once the call
+        ended or another node took it over. True when Redis cannot say."""
+        try:
+            return bool(await self.own.exists(self.key("active", bekey)))
+        except (RedisError, OSError):
+            return True
+
     # ---- load ----------------------------------------------------------
     async def load(self, bekey: str, others: list[str]) -> tuple[dict | None, str]:
         """-> (record, how): how is active / promoted / migrated:<node> / missing."""

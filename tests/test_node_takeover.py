@@ -281,3 +281,24 @@ def test_an_ack_goes_on_once_for_each_2xx_the_callee_sent(tmp_path):
     acked, again, acks = with_nodes(tmp_path, 2, scenario)
     assert acked == [1, 1, 1]
     assert again and len(acks) == 2 and {a.call_id for a in acks} == {acks[0].call_id} != {CALL_ID}
+
+
+@pytest.mark.parametrize("taken_over", [True, False])
+def test_the_2xx_is_sent_again_only_while_the_call_is_this_nodes(tmp_path, taken_over):
+    """Seen in a kill-and-restart run: the node that sent the caller its 2xx
+    kept sending it after the call had moved home with its ACK; SIPp took a
+    copy that came while its re-INVITE was out for the re-INVITE's answer
+    and aborted the call. A node stops once its Redis no longer has the
+    call, and keeps on (RFC 3261 §13.3.1.4) while it does."""
+    async def scenario(nodes, sent):
+        home, other = nodes
+        bekey, ok, b_invite = await answered_call(other, sent)
+        if taken_over:     # the caller's ACK went home, which took the call over
+            home.on_message(in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack1"), ("127.0.0.1", 5999), "udp")
+            await settled(home)
+            assert of_method(sent[home], "ACK")
+        await asyncio.sleep(0.8)     # the first copy is due at T1 (0.5 s)
+        return [m for m in of_status(sent[other], 200) if m.call_id == CALL_ID]
+
+    copies = with_nodes(tmp_path, 2, scenario)
+    assert len(copies) == (1 if taken_over else 2)
