@@ -11,8 +11,9 @@ Call record (JSON in Redis, see node.store), two legs:
           lc/rc (local/remote CSeq), tgt (remote target), rs (route set)
     ah:  the caller INVITE's Via/From/To/Call-ID/CSeq/Record-Route, so any
          node can answer that INVITE (CANCEL after a failover)
-    forks: one per callee contact: the INVITE's R-URI, Route and branch
-         (CANCEL and the non-2xx ACK must match it) and its final status
+    forks: one per callee contact: the INVITE's R-URI, Route, branch and
+         sending node (by: its Via; CANCEL, the non-2xx ACK and a
+         retransmission by another node must match it) and final status
     ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
          its CSeq (c), the CSeq it went on with (o), its Via/From/To/
@@ -409,28 +410,38 @@ class Node:
         return record
 
     # ---- a new call ------------------------------------------------------
-    async def find_targets(self, req: SipRequest) -> tuple[list[tuple[str, list[str]]], bool]:
-        """-> ([(request-URI, route set)], registered): every live contact
-        of a registered AOR (newest first, each via its Path), else the
-        upstream trunk, else nothing (404)."""
+    async def find_targets(self, req: SipRequest, bekey: str) -> tuple[list[tuple[str, list[str]]], bool, dict | None]:
+        """-> ([(request-URI, route set)], registered, earlier): every live
+        contact of a registered AOR (newest first, each via its Path), else
+        the upstream trunk, else nothing (404); and this call's record if
+        one is stored already (resume_call), read in the registrar's MGET."""
         ruri = req.ruri
-        if ruri.is_sip and ruri.user:
-            key = bekey_of(ruri.aor())
-            reg = await self.store.peek(key, rank(key, self.node_ids))
+        aor = bekey_of(ruri.aor()) if ruri.is_sip and ruri.user else None
+        if aor is None:
+            # no registrar look-up: where a resumed call's record would be
+            # found, our own Redis (our replica of the dead node's, or our
+            # own from before a restart), without waiting for the others
+            earlier, reg = (await self.store.peek_many([bekey], [self.id]))[0], None
+        else:
+            earlier, reg = await self.store.peek_many([bekey, aor], rank(aor, self.node_ids))
+        if reg is not None and reg.get("k") == "reg":
             now = time.time()
-            if reg and reg.get("k") == "reg":
-                live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
-                if live:
-                    return [(b["c"], b.get("path", [])) for b in live], True
+            live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
+            if live:
+                return [(b["c"], b.get("path", [])) for b in live], True, earlier
         if self.upstream is not None:
             up = self.upstream
             user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
             host = up.host if up.port is None else f"{up.host}:{up.port}"
-            return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])], False
-        return [], False
+            return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])], False, earlier
+        return [], False, earlier
 
     async def new_call(self, req: SipRequest, bekey: str) -> None:
-        targets, registered = await self.find_targets(req)
+        targets, registered, earlier = await self.find_targets(req, bekey)
+        if (earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
+                and earlier["a"]["rt"] == req.from_.tag):
+            await self.resume_call(req, bekey)
+            return
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
@@ -447,7 +458,7 @@ class Node:
              "lc": 1, "rc": 0, "tgt": first_uri, "rs": list(first_route)}
         # one fork per contact (parallel forking): same B-leg Call-ID and
         # From-tag, a branch each; the first 2xx wins, the rest are cancelled
-        forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None} for u, r in targets]
+        forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None, "by": self.id} for u, r in targets]
         record = {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
                   "ah": [[f.name, f.value] for f in req.fields
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
@@ -466,6 +477,49 @@ class Node:
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
+
+    async def resume_call(self, req: SipRequest, bekey: str) -> None:
+        """The caller's INVITE again, at a node other than the one that took
+        it: that node died (or this one restarted) before the caller had
+        its 100 Trying. The call goes on from its record rather than as a
+        second call to the callee, whose answers to the first would find
+        nobody (and a node restarting with the first record in its Redis
+        would serve a dialog the caller does not have). The INVITE on
+        each open fork goes out again as a retransmission of the first
+        (same branch, the first sender's Via: the proxy makes its own
+        branch from those, so the callee sees the same transaction), in
+        case the first never left; the callee's answers come here, as the
+        proxy sends what is for a dead node to the call's owner."""
+        record = await self.load_call(bekey, self.partner_for(bekey, req))
+        if record is None or record["a"]["cid"] != req.call_id:
+            await self.new_call(req, bekey)     # gone meanwhile: then it is new
+            return
+        if record["st"] != "early":
+            # answered: the callee sends its 2xx until it is ACKed, and it
+            # reaches the caller from here (stray_2xx)
+            self.reply(req, 100, "Trying")
+            return
+        if record.get("cancel"):
+            self.answer_a(bekey, record, 487, "Request Terminated")
+            return
+        ctype = req.get("Content-Type")
+        for fork in record["forks"]:
+            if fork["st"] is None:
+                invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
+                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
+                                    via=self.fork_via(fork))
+                self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
+                    bekey, self.on_invite_response(bekey, br, resp)))
+        self.in_setup[bekey] = record
+        self.reply(req, 100, "Trying")
+        event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
+
+    def fork_via(self, fork: dict) -> tuple[str, int]:
+        """The Via sent-by of a fork's INVITE: that of the node that sent it."""
+        try:
+            return self.cfg.node(fork.get("by") or self.id).sip
+        except ConfigError:
+            return self.addr
 
     def trying_once_saved(self, req: SipRequest):
         """-> a function that sends the 100 Trying for `req` if it has not
@@ -527,7 +581,10 @@ class Node:
             # now is read from Redis, where a partner may have changed it
             self.in_setup.pop(bekey, None)
         if record is None:
-            record, _ = await self.store.load(bekey, [])
+            # wherever it is: a request for this call may have taken it to
+            # another node meanwhile (the ramp), while the answers to this
+            # node's INVITE still come here
+            record = await self.load_call(bekey, self.partner_for(bekey))
         if record is None:
             if resp is not None and 200 <= resp.status < 300:
                 # answered after the call ended (CANCEL race): ACK and hang up
@@ -681,12 +738,14 @@ class Node:
     # ---- building requests ----------------------------------------------------
     def build(self, record: dict, leg: str, method: str, cseq: int, *, body: bytes = b"",
               content_type: str | None = None, branch: str | None = None, ruri: str | None = None,
-              routes: list[str] | None = None, extra: list[tuple[str, str]] = ()) -> SipRequest:
+              routes: list[str] | None = None, extra: list[tuple[str, str]] = (),
+              via: tuple[str, int] | None = None) -> SipRequest:
         L = record[leg]
+        via = via or self.addr
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
         lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
-                 f"Via: SIP/2.0/UDP {self.addr[0]}:{self.addr[1]};branch={branch or new_branch()};rport",
+                 f"Via: SIP/2.0/UDP {via[0]}:{via[1]};branch={branch or new_branch()};rport",
                  "Max-Forwards: 70",
                  f"From: {L['lu']};tag={L['lt']}",
                  f"To: {to}",
@@ -710,7 +769,7 @@ class Node:
                 return
             b = dict(record["b"], rt=resp.to.tag)
             ack = self.build({"b": b}, "b", "ACK", 1, branch=fork["br"], ruri=fork["ruri"],
-                             routes=fork["route"])
+                             routes=fork["route"], via=self.fork_via(fork))
         else:
             ack = self.build(record, "b", "ACK", cseq or 1)
         self.tx.request(ack, lambda r: None)
@@ -764,7 +823,7 @@ class Node:
         """CANCEL one fork: same R-URI, Route, branch and CSeq number as its
         INVITE (RFC 3261 §9.1)."""
         cancel = self.build(record, "b", "CANCEL", 1, branch=fork["br"], ruri=fork["ruri"],
-                            routes=fork["route"])
+                            routes=fork["route"], via=self.fork_via(fork))
         self.tx.request(cancel, lambda r: None)
 
     async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
@@ -810,7 +869,7 @@ class Node:
         self.relay_answer(orig, resp)
         if orig.method == "INVITE" and 200 <= resp.status < 300:
             self.acks.grant(orig.call_id, orig.cseq[0])
-            record, _ = await self.store.load(bekey, [])
+            record = await self.load_call(bekey, self.partner_for(bekey))
             if record is None:
                 return
             far = other(leg)
@@ -820,7 +879,7 @@ class Node:
             await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
         elif orig.method == "INVITE" and resp.status >= 300:
             # the far side expects its ACK for the failed re-INVITE
-            record, _ = await self.store.load(bekey, [])
+            record = await self.load_call(bekey, self.partner_for(bekey))
             if record is not None:
                 self.send_ack_for(record, other(leg), out_cseq, resp.top_via.branch)
 

@@ -183,11 +183,15 @@ class DialogStore:
             self.peer_failed(old_owner)
 
     async def peek(self, bekey: str, order: list[str]) -> dict | None:
-        """Read (not take) a record wherever it is: active keyspaces in
-        `order`, then replicas. Used for registrar look-ups: one MGET of
-        both keys per node, all nodes at once (a miss, the common case for
-        calls to a trunk, costs one round trip, not one per key and node)."""
-        keys = [self.key("active", bekey), self.key("replica", bekey)]
+        return (await self.peek_many([bekey], order))[0]
+
+    async def peek_many(self, bekeys: list[str], order: list[str]) -> list[dict | None]:
+        """Read (not take) records wherever they are: for each BEKey, its
+        active copy in the first node of `order` that has one, else a
+        replica. Used for registrar look-ups: one MGET of all the keys per
+        node, all nodes at once (a miss, the common case for calls to a
+        trunk, costs one round trip, not one per key and node)."""
+        keys = [self.key(space, bekey) for bekey in bekeys for space in ("active", "replica")]
         asked = [(nid, self.own if nid == self.node_id else self.peer(nid)) for nid in order]
         asked = [(nid, c) for nid, c in asked if c is not None]
         results = await asyncio.gather(*(c.mget(keys) for _, c in asked), return_exceptions=True)
@@ -196,11 +200,12 @@ class DialogStore:
                 self.peer_failed(nid)
             elif isinstance(r, BaseException) and not isinstance(r, (RedisError, OSError)):
                 raise r
-        for index in (0, 1):
-            for r in results:
-                if not isinstance(r, BaseException) and r[index] is not None:
-                    return json.loads(r[index])
-        return None
+        replies = [r for r in results if not isinstance(r, BaseException)]
+        found = []
+        for i in range(len(bekeys)):
+            raw = next((r[index] for index in (2 * i, 2 * i + 1) for r in replies if r[index] is not None), None)
+            found.append(None if raw is None else json.loads(raw))
+        return found
 
     # ---- save / delete -------------------------------------------------
     async def save(self, bekey: str, record: dict, partner: str | None,

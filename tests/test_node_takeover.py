@@ -302,3 +302,39 @@ def test_the_2xx_is_sent_again_only_while_the_call_is_this_nodes(tmp_path, taken
 
     copies = with_nodes(tmp_path, 2, scenario)
     assert len(copies) == (1 if taken_over else 2)
+
+
+def test_the_callers_invite_again_at_the_partner_resumes_the_call(tmp_path):
+    """Seen in a kill-and-restart run: the owner saved the call and sent
+    the callee its INVITE, and crashed (its Redis kept) before the caller
+    had its 100 Trying. The caller's INVITE again went to the partner,
+    which started a second call to the callee; the owner, back with the
+    first call in its Redis, then took the caller's re-INVITE into a
+    dialog the caller did not have. The partner now resumes the call: the
+    same dialog, and the INVITE sent again as the first one's
+    retransmission (branch, Call-ID, the owner's Via)."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        first, = of_method(sent[owner], "INVITE")
+        # the owner dies; the caller sends its INVITE again, to the partner
+        again = caller_invite(bekey).replace(b"owner=node1;partner=node2", b"owner=node2;partner=")
+        partner.on_message(parse_message(again), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        resent = of_method(sent[partner], "INVITE")
+        assert of_status(sent[partner], 100)
+        partner.on_message(make_response(resent[0], 200, "OK", to_tag="callee-1",
+                                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        a_tag = (await partner.store.load(bekey, []))[0]["a"]["lt"]
+        left = [await n.store.own.get(n.store.key("active", bekey)) for n in nodes]
+        return first, resent, of_status(sent[partner], 200), a_tag, left
+
+    first, resent, answered, a_tag, left = with_nodes(tmp_path, 2, scenario)
+    assert len(resent) == 1
+    r = resent[0]
+    assert (r.call_id, r.from_.tag, r.cseq, r.top_via.branch, r.top_via.host, r.top_via.port) == \
+        (first.call_id, first.from_.tag, first.cseq, first.top_via.branch, "127.0.0.1", 7001)
+    assert [(m.call_id, m.to.tag) for m in answered] == [(CALL_ID, a_tag)]
+    assert a_tag.startswith("sph") and left[0] is None and left[1] is not None   # one call, now the partner's
