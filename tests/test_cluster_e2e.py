@@ -1,8 +1,10 @@
-"""The local cluster under load: 4 nodes, 50 calls/s held 20 s, the busiest
-node killed (with its Redis) 4 s in and restarted, SIPp counting every call."""
+"""The local cluster under load: 4 nodes, the busiest node killed (with its
+Redis) and restarted under 50 calls/s held 20 s, and random nodes crashing
+and restarting under re-INVITE load; SIPp counts every call."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -56,3 +58,30 @@ def test_node_killed_and_restarted_under_load_costs_no_call(tmp_path, transport)
         assert "reason=failover" in proxy_log
     finally:
         c.down()
+
+
+def test_nodes_crashing_and_restarting_at_random_under_reinvite_load_cost_no_call(make_cluster):
+    """Three times a random node dies, either as a host (its Redis too) or
+    as a process (its Redis and dialogs kept), and comes back 0.5-2 s
+    later, while calls set up, re-INVITE and hang up all the time (60/s,
+    each 1.5 s on hold twice): every failure window of a call at once,
+    including the ramp moving calls home mid-transaction. Runs like this
+    found the windows tests/test_node_takeover.py pins down one by one."""
+    c = make_cluster(nodes=4, ramp=1.5)
+    rng = random.Random(20261126)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=900, rate=60, hold_ms=1500)
+        await s.start()
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(1.5, 3.0))
+            victim = rng.choice(list(c.state["nodes"]))
+            c.kill(victim, process_only=rng.random() < 0.5)
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+            await asyncio.to_thread(c.start_node, victim)
+        return await s.wait(90)
+
+    result = run(scenario())
+    assert result.ok == 900 and result.failed == 0, result.log_tail
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+    assert "event=dialog_promoted" in logs or "event=dialog_migrated" in logs
