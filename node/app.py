@@ -502,14 +502,19 @@ class Node:
         if record.get("cancel"):
             self.answer_a(bekey, record, 487, "Request Terminated")
             return
+        # Once, not retransmitted: if the node that sent it is alive after
+        # all (the ramp brought the caller's INVITE here), the callee's
+        # answers go to it, and copies sent on from here after its 2xx and
+        # ACK would be a new INVITE to the callee. Nor does this node give
+        # the fork up if no answer comes here: the sender may have it.
         ctype = req.get("Content-Type")
         for fork in record["forks"]:
             if fork["st"] is None:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
                                     via=self.fork_via(fork))
-                self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
-                    bekey, self.on_invite_response(bekey, br, resp)))
+                self.tx.request(invite, lambda resp, br=fork["br"]: resp is None or self.spawn(
+                    bekey, self.on_invite_response(bekey, br, resp)), resend=False)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])

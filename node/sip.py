@@ -77,15 +77,18 @@ class Transactions:
             h.cancel()
 
     # ---- client side -----------------------------------------------------
-    def request(self, req: SipRequest, on_response: Callable[[SipResponse | None], Any]) -> None:
+    def request(self, req: SipRequest, on_response: Callable[[SipResponse | None], Any], *,
+                resend: bool = True) -> None:
         """Send a request to the proxy; `on_response` gets every response,
-        or None when no final response came in time (then act as on 408)."""
+        or None when no final response came in time (then act as on 408).
+        An INVITE with `resend` False goes once (as if a provisional answer
+        had come), for a transaction another node started (resume_call)."""
         branch = req.top_via.branch
         data = req.to_bytes()
         if req.method == "ACK":
             self._send(data, self.proxy)
             return
-        tx = ClientTx(branch, req.method, data, on_response)
+        tx = ClientTx(branch, req.method, data, on_response, provisional=not resend)
         self.client[(branch, req.method)] = tx
         self._send(data, self.proxy)
         tx.timer = asyncio.get_running_loop().call_later(T1, self._retransmit, tx)
