@@ -15,6 +15,8 @@ Call record (JSON in Redis, see node.store), two legs:
          sending node (by: its Via; CANCEL, the non-2xx ACK and a
          retransmission by another node must match it) and final status
     ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
+    dof: set when the caller's INVITE had no SDP (delayed offer): its ACK
+         carries the answer, so a node never ACKs the callee's 2xx itself
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
          its CSeq (c), the CSeq it went on with (o), its Via/From/To/
          Call-ID/CSeq (h), so the partner can answer it, or relay it again,
@@ -463,6 +465,8 @@ class Node:
                   "ah": [[f.name, f.value] for f in req.fields
                          if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
                   "forks": forks, "ack": {}}
+        if not req.body:
+            record["dof"] = 1
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
             self.stats.inc("dialogs", "created")
@@ -710,10 +714,21 @@ class Node:
             await self._ack_and_bye_orphan(resp)
             return
         cseq = resp.cseq[0]
-        if record["st"] == "early" and not record.get("cancel"):
+        fork = self.fork_of(record, resp.top_via.branch)
+        if record["st"] == "early" and (record.get("cancel") or fork is None) or (
+                record["st"] == "confirmed" and resp.to.tag != record["b"]["rt"]):
+            # answered as the caller gave up, or by another fork than the
+            # one that won: that callee gets its ACK and a BYE
+            await self._ack_and_bye_orphan(resp)
+            return
+        if record["st"] == "early":
             # it died before relaying the answer: the caller still waits
+            fork["st"] = resp.status
             await self.confirm(bekey, record, resp)
-        elif record["st"] == "confirmed" and cseq == 1 and resp.to.tag == record["b"]["rt"]:
+            for other_fork in record["forks"]:
+                if other_fork["st"] is None:
+                    self.send_cancel(record, other_fork)
+        elif cseq == 1:
             # It saved the answer, and may have died before relaying it: the
             # callee still sending its 2xx means no ACK got through, so the
             # caller may be waiting yet (seen in a kill under load: one call
@@ -721,6 +736,8 @@ class Node:
             # had is a retransmission, which it ACKs again (RFC 3261
             # §13.2.2.4), and this node takes that ACK.
             self.answer_a(bekey, record, resp.status, resp.reason, resp)
+        if record.get("dof") and cseq == 1:
+            return   # the caller's ACK carries the SDP answer: it is relayed (ack "a"), not made here
         if record.get("ack", {}).get("a") == cseq:
             del record["ack"]["a"]   # the caller's ACK will not be relayed twice
         self.send_ack(record, resp, cseq=cseq)

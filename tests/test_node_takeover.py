@@ -20,7 +20,13 @@ PROXY = "127.0.0.1:5999"
 CALL_ID = "hang-1@192.0.2.50"
 
 
-def caller_invite(bekey: str, ruri: str = f"sip:service@{PROXY}") -> bytes:
+SDP = b"v=0\r\no=alice 1 1 IN IP4 192.0.2.50\r\ns=-\r\nc=IN IP4 192.0.2.50\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+
+
+def caller_invite(bekey: str, ruri: str = f"sip:service@{PROXY}", sdp: bytes = b"") -> bytes:
+    """The caller's INVITE as the proxy hands it on; with `sdp`, an offer
+    (without, a delayed offer: the caller answers in its ACK)."""
+    ctype = "Content-Type: application/sdp\r\n" if sdp else ""
     return (f"INVITE {ruri} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {PROXY};branch=z9hG4bKsphproxy1\r\n"
             f"Via: SIP/2.0/UDP 192.0.2.50:5070;branch=z9hG4bKcaller1;rport=5070;received=192.0.2.50\r\n"
@@ -28,7 +34,7 @@ def caller_invite(bekey: str, ruri: str = f"sip:service@{PROXY}") -> bytes:
             f"Max-Forwards: 69\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:service@example.com>\r\n"
             f"Call-ID: {CALL_ID}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.50:5070>\r\n"
             f"{ROUTE_HEADER}: bekey={bekey};owner=node1;partner=node2;reason=owner\r\n"
-            f"Content-Length: 0\r\n\r\n").encode()
+            f"{ctype}Content-Length: {len(sdp)}\r\n\r\n").encode() + sdp
 
 
 def with_nodes(tmp_path, count: int, scenario):
@@ -88,7 +94,7 @@ def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_
     async def scenario(nodes, sent):
         owner, partner = nodes
         bekey = bekey_of(CALL_ID)
-        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
         b_invite, = of_method(sent[owner], "INVITE")
         answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
                                headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
@@ -339,3 +345,55 @@ def test_the_callers_invite_again_at_the_partner_resumes_the_call(tmp_path):
         (first.call_id, first.from_.tag, first.cseq, first.top_via.branch, "127.0.0.1", 7001)
     assert [(m.call_id, m.to.tag) for m in answered] == [(CALL_ID, a_tag)]
     assert a_tag.startswith("sph") and left[0] is None and left[1] is not None   # one call, now the partner's
+
+
+def test_after_a_takeover_a_delayed_offer_is_answered_by_the_callers_ack(tmp_path):
+    """The caller's INVITE had no SDP: the callee's 2xx carries the offer
+    and the caller's ACK the answer. The partner that relays a dead
+    owner's 2xx used to ACK the callee itself, without SDP, and drop the
+    caller's ACK: no media. It now relays the caller's ACK instead."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)     # no SDP
+        b_invite, = of_method(sent[owner], "INVITE")
+        offer = make_response(b_invite, 200, "OK", to_tag="callee-1", body=SDP, content_type="application/sdp",
+                              headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        partner.on_message(parse_message(offer.to_bytes()), ("127.0.0.1", 5999), "udp")   # the owner died
+        await settled(partner)
+        ok = [m for m in of_status(sent[partner], 200) if m.call_id == CALL_ID]
+        own_acks = len(of_method(sent[partner], "ACK"))
+        ack = in_dialog("ACK", 1, CALL_ID, "a1", ok[0].to.tag, "z9hG4bKack1").to_bytes()
+        ack = ack.replace(b"Content-Length: 0\r\n\r\n", b"Content-Type: application/sdp\r\nContent-Length: "
+                          + str(len(SDP)).encode() + b"\r\n\r\n" + SDP)
+        partner.on_message(parse_message(ack), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        return ok, own_acks, of_method(sent[partner], "ACK")
+
+    ok, own_acks, acks = with_nodes(tmp_path, 2, scenario)
+    assert ok and ok[0].body == SDP                  # the offer reached the caller
+    assert own_acks == 0
+    assert len(acks) == 1 and acks[0].call_id != CALL_ID and acks[0].body == SDP
+
+
+def test_a_2xx_after_the_caller_cancelled_is_hung_up_by_the_partner(tmp_path):
+    """The caller cancelled, the owner died, and the callee had answered
+    meanwhile: the partner used to ACK that 2xx with no To-tag and leave
+    the callee in a call nobody has. It now ACKs and hangs up (BYE)."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        cancel = parse_message(caller_invite(bekey).replace(b"INVITE sip", b"CANCEL sip")
+                               .replace(b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL"))
+        await owner.cancel(cancel, bekey)
+        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
+                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        partner.on_message(answer, ("127.0.0.1", 5999), "udp")    # the owner died
+        await settled(partner)
+        return [(getattr(m, "method", None), m.call_id, m.to.tag) for m in sent[partner]]
+
+    out = with_nodes(tmp_path, 2, scenario)
+    assert [m for m, _, _ in out] == ["ACK", "BYE"]
+    assert all(cid != CALL_ID and tag == "callee-1" for _, cid, tag in out)
