@@ -86,6 +86,27 @@ async def settled(node: Node) -> None:
         await asyncio.sleep(0.01)
 
 
+def in_dialog(method: str, cseq: int, call_id: str, from_tag: str, to_tag: str, branch: str) -> SipMessage:
+    """A request within a dialog as the proxy hands it to a node."""
+    return parse_message((
+        f"{method} sip:node@127.0.0.1:7001 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {PROXY};branch=z9hG4bKsph{branch}\r\nVia: SIP/2.0/UDP 192.0.2.70:5060;branch={branch}\r\n"
+        f"Max-Forwards: 69\r\nFrom: <sip:someone@example.com>;tag={from_tag}\r\nTo: <sip:other@example.com>;tag={to_tag}\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:someone@192.0.2.70:5060>\r\n"
+        f"Content-Length: 0\r\n\r\n").encode())
+
+
+async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]:
+    """A call set up on `owner` -> (bekey, its 200 to the caller, its B-leg INVITE)."""
+    bekey = bekey_of(CALL_ID)
+    await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+    b_invite, = of_method(sent[owner], "INVITE")
+    await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
+        b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
+    ok, = of_status(sent[owner], 200)
+    return bekey, ok, b_invite
+
+
 def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_path):
     """Seen in a node killed under load: the owner saved the confirmed call
     (replica on its partner) and died before relaying the 2xx, so the
@@ -183,27 +204,6 @@ def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tm
         return [getattr(m, "method", None) or m.status for m in sent[n]]
 
     assert with_nodes(tmp_path, 1, scenario) == ["INVITE", 100]
-
-
-def in_dialog(method: str, cseq: int, call_id: str, from_tag: str, to_tag: str, branch: str) -> SipMessage:
-    """A request within a dialog as the proxy hands it to a node."""
-    return parse_message((
-        f"{method} sip:node@127.0.0.1:7001 SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP {PROXY};branch=z9hG4bKsph{branch}\r\nVia: SIP/2.0/UDP 192.0.2.70:5060;branch={branch}\r\n"
-        f"Max-Forwards: 69\r\nFrom: <sip:someone@example.com>;tag={from_tag}\r\nTo: <sip:other@example.com>;tag={to_tag}\r\n"
-        f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:someone@192.0.2.70:5060>\r\n"
-        f"Content-Length: 0\r\n\r\n").encode())
-
-
-async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]:
-    """A call set up on `owner` -> (bekey, its 200 to the caller, its B-leg INVITE)."""
-    bekey = bekey_of(CALL_ID)
-    await owner.new_call(parse_message(caller_invite(bekey)), bekey)
-    b_invite, = of_method(sent[owner], "INVITE")
-    await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
-        b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
-    ok, = of_status(sent[owner], 200)
-    return bekey, ok, b_invite
 
 
 def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
