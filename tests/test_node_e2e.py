@@ -18,6 +18,7 @@ from sipcore.bekey import bekey_of, make_stamp, rank
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
 from sipha.logs import merged
+from sipha.sipp import read_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -196,6 +197,22 @@ def test_info_update_and_options_in_dialog_are_relayed(make_cluster, transport):
     trunk_stats = (c.dir / "logs").glob("uas-*.csv")
     assert list(trunk_stats)
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_delayed_offer_is_answered_in_the_relayed_ack(make_cluster, transport):
+    """INVITE without SDP (as many PBXes send it): the callee's 200 brings
+    the offer, the caller's ACK the answer, which the node must relay
+    (uas_delayed_offer.xml fails a call whose ACK has no SDP)."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_delayed_offer")
+    result = run(uac(c, "uac_delayed_offer", calls=5, rate=10, transport=transport).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    trunk = str(next((c.dir / "logs").glob("uas_delayed_offer-*.csv")))
+    deadline = time.monotonic() + 10        # its calls end 2 s after the BYE (timewait); stats each second
+    while int((stats := read_stats(trunk)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < 5:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    assert (stats["SuccessfulCall(C)"], stats["FailedCall(C)"]) == ("5", "0")
 
 
 def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster):
