@@ -58,7 +58,7 @@ KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
 
 
 NODE_COUNTERS = {
-    "dialogs": ("event",),          # created confirmed promoted migrated terminated failed
+    "dialogs": ("event",),          # created confirmed promoted migrated resumed terminated failed
     "registrations": ("event",),    # added removed
     "no_dialog": (),
     "parse_rejections": (),
@@ -521,6 +521,7 @@ class Node:
                     bekey, self.on_invite_response(bekey, br, resp)), resend=False)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
+        self.stats.inc("dialogs", "resumed")
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
 
     def fork_via(self, fork: dict) -> tuple[str, int]:

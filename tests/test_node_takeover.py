@@ -336,6 +336,7 @@ def test_the_callers_invite_again_at_the_partner_resumes_the_call(tmp_path):
         await settled(partner)
         a_tag = (await partner.store.load(bekey, []))[0]["a"]["lt"]
         left = [await n.store.own.get(n.store.key("active", bekey)) for n in nodes]
+        assert partner.stats.as_dict().get("dialogs{event=resumed}") == 1
         return first, resent, of_status(sent[partner], 200), a_tag, left
 
     first, resent, answered, a_tag, left = with_nodes(tmp_path, 2, scenario)
