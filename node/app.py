@@ -438,9 +438,9 @@ class Node:
             return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])], False, earlier
         return [], False, earlier
 
-    async def new_call(self, req: SipRequest, bekey: str) -> None:
+    async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
         targets, registered, earlier = await self.find_targets(req, bekey)
-        if (earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
+        if (resume and earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
                 and earlier["a"]["rt"] == req.from_.tag):
             await self.resume_call(req, bekey)
             return
@@ -496,7 +496,7 @@ class Node:
         proxy sends what is for a dead node to the call's owner."""
         record = await self.load_call(bekey, self.partner_for(bekey, req))
         if record is None or record["a"]["cid"] != req.call_id:
-            await self.new_call(req, bekey)     # gone meanwhile: then it is new
+            await self.new_call(req, bekey, resume=False)     # gone meanwhile: then it is new
             return
         if record["st"] != "early":
             # answered: the callee sends its 2xx until it is ACKed, and it
