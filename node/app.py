@@ -411,6 +411,11 @@ class Node:
             await self.store.save(bekey, record, partner, self.others(bekey))
         return record
 
+    async def save_held(self, bekey: str, record: dict) -> None:
+        """Save a call this node holds, mirrored where it is mirrored already
+        (else to the partner the ring names)."""
+        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
+
     # ---- a new call ------------------------------------------------------
     async def find_targets(self, req: SipRequest, bekey: str) -> tuple[list[tuple[str, list[str]]], bool, dict | None]:
         """-> ([(request-URI, route set)], registered, earlier): every live
@@ -583,9 +588,12 @@ class Node:
     def fork_of(record: dict, branch: str) -> dict | None:
         return next((f for f in record.get("forks", []) if f["br"] == branch), None)
 
-    async def on_invite_response(self, bekey: str, branch: str, resp: SipResponse | None) -> None:
+    async def on_invite_response(self, bekey: str, branch: str, resp: SipResponse | None,
+                                 record: dict | None = None) -> None:
+        """`record`: the call as just loaded, if the caller has it."""
         provisional = resp is not None and resp.status < 200
-        record = self.in_setup.get(bekey) if provisional else None
+        if record is None and provisional:
+            record = self.in_setup.get(bekey)
         if not provisional:
             # the setup is over (a final answer or a timeout): what changes
             # now is read from Redis, where a partner may have changed it
@@ -636,8 +644,7 @@ class Node:
         if any(f["st"] is None for f in forks):
             # the next fork's answer reads the record from Redis: it must
             # find this fork's failure there, or the caller never hears
-            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey),
-                                  self.others(bekey))
+            await self.save_held(bekey, record)
             return
         six = [f for f in forks if f["st"] >= 600]
         best = six[0] if six else min(forks, key=lambda f: f["st"])
@@ -657,7 +664,7 @@ class Node:
         b["rs"] = [r.raw for r in reversed(resp.record_routes)]   # UAC route set, RFC 3261 §12.1.2
         record["st"] = "confirmed"
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
-        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
+        await self.save_held(bekey, record)
         self.answer_a(bekey, record, resp.status, resp.reason, resp)
         self.stats.inc("dialogs", "confirmed")
         event(log, "dialog_confirmed", bekey=bekey, call_id=record["a"]["cid"])
@@ -666,8 +673,7 @@ class Node:
         """A final response to a request sent by a node that died before it
         had it (the proxy brings it to the call's new owner): this node
         holds the call now and finishes what the dead node started."""
-        partner = self.partner_for(bekey)
-        record = await self.load_call(bekey, partner)
+        record = await self.load_call(bekey, self.partner_for(bekey))
         cseq, method = resp.cseq
         q = record and record.get("q")
         if q and (q["o"], q["m"]) == (cseq, method) and record[other(q["l"])]["cid"] == resp.call_id:
@@ -676,11 +682,11 @@ class Node:
             event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   reason="no transaction")
         elif resp.status < 300:
-            await self.stray_2xx(bekey, record, resp, partner)
+            await self.stray_2xx(bekey, record, resp)
         elif record is not None and record["b"]["cid"] == resp.call_id:
             # the callee's failure (486, 480, 408...): the caller still waits
             # for a final answer, the callee for its ACK (RFC 3261 §17.2.1)
-            await self.on_invite_response(bekey, resp.top_via.branch, resp)
+            await self.on_invite_response(bekey, resp.top_via.branch, resp, record)
         else:
             event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   reason="no call")
@@ -704,10 +710,10 @@ class Node:
             record[far]["tgt"] = resp.contacts[0].uri
         record.get("ack", {}).pop(q["l"], None)
         self.send_ack_for(record, far, q["o"])
-        await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
+        await self.save_held(bekey, record)
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=q["o"])
 
-    async def stray_2xx(self, bekey: str, record: dict | None, resp: SipResponse, partner: str | None) -> None:
+    async def stray_2xx(self, bekey: str, record: dict | None, resp: SipResponse) -> None:
         """A callee's (retransmitted) 2xx for an INVITE sent by a node that
         died before it could ACK: this node sends the ACK the callee is
         waiting for (and hangs up if the call is gone)."""
@@ -742,7 +748,7 @@ class Node:
         if record.get("ack", {}).get("a") == cseq:
             del record["ack"]["a"]   # the caller's ACK will not be relayed twice
         self.send_ack(record, resp, cseq=cseq)
-        await self.store.save(bekey, record, record.get("p") or partner, self.others(bekey))
+        await self.save_held(bekey, record)
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=cseq)
 
     async def _ack_and_bye_orphan(self, resp: SipResponse) -> None:
@@ -899,7 +905,7 @@ class Node:
             if resp.contacts:
                 record[far]["tgt"] = resp.contacts[0].uri
             record.setdefault("ack", {})[leg] = out_cseq
-            await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
+            await self.save_held(bekey, record)
         elif orig.method == "INVITE" and resp.status >= 300:
             # the far side expects its ACK for the failed re-INVITE
             record = await self.load_call(bekey, self.partner_for(bekey))
