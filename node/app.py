@@ -617,7 +617,7 @@ class Node:
             return
         if resp is None or resp.status >= 300:
             if resp is not None:
-                self.send_ack(record, resp, non2xx=True)
+                self.ack_fork_failure(record, resp)
             fork["st"] = resp.status if resp is not None else 408
             fork["reason"] = resp.reason if resp is not None else "Request Timeout"
             await self._forks_done(bekey, record)
@@ -747,7 +747,7 @@ class Node:
             return   # the caller's ACK carries the SDP answer: it is relayed (ack "a"), not made here
         if record.get("ack", {}).get("a") == cseq:
             del record["ack"]["a"]   # the caller's ACK will not be relayed twice
-        self.send_ack(record, resp, cseq=cseq)
+        self.send_ack_for(record, "b", cseq)
         await self.save_held(bekey, record)
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=cseq)
 
@@ -789,18 +789,16 @@ class Node:
         lines.append(f"Content-Length: {len(body)}")
         return parse_request("\r\n".join(lines) + "\r\n\r\n", body)
 
-    def send_ack(self, record: dict, resp: SipResponse, *, non2xx: bool = False, cseq: int | None = None) -> None:
-        if non2xx:
-            # the non-2xx ACK belongs to the INVITE transaction: same R-URI,
-            # Route and branch as that fork's INVITE (RFC 3261 §17.1.1.3)
-            fork = self.fork_of(record, resp.top_via.branch)
-            if fork is None:
-                return
-            b = dict(record["b"], rt=resp.to.tag)
-            ack = self.build({"b": b}, "b", "ACK", 1, branch=fork["br"], ruri=fork["ruri"],
-                             routes=fork["route"], via=self.fork_via(fork))
-        else:
-            ack = self.build(record, "b", "ACK", cseq or 1)
+    def ack_fork_failure(self, record: dict, resp: SipResponse) -> None:
+        """ACK a fork's failure: the ACK belongs to the INVITE transaction,
+        same R-URI, Route, branch and Via as that fork's INVITE (RFC 3261
+        §17.1.1.3)."""
+        fork = self.fork_of(record, resp.top_via.branch)
+        if fork is None:
+            return
+        b = dict(record["b"], rt=resp.to.tag)
+        ack = self.build({"b": b}, "b", "ACK", 1, branch=fork["br"], ruri=fork["ruri"],
+                         routes=fork["route"], via=self.fork_via(fork))
         self.tx.request(ack, lambda r: None)
 
     # ---- in-dialog requests ------------------------------------------------
