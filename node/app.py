@@ -107,7 +107,7 @@ class Node:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"auth.users_file: {exc}") from None
             self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
-        self.tx = Transactions(self._send, self.proxy_addr)
+        self.tx = Transactions(self._send, self.proxy_addr, cfg["node.invite_timeout"])
         self.acks = AckGate()       # which ACKs of a 2xx go on to the other leg
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # calls this node is setting up (B-leg INVITE in progress), as saved:
@@ -481,8 +481,7 @@ class Node:
             for fork in forks:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
-                self.tx.request(invite, lambda resp, br=fork["br"]: self.spawn(
-                    bekey, self.on_invite_response(bekey, br, resp)))
+                self.send_fork_invite(bekey, invite, fork["br"])
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
@@ -511,23 +510,51 @@ class Node:
         if record.get("cancel"):
             self.answer_a(bekey, record, 487, "Request Terminated")
             return
-        # Once, not retransmitted: if the node that sent it is alive after
-        # all (the ramp brought the caller's INVITE here), the callee's
-        # answers go to it, and copies sent on from here after its 2xx and
-        # ACK would be a new INVITE to the callee. Nor does this node give
-        # the fork up if no answer comes here: the sender may have it.
+        # Retransmitted (a lost copy would leave the caller waiting) only
+        # while the call still rings in Redis: if the node that sent it is
+        # alive after all (the ramp brought the caller's INVITE here), the
+        # callee's answers go to it, and a copy after its 2xx and ACK would
+        # be a new INVITE to the callee. For the same reason no answer here
+        # gives the fork up only at Timer C, not Timer B.
         ctype = req.get("Content-Type")
         for fork in record["forks"]:
             if fork["st"] is None:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
                                     via=self.fork_via(fork))
-                self.tx.request(invite, lambda resp, br=fork["br"]: resp is None or self.spawn(
-                    bekey, self.on_invite_response(bekey, br, resp)), resend=False)
+                self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
         self.stats.inc("dialogs", "resumed")
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
+
+    def send_fork_invite(self, bekey: str, invite: SipRequest, branch: str, resumed: bool = False) -> None:
+        """Send one fork's INVITE; its answers, and its end at Timer C, go
+        through the call's lock."""
+        self.tx.request(invite, lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp)),
+                        expire=lambda: self.spawn(bekey, self.fork_expired(bekey, branch)),
+                        still=(lambda: self.still_ringing(bekey, branch)) if resumed else None)
+
+    async def still_ringing(self, bekey: str, branch: str) -> bool:
+        """Whether a fork has no answer yet, wherever the call is saved."""
+        record = (await self.store.peek_many([bekey], [self.id] + self.others(bekey)))[0]
+        fork = record and record.get("k") == "call" and self.fork_of(record, branch)
+        return bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None
+
+    async def fork_expired(self, bekey: str, branch: str) -> None:
+        """Timer C: the callee rang for node.invite_timeout without a final
+        answer (or a resumed INVITE had none at all). The fork is
+        CANCELled; the 487 it gets is told the caller as 408 Request
+        Timeout (marked `tc`, saved: that answer may reach another node).
+        A 2xx crossing the CANCEL still makes the call."""
+        record = await self.load_call(bekey, self.partner_for(bekey))
+        fork = record and self.fork_of(record, branch)
+        if not fork or record["st"] != "early" or record.get("cancel") or fork["st"] is not None:
+            return
+        fork["tc"] = 1
+        await self.save_held(bekey, record)
+        self.send_cancel(record, fork)
+        event(log, "fork_timeout", bekey=bekey, call_id=record["a"]["cid"], target=fork["ruri"])
 
     def fork_via(self, fork: dict) -> tuple[str, int]:
         """The Via sent-by of a fork's INVITE: that of the node that sent it."""
@@ -618,8 +645,10 @@ class Node:
         if resp is None or resp.status >= 300:
             if resp is not None:
                 self.ack_fork_failure(record, resp)
-            fork["st"] = resp.status if resp is not None else 408
-            fork["reason"] = resp.reason if resp is not None else "Request Timeout"
+            if resp is None or (fork.get("tc") and resp.status == 487):
+                fork["st"], fork["reason"] = 408, "Request Timeout"     # no answer, or Timer C
+            else:
+                fork["st"], fork["reason"] = resp.status, resp.reason
             await self._forks_done(bekey, record)
             return
         if record["st"] == "early" and not record.get("cancel"):

@@ -1,6 +1,6 @@
 """SIP transaction plumbing for a node: client transactions with UDP
 retransmission (RFC 3261 §17.1: timers A/E doubling from T1 up to T2,
-given up after 64*T1), a cache of the responses we sent so retransmitted
+given up after 64*T1; an INVITE that rang, after Timer C), a cache of the responses we sent so retransmitted
 requests are answered identically (§17.2), and 2xx retransmission until the
 ACK arrives (§13.3.1.4). Everything a node sends goes to the proxy over UDP.
 """
@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from sipcore.message import SipRequest, SipResponse, parse_message
@@ -48,17 +48,27 @@ class ClientTx:
     method: str
     data: bytes
     on_response: Callable[[SipResponse | None], Any]
-    started: float = field(default_factory=time.monotonic)
     interval: float = T1
     provisional: bool = False
     final: bool = False
-    timer: asyncio.TimerHandle | None = None
+    expired: bool = False                           # Timer C fired, expire() was called
+    timer: asyncio.TimerHandle | None = None        # Timer A/E: the next copy
+    deadline: asyncio.TimerHandle | None = None     # Timer B/F, or C once it rang
+    still: Callable[[], Awaitable[bool]] | None = None
+    expire: Callable[[], Any] | None = None
+
+    def stop_timers(self) -> None:
+        for h in (self.timer, self.deadline):
+            if h:
+                h.cancel()
 
 
 class Transactions:
-    def __init__(self, send: Callable[[bytes, tuple[str, int]], None], proxy: tuple[str, int]):
+    def __init__(self, send: Callable[[bytes, tuple[str, int]], None], proxy: tuple[str, int],
+                 invite_timeout: float = 180.0):
         self._send = send
         self.proxy = proxy
+        self.invite_timeout = invite_timeout
         self.client: dict[tuple[str, str], ClientTx] = {}
         self.responses: dict[tuple, tuple[float, bytes, tuple[str, int]]] = {}
         self.pending_2xx: dict[tuple, asyncio.TimerHandle] = {}
@@ -71,40 +81,81 @@ class Transactions:
         if self._sweeper:
             self._sweeper.cancel()
         for tx in self.client.values():
-            if tx.timer:
-                tx.timer.cancel()
+            tx.stop_timers()
         for h in self.pending_2xx.values():
             h.cancel()
 
     # ---- client side -----------------------------------------------------
     def request(self, req: SipRequest, on_response: Callable[[SipResponse | None], Any], *,
-                resend: bool = True) -> None:
+                expire: Callable[[], Any] | None = None,
+                still: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Send a request to the proxy; `on_response` gets every response,
         or None when no final response came in time (then act as on 408).
-        An INVITE with `resend` False goes once (as if a provisional answer
-        had come), for a transaction another node started (resume_call)."""
+
+        An INVITE that had a provisional answer waits for its final one up
+        to `invite_timeout` from the last (Timer C, RFC 3261 §16.6), then
+        `expire()` is called (it CANCELs) and, should no final answer come
+        within 64*T1 more, on_response(None) (§16.8). For an INVITE that
+        another node sent first (resume_call), `still()` is asked before
+        each copy (none once it says False), and no answer at all also
+        waits for Timer C rather than Timer B: the answers may be going to
+        that node."""
         branch = req.top_via.branch
         data = req.to_bytes()
         if req.method == "ACK":
             self._send(data, self.proxy)
             return
-        tx = ClientTx(branch, req.method, data, on_response, provisional=not resend)
+        tx = ClientTx(branch, req.method, data, on_response, still=still, expire=expire)
         self.client[(branch, req.method)] = tx
         self._send(data, self.proxy)
-        tx.timer = asyncio.get_running_loop().call_later(T1, self._retransmit, tx)
+        loop = asyncio.get_running_loop()
+        tx.timer = loop.call_later(T1, self._retransmit, tx)
+        ringing = req.method == "INVITE" and still is not None
+        tx.deadline = loop.call_later(self.invite_timeout if ringing else TIMEOUT, self._deadline, tx)
+
+    def _open(self, tx: ClientTx) -> bool:
+        return not tx.final and self.client.get((tx.branch, tx.method)) is tx
 
     def _retransmit(self, tx: ClientTx) -> None:
-        if tx.final or self.client.get((tx.branch, tx.method)) is not tx:
+        if not self._open(tx) or (tx.method == "INVITE" and tx.provisional):
             return
-        if time.monotonic() - tx.started >= TIMEOUT:
-            del self.client[(tx.branch, tx.method)]
-            tx.final = True
-            tx.on_response(None)
+        if tx.still is None:
+            self._resend(tx)
             return
-        if not (tx.method == "INVITE" and tx.provisional):
-            self._send(tx.data, self.proxy)
-            tx.interval = tx.interval * 2 if tx.method == "INVITE" else min(tx.interval * 2, T2)
-        tx.timer = asyncio.get_running_loop().call_later(tx.interval, self._retransmit, tx)
+
+        def then(t: asyncio.Task) -> None:
+            if t.cancelled() or t.exception() is not None or t.result():
+                self._resend(tx)
+            elif self._open(tx):
+                # settled elsewhere: not this node's transaction any more
+                # (an answer coming here after all is a stray one)
+                self._drop(tx)
+        asyncio.get_running_loop().create_task(tx.still()).add_done_callback(then)
+
+    def _drop(self, tx: ClientTx) -> None:
+        del self.client[(tx.branch, tx.method)]
+        tx.final = True
+        tx.stop_timers()
+
+    def _resend(self, tx: ClientTx) -> None:
+        if not self._open(tx) or (tx.method == "INVITE" and tx.provisional):
+            return
+        self._send(tx.data, self.proxy)
+        tx.interval = tx.interval * 2 if tx.method == "INVITE" else min(tx.interval * 2, T2)
+        if tx.method != "INVITE" or tx.interval < TIMEOUT:
+            tx.timer = asyncio.get_running_loop().call_later(tx.interval, self._retransmit, tx)
+
+    def _deadline(self, tx: ClientTx) -> None:
+        if not self._open(tx):
+            return
+        if (tx.method == "INVITE" and tx.expire is not None and not tx.expired
+                and (tx.provisional or tx.still is not None)):
+            tx.expired = True
+            tx.deadline = asyncio.get_running_loop().call_later(TIMEOUT, self._deadline, tx)
+            tx.expire()
+            return
+        self._drop(tx)
+        tx.on_response(None)
 
     def response(self, resp: SipResponse) -> bool:
         """Hand a response to its client transaction (matched by branch and
@@ -114,6 +165,13 @@ class Transactions:
         if tx is None:
             return False
         if resp.status < 200:
+            if tx.method == "INVITE" and not tx.final and not tx.expired and (
+                    resp.status > 100 or not tx.provisional):
+                # Timer C, from each provisional answer but a repeated 100
+                # (§16.7 step 2); after it fired, the CANCEL's 64*T1 runs
+                if tx.deadline:
+                    tx.deadline.cancel()
+                tx.deadline = asyncio.get_running_loop().call_later(self.invite_timeout, self._deadline, tx)
             tx.provisional = True
             # a 100 only stops retransmissions (it is hop-by-hop, never
             # relayed): the call's handlers, its lock and Redis never see it
@@ -126,8 +184,7 @@ class Transactions:
                 tx.on_response(resp)
             return True
         tx.final = True
-        if tx.timer:
-            tx.timer.cancel()
+        tx.stop_timers()
         # keep INVITE transactions a while to absorb retransmitted 2xx
         linger = TIMEOUT if tx.method == "INVITE" else 0
         if linger:

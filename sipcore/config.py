@@ -84,6 +84,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
     "node.min_expires": (int, 60, "shortest registration accepted; shorter gets 423 Interval Too Brief"),
     "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
+    "node.invite_timeout": (float, 180.0, "seconds a callee may ring, from its last provisional answer, before the node CANCELs it and the caller gets 408 (RFC 3261 Timer C; Kamailio's fr_inv_timer)"),
     "node.dialog_ttl": (int, 7200, "seconds a dialog lives in Redis without in-dialog traffic"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
     "log.level": (str, "info", "debug, info, warning or error"),
@@ -218,6 +219,8 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError(f"limits.overload_delay: expected 0 (off) up to 0.25 s, got {values['limits.overload_delay']}")
     if values["health.interval"] <= 0:
         raise ConfigError("health.interval: must be positive")
+    if values["node.invite_timeout"] < 1:
+        raise ConfigError(f"node.invite_timeout: expected at least 1 s, got {values['node.invite_timeout']}")
     if values["health.down_after"] < 1 or values["health.up_after"] < 1:
         raise ConfigError("health.down_after / health.up_after: must be at least 1")
     return cfg

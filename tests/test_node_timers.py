@@ -1,0 +1,179 @@
+"""node.app and node.sip, nodes in one process against real redis-servers:
+how long a B2BUA lets a callee ring (RFC 3261 Timer C, §16.6 step 11
+and §16.8: the callee's INVITE transaction has no end of its own once it
+rang), and the INVITE of a call resumed by a partner. Timer B (64*T1)
+is shortened here so the tests take seconds, not half a minute."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import node.sip
+from nodekit import CALL_ID, caller_invite, of_method, of_status, settled, with_nodes
+from sipcore.bekey import bekey_of
+from sipcore.message import make_response, parse_message
+
+pytestmark = pytest.mark.e2e
+
+UDP = (("127.0.0.1", 5999), "udp")
+
+
+@pytest.fixture
+def short_timer_b(monkeypatch):
+    monkeypatch.setattr(node.sip, "TIMEOUT", 1.0)
+
+
+def to_caller(msgs) -> list[tuple[int, str]]:
+    """What the caller heard, but the 100 Trying."""
+    return [(m.status, m.reason) for m in msgs if getattr(m, "status", 0) > 100 and m.call_id == CALL_ID]
+
+
+def test_a_callee_may_ring_longer_than_timer_b(tmp_path, short_timer_b):
+    """A phone ringing for more than 32 s (64*T1) lost its call: the
+    node's INVITE transaction gave up at Timer B even after the 180, told
+    the caller 408, and hung up on the callee when it answered."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        await settled(n)
+        await asyncio.sleep(1.6)               # past Timer B, short of Timer C
+        n.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
+                                   headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
+        await settled(n)
+        return sent[n]
+
+    out = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 5})
+    assert to_caller(out) == [(180, "Ringing"), (200, "OK")]
+    assert not of_method(out, "BYE") and not of_method(out, "CANCEL")
+
+
+def test_a_callee_ringing_past_timer_c_is_cancelled_and_the_caller_told_408(tmp_path, short_timer_b):
+    """Timer C runs from the callee's last provisional answer (a 183 after
+    the 180 sets it again); when it fires the node CANCELs that branch and
+    the caller hears 408 Request Timeout (what Kamailio's fr_inv_timer
+    does), not the 487 the callee answers the CANCEL with."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        await asyncio.sleep(1.0)
+        n.on_message(make_response(b_invite, 183, "Session Progress", to_tag="callee-1"), *UDP)
+        await asyncio.sleep(1.0)               # 2 s after the 180, 1 s after the 183
+        early = of_method(sent[n], "CANCEL")
+        await asyncio.sleep(1.0)
+        cancel, *copies = of_method(sent[n], "CANCEL")      # a copy at T1 if the callee is slow
+        assert all(c.to_bytes() == cancel.to_bytes() for c in copies)
+        n.on_message(make_response(cancel, 200, "OK", to_tag="callee-1"), *UDP)
+        n.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
+        await settled(n)
+        return b_invite, early, cancel, sent[n], await n.store.load(bekey, [])
+
+    b_invite, early, cancel, out, left = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1.5})
+    assert early == []
+    assert (cancel.top_via.branch, cancel.uri, cancel.cseq) == (b_invite.top_via.branch, b_invite.uri, (1, "CANCEL"))
+    assert to_caller(out) == [(180, "Ringing"), (183, "Session Progress"), (408, "Request Timeout")]
+    ack, = of_method(out, "ACK")
+    assert ack.top_via.branch == b_invite.top_via.branch
+    assert left == (None, "missing")
+
+
+def test_a_callee_silent_after_timer_c_still_ends_the_call(tmp_path, short_timer_b):
+    """The callee rang and then vanished: after the CANCEL, Timer B again
+    and the caller hears 408 all the same (RFC 3261 §16.8)."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        await asyncio.sleep(2.8)
+        return b_invite, sent[n], await n.store.load(bekey, [])
+
+    b_invite, out, left = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1.0})
+    assert to_caller(out) == [(180, "Ringing"), (408, "Request Timeout")]
+    assert {m.top_via.branch for m in of_method(out, "CANCEL")} == {b_invite.top_via.branch}
+    assert left == (None, "missing")
+
+
+def resumed(owner, partner, bekey, owner_dies: bool = True):
+    """The owner dies (its timers stop), or the ramp moves the call; the
+    caller's INVITE again, at the partner."""
+    if owner_dies:
+        owner.tx.close()
+    again = caller_invite(bekey).replace(b"owner=node1;partner=node2", b"owner=node2;partner=")
+    partner.on_message(parse_message(again), *UDP)
+
+
+def test_a_resumed_invite_is_retransmitted_until_the_callee_answers(tmp_path):
+    """The partner resuming a call sent the INVITE once: had that copy been
+    lost too, the caller, told Trying, waited for ever. It now goes again
+    at T1, 2*T1... like any INVITE, until the callee answers."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        first, = of_method(sent[owner], "INVITE")
+        resumed(owner, partner, bekey)
+        await settled(partner)
+        await asyncio.sleep(1.7)               # copies at 0, 0.5 and 1.5 s
+        copies = len(of_method(sent[partner], "INVITE"))
+        partner.on_message(make_response(first, 180, "Ringing", to_tag="callee-1"), *UDP)
+        await asyncio.sleep(2.5)               # the next would have gone at 3.5 s
+        return first, copies, of_method(sent[partner], "INVITE")
+
+    first, copies, invites = with_nodes(tmp_path, 2, scenario)
+    assert copies == 3 and len(invites) == 3
+    assert {(m.top_via.branch, m.top_via.port) for m in invites} == {(first.top_via.branch, first.top_via.port)}
+
+
+def test_a_resumed_invite_stops_once_the_call_is_answered_elsewhere(tmp_path):
+    """The node that sent the INVITE first was alive after all (the ramp
+    brought the caller's INVITE again to the partner): once it had the
+    callee's 2xx, copies from the partner would reach the callee as an
+    INVITE after its ACK. The partner sends again only while the call is
+    still ringing in Redis."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        first, = of_method(sent[owner], "INVITE")
+        resumed(owner, partner, bekey, owner_dies=False)
+        await settled(partner)
+        # the callee answers the owner, which takes the call back and confirms it
+        owner.on_message(make_response(first, 200, "OK", to_tag="callee-1",
+                                       headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
+        await settled(owner)
+        assert of_status(sent[owner], 200)
+        await asyncio.sleep(1.7)
+        return of_method(sent[partner], "INVITE")
+
+    assert len(with_nodes(tmp_path, 2, scenario)) == 1
+
+
+def test_a_resumed_call_nobody_answers_ends_at_timer_c(tmp_path, short_timer_b):
+    """No answer at all to a resumed INVITE: the callee never had it, or
+    its answers go to the first sender, alive after all. The partner
+    cannot tell, so it waits Timer C, not Timer B, before it CANCELs and
+    tells the caller 408."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        resumed(owner, partner, bekey)
+        await settled(partner)
+        await asyncio.sleep(1.5)               # Timer B: nothing yet
+        before = to_caller(sent[partner])
+        await asyncio.sleep(2.5)               # Timer C (2 s), then Timer B after the CANCEL
+        return before, sent[partner], [await n.store.load(bekey, []) for n in nodes]
+
+    before, out, left = with_nodes(tmp_path, 2, scenario, {"node.invite_timeout": 2})
+    assert before == [] and of_status(out, 100)
+    assert to_caller(out) == [(408, "Request Timeout")]
+    assert of_method(out, "CANCEL")
+    assert left == [(None, "missing")] * 2
