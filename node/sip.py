@@ -7,13 +7,13 @@ ACK arrives (§13.3.1.4). Everything a node sends goes to the proxy over UDP.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from sipcore.expiring import Expiring
 from sipcore.message import SipRequest, SipResponse, parse_message
 
 log = logging.getLogger("node.sip")
@@ -278,41 +278,21 @@ class AckGate:
     the first time. Entries live for 64*T1, at most `limit` of them."""
 
     def __init__(self, ttl: float = TIMEOUT, limit: int = 65536):
-        self.ttl, self.limit = ttl, limit
-        self.entries: collections.OrderedDict[tuple[str, int], list] = collections.OrderedDict()
+        self.entries = Expiring(ttl, limit)      # (call_id, cseq) -> ACKs still to relay
 
     def grant(self, call_id: str, cseq: int) -> None:
         """A 2xx to (call_id, cseq) went to the side that will ACK it."""
         now = time.monotonic()
-        entry = self._entry((call_id, cseq), now)
-        entry[0] = now + self.ttl
-        entry[1] += 1
+        self.entries.put((call_id, cseq), self.entries.get((call_id, cseq), now, 0) + 1, now)
 
     def take(self, call_id: str, cseq: int) -> bool:
         """An ACK of (call_id, cseq) came: True if it is to be relayed."""
         now = time.monotonic()
-        key = (call_id, cseq)
-        entry = self.entries.get(key)
-        if entry is None or entry[0] < now:
-            self._entry(key, now)
-            return True
-        if entry[1] > 0:
-            entry[1] -= 1
-            return True
-        return False
-
-    def _entry(self, key: tuple[str, int], now: float) -> list:
-        entries = self.entries
-        for _ in range(2):    # forget the expired ones at the front, a few at a time
-            first = next(iter(entries), None)
-            if first is None or (entries[first][0] >= now and len(entries) < self.limit):
-                break
-            del entries[first]
-        entry = entries.get(key)
-        if entry is None or entry[0] < now:
-            entry = entries[key] = [now + self.ttl, 0]
-        entries.move_to_end(key)
-        return entry
+        owed = self.entries.get((call_id, cseq), now)
+        if owed == 0:
+            return False
+        self.entries.put((call_id, cseq), 0 if owed is None else owed - 1, now)
+        return True
 
 
 def parse_request(text: str, body: bytes = b"") -> SipRequest:

@@ -5,10 +5,10 @@ The proxy and the nodes use it alike; SipTransport.measure_wait gives the
 waits."""
 from __future__ import annotations
 
-import collections
 import logging
 import time
 
+from .expiring import Expiring
 from .logfmt import event
 
 # out-of-dialog requests that start new work: what an overloaded proxy or
@@ -127,25 +127,13 @@ class RecentCalls:
     bounded: at most `limit` entries, the oldest dropped first."""
 
     def __init__(self, ttl: float = 32.0, limit: int = 65536):
-        self.ttl = ttl
-        self.limit = limit
-        self.until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.seen = Expiring(ttl, limit)
 
     def add(self, call_id: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        until = self.until
-        until[call_id] = now + self.ttl
-        until.move_to_end(call_id)
-        # forget the expired ones at the front, a few per call
-        for _ in range(2):
-            first = next(iter(until))
-            if until[first] > now and len(until) <= self.limit:
-                break
-            del until[first]
+        self.seen.put(call_id, True, time.monotonic() if now is None else now)
 
     def __contains__(self, call_id: str) -> bool:
-        until = self.until.get(call_id)
-        return until is not None and until > time.monotonic()
+        return self.seen.get(call_id, time.monotonic(), False)
 
     def __len__(self) -> int:
-        return len(self.until)
+        return len(self.seen)

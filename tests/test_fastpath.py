@@ -436,7 +436,7 @@ def test_damaged_requests_route_the_same_either_way_and_never_raise(data):
             pair.feed(raw, src)
             fast = pair.proxies[0]
             fast.refuse_share = 1.0             # overloaded: a new INVITE or REGISTER may be refused from its bytes
-            fast.forwarded.until.clear()        # ... as a first copy would be, not one let through above
+            fast.forwarded.seen.entries.clear()        # ... as a first copy would be, not one let through above
             fast.sent.clear()
             if fast.fast_datagram(raw, PHONE, fast.transport) and fast.sent and fast.sent[0][0].startswith(b"SIP/"):
                 answer = fast.sent[0][0]

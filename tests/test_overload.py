@@ -213,13 +213,13 @@ def test_the_calls_let_through_are_remembered_for_timer_b_and_no_more_than_the_l
     assert "a" in recent and "b" in recent and "c" not in recent
     for n, cid in enumerate("cdef"):
         recent.add(cid, now=t + 2 + n)
-    assert len(recent) == 3 and "a" not in recent and list(recent.until) == ["d", "e", "f"]
+    assert len(recent) == 3 and "a" not in recent and list(recent.seen.entries) == ["d", "e", "f"]
     recent.add("g", now=t + 40)        # d, e expired: forgotten a few per addition
     recent.add("h", now=t + 40)
-    assert list(recent.until) == ["g", "h"]
+    assert list(recent.seen.entries) == ["g", "h"]
     recent.add("g", now=t + 41)        # seen again: its time starts over
-    assert list(recent.until) == ["h", "g"] and recent.until["g"] == t + 73
-    recent.until["h"] = time.monotonic() - 0.001
+    assert list(recent.seen.entries) == ["h", "g"] and recent.seen.entries["g"][0] == t + 73
+    recent.seen.entries["h"][0] = time.monotonic() - 0.001
     assert "h" not in recent           # expired, even before it is forgotten
 
 
