@@ -224,13 +224,14 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
     assert logs.count('reason="callee 486"') == 5
 
 
-def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypatch):
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypatch, transport):
     """A phone that rings and is never picked up: after node.invite_timeout
     from its 180 the node CANCELs it (the SIPp callee takes the CANCEL and
     says 487) and the caller hears 408; nothing is left in Redis."""
     monkeypatch.setenv("SIPHA_NODE_INVITE_TIMEOUT", "2")
     c = make_cluster(nodes=2, trunk_scenario="uas_ring")
-    result = run(uac(c, "uac_noanswer", calls=4, rate=4).run(30))
+    result = run(uac(c, "uac_noanswer", calls=4, rate=4, transport=transport).run(30))
     assert result.ok == 4 and result.failed == 0, result.log_tail
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
