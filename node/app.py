@@ -64,6 +64,7 @@ NODE_COUNTERS = {
     "parse_rejections": (),
     "auth_failures": (),
     "overload_rejections": (),
+    "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
 }
 
 # Messages in progress above which new dialogs and registrations get 503.
@@ -554,6 +555,7 @@ class Node:
         fork["tc"] = 1
         await self.save_held(bekey, record)
         self.send_cancel(record, fork)
+        self.stats.inc("ring_timeouts")
         event(log, "fork_timeout", bekey=bekey, call_id=record["a"]["cid"], target=fork["ruri"])
 
     def fork_via(self, fork: dict) -> tuple[str, int]:

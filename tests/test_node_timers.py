@@ -72,6 +72,7 @@ def test_a_callee_ringing_past_timer_c_is_cancelled_and_the_caller_told_408(tmp_
         n.on_message(make_response(cancel, 200, "OK", to_tag="callee-1"), *UDP)
         n.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
         await settled(n)
+        assert n.stats.as_dict().get("ring_timeouts") == 1
         return b_invite, early, cancel, sent[n], await n.store.load(bekey, [])
 
     b_invite, early, cancel, out, left = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1.5})
