@@ -122,10 +122,10 @@ def test_a_resumed_invite_is_retransmitted_until_the_callee_answers(tmp_path):
         first, = of_method(sent[owner], "INVITE")
         resumed(owner, partner, bekey)
         await settled(partner)
-        await asyncio.sleep(1.7)               # copies at 0, 0.5 and 1.5 s
+        await asyncio.sleep(2.2)               # copies at 0, 0.5 and 1.5 s
         copies = len(of_method(sent[partner], "INVITE"))
         partner.on_message(make_response(first, 180, "Ringing", to_tag="callee-1"), *UDP)
-        await asyncio.sleep(2.5)               # the next would have gone at 3.5 s
+        await asyncio.sleep(2.0)               # the next would have gone at 3.5 s
         return first, copies, of_method(sent[partner], "INVITE")
 
     first, copies, invites = with_nodes(tmp_path, 2, scenario)
