@@ -67,6 +67,10 @@ NODE_COUNTERS = {
     "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
 }
 
+# Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
+# as a registrar (RFC 3327). Anything else gets 420 Bad Extension.
+SUPPORTED_OPTIONS = frozenset(("path",))
+
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
@@ -354,6 +358,13 @@ class Node:
     # ---- requests ----------------------------------------------------------
     async def on_request(self, req: SipRequest, bekey: str) -> None:
         method = req.method
+        if method not in ("ACK", "CANCEL") and req.has("Require"):
+            # never applies to ACK and CANCEL (RFC 3261 §8.2.2.3)
+            unknown = [t for t in req.values("Require") if t.lower() not in SUPPORTED_OPTIONS]
+            if unknown:
+                self.reply(req, 420, "Bad Extension", to_tag=None if req.to.tag else self.new_tag(bekey),
+                           headers=[("Unsupported", ", ".join(unknown))])
+                return
         if (self.auth is not None and (method == "REGISTER" or (method == "INVITE" and req.to.tag is None))
                 and not await authenticate(self, req)):
             return

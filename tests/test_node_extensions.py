@@ -1,0 +1,70 @@
+"""node.app: a request that requires an extension the node does not have
+(RFC 3261 §8.2.2.3, §20.32: Require is never to be ignored) gets 420 Bad
+Extension naming it, as Asterisk and FreeSWITCH answer, instead of a call
+in which the caller counts on something nobody does (a Replaces that
+replaces nothing, a 100rel provisional never sent reliably)."""
+from __future__ import annotations
+
+import pytest
+
+from nodekit import CALL_ID, caller_invite, in_dialog, answered_call, of_method, of_status, settled, with_nodes
+from sipcore.bekey import bekey_of
+from sipcore.message import parse_message
+
+pytestmark = pytest.mark.e2e
+
+UDP = (("127.0.0.1", 5999), "udp")
+
+
+def with_require(msg: bytes, *values: str) -> bytes:
+    return msg.replace(b"Content-Length:", b"".join(f"Require: {v}\r\n".encode() for v in values)
+                       + b"Content-Length:", 1)
+
+
+def test_an_invite_requiring_an_unknown_extension_gets_420_and_goes_nowhere(tmp_path):
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        n.on_message(parse_message(with_require(caller_invite(bekey), "100rel, replaces", "x-Foo")), *UDP)
+        await settled(n)
+        return sent[n], await n.store.load(bekey, [])
+
+    out, left = with_nodes(tmp_path, 1, scenario)
+    bad, = of_status(out, 420)
+    assert bad.reason == "Bad Extension" and bad.get("Unsupported") == "100rel, replaces, x-Foo"
+    assert bad.to.tag and bad.call_id == CALL_ID
+    assert not of_method(out, "INVITE") and not of_status(out, 100)
+    assert left == (None, "missing")
+
+
+def test_in_a_dialog_too_but_never_for_ack_or_cancel(tmp_path):
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        update = in_dialog("UPDATE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKupd2")
+        n.on_message(parse_message(with_require(update.to_bytes(), "precondition")), *UDP)
+        ack = in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack1")
+        n.on_message(parse_message(with_require(ack.to_bytes(), "precondition")), *UDP)
+        await settled(n)
+        return b_invite, sent[n]
+
+    b_invite, out = with_nodes(tmp_path, 1, scenario)
+    bad, = of_status(out, 420)
+    assert bad.cseq == (2, "UPDATE") and bad.get("Unsupported") == "precondition" and not of_method(out, "UPDATE")
+    acks = of_method(out, "ACK")
+    assert len(acks) == 1 and acks[0].call_id == b_invite.call_id     # the ACK went on to the callee
+
+
+def test_a_register_may_require_path(tmp_path):
+    async def scenario(nodes, sent):
+        n, = nodes
+        register = parse_message(with_require(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg1\r\n"
+            "From: <sip:carol@example.com>;tag=r1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-1\r\n"
+            "CSeq: 1 REGISTER\r\nContact: <sip:carol@192.0.2.60:5060>\r\nExpires: 300\r\n"
+            "Content-Length: 0\r\n\r\n".encode(), "path"))
+        n.on_message(register, *UDP)
+        await settled(n)
+        return sent[n]
+
+    assert [m.status for m in with_nodes(tmp_path, 1, scenario)] == [200]
