@@ -76,6 +76,15 @@ MAX_INFLIGHT = 400
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 
 
+def b_leg_hops(req: SipRequest) -> int:
+    """Max-Forwards of a call's B-leg INVITE: the caller's less one, as
+    a proxy would (negative: 483). A B2BUA that starts again at 70 turns a
+    routing loop through it (an upstream that sends the call back) into
+    new calls without end."""
+    hops = req.max_forwards
+    return 69 if hops is None else hops - 1
+
+
 def other(leg: str) -> str:
     return "b" if leg == "a" else "a"
 
@@ -456,6 +465,9 @@ class Node:
         return [], False, earlier
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
+        if b_leg_hops(req) < 0:
+            self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
+            return
         targets, registered, earlier = await self.find_targets(req, bekey)
         if (resume and earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
                 and earlier["a"]["rt"] == req.from_.tag):
@@ -492,7 +504,8 @@ class Node:
             ctype = req.get("Content-Type")
             for fork in forks:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
-                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"])
+                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
+                                    hops=b_leg_hops(req))
                 self.send_fork_invite(bekey, invite, fork["br"])
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
@@ -533,7 +546,7 @@ class Node:
             if fork["st"] is None:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    via=self.fork_via(fork))
+                                    via=self.fork_via(fork), hops=max(b_leg_hops(req), 0))
                 self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
@@ -810,14 +823,14 @@ class Node:
     def build(self, record: dict, leg: str, method: str, cseq: int, *, body: bytes = b"",
               content_type: str | None = None, branch: str | None = None, ruri: str | None = None,
               routes: list[str] | None = None, extra: list[tuple[str, str]] = (),
-              via: tuple[str, int] | None = None) -> SipRequest:
+              via: tuple[str, int] | None = None, hops: int = 70) -> SipRequest:
         L = record[leg]
         via = via or self.addr
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
         lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
                  f"Via: SIP/2.0/UDP {via[0]}:{via[1]};branch={branch or new_branch()};rport",
-                 "Max-Forwards: 70",
+                 f"Max-Forwards: {hops}",
                  f"From: {L['lu']};tag={L['lt']}",
                  f"To: {to}",
                  f"Call-ID: {L['cid']}",

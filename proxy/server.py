@@ -450,6 +450,13 @@ class Proxy:
         return bekey_of(req.call_id), "call-id"
 
     def _stamped_bekey(self, to_tag: str | None, from_tag: str | None, call_id: str) -> str | None:
+        """The BEKey a node stamped into a request of a dialog. Not for an
+        initial request (no To-tag), which hashes its Call-ID (DESIGN.md):
+        one stamped by a node is that node's own B-leg INVITE (or its
+        CANCEL) sent back to the cluster by the upstream, a call of its
+        own whose record must not take the place of the first one's."""
+        if to_tag is None:
+            return None
         for text in (to_tag, from_tag, call_id):
             k = read_stamp(self.secret, text)
             if k:

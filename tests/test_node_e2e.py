@@ -17,8 +17,9 @@ from clusterkit import all_keys, assert_replicas_where_design_says, owner_in_ran
 from sipcore.bekey import bekey_of, make_stamp, rank
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
+from sipha.cluster import Cluster
 from sipha.logs import merged
-from sipha.sipp import read_stats
+from sipha.sipp import free_port, read_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -87,6 +88,35 @@ def bye(to_tag: str) -> str:
             "\r\nMax-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\n"
             f"To: <sip:b@127.0.0.1>;tag={to_tag}\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 5 BYE\r\n"
             "Content-Length: 0\r\n\r\n")
+
+
+def test_a_call_the_upstream_sends_back_is_a_new_call_and_a_loop_ends_at_max_forwards(tmp_path, monkeypatch):
+    """node.upstream pointing back at the cluster (a misrouted trunk, or a
+    proxy upstream that hairpins the call): each pass is a new call, with
+    a key of its own. It had its B-leg's key, stamped in the Call-ID, so
+    the pass overwrote the record of the call before it, whose answer
+    then found nothing: the caller never had one. And a B-leg at
+    Max-Forwards 70 made the loop endless. Now the caller hears 483 and
+    every record of the chain is gone."""
+    port = free_port()
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:127.0.0.1:{port}")
+    c = Cluster(str(tmp_path / "loop"))
+    c.up(nodes=2, port=port, trunk=None)
+    try:
+        invite = ("INVITE sip:nobody@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK"
+                  f"{uuid.uuid4().hex}\r\nMax-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\n"
+                  f"To: <sip:nobody@127.0.0.1>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 INVITE\r\n"
+                  "Contact: <sip:a@127.0.0.1:PORT>\r\nContent-Length: 0\r\n\r\n")
+        final = udp_request(c.proxy_addr, invite, timeout=10)
+        time.sleep(1)                             # the last ACKs and deletes
+        logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+        keys = all_keys(c)
+    finally:
+        c.down()
+    assert (final.status, final.reason) == (483, "Too Many Hops")
+    created = logs.count("event=dialog_created")
+    assert 15 < created < 35 and logs.count('reason="callee 483"') == created
+    assert all(s == {"active": {}, "replica": {}} for s in keys.values())
 
 
 def test_unknown_dialog_gets_481_and_forged_stamp_is_not_trusted(make_cluster):
