@@ -76,6 +76,23 @@ MAX_INFLIGHT = 400
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 
 
+# What a failure says to whoever sent the request, handed from one leg to
+# the other as a proxy would (the far side's own headers, Server and the
+# like, stay on its side): where a redirect goes, when to try again, why,
+# what the far side accepts.
+CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info", "unsupported", "allow",
+                                "accept", "accept-encoding", "accept-language", "min-se"))
+
+
+def carried(resp: SipResponse) -> list[list[str]]:
+    """The headers of a final failure that go on to the other leg (and a
+    3xx's Contacts), as [name, value] (a fork keeps them in Redis)."""
+    if resp.status < 300:
+        return []
+    keys = CARRIED_ON_FAILURE | {"contact"} if resp.status < 400 else CARRIED_ON_FAILURE
+    return [[f.name, f.value] for f in resp.fields if f.key in keys]
+
+
 def b_leg_hops(req: SipRequest) -> int:
     """Max-Forwards of a call's B-leg INVITE: the caller's less one, as
     a proxy would (negative: 483). A B2BUA that starts again at 70 turns a
@@ -623,9 +640,11 @@ class Node:
         lines = "".join(f"{n}: {v}\r\n" for n, v in headers)
         return parse_request(f"{method} {uri} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
 
-    def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None) -> None:
+    def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None,
+                 headers: list = ()) -> None:
+        """`headers`: more for a failure ([name, value], see carried)."""
         inv = self.a_invite(record)
-        headers = []
+        headers = [tuple(h) for h in headers]
         if 100 < status < 300:
             headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
             headers.append(("Contact", self.contact))
@@ -675,6 +694,8 @@ class Node:
                 fork["st"], fork["reason"] = 408, "Request Timeout"     # no answer, or Timer C
             else:
                 fork["st"], fork["reason"] = resp.status, resp.reason
+                if said := carried(resp):
+                    fork["h"] = said
             await self._forks_done(bekey, record)
             return
         if record["st"] == "early" and not record.get("cancel"):
@@ -704,7 +725,7 @@ class Node:
         six = [f for f in forks if f["st"] >= 600]
         best = six[0] if six else min(forks, key=lambda f: f["st"])
         if not record.get("cancel"):
-            self.answer_a(bekey, record, best["st"], best.get("reason") or "Failed")
+            self.answer_a(bekey, record, best["st"], best.get("reason") or "Failed", headers=best.get("h", ()))
         await self.store.delete(bekey, record)
         self.stats.inc("dialogs", "failed")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
@@ -968,6 +989,7 @@ class Node:
     def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
         """Answer `orig` as the far side answered the request relayed for it."""
         headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+        headers += [tuple(h) for h in carried(resp)]
         self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
                    content_type=resp.get("Content-Type") if resp.body else None)
 

@@ -1,0 +1,83 @@
+"""node.app: what the B2BUA carries from one leg to the other, and what
+it must not: a proxy (Kamailio, OpenSIPS) hands every header on, so a
+caller behind sipha must not learn less from an answer than behind them
+(where a redirect goes, when to try again, what the far side allows),
+and a loop through the B2BUA must end as it would through a proxy."""
+from __future__ import annotations
+
+import pytest
+
+from nodekit import CALL_ID, answered_call, caller_invite, in_dialog, of_method, settled, with_nodes
+from sipcore.bekey import bekey_of
+from sipcore.message import make_response, parse_message
+
+pytestmark = pytest.mark.e2e
+
+UDP = (("127.0.0.1", 5999), "udp")
+
+
+def to_caller(msgs) -> list:
+    return [m for m in msgs if getattr(m, "status", 0) > 100 and m.call_id == CALL_ID]
+
+
+@pytest.mark.parametrize("status, reason, headers", [
+    (302, "Moved Temporarily", [("Contact", "<sip:bob@192.0.2.99:5060>;q=0.9"), ("Contact", "<sip:bob@192.0.2.98>")]),
+    (503, "Service Unavailable", [("Retry-After", "30"), ("Warning", '399 trunk "congested"')]),
+    (486, "Busy Here", [("Retry-After", "120"), ("Reason", 'Q.850;cause=17;text="User busy"')]),
+])
+def test_a_callees_failure_reaches_the_caller_with_what_it_says(tmp_path, status, reason, headers):
+    """A 3xx reached the caller without its Contact (nowhere to go), a 503
+    or 486 without Retry-After (callers retried at once) or its Reason
+    (the Q.850 cause a gateway's caller hears)."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, status, reason, to_tag="callee-1",
+                                   headers=headers + [("Server", "trunk-9.1"), ("X-Internal", "1")]), *UDP)
+        await settled(n)
+        return sent[n]
+
+    out = with_nodes(tmp_path, 1, scenario)
+    final, = to_caller(out)
+    assert (final.status, final.reason) == (status, reason)
+    names = {name for name, _ in headers}
+    assert [(f.name, f.value) for f in final.fields if f.name in names] == headers
+    assert not final.has("Server") and not final.has("X-Internal")     # the far side's own stays there
+    assert len(of_method(out, "ACK")) == 1
+
+
+def test_an_in_dialog_refusal_reaches_the_other_side_with_its_allow(tmp_path):
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        n.on_message(in_dialog("MESSAGE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKmsg2"), *UDP)
+        await settled(n)
+        relayed, = of_method(sent[n], "MESSAGE")
+        n.on_message(make_response(relayed, 405, "Method Not Allowed", headers=[("Allow", "INVITE, ACK, BYE")]), *UDP)
+        await settled(n)
+        return sent[n]
+
+    refusal, = [m for m in to_caller(with_nodes(tmp_path, 1, scenario)) if m.status == 405]
+    assert refusal.get("Allow") == "INVITE, ACK, BYE"
+
+
+@pytest.mark.parametrize("hops, status, b_leg", [(69, None, "68"), (1, None, "0"), (0, 483, None)])
+def test_max_forwards_goes_down_across_the_b2bua(tmp_path, hops, status, b_leg):
+    """A B2BUA that starts its B-leg at Max-Forwards 70 turns a routing loop
+    (an upstream that sends the call back to the cluster) into a storm of
+    new calls that never ends: the B-leg INVITE carries the caller's
+    Max-Forwards less one, and one that arrives at 0 gets 483."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        invite = caller_invite(bekey).replace(b"Max-Forwards: 69", f"Max-Forwards: {hops}".encode())
+        n.on_message(parse_message(invite), *UDP)
+        await settled(n)
+        return sent[n]
+
+    out = with_nodes(tmp_path, 1, scenario)
+    assert [m.get("Max-Forwards") for m in of_method(out, "INVITE")] == ([b_leg] if b_leg else [])
+    finals = [(m.status, m.reason) for m in out if getattr(m, "status", 0) >= 200]
+    assert finals == ([(483, "Too Many Hops")] if status else [])
