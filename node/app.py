@@ -84,6 +84,19 @@ CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info"
                                 "accept", "accept-encoding", "accept-language", "min-se"))
 
 
+# What a request in a dialog (or a CANCEL) says to the far end, handed on
+# with its body: without Refer-To a REFER (transfer) is void, without
+# Event and Subscription-State a NOTIFY (RFC 6665); Reason says why a
+# BYE or CANCEL came (a Q.850 cause, "call completed elsewhere").
+CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event", "subscription-state",
+                                "allow-events", "info-package", "recv-info", "reason", "subject",
+                                "priority", "expires", "accept"))
+
+
+def carried_request(req: SipRequest) -> list[tuple[str, str]]:
+    return [(f.name, f.value) for f in req.fields if f.key in CARRIED_IN_REQUEST]
+
+
 def carried(resp: SipResponse) -> list[list[str]]:
     """The headers of a final failure that go on to the other leg (and a
     3xx's Contacts), as [name, value] (a fork keeps them in Redis)."""
@@ -522,7 +535,7 @@ class Node:
             for fork in forks:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    hops=b_leg_hops(req))
+                                    hops=b_leg_hops(req), extra=carried_request(req))
                 self.send_fork_invite(bekey, invite, fork["br"])
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
@@ -563,7 +576,8 @@ class Node:
             if fork["st"] is None:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    via=self.fork_via(fork), hops=max(b_leg_hops(req), 0))
+                                    via=self.fork_via(fork), hops=max(b_leg_hops(req), 0),
+                                    extra=carried_request(req))
                 self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
@@ -898,7 +912,7 @@ class Node:
         self.reply(req, 200, "OK")
         far = other(leg)
         record[far]["lc"] += 1
-        bye = self.build(record, far, "BYE", record[far]["lc"])
+        bye = self.build(record, far, "BYE", record[far]["lc"], extra=carried_request(req))
         self.tx.request(bye, lambda r: None)
         await self.store.delete(bekey, record)
         self.stats.inc("dialogs", "terminated")
@@ -917,16 +931,16 @@ class Node:
         self.in_setup.pop(bekey, None)
         for fork in record["forks"]:
             if fork["st"] is None:
-                self.send_cancel(record, fork)
+                self.send_cancel(record, fork, carried_request(req))
         self.answer_a(bekey, record, 487, "Request Terminated")
         await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
 
-    def send_cancel(self, record: dict, fork: dict) -> None:
+    def send_cancel(self, record: dict, fork: dict, extra: list[tuple[str, str]] = ()) -> None:
         """CANCEL one fork: same R-URI, Route, branch and CSeq number as its
         INVITE (RFC 3261 §9.1)."""
         cancel = self.build(record, "b", "CANCEL", 1, branch=fork["br"], ruri=fork["ruri"],
-                            routes=fork["route"], via=self.fork_via(fork))
+                            routes=fork["route"], via=self.fork_via(fork), extra=extra)
         self.tx.request(cancel, lambda r: None)
 
     async def relay_in_dialog(self, req: SipRequest, bekey: str, record: dict, leg: str, partner) -> None:
@@ -958,7 +972,7 @@ class Node:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))
             out = self.build(record, far, req.method, out_cseq, body=req.body,
-                             content_type=req.get("Content-Type"))
+                             content_type=req.get("Content-Type"), extra=carried_request(req))
             self.tx.request(out, lambda resp: self.spawn(
                 bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
         finally:

@@ -14,6 +14,8 @@ from sipha.sipp import free_port
 
 PROXY = "127.0.0.1:5999"
 CALL_ID = "hang-1@192.0.2.50"
+# what on_message gets with a message from the proxy
+UDP = (("127.0.0.1", 5999), "udp")
 
 
 SDP = b"v=0\r\no=alice 1 1 IN IP4 192.0.2.50\r\ns=-\r\nc=IN IP4 192.0.2.50\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
@@ -102,3 +104,11 @@ async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]
         b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
     ok, = of_status(sent[owner], 200)
     return bekey, ok, b_invite
+
+
+def with_headers(msg, headers: list[tuple[str, str]], body: bytes = b"", ctype: str = "") -> SipMessage:
+    """`msg` (a message or its bytes) with `headers` added, and a body."""
+    data = msg if isinstance(msg, bytes) else msg.to_bytes()
+    head = data.split(b"Content-Length:", 1)[0]
+    extra = "".join(f"{n}: {v}\r\n" for n, v in headers) + (f"Content-Type: {ctype}\r\n" if ctype else "")
+    return parse_message(head + extra.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)

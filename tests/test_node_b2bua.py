@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import CALL_ID, answered_call, caller_invite, in_dialog, of_method, settled, with_nodes
+from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, settled, with_headers,
+                     with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
 pytestmark = pytest.mark.e2e
-
-UDP = (("127.0.0.1", 5999), "udp")
 
 
 def to_caller(msgs) -> list:
@@ -63,6 +62,24 @@ def test_an_in_dialog_refusal_reaches_the_other_side_with_its_allow(tmp_path):
     assert refusal.get("Allow") == "INVITE, ACK, BYE"
 
 
+def test_the_callee_hears_the_callers_subject_and_priority_but_no_auto_answer(tmp_path):
+    """Subject and Priority go on to the callee; Alert-Info and Call-Info,
+    with which a caller from outside can make some phones answer by
+    themselves (and listen in), do not."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        invite = with_headers(caller_invite(bekey), [
+            ("Subject", "quarterly numbers"), ("Priority", "urgent"),
+            ("Alert-Info", "<http://127.0.0.1/ring>;info=alert-autoanswer"), ("Call-Info", "<sip:x>;answer-after=0")])
+        await n.new_call(invite, bekey)
+        return of_method(sent[n], "INVITE")
+
+    b_invite, = with_nodes(tmp_path, 1, scenario)
+    assert (b_invite.get("Subject"), b_invite.get("Priority")) == ("quarterly numbers", "urgent")
+    assert not b_invite.has("Alert-Info") and not b_invite.has("Call-Info")
+
+
 @pytest.mark.parametrize("hops, status, b_leg", [(69, None, "68"), (1, None, "0"), (0, 483, None)])
 def test_max_forwards_goes_down_across_the_b2bua(tmp_path, hops, status, b_leg):
     """A B2BUA that starts its B-leg at Max-Forwards 70 turns a routing loop
@@ -81,3 +98,64 @@ def test_max_forwards_goes_down_across_the_b2bua(tmp_path, hops, status, b_leg):
     assert [m.get("Max-Forwards") for m in of_method(out, "INVITE")] == ([b_leg] if b_leg else [])
     finals = [(m.status, m.reason) for m in out if getattr(m, "status", 0) >= 200]
     assert finals == ([(483, "Too Many Hops")] if status else [])
+
+
+def test_a_blind_transfer_goes_through(tmp_path):
+    """A softphone's transfer button: REFER with Refer-To, then NOTIFYs of
+    how the new call goes (RFC 3515). Relayed with their body alone, the
+    REFER had no Refer-To (400 at the far side) and the NOTIFY no Event
+    or Subscription-State (RFC 6665 requires both): no transfer."""
+    refer_to = "<sip:carol@example.com?Replaces=abc%3Bto-tag%3D1%3Bfrom-tag%3D2>"
+
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        refer = in_dialog("REFER", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKref2")
+        n.on_message(with_headers(refer, [("Refer-To", refer_to), ("Referred-By", "<sip:alice@example.com>")]), *UDP)
+        await settled(n)
+        relayed, = of_method(sent[n], "REFER")
+        n.on_message(make_response(relayed, 202, "Accepted"), *UDP)
+        notify = in_dialog("NOTIFY", 2, b_invite.call_id, "callee-1", b_invite.from_.tag, "z9hG4bKnot2")
+        n.on_message(with_headers(notify, [("Event", "refer"), ("Subscription-State", "terminated;reason=noresource")],
+                                  b"SIP/2.0 200 OK\r\n", "message/sipfrag;version=2.0"), *UDP)
+        await settled(n)
+        return relayed, of_method(sent[n], "NOTIFY"), to_caller(sent[n])
+
+    refer, notifies, answers = with_nodes(tmp_path, 1, scenario)
+    assert (refer.get("Refer-To"), refer.get("Referred-By")) == (refer_to, "<sip:alice@example.com>")
+    assert [a.status for a in answers if a.cseq[1] == "REFER"] == [202]
+    notify, = notifies
+    assert notify.call_id == CALL_ID and notify.get("Event") == "refer"
+    assert notify.get("Subscription-State") == "terminated;reason=noresource"
+    assert notify.body == b"SIP/2.0 200 OK\r\n" and notify.get("Content-Type") == "message/sipfrag;version=2.0"
+
+
+def test_why_a_call_ends_reaches_the_other_side(tmp_path):
+    """Reason on a BYE (the Q.850 cause a gateway hangs up with) and on a
+    CANCEL (a phone that shows no missed call for 'call completed
+    elsewhere', RFC 3326)."""
+    elsewhere = 'SIP;cause=200;text="Call completed elsewhere"'
+
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey)), bekey)
+        cancel = caller_invite(bekey).replace(b"INVITE sip", b"CANCEL sip").replace(b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL")
+        n.on_message(with_headers(cancel, [("Reason", elsewhere)]), *UDP)
+        await settled(n)
+        b_cancel, = of_method(sent[n], "CANCEL")
+        return b_cancel
+
+    assert with_nodes(tmp_path, 1, scenario).get("Reason") == elsewhere
+
+    async def hangup(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        bye = in_dialog("BYE", 1, b_invite.call_id, "callee-1", b_invite.from_.tag, "z9hG4bKbye1")
+        n.on_message(with_headers(bye, [("Reason", "Q.850;cause=16")]), *UDP)
+        await settled(n)
+        return of_method(sent[n], "BYE")
+
+    (tmp_path / "bye").mkdir()
+    relayed, = with_nodes(tmp_path / "bye", 1, hangup)
+    assert relayed.call_id == CALL_ID and relayed.get("Reason") == "Q.850;cause=16"

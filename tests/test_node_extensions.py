@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import CALL_ID, answered_call, caller_invite, in_dialog, of_method, of_status, settled, with_nodes
+from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, settled,
+                     with_headers, with_nodes)
 from sipcore.bekey import bekey_of
-from sipcore.message import parse_message
 
 pytestmark = pytest.mark.e2e
-
-UDP = (("127.0.0.1", 5999), "udp")
-
-
-def with_require(msg: bytes, *values: str) -> bytes:
-    return msg.replace(b"Content-Length:", b"".join(f"Require: {v}\r\n".encode() for v in values)
-                       + b"Content-Length:", 1)
 
 
 def test_an_invite_requiring_an_unknown_extension_gets_420_and_goes_nowhere(tmp_path):
     async def scenario(nodes, sent):
         n, = nodes
         bekey = bekey_of(CALL_ID)
-        n.on_message(parse_message(with_require(caller_invite(bekey), "100rel, replaces", "x-Foo")), *UDP)
+        n.on_message(with_headers(caller_invite(bekey), [("Require", "100rel, replaces"), ("Require", "x-Foo")]), *UDP)
         await settled(n)
         return sent[n], await n.store.load(bekey, [])
 
@@ -42,9 +35,9 @@ def test_in_a_dialog_too_but_never_for_ack_or_cancel(tmp_path):
         n, = nodes
         bekey, ok, b_invite = await answered_call(n, sent)
         update = in_dialog("UPDATE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKupd2")
-        n.on_message(parse_message(with_require(update.to_bytes(), "precondition")), *UDP)
+        n.on_message(with_headers(update, [("Require", "precondition")]), *UDP)
         ack = in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack1")
-        n.on_message(parse_message(with_require(ack.to_bytes(), "precondition")), *UDP)
+        n.on_message(with_headers(ack, [("Require", "precondition")]), *UDP)
         await settled(n)
         return b_invite, sent[n]
 
@@ -58,11 +51,11 @@ def test_in_a_dialog_too_but_never_for_ack_or_cancel(tmp_path):
 def test_a_register_may_require_path(tmp_path):
     async def scenario(nodes, sent):
         n, = nodes
-        register = parse_message(with_require(
+        register = with_headers(
             "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg1\r\n"
             "From: <sip:carol@example.com>;tag=r1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-1\r\n"
             "CSeq: 1 REGISTER\r\nContact: <sip:carol@192.0.2.60:5060>\r\nExpires: 300\r\n"
-            "Content-Length: 0\r\n\r\n".encode(), "path"))
+            "Content-Length: 0\r\n\r\n".encode(), [("Require", "path")])
         n.on_message(register, *UDP)
         await settled(n)
         return sent[n]

@@ -10,13 +10,11 @@ import asyncio
 import pytest
 
 import node.sip
-from nodekit import CALL_ID, caller_invite, of_method, of_status, settled, with_nodes
+from nodekit import CALL_ID, UDP, caller_invite, of_method, of_status, settled, with_nodes
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
 pytestmark = pytest.mark.e2e
-
-UDP = (("127.0.0.1", 5999), "udp")
 
 
 @pytest.fixture
