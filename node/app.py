@@ -53,6 +53,10 @@ from .store import DialogStore, StoreUnavailable
 log = logging.getLogger("node")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
+# what a dialog through a node takes (relay_in_dialog): told both ends in
+# the INVITE and its 2xx (RFC 3261 §20.5), as phones look there before
+# they send UPDATE, INFO, MESSAGE or a transfer's REFER
+ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER"
 KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
                            "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"))
 
@@ -441,7 +445,7 @@ class Node:
         elif method in ("INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "REFER", "PRACK"):
             await self.relay_in_dialog(req, bekey, record, leg, partner)
         else:
-            self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW)])
+            self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW_IN_DIALOG)])
 
     async def load_call(self, bekey: str, partner: str | None) -> dict | None:
         """The call record, wherever it is: promoted from our replica
@@ -662,6 +666,8 @@ class Node:
         if 100 < status < 300:
             headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
             headers.append(("Contact", self.contact))
+            if status >= 200:
+                headers.append(("Allow", ALLOW_IN_DIALOG))
         body = resp.body if resp is not None else b""
         ctype = resp.get("Content-Type") if resp is not None and resp.body else None
         out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,
@@ -873,6 +879,8 @@ class Node:
         lines += [f"Route: {r}" for r in routes]
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
             lines.append(f"Contact: {self.contact}")
+        if method == "INVITE":
+            lines.append(f"Allow: {ALLOW_IN_DIALOG}")
         lines += [f"{n}: {v}" for n, v in extra]
         if body and content_type:
             lines.append(f"Content-Type: {content_type}")

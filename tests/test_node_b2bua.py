@@ -77,6 +77,7 @@ def test_the_callee_hears_the_callers_subject_and_priority_but_no_auto_answer(tm
 
     b_invite, = with_nodes(tmp_path, 1, scenario)
     assert (b_invite.get("Subject"), b_invite.get("Priority")) == ("quarterly numbers", "urgent")
+    assert "REFER" in b_invite.values("Allow") and "UPDATE" in b_invite.values("Allow")
     assert not b_invite.has("Alert-Info") and not b_invite.has("Call-Info")
 
 
@@ -122,6 +123,8 @@ def test_a_blind_transfer_goes_through(tmp_path):
         return relayed, of_method(sent[n], "NOTIFY"), to_caller(sent[n])
 
     refer, notifies, answers = with_nodes(tmp_path, 1, scenario)
+    ok, = [a for a in answers if a.cseq == (1, "INVITE")]
+    assert "REFER" in ok.values("Allow") and "NOTIFY" in ok.values("Allow")   # the caller may transfer
     assert (refer.get("Refer-To"), refer.get("Referred-By")) == (refer_to, "<sip:alice@example.com>")
     assert [a.status for a in answers if a.cseq[1] == "REFER"] == [202]
     notify, = notifies
