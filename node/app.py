@@ -52,7 +52,7 @@ from .store import DialogStore, StoreUnavailable
 
 log = logging.getLogger("node")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE"
 # what a dialog through a node takes (relay_in_dialog): told both ends in
 # the INVITE and its 2xx (RFC 3261 §20.5), as phones look there before
 # they send UPDATE, INFO, MESSAGE or a transfer's REFER
@@ -408,7 +408,7 @@ class Node:
                 self.reply(req, 420, "Bad Extension", to_tag=None if req.to.tag else self.new_tag(bekey),
                            headers=[("Unsupported", ", ".join(unknown))])
                 return
-        if (self.auth is not None and (method == "REGISTER" or (method == "INVITE" and req.to.tag is None))
+        if (self.auth is not None and (method == "REGISTER" or (method in ("INVITE", "MESSAGE") and req.to.tag is None))
                 and not await authenticate(self, req)):
             return
         if method == "REGISTER":
@@ -419,6 +419,8 @@ class Node:
                 await self.new_call(req, bekey)
             elif method == "CANCEL":
                 await self.cancel(req, bekey)
+            elif method == "MESSAGE":
+                await self.message(req, bekey)
             elif method == "OPTIONS":
                 self.reply(req, 200, "OK", to_tag=self.new_tag(bekey), headers=[("Allow", ALLOW)])
             elif method == "ACK":
@@ -544,6 +546,46 @@ class Node:
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
+
+    async def message(self, req: SipRequest, bekey: str) -> None:
+        """A MESSAGE outside a dialog (RFC 3428, softphones' chat): sent on
+        to every live contact of the user it is for (else upstream, else
+        404), the first 2xx or else the best failure told the sender, as
+        a forking proxy would. No dialog, so nothing is saved: should this
+        node die meanwhile, the sender's retransmission reaches the
+        partner, which sends it again."""
+        if b_leg_hops(req) < 0:
+            self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
+            return
+        targets, _, _ = await self.find_targets(req, bekey)
+        tag = self.new_tag(bekey)
+        if not targets:
+            self.reply(req, 404, "Not Found", to_tag=tag)
+            return
+        leg = {"cid": f"{make_stamp(self.secret, bekey)}-{random_hex(12)}@sipha", "lt": self.new_tag(bekey),
+               "rt": None, "lu": without_tag(req.get("From")), "ru": without_tag(req.get("To"))}
+        failures: list[SipResponse] = []
+        told = False
+
+        def answered(resp: SipResponse | None) -> None:
+            nonlocal told
+            if resp is None:
+                resp = make_response(req, 408, "Request Timeout")
+            if told or resp.status < 200:
+                return
+            if resp.status >= 300:
+                failures.append(resp)
+                if len(failures) < len(targets):
+                    return                      # others may take it yet
+                six = [r for r in failures if r.status >= 600]
+                resp = six[0] if six else min(failures, key=lambda r: r.status)
+            told = True
+            self.reply(req, resp.status, resp.reason, to_tag=tag, headers=[tuple(h) for h in carried(resp)])
+
+        for uri, route in targets:
+            out = self.build({"b": dict(leg, tgt=uri, rs=list(route))}, "b", "MESSAGE", 1, body=req.body,
+                             content_type=req.get("Content-Type"), hops=b_leg_hops(req), extra=carried_request(req))
+            self.tx.request(out, answered)
 
     async def resume_call(self, req: SipRequest, bekey: str) -> None:
         """The caller's INVITE again, at a node other than the one that took

@@ -28,6 +28,7 @@ class Phone:
             self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.got: list[str] = []
+        self.messages: list[bytes] = []     # bodies of the MESSAGEs it took
         self.tag = uuid.uuid4().hex[:8]
         self.invite: SipRequest | None = None
         self._stop = False
@@ -109,5 +110,8 @@ class Phone:
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
                 if self.invite is not None:
                     self._send(make_response(self.invite, 487, "Request Terminated", to_tag=self.tag), src)
+            elif msg.method == "MESSAGE":
+                self.messages.append(msg.body)
+                self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
             elif msg.method in ("BYE", "OPTIONS", "INFO", "UPDATE", "INVITE"):
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)

@@ -162,3 +162,58 @@ def test_why_a_call_ends_reaches_the_other_side(tmp_path):
     (tmp_path / "bye").mkdir()
     relayed, = with_nodes(tmp_path / "bye", 1, hangup)
     assert relayed.call_id == CALL_ID and relayed.get("Reason") == "Q.850;cause=16"
+
+
+def register(user: str, contacts: list[str]):
+    return parse_message(
+        f"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg{user}\r\n"
+        f"From: <sip:{user}@example.com>;tag=r1\r\nTo: <sip:{user}@example.com>\r\nCall-ID: reg-{user}\r\n"
+        f"CSeq: 1 REGISTER\r\nContact: {', '.join(contacts)}\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n".encode())
+
+
+def chat(to: str) -> bytes:
+    return (f"MESSAGE sip:{to}@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5070;branch=z9hG4bKchat1\r\n"
+            f"Max-Forwards: 69\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=a1\r\nTo: <sip:{to}@example.com>\r\n"
+            "Call-ID: chat-1@192.0.2.50\r\nCSeq: 7 MESSAGE\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("answers, told", [
+    ([(200, "OK"), None], 200),                          # the first phone takes it; told at once
+    ([(480, "Temporarily Unavailable"), (202, "Accepted")], 202),
+    ([(480, "Temporarily Unavailable"), (415, "Unsupported Media Type")], 415),
+])
+def test_a_chat_message_reaches_the_users_phones(tmp_path, answers, told):
+    """Softphones chat with MESSAGE outside a dialog (RFC 3428): it got 405
+    from the node. It now goes to each registered phone of the user, and
+    the sender hears the first 2xx, or else the best failure."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.on_message(register("carol", ["<sip:carol@192.0.2.60:5060>", "<sip:carol@192.0.2.61:5060>"]), *UDP)
+        await settled(n)
+        msg = with_headers(chat("carol"), [("Subject", "lunch?")], b"at noon?", "text/plain")
+        n.on_message(msg, *UDP)
+        await settled(n)
+        out = of_method(sent[n], "MESSAGE")
+        for m, answer in zip(out, answers):
+            if answer:
+                n.on_message(make_response(m, *answer, to_tag="c1"), *UDP)
+                await settled(n)
+        return out, [m for m in sent[n] if getattr(m, "status", 0) and m.call_id == "chat-1@192.0.2.50"]
+
+    out, replies = with_nodes(tmp_path, 1, scenario)
+    assert sorted(m.uri for m in out) == ["sip:carol@192.0.2.60:5060", "sip:carol@192.0.2.61:5060"]
+    for m in out:
+        assert (m.body, m.get("Content-Type"), m.get("Subject")) == (b"at noon?", "text/plain", "lunch?")
+        assert m.from_.uri == "sip:alice@example.com" and m.from_.display == "Alice" and m.call_id != "chat-1@192.0.2.50"
+    assert [r.status for r in replies] == [told] and replies[0].to.tag
+
+
+def test_a_chat_message_to_nobody_gets_404(tmp_path):
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.on_message(parse_message(chat("dave")), *UDP)
+        await settled(n)
+        return sent[n]
+
+    out = with_nodes(tmp_path, 1, scenario, {"node.upstream": ""})
+    assert [(m.status, m.reason) for m in out] == [(404, "Not Found")]

@@ -121,3 +121,19 @@ def test_phone_registered_over_tcp_is_called_over_its_own_connection(cluster):
         assert phone.invite.top_via.transport == "TCP"
     finally:
         phone.stop()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_chat_message_reaches_a_registered_phone(cluster, transport):
+    """Softphones chat with MESSAGE (RFC 3428): it reaches the phone over
+    the flow it registered on, and the sender hears the phone's 200."""
+    phone = Phone("molly", cluster.proxy_addr, transport=transport)
+    try:
+        assert phone.register(300).status == 200
+        phone.start()
+        result = run(uac(cluster, "message", calls=3, rate=5, service="molly").run(30))
+        assert result.ok == 3 and result.failed == 0, result.log_tail
+        assert sorted(phone.messages) == [b"hello 1\r\n", b"hello 2\r\n", b"hello 3\r\n"]
+    finally:
+        phone.stop()
+
