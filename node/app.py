@@ -47,6 +47,7 @@ from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
 from .registrar import register
+from . import sip as node_sip
 from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
 from .store import DialogStore, StoreUnavailable
 
@@ -161,6 +162,8 @@ class Node:
         # calls this node is setting up (B-leg INVITE in progress), as saved:
         # a provisional answer is relayed from here, without a read
         self.in_setup: dict[str, dict] = {}
+        # Timer C of forks whose INVITE a dead node sent (stray_provisional)
+        self.ringing: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -240,6 +243,8 @@ class Node:
             await self.admin.close()
         for t in self._tasks:
             t.cancel()
+        for h in self.ringing.values():
+            h.cancel()
         self.tx.close()
         await self.transport.close()
         await self.store.close()
@@ -291,6 +296,9 @@ class Node:
             if bekey and msg.status >= 200:
                 # a final answer to a request another node sent (it died)
                 self.spawn(bekey, self.stray_final(bekey, msg))
+                return
+            if bekey and msg.status > 100 and msg.cseq[1] == "INVITE":
+                self.spawn(bekey, self.stray_provisional(bekey, msg))
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
@@ -645,14 +653,24 @@ class Node:
 
     async def fork_expired(self, bekey: str, branch: str) -> None:
         """Timer C: the callee rang for node.invite_timeout without a final
-        answer (or a resumed INVITE had none at all). The fork is
-        CANCELled; the 487 it gets is told the caller as 408 Request
-        Timeout (marked `tc`, saved: that answer may reach another node).
-        A 2xx crossing the CANCEL still makes the call."""
+        answer (or a resumed INVITE had none at all)."""
+        record, fork = await self.open_fork(bekey, branch)
+        if fork:
+            await self.cancel_ringing(bekey, record, fork)
+
+    async def open_fork(self, bekey: str, branch: str) -> tuple[dict | None, dict | None]:
+        """-> (the call, its fork `branch`), the fork None unless the call
+        still rings there (no final answer, not cancelled)."""
         record = await self.load_call(bekey, self.partner_for(bekey))
         fork = record and self.fork_of(record, branch)
         if not fork or record["st"] != "early" or record.get("cancel") or fork["st"] is not None:
-            return
+            return record, None
+        return record, fork
+
+    async def cancel_ringing(self, bekey: str, record: dict, fork: dict) -> None:
+        """The fork is CANCELled; the 487 it gets is told the caller as 408
+        Request Timeout (marked `tc`, saved: that answer may reach another
+        node). A 2xx crossing the CANCEL still makes the call."""
         fork["tc"] = 1
         await self.save_held(bekey, record)
         self.send_cancel(record, fork)
@@ -811,6 +829,8 @@ class Node:
         """A final response to a request sent by a node that died before it
         had it (the proxy brings it to the call's new owner): this node
         holds the call now and finishes what the dead node started."""
+        if resp.cseq[1] == "INVITE":
+            self.unwatch_ringing(bekey, resp.top_via.branch)
         record = await self.load_call(bekey, self.partner_for(bekey))
         cseq, method = resp.cseq
         q = record and record.get("q")
@@ -828,6 +848,42 @@ class Node:
         else:
             event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   reason="no call")
+
+    async def stray_provisional(self, bekey: str, resp: SipResponse) -> None:
+        """The callee rings or plays early media (a 183 with SDP; a 180 sent
+        again, as a UAS does every minute, RFC 3261 §13.3.1.1) for an
+        INVITE a node that died had sent: the caller hears it from here,
+        and this node runs the fork's Timer C, which died with that node
+        (else a callee that rings on would ring for ever)."""
+        record, fork = await self.open_fork(bekey, resp.top_via.branch)
+        if fork is None or record["b"]["cid"] != resp.call_id:
+            return
+        self.answer_a(bekey, record, resp.status, resp.reason, resp)
+        self.watch_ringing(bekey, fork["br"], self.cfg["node.invite_timeout"])
+
+    def watch_ringing(self, bekey: str, branch: str, after: float) -> None:
+        self.unwatch_ringing(bekey, branch)
+        self.ringing[(bekey, branch)] = asyncio.get_running_loop().call_later(
+            after, lambda: self.spawn(bekey, self.stray_ring_timeout(bekey, branch)))
+
+    def unwatch_ringing(self, bekey: str, branch: str) -> None:
+        h = self.ringing.pop((bekey, branch), None)
+        if h:
+            h.cancel()
+
+    async def stray_ring_timeout(self, bekey: str, branch: str) -> None:
+        """Timer C of a fork taken over ringing (stray_provisional): CANCEL
+        it; and when no answer came to that either, 64*T1 later, the
+        caller hears 408 (RFC 3261 §16.8)."""
+        self.ringing.pop((bekey, branch), None)
+        record, fork = await self.open_fork(bekey, branch)
+        if fork is None:
+            return
+        if not fork.get("tc"):
+            await self.cancel_ringing(bekey, record, fork)
+            self.watch_ringing(bekey, branch, node_sip.TIMEOUT)
+        else:
+            await self.on_invite_response(bekey, branch, None, record)
 
     async def stray_relayed(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The answer to an in-dialog request the dead node relayed (record

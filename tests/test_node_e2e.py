@@ -268,24 +268,29 @@ def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypa
     assert logs.count("event=fork_timeout") == 4 and logs.count('reason="callee 408"') == 4
 
 
-@pytest.mark.parametrize("caller, callee, hold_ms, ending", [
-    ("uac_busy", "uas_busy_late", None, 'reason="callee 486"'),   # the callee says 486 at ~3 s
-    ("cancel", "uas_ring", 2500, "reason=cancelled"),              # the caller cancels at ~2.5 s
-    ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"'),  # re-INVITEs at ~1-2 s, answered at ~3 s
+@pytest.mark.parametrize("caller, callee, hold_ms, ending, timer_c", [
+    ("uac_busy", "uas_busy_late", None, 'reason="callee 486"', None),   # the callee says 486 at ~3 s
+    ("cancel", "uas_ring", 2500, "reason=cancelled", None),              # the caller cancels at ~2.5 s
+    ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"', None),  # re-INVITEs at ~1-2 s, answered at ~3 s
+    # rings again at ~1.5-2.3 s; the partner CANCELs it at Timer C (2 s) from then
+    ("uac_noanswer", "uas_ring_again", None, 'reason="callee 408"', "2"),
 ])
-def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, caller, callee, hold_ms, ending):
+def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, monkeypatch, caller, callee,
+                                                                   hold_ms, ending, timer_c):
     """The node that sent a request on dies before the answer comes back:
     the proxy brings the answer (or the caller's CANCEL) to the call's new
     owner, which must finish what the dead node started. The caller, told
     Trying, does not send its INVITE or re-INVITE again: it must get the
-    486, 487 or 200 from the new owner; the callee must get its ACK (else
-    it retransmits for 32 s); the call must end and leave no record."""
+    486, 487, 408 or 200 from the new owner; the callee must get its ACK
+    (else it retransmits for 32 s); the call must end and leave no record."""
+    if timer_c:
+        monkeypatch.setenv("SIPHA_NODE_INVITE_TIMEOUT", timer_c)
     c = make_cluster(nodes=3, trunk_scenario=callee)
 
     async def scenario():
         s = uac(c, caller, calls=6, rate=6, hold_ms=hold_ms)
         await s.start()
-        await asyncio.sleep(1.5)                 # every call waits for the callee
+        await asyncio.sleep(1.1)                 # every call waits for the callee
         before = all_keys(c)
         victim = max(before, key=lambda n: len(before[n]["active"]))
         c.kill(victim)

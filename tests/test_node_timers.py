@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 import node.sip
-from nodekit import CALL_ID, UDP, caller_invite, of_method, of_status, settled, with_nodes
+from nodekit import CALL_ID, SDP, UDP, caller_invite, of_method, of_status, settled, with_nodes
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
@@ -176,3 +176,43 @@ def test_a_resumed_call_nobody_answers_ends_at_timer_c(tmp_path, short_timer_b):
     assert to_caller(out) == [(408, "Request Timeout")]
     assert of_method(out, "CANCEL")
     assert left == [(None, "missing")] * 2
+
+
+@pytest.mark.parametrize("callee_answers_cancel", [True, False])
+def test_a_call_ringing_when_its_node_died_keeps_its_early_media_and_timer_c(tmp_path, short_timer_b,
+                                                                             callee_answers_cancel):
+    """The owner sent the INVITE and died while the callee rang. The
+    callee's next provisional answer (a 183 with early media, or the 180
+    a UAS sends again every minute, RFC 3261 §13.3.1.1) reached the
+    partner and was dropped, and nothing would ever end the ringing: the
+    partner now relays it to the caller and runs the fork's Timer C."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        owner.tx.close()                                  # the owner dies
+        progress = make_response(b_invite, 183, "Session Progress", to_tag="callee-1", body=SDP,
+                                 content_type="application/sdp")
+        partner.on_message(parse_message(progress.to_bytes()), *UDP)
+        await settled(partner)
+        early = to_caller(sent[partner])
+        await asyncio.sleep(1.3)                          # Timer C (1 s) from the 183
+        cancels = of_method(sent[partner], "CANCEL")
+        if callee_answers_cancel:
+            partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
+            await settled(partner)
+        else:
+            await asyncio.sleep(1.0)                      # Timer B after the CANCEL
+            await settled(partner)
+        return b_invite, early, cancels, sent[partner], [await n.store.load(bekey, []) for n in nodes]
+
+    b_invite, early, cancels, out, left = with_nodes(tmp_path, 2, scenario, {"node.invite_timeout": 1})
+    assert early == [(183, "Session Progress")]
+    assert [m.body for m in out if getattr(m, "status", 0) == 183] == [SDP]
+    assert cancels and {(c.top_via.branch, c.top_via.port) for c in cancels} == \
+        {(b_invite.top_via.branch, b_invite.top_via.port)}
+    assert to_caller(out)[-1] == (408, "Request Timeout")
+    assert len(of_method(out, "ACK")) == (1 if callee_answers_cancel else 0)
+    assert left == [(None, "missing")] * 2
+
