@@ -27,16 +27,22 @@ def to_caller(msgs) -> list[tuple[int, str]]:
     return [(m.status, m.reason) for m in msgs if getattr(m, "status", 0) > 100 and m.call_id == CALL_ID]
 
 
+async def ringing(n, sent):
+    """A call on node `n` whose callee rings -> (bekey, the B-leg INVITE)."""
+    bekey = bekey_of(CALL_ID)
+    await n.new_call(parse_message(caller_invite(bekey)), bekey)
+    b_invite, = of_method(sent[n], "INVITE")
+    n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+    return bekey, b_invite
+
+
 def test_a_callee_may_ring_longer_than_timer_b(tmp_path, short_timer_b):
     """A phone ringing for more than 32 s (64*T1) lost its call: the
     node's INVITE transaction gave up at Timer B even after the 180, told
     the caller 408, and hung up on the callee when it answered."""
     async def scenario(nodes, sent):
         n, = nodes
-        bekey = bekey_of(CALL_ID)
-        await n.new_call(parse_message(caller_invite(bekey)), bekey)
-        b_invite, = of_method(sent[n], "INVITE")
-        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        bekey, b_invite = await ringing(n, sent)
         await settled(n)
         await asyncio.sleep(1.6)               # past Timer B, short of Timer C
         n.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
@@ -56,10 +62,7 @@ def test_a_callee_ringing_past_timer_c_is_cancelled_and_the_caller_told_408(tmp_
     does), not the 487 the callee answers the CANCEL with."""
     async def scenario(nodes, sent):
         n, = nodes
-        bekey = bekey_of(CALL_ID)
-        await n.new_call(parse_message(caller_invite(bekey)), bekey)
-        b_invite, = of_method(sent[n], "INVITE")
-        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        bekey, b_invite = await ringing(n, sent)
         await asyncio.sleep(1.0)
         n.on_message(make_response(b_invite, 183, "Session Progress", to_tag="callee-1"), *UDP)
         await asyncio.sleep(1.0)               # 2 s after the 180, 1 s after the 183
@@ -87,10 +90,7 @@ def test_a_callee_silent_after_timer_c_still_ends_the_call(tmp_path, short_timer
     and the caller hears 408 all the same (RFC 3261 §16.8)."""
     async def scenario(nodes, sent):
         n, = nodes
-        bekey = bekey_of(CALL_ID)
-        await n.new_call(parse_message(caller_invite(bekey)), bekey)
-        b_invite, = of_method(sent[n], "INVITE")
-        n.on_message(make_response(b_invite, 180, "Ringing", to_tag="callee-1"), *UDP)
+        bekey, b_invite = await ringing(n, sent)
         await asyncio.sleep(2.8)
         return b_invite, sent[n], await n.store.load(bekey, [])
 
