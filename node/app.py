@@ -720,14 +720,15 @@ class Node:
 
     def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None,
                  headers: list = ()) -> None:
-        """`headers`: more for a failure ([name, value], see carried)."""
+        """`headers`: what a failure says ([name, value], see carried)."""
         inv = self.a_invite(record)
-        headers = [tuple(h) for h in headers]
         if 100 < status < 300:
             headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
             headers.append(("Contact", self.contact))
             if status >= 200:
                 headers.append(("Allow", ALLOW_IN_DIALOG))
+        else:
+            headers = [tuple(h) for h in headers]
         body = resp.body if resp is not None else b""
         ctype = resp.get("Content-Type") if resp is not None and resp.body else None
         out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,

@@ -185,6 +185,7 @@ class Transactions:
             return True
         tx.final = True
         tx.stop_timers()
+        tx.still = tx.expire = None     # the closures of a lingering INVITE (held calls' memory)
         # keep INVITE transactions a while to absorb retransmitted 2xx
         linger = TIMEOUT if tx.method == "INVITE" else 0
         if linger:
