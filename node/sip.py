@@ -1,8 +1,9 @@
 """SIP transaction plumbing for a node: client transactions with UDP
 retransmission (RFC 3261 §17.1: timers A/E doubling from T1 up to T2,
-given up after 64*T1; an INVITE that rang, after Timer C), a cache of the responses we sent so retransmitted
-requests are answered identically (§17.2), and 2xx retransmission until the
-ACK arrives (§13.3.1.4). Everything a node sends goes to the proxy over UDP.
+given up after 64*T1; an INVITE that rang, after Timer C), a cache of
+the responses we sent so retransmitted requests are answered identically
+(§17.2), and 2xx retransmission until the ACK arrives (§13.3.1.4).
+Everything a node sends goes to the proxy over UDP.
 """
 from __future__ import annotations
 

@@ -268,15 +268,16 @@ def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypa
     assert logs.count("event=fork_timeout") == 4 and logs.count('reason="callee 408"') == 4
 
 
-@pytest.mark.parametrize("caller, callee, hold_ms, ending, timer_c", [
-    ("uac_busy", "uas_busy_late", None, 'reason="callee 486"', None),   # the callee says 486 at ~3 s
-    ("cancel", "uas_ring", 2500, "reason=cancelled", None),              # the caller cancels at ~2.5 s
-    ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"', None),  # re-INVITEs at ~1-2 s, answered at ~3 s
-    # rings again at ~1.5-2.3 s; the partner CANCELs it at Timer C (2 s) from then
-    ("uac_noanswer", "uas_ring_again", None, 'reason="callee 408"', "2"),
+@pytest.mark.parametrize("caller, callee, hold_ms, ending, kill_at, timer_c", [
+    ("uac_busy", "uas_busy_late", None, 'reason="callee 486"', 1.5, None),   # the callee says 486 at ~3 s
+    ("cancel", "uas_ring", 2500, "reason=cancelled", 1.5, None),              # the caller cancels at ~2.5 s
+    # re-INVITEs at ~1-2 s, answered at ~3 s
+    ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"', 1.5, None),
+    # rings again at ~1.5-2.3 s, after the kill; the partner CANCELs it at Timer C (2 s) from then
+    ("uac_noanswer", "uas_ring_again", None, 'reason="callee 408"', 1.1, "2"),
 ])
 def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, monkeypatch, caller, callee,
-                                                                   hold_ms, ending, timer_c):
+                                                                   hold_ms, ending, kill_at, timer_c):
     """The node that sent a request on dies before the answer comes back:
     the proxy brings the answer (or the caller's CANCEL) to the call's new
     owner, which must finish what the dead node started. The caller, told
@@ -290,7 +291,7 @@ def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster,
     async def scenario():
         s = uac(c, caller, calls=6, rate=6, hold_ms=hold_ms)
         await s.start()
-        await asyncio.sleep(1.1)                 # every call waits for the callee
+        await asyncio.sleep(kill_at)             # every call waits for the callee
         before = all_keys(c)
         victim = max(before, key=lambda n: len(before[n]["active"]))
         c.kill(victim)
