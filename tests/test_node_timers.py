@@ -197,13 +197,13 @@ def test_a_call_ringing_when_its_node_died_keeps_its_early_media_and_timer_c(tmp
         partner.on_message(parse_message(progress.to_bytes()), *UDP)
         await settled(partner)
         early = to_caller(sent[partner])
-        await asyncio.sleep(1.3)                          # Timer C (1 s) from the 183
+        await asyncio.sleep(1.5)                          # Timer C (1 s) from the 183, then 64*T1 (1 s)
         cancels = of_method(sent[partner], "CANCEL")
         if callee_answers_cancel:
             partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
             await settled(partner)
         else:
-            await asyncio.sleep(1.0)                      # Timer B after the CANCEL
+            await asyncio.sleep(1.2)                      # Timer B after the CANCEL
             await settled(partner)
         return b_invite, early, cancels, sent[partner], [await n.store.load(bekey, []) for n in nodes]
 
