@@ -47,7 +47,6 @@ from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
 from .registrar import register
-from . import sip as node_sip
 from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
 from .store import DialogStore, StoreUnavailable
 
@@ -162,8 +161,6 @@ class Node:
         # calls this node is setting up (B-leg INVITE in progress), as saved:
         # a provisional answer is relayed from here, without a read
         self.in_setup: dict[str, dict] = {}
-        # Timer C of forks whose INVITE a dead node sent (stray_provisional)
-        self.ringing: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -243,8 +240,6 @@ class Node:
             await self.admin.close()
         for t in self._tasks:
             t.cancel()
-        for h in self.ringing.values():
-            h.cancel()
         self.tx.close()
         await self.transport.close()
         await self.store.close()
@@ -639,11 +634,16 @@ class Node:
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
 
     def send_fork_invite(self, bekey: str, invite: SipRequest, branch: str, resumed: bool = False) -> None:
-        """Send one fork's INVITE; its answers, and its end at Timer C, go
-        through the call's lock."""
-        self.tx.request(invite, lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp)),
-                        expire=lambda: self.spawn(bekey, self.fork_expired(bekey, branch)),
+        """Send one fork's INVITE."""
+        on_response, expire = self.fork_handlers(bekey, branch)
+        self.tx.request(invite, on_response, expire=expire,
                         still=(lambda: self.still_ringing(bekey, branch)) if resumed else None)
+
+    def fork_handlers(self, bekey: str, branch: str) -> tuple:
+        """-> (on_response, expire) of a fork's INVITE transaction: its
+        answers, and its end at Timer C, go through the call's lock."""
+        return (lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp)),
+                lambda: self.spawn(bekey, self.fork_expired(bekey, branch)))
 
     async def still_ringing(self, bekey: str, branch: str) -> bool:
         """Whether a fork has no answer yet, wherever the call is saved."""
@@ -830,8 +830,6 @@ class Node:
         """A final response to a request sent by a node that died before it
         had it (the proxy brings it to the call's new owner): this node
         holds the call now and finishes what the dead node started."""
-        if resp.cseq[1] == "INVITE":
-            self.unwatch_ringing(bekey, resp.top_via.branch)
         record = await self.load_call(bekey, self.partner_for(bekey))
         cseq, method = resp.cseq
         q = record and record.get("q")
@@ -854,37 +852,14 @@ class Node:
         """The callee rings or plays early media (a 183 with SDP; a 180 sent
         again, as a UAS does every minute, RFC 3261 §13.3.1.1) for an
         INVITE a node that died had sent: the caller hears it from here,
-        and this node runs the fork's Timer C, which died with that node
-        (else a callee that rings on would ring for ever)."""
+        and this node takes the INVITE transaction on, with its Timer C,
+        which died with that node (else a callee that rings on would ring
+        for ever)."""
         record, fork = await self.open_fork(bekey, resp.top_via.branch)
         if fork is None or record["b"]["cid"] != resp.call_id:
             return
         self.answer_a(bekey, record, resp.status, resp.reason, resp)
-        self.watch_ringing(bekey, fork["br"], self.cfg["node.invite_timeout"])
-
-    def watch_ringing(self, bekey: str, branch: str, after: float) -> None:
-        self.unwatch_ringing(bekey, branch)
-        self.ringing[(bekey, branch)] = asyncio.get_running_loop().call_later(
-            after, lambda: self.spawn(bekey, self.stray_ring_timeout(bekey, branch)))
-
-    def unwatch_ringing(self, bekey: str, branch: str) -> None:
-        h = self.ringing.pop((bekey, branch), None)
-        if h:
-            h.cancel()
-
-    async def stray_ring_timeout(self, bekey: str, branch: str) -> None:
-        """Timer C of a fork taken over ringing (stray_provisional): CANCEL
-        it; and when no answer came to that either, 64*T1 later, the
-        caller hears 408 (RFC 3261 §16.8)."""
-        self.ringing.pop((bekey, branch), None)
-        record, fork = await self.open_fork(bekey, branch)
-        if fork is None:
-            return
-        if not fork.get("tc"):
-            await self.cancel_ringing(bekey, record, fork)
-            self.watch_ringing(bekey, branch, node_sip.TIMEOUT)
-        else:
-            await self.on_invite_response(bekey, branch, None, record)
+        self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
 
     async def stray_relayed(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The answer to an in-dialog request the dead node relayed (record

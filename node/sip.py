@@ -114,6 +114,19 @@ class Transactions:
         ringing = req.method == "INVITE" and still is not None
         tx.deadline = loop.call_later(self.invite_timeout if ringing else TIMEOUT, self._deadline, tx)
 
+    def adopt(self, branch: str, on_response: Callable[[SipResponse | None], Any],
+              expire: Callable[[], Any]) -> None:
+        """Take on an INVITE transaction another node started and left (it
+        died), once a provisional answer to it came here: the further
+        answers come to `on_response`, and its Timer C runs from now, as
+        for an INVITE this node sent. Nothing is sent (the callee has the
+        INVITE: it answered)."""
+        if (branch, "INVITE") in self.client:
+            return
+        tx = ClientTx(branch, "INVITE", b"", on_response, provisional=True, expire=expire)
+        self.client[(branch, "INVITE")] = tx
+        tx.deadline = asyncio.get_running_loop().call_later(self.invite_timeout, self._deadline, tx)
+
     def _open(self, tx: ClientTx) -> bool:
         return not tx.final and self.client.get((tx.branch, tx.method)) is tx
 
