@@ -110,6 +110,13 @@ def carried(resp: SipResponse) -> list[list[str]]:
     return [[f.name, f.value] for f in resp.fields if f.key in keys]
 
 
+def best_failure(items: list, status=lambda item: item):
+    """The final answer a forking element gives when every branch failed
+    (RFC 3261 §16.7): the first 6xx, else the lowest status."""
+    six = [i for i in items if status(i) >= 600]
+    return six[0] if six else min(items, key=status)
+
+
 def b_leg_hops(req: SipRequest) -> int:
     """Max-Forwards of a call's B-leg INVITE: the caller's less one, as
     a proxy would (negative: 483). A B2BUA that starts again at 70 turns a
@@ -418,7 +425,10 @@ class Node:
             await register(self, req, bekey)
             return
         if req.to.tag is None:
-            if method == "INVITE":
+            if method in ("INVITE", "MESSAGE") and b_leg_hops(req) < 0:
+                # what goes on from here would go with Max-Forwards -1
+                self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
+            elif method == "INVITE":
                 await self.new_call(req, bekey)
             elif method == "CANCEL":
                 await self.cancel(req, bekey)
@@ -488,7 +498,7 @@ class Node:
             # no registrar look-up: where a resumed call's record would be
             # found, our own Redis (our replica of the dead node's, or our
             # own from before a restart), without waiting for the others
-            earlier, reg = (await self.store.peek_many([bekey], [self.id]))[0], None
+            earlier, reg = await self.store.peek(bekey, [self.id]), None
         else:
             earlier, reg = await self.store.peek_many([bekey, aor], rank(aor, self.node_ids))
         if reg is not None and reg.get("k") == "reg":
@@ -504,9 +514,6 @@ class Node:
         return [], False, earlier
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
-        if b_leg_hops(req) < 0:
-            self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
-            return
         targets, registered, earlier = await self.find_targets(req, bekey)
         if (resume and earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
                 and earlier["a"]["rt"] == req.from_.tag):
@@ -557,9 +564,6 @@ class Node:
         a forking proxy would. No dialog, so nothing is saved: should this
         node die meanwhile, the sender's retransmission reaches the
         partner, which sends it again."""
-        if b_leg_hops(req) < 0:
-            self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
-            return
         targets, _, _ = await self.find_targets(req, bekey)
         tag = self.new_tag(bekey)
         if not targets:
@@ -580,8 +584,7 @@ class Node:
                 failures.append(resp)
                 if len(failures) < len(targets):
                     return                      # others may take it yet
-                six = [r for r in failures if r.status >= 600]
-                resp = six[0] if six else min(failures, key=lambda r: r.status)
+                resp = best_failure(failures, lambda r: r.status)
             told = True
             self.reply(req, resp.status, resp.reason, to_tag=tag, headers=[tuple(h) for h in carried(resp)])
 
@@ -625,7 +628,7 @@ class Node:
             if fork["st"] is None:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    via=self.fork_via(fork), hops=max(b_leg_hops(req), 0),
+                                    via=self.fork_via(fork), hops=b_leg_hops(req),
                                     extra=carried_request(req))
                 self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
@@ -647,7 +650,7 @@ class Node:
 
     async def still_ringing(self, bekey: str, branch: str) -> bool:
         """Whether a fork has no answer yet, wherever the call is saved."""
-        record = (await self.store.peek_many([bekey], [self.id] + self.others(bekey)))[0]
+        record = await self.store.peek(bekey, [self.id] + self.others(bekey))
         fork = record and record.get("k") == "call" and self.fork_of(record, branch)
         return bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None
 
@@ -803,8 +806,7 @@ class Node:
             # find this fork's failure there, or the caller never hears
             await self.save_held(bekey, record)
             return
-        six = [f for f in forks if f["st"] >= 600]
-        best = six[0] if six else min(forks, key=lambda f: f["st"])
+        best = best_failure(forks, lambda f: f["st"])
         if not record.get("cancel"):
             self.answer_a(bekey, record, best["st"], best.get("reason") or "Failed", headers=best.get("h", ()))
         await self.store.delete(bekey, record)
