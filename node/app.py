@@ -586,7 +586,7 @@ class Node:
                     return                      # others may take it yet
                 resp = best_failure(failures, lambda r: r.status)
             told = True
-            self.reply(req, resp.status, resp.reason, to_tag=tag, headers=[tuple(h) for h in carried(resp)])
+            self.reply(req, resp.status, resp.reason, to_tag=tag, headers=carried(resp))
 
         for uri, route in targets:
             out = self.build({"b": dict(leg, tgt=uri, rs=list(route))}, "b", "MESSAGE", 1, body=req.body,
@@ -731,7 +731,7 @@ class Node:
             if status >= 200:
                 headers.append(("Allow", ALLOW_IN_DIALOG))
         else:
-            headers = [tuple(h) for h in headers]
+            headers = list(headers)
         body = resp.body if resp is not None else b""
         ctype = resp.get("Content-Type") if resp is not None and resp.body else None
         out = make_response(inv, status, reason, to_tag=record["a"]["lt"], headers=headers, body=body,
@@ -1087,7 +1087,7 @@ class Node:
     def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
         """Answer `orig` as the far side answered the request relayed for it."""
         headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
-        headers += [tuple(h) for h in carried(resp)]
+        headers += carried(resp)
         self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
                    content_type=resp.get("Content-Type") if resp.body else None)
 
