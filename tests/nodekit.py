@@ -112,3 +112,12 @@ def with_headers(msg, headers: list[tuple[str, str]], body: bytes = b"", ctype: 
     head = data.split(b"Content-Length:", 1)[0]
     extra = "".join(f"{n}: {v}\r\n" for n, v in headers) + (f"Content-Type: {ctype}\r\n" if ctype else "")
     return parse_message(head + extra.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def register(user: str, contacts: list[str]) -> SipMessage:
+    """`user`@example.com registering `contacts` for 300 s."""
+    return parse_message(
+        f"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg{user}\r\n"
+        f"From: <sip:{user}@example.com>;tag=r1\r\nTo: <sip:{user}@example.com>\r\nCall-ID: reg-{user}\r\n"
+        f"CSeq: 1 REGISTER\r\nContact: {', '.join(contacts)}\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n".encode())
+

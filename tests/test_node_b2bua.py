@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, settled, with_headers,
-                     with_nodes)
+from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, register, settled,
+                     with_headers, with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
@@ -162,13 +162,6 @@ def test_why_a_call_ends_reaches_the_other_side(tmp_path):
     (tmp_path / "bye").mkdir()
     relayed, = with_nodes(tmp_path / "bye", 1, hangup)
     assert relayed.call_id == CALL_ID and relayed.get("Reason") == "Q.850;cause=16"
-
-
-def register(user: str, contacts: list[str]):
-    return parse_message(
-        f"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg{user}\r\n"
-        f"From: <sip:{user}@example.com>;tag=r1\r\nTo: <sip:{user}@example.com>\r\nCall-ID: reg-{user}\r\n"
-        f"CSeq: 1 REGISTER\r\nContact: {', '.join(contacts)}\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n".encode())
 
 
 def chat(to: str) -> bytes:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, settled,
-                     with_headers, with_nodes)
+from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, register,
+                     settled, with_headers, with_nodes)
 from sipcore.bekey import bekey_of
 
 pytestmark = pytest.mark.e2e
@@ -51,12 +51,7 @@ def test_in_a_dialog_too_but_never_for_ack_or_cancel(tmp_path):
 def test_a_register_may_require_path(tmp_path):
     async def scenario(nodes, sent):
         n, = nodes
-        register = with_headers(
-            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg1\r\n"
-            "From: <sip:carol@example.com>;tag=r1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-1\r\n"
-            "CSeq: 1 REGISTER\r\nContact: <sip:carol@192.0.2.60:5060>\r\nExpires: 300\r\n"
-            "Content-Length: 0\r\n\r\n".encode(), [("Require", "path")])
-        n.on_message(register, *UDP)
+        n.on_message(with_headers(register("carol", ["<sip:carol@192.0.2.60:5060>"]), [("Require", "path")]), *UDP)
         await settled(n)
         return sent[n]
 

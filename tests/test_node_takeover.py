@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from nodekit import (CALL_ID, SDP, answered_call, caller_invite, in_dialog, of_method, of_status, settled,
+from nodekit import (CALL_ID, SDP, answered_call, caller_invite, in_dialog, of_method, of_status, register, settled,
                      with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
@@ -77,12 +77,7 @@ def test_the_caller_hears_the_best_failure_once_every_fork_has_failed(tmp_path):
     async def scenario(nodes, sent):
         n, = nodes
         aor_key = bekey_of("sip:carol@example.com")
-        register = parse_message(
-            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.60:5060;branch=z9hG4bKreg1\r\n"
-            "From: <sip:carol@example.com>;tag=r1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-1\r\n"
-            "CSeq: 1 REGISTER\r\nContact: <sip:carol@192.0.2.60:5060>, <sip:carol@192.0.2.61:5060>\r\n"
-            "Expires: 300\r\nContent-Length: 0\r\n\r\n".encode())
-        await n.on_request(register, aor_key)
+        await n.on_request(register("carol", ["<sip:carol@192.0.2.60:5060>", "<sip:carol@192.0.2.61:5060>"]), aor_key)
         assert of_status(sent[n], 200)
         bekey = bekey_of(CALL_ID)
         await n.new_call(parse_message(caller_invite(bekey, "sip:carol@example.com")), bekey)
