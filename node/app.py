@@ -72,8 +72,9 @@ NODE_COUNTERS = {
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
-# as a registrar (RFC 3327). Anything else gets 420 Bad Extension.
-SUPPORTED_OPTIONS = frozenset(("path",))
+# as a registrar (RFC 3327); Replaces (RFC 3891), which new_call honours
+# across its two legs. Anything else gets 420 Bad Extension.
+SUPPORTED_OPTIONS = frozenset(("path", "replaces"))
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
@@ -99,6 +100,12 @@ CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event",
 
 def carried_request(req: SipRequest) -> list[tuple[str, str]]:
     return [(f.name, f.value) for f in req.fields if f.key in CARRIED_IN_REQUEST]
+
+
+def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
+    """What a call's B-leg INVITE carries of the caller's: carried_request,
+    and the Replaces the callee is to get (new_call), with its Require."""
+    return carried_request(req) + [(n, v) for n, v in record.get("rp", ())]
 
 
 def carried(resp: SipResponse) -> list[list[str]]:
@@ -519,6 +526,19 @@ class Node:
                 and earlier["a"]["rt"] == req.from_.tag):
             await self.resume_call(req, bekey)
             return
+        replaces: list[list[str]] = []
+        far = None
+        if req.has("Replaces"):
+            found = await self.replacing(req, bekey)
+            if found is None:
+                return                          # answered
+            value, far = found
+            replaces.append(["Replaces", value])
+            if "replaces" in (t.lower() for t in req.values("Require")):
+                replaces.append(["Require", "replaces"])
+            if far is not None:
+                # only the party of the replaced dialog can honour it
+                targets, registered = [(far["tgt"], far["rs"])], False
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
@@ -542,6 +562,10 @@ class Node:
                   "forks": forks, "ack": {}}
         if not req.body:
             record["dof"] = 1
+        if replaces:
+            record["rp"] = replaces
+            if far is not None:
+                b["ru"] = far["ru"]
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
             self.stats.inc("dialogs", "created")
@@ -551,11 +575,51 @@ class Node:
             for fork in forks:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    hops=b_leg_hops(req), extra=carried_request(req))
+                                    hops=b_leg_hops(req), extra=b_leg_extra(req, record))
                 self.send_fork_invite(bekey, invite, fork["br"])
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
+
+    async def replacing(self, req: SipRequest, bekey: str) -> tuple[str, dict | None] | None:
+        """An INVITE's Replaces (RFC 3891: attended transfer, call pickup)
+        names a dialog as its sender has it. When that dialog runs through
+        us, its sender has one leg of a call and the callee the other,
+        under another Call-ID and other tags: -> (the Replaces as the
+        callee knows the dialog, that leg); the INVITE then goes to that
+        leg's party whatever its request URI says (a transferor's
+        Refer-To may name our Contact, or an AOR with several phones of
+        which one has the dialog). A dialog not of ours (no stamp of ours
+        in its tags or Call-ID) may be beyond us: -> (the Replaces as it
+        came, None). None: answered here, 400 for a Replaces that names
+        no dialog, 481 when the one it names is over (§3)."""
+        value = req.get("Replaces") or ""
+        call_id, _, params = value.partition(";")
+        call_id = call_id.strip()
+        try:
+            p = split_params(params)
+        except SipParseError:
+            p = {}
+        to_tag, from_tag = p.get("to-tag"), p.get("from-tag")
+        if not call_id or not to_tag or not from_tag or len(req.values("Replaces")) > 1:
+            self.reply(req, 400, "Bad Request (Replaces: one Call-ID with to-tag and from-tag)",
+                       to_tag=self.new_tag(bekey))
+            return None
+        key = read_stamp(self.secret, to_tag) or read_stamp(self.secret, call_id)
+        if key is None:
+            return value, None
+        record = await self.store.peek(key, rank(key, self.node_ids))
+        # our tag is the sender's remote one: to-tag (§6.1)
+        leg = record and record.get("k") == "call" and next(
+            (leg for leg in ("a", "b") if record[leg]["cid"] == call_id and record[leg]["lt"] == to_tag
+             and record[leg]["rt"] == from_tag), None)
+        far = leg and record[other(leg)]
+        if not far or not far["rt"]:
+            self.reply(req, 481, "Call/Transaction Does Not Exist (the dialog to replace)",
+                       to_tag=self.new_tag(bekey))
+            return None
+        early = ";early-only" if "early-only" in p else ""
+        return f"{far['cid']};to-tag={far['rt']};from-tag={far['lt']}{early}", far
 
     async def message(self, req: SipRequest, bekey: str) -> None:
         """A MESSAGE outside a dialog (RFC 3428, softphones' chat): sent on
@@ -629,7 +693,7 @@ class Node:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
                                     via=self.fork_via(fork), hops=b_leg_hops(req),
-                                    extra=carried_request(req))
+                                    extra=b_leg_extra(req, record))
                 self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")

@@ -31,6 +31,8 @@ class Phone:
         self.messages: list[bytes] = []     # bodies of the MESSAGEs it took
         self.tag = uuid.uuid4().hex[:8]
         self.invite: SipRequest | None = None
+        self.dialogs: dict[str, SipRequest] = {}   # Call-ID -> the INVITE it answered
+        self.replaced: list[str] = []               # Call-IDs of dialogs a Replaces ended
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -102,6 +104,16 @@ class Phone:
             if msg.method == "INVITE" and msg.to.tag is None:
                 self.invite = msg
                 contact = [("Contact", f"<{self.contact}>")]
+                old = self._replaced(msg.get("Replaces"))
+                if old is not None:
+                    # RFC 3891 §3: the new dialog is answered at once and
+                    # the one it replaces ended with a BYE
+                    self._send(make_response(msg, 200, "OK", to_tag=self.tag, headers=rr + contact,
+                                             body=SDP, content_type="application/sdp"), src)
+                    self._bye(old)
+                    continue
+                if self.answer:
+                    self.dialogs[msg.call_id] = msg
                 self._send(make_response(msg, 180, "Ringing", to_tag=self.tag, headers=rr + contact), src)
                 if self.answer:
                     self._send(make_response(msg, 200, "OK", to_tag=self.tag, headers=rr + contact,
@@ -115,3 +127,27 @@ class Phone:
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
             elif msg.method in ("BYE", "OPTIONS", "INFO", "UPDATE", "INVITE"):
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
+
+    def _replaced(self, value: str | None) -> SipRequest | None:
+        """The answered INVITE of the dialog a Replaces names as this phone
+        has it: its Call-ID, our tag as to-tag, the caller's as from-tag."""
+        if not value:
+            return None
+        call_id, *params = [p.strip() for p in value.split(";")]
+        tags = dict(p.partition("=")[::2] for p in params)
+        old = self.dialogs.get(call_id)
+        if old is None or tags.get("to-tag") != self.tag or tags.get("from-tag") != old.from_.tag:
+            return None
+        return old
+
+    def _bye(self, invite: SipRequest) -> None:
+        """Hang up the dialog `invite` began (we answered it: the route set
+        is its Record-Route as it is, the caller's Contact the target)."""
+        del self.dialogs[invite.call_id]
+        self.replaced.append(invite.call_id)
+        routes = "".join(f"Route: {r}\r\n" for r in invite.values("Record-Route"))
+        text = (f"BYE {invite.contacts[0].uri} SIP/2.0\r\n"
+                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                f"Max-Forwards: 70\r\n{routes}From: {invite.get('To')};tag={self.tag}\r\nTo: {invite.get('From')}\r\n"
+                f"Call-ID: {invite.call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n")
+        self._sendto(text.encode(), self.proxy)

@@ -2,6 +2,7 @@
 calls to registered users forked to all their contacts."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -137,3 +138,45 @@ def test_a_chat_message_reaches_a_registered_phone(cluster, transport):
     finally:
         phone.stop()
 
+
+
+def confirmed_calls(cluster) -> list[dict]:
+    return [rec for spaces in all_keys(cluster).values() for rec in spaces["active"].values()
+            if rec.get("k") == "call" and rec["st"] == "confirmed"]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_an_attended_transfer_replaces_the_transferors_call(cluster, transport):
+    """Bob (SIPp) called Carol (a registered phone) and transfers Alice to
+    her, attended: Alice's INVITE carries the Replaces from Bob's REFER,
+    Bob's dialog as Bob has it. Through the B2BUA it reaches Carol naming
+    Carol's own dialog, so she answers it and hangs up on Bob, who hears
+    the BYE: the call Alice-Carol replaced Bob-Carol (RFC 3891, 5589)."""
+    carol = Phone("carol", cluster.proxy_addr, transport=transport)
+    try:
+        assert carol.register(300).status == 200
+        carol.start()
+        bob = uac(cluster, "uac_wait_bye", calls=1, service="carol", transport=transport, timeout_s=30)
+
+        async def go():
+            await bob.start()
+            for _ in range(200):
+                calls = confirmed_calls(cluster)
+                if calls:
+                    break
+                await asyncio.sleep(0.05)
+            a = calls[0]["a"]               # Bob's side: his Call-ID, his tag (rt), ours (lt)
+            alice = uac(cluster, "uac_replaces", calls=1, service="carol", transport=transport, hold_ms=200,
+                        keys={"replaces": f"{a['cid']};to-tag={a['lt']};from-tag={a['rt']}"})
+            return await alice.run(30), await bob.wait(30), a["cid"]
+
+        alice, bob, bob_call = run(go())
+        assert alice.ok == 1 and alice.failed == 0, alice.log_tail
+        assert bob.ok == 1 and bob.failed == 0, bob.log_tail
+        first, = [m for m in carol.replaced]
+        assert first != bob_call and carol.invite.get("Replaces").startswith(f"{first};to-tag={carol.tag}")
+        assert carol.got.count("INVITE") == 2 and carol.got.count("BYE") == 1     # Alice's
+    finally:
+        carol.stop()
+    time.sleep(0.5)
+    assert not confirmed_calls(cluster)
