@@ -27,6 +27,7 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -35,10 +36,10 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
-from sipcore.bekey import ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
+from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import format_params, parse_name_addr, parse_uri, split_params
+from sipcore.headers import format_params, parse_name_addr, parse_uri, split_commas, split_params
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -48,6 +49,7 @@ from sipcore.transport import SipTransport
 from .auth import Authenticator, authenticate, load_users
 from .registrar import register
 from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
+from .resp import RedisError
 from .store import DialogStore, StoreUnavailable
 
 log = logging.getLogger("node")
@@ -188,6 +190,9 @@ class Node:
         self.admitted = RecentCalls()   # ... but not what continues a Call-ID let in lately
         self.warm_until = 0.0
         self.admin: AdminServer | None = None
+        # the nodes the proxy's last probe said are down (DOWN_HEADER)
+        self.peers_down: frozenset[str] = frozenset()
+        self._sweeps: set[asyncio.Task] = set()
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -204,6 +209,10 @@ class Node:
             self._tasks.append(loop.create_task(self._watch_overload()))
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
+        if self.warm:
+            # restarted with its Redis: its calls still ringing lost their
+            # Timer C with the process that ran it
+            self._sweep("active")
         setting = self.cfg["node.admin"]
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
@@ -252,7 +261,7 @@ class Node:
     async def close(self) -> None:
         if self.admin:
             await self.admin.close()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._sweeps]:
             t.cancel()
         self.tx.close()
         await self.transport.close()
@@ -317,6 +326,7 @@ class Node:
             # A node that restarted with its Redis intact says so, so the
             # proxy sends its calls straight back instead of ramping.
             warm = [(WARM_HEADER, str(self.warm))] if self.warm and time.monotonic() < self.warm_until else []
+            self.peers_seen_down(frozenset(split_commas(msg.get(DOWN_HEADER) or "")) - {self.id})
             self.reply(msg, 200 if self.healthy else 503,
                        "OK" if self.healthy else "Service Unavailable (Redis down)", headers=warm)
             return
@@ -390,13 +400,14 @@ class Node:
 
     def partner_for(self, bekey: str, req: SipRequest | None = None) -> str | None:
         """The partner the proxy named (None when it named none: no other
-        node is up); without a proxy decision, the next node in rank."""
+        node is up); without a proxy decision, the next node in rank that
+        the proxy does not see down."""
         if req is not None:
             _, partner, from_proxy = self._route_info(req)
             if from_proxy:
                 return partner
         for n in rank(bekey, self.node_ids):
-            if n != self.id:
+            if n != self.id and n not in self.peers_down:
                 return n
         return None
 
@@ -716,7 +727,54 @@ class Node:
         """Whether a fork has no answer yet, wherever the call is saved."""
         record = await self.store.peek(bekey, [self.id] + self.others(bekey))
         fork = record and record.get("k") == "call" and self.fork_of(record, branch)
-        return bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None
+        return bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None \
+            and not fork.get("tc")
+
+    # ---- what died with another node ------------------------------------
+    def peers_seen_down(self, down: frozenset[str]) -> None:
+        """The proxy's probe named the nodes it sees down: the calls still
+        ringing that one of them held are taken on by their partners."""
+        for nid in down - self.peers_down:
+            if nid in self.node_ids:
+                self._sweep("replica", nid)
+        self.peers_down = down
+
+    def _sweep(self, space: str, owner: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self.take_on_ringing(space, owner))
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def take_on_ringing(self, space: str, owner: str | None) -> None:
+        """The calls of a keyspace of our Redis that still ring (of `owner`
+        only, when given): the dead node (or this one, restarted) ran their
+        Timer C, and nothing else ends a call whose callee rang before the
+        death and rings on without a word, to a caller who waits (SIPp, a
+        gateway). Each is taken here, and its INVITE transactions with a
+        Timer C from now (Transactions.adopt): a callee ringing on says 180
+        again within it (every minute, RFC 3261 §13.3.1.1); one that does
+        not is CANCELled at its end, and the caller hears 408."""
+        found = []
+        try:
+            async for bekey, raw in self.store.scan(space):
+                if raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw:
+                    record = json.loads(raw)
+                    if owner is None or record.get("o") == owner:
+                        found.append(bekey)
+        except (RedisError, OSError) as exc:
+            event(log, "redis_error", logging.ERROR, op="scan", keyspace=space, error=str(exc))
+            return
+        for bekey in found:
+            self.spawn(bekey, self.take_on(bekey))
+        if found:
+            event(log, "ringing_taken_on", node=self.id, keyspace=space, owner=owner, calls=len(found))
+
+    async def take_on(self, bekey: str) -> None:
+        record = await self.load_call(bekey, self.partner_for(bekey))
+        if record is None or record["st"] != "early" or record.get("cancel"):
+            return
+        for fork in record["forks"]:
+            if fork["st"] is None and not fork.get("tc"):
+                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
 
     async def fork_expired(self, bekey: str, branch: str) -> None:
         """Timer C: the callee rang for node.invite_timeout without a final
@@ -727,10 +785,11 @@ class Node:
 
     async def open_fork(self, bekey: str, branch: str) -> tuple[dict | None, dict | None]:
         """-> (the call, its fork `branch`), the fork None unless the call
-        still rings there (no final answer, not cancelled)."""
+        still rings there (no final answer, not cancelled, by us at Timer C
+        either)."""
         record = await self.load_call(bekey, self.partner_for(bekey))
         fork = record and self.fork_of(record, branch)
-        if not fork or record["st"] != "early" or record.get("cancel") or fork["st"] is not None:
+        if not fork or record["st"] != "early" or record.get("cancel") or fork["st"] is not None or fork.get("tc"):
             return record, None
         return record, fork
 

@@ -294,22 +294,28 @@ class DialogStore:
         for space in ("active", "replica"):
             by = {"call": 0, "reg": 0}
             try:
-                batch: list = []
-                async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
-                    batch.append(key)
-                    if len(batch) >= 500:
-                        self._tally(by, await self.own.mget(batch))
-                        batch = []
-                if batch:
-                    self._tally(by, await self.own.mget(batch))
+                async for _, raw in self.scan(space):
+                    by["reg" if raw.startswith(b'{"k":"reg"') else "call"] += 1
                 out[space] = by
             except (RedisError, OSError):
                 out[space] = None
         return out
 
-    @staticmethod
-    def _tally(by: dict[str, int], values) -> None:
-        for v in values:
-            if v is None:
-                continue           # expired between SCAN and MGET
-            by["reg" if v.startswith(b'{"k":"reg"') else "call"] += 1
+    async def scan(self, space: str):
+        """Every (BEKey, raw record) of a keyspace of our own Redis, read
+        in batches (not for the call path)."""
+        batch: list = []
+
+        async def read():
+            for key, raw in zip(batch, await self.own.mget(batch)):
+                if raw is not None:            # else expired between SCAN and MGET
+                    yield key.decode().rpartition(":")[2], raw
+        async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                async for item in read():
+                    yield item
+                batch = []
+        if batch:
+            async for item in read():
+                yield item

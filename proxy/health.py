@@ -13,6 +13,9 @@ over `ramp.duration` seconds (the ring admits keys under it, see
 sipcore.bekey). A node seen up at the first probe after the proxy starts
 gets factor 1 straight away: nothing is moving back to it.
 
+Each probe names the nodes seen down (X-Sipha-Down), so that their
+partners take on what only the dead node was timing (calls still ringing).
+
 Every change of state and every load-factor step is one log line.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sipcore.bekey import WARM_HEADER
+from sipcore.bekey import DOWN_HEADER, WARM_HEADER
 from sipcore.config import Config, NodeConfig
 from sipcore.errors import SipParseError
 from sipcore.logfmt import event
@@ -137,6 +140,8 @@ class HealthMonitor:
         lhost, lport = proto.transport.get_extra_info("sockname")[:2]
         branch = f"z9hG4bKsiphaprobe{seq}"
         host, port = h.addr
+        down = [other for other, oh in self.nodes.items() if not oh.up and other != nid]
+        told = f"{DOWN_HEADER}: {', '.join(down)}\r\n" if down else ""
         text = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
                 f"Via: SIP/2.0/UDP {lhost}:{lport};branch={branch};rport\r\n"
                 f"Max-Forwards: 70\r\n"
@@ -144,7 +149,7 @@ class HealthMonitor:
                 f"To: <sip:{host}:{port}>\r\n"
                 f"Call-ID: probe-{nid}-{self._tag}@sipha\r\n"
                 f"CSeq: {seq} OPTIONS\r\n"
-                f"User-Agent: sipha-proxy\r\n"
+                f"User-Agent: sipha-proxy\r\n{told}"
                 f"Content-Length: 0\r\n\r\n")
         return branch, text.encode()
 

@@ -275,6 +275,9 @@ def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypa
     ("reinvite", "uas_slow_reinvite", 1000, 'reason="bye from caller"', 1.5, None),
     # rings again at ~1.5-2.3 s, after the kill; the partner CANCELs it at Timer C (2 s) from then
     ("uac_noanswer", "uas_ring_again", None, 'reason="callee 408"', 1.1, "2"),
+    # rings once at once, never again: the partner takes the call on when the
+    # proxy's probe says its node is down, and CANCELs it at Timer C from then
+    ("uac_noanswer", "uas_ring", None, 'reason="callee 408"', 1.1, "2"),
 ])
 def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, monkeypatch, caller, callee,
                                                                    hold_ms, ending, kill_at, timer_c):

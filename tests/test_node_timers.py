@@ -216,3 +216,65 @@ def test_a_call_ringing_when_its_node_died_keeps_its_early_media_and_timer_c(tmp
     assert len(of_method(out, "ACK")) == (1 if callee_answers_cancel else 0)
     assert left == [(None, "missing")] * 2
 
+
+
+def probe(down: str = "") -> bytes:
+    """The proxy's health probe, naming the nodes it sees down."""
+    told = f"X-Sipha-Down: {down}\r\n" if down else ""
+    return (f"OPTIONS sip:127.0.0.1:7002 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKsiphaprobe7\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:sipha-proxy@127.0.0.1>;tag=p1\r\nTo: <sip:127.0.0.1:7002>\r\n"
+            f"Call-ID: probe-node2-p1@sipha\r\nCSeq: 7 OPTIONS\r\n{told}Content-Length: 0\r\n\r\n").encode()
+
+
+def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_path, short_timer_b):
+    """The callee rang once, then the owner died: no provisional or final
+    answer, no CANCEL came after, and the caller (SIPp, a gateway) waited
+    for ever; the owner's Timer C had died with it. Once the proxy's probe
+    names the owner down, the partner takes the call and the INVITE
+    transaction on, with a Timer C from then."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, b_invite = await ringing(owner, sent)
+        await settled(owner)
+        owner.tx.close()                                  # the owner dies
+        partner.on_message(parse_message(probe()), *UDP)
+        await asyncio.sleep(0.2)
+        quiet = await partner.store.own.get(partner.store.key("active", bekey))   # nobody said node1 was down
+        partner.on_message(parse_message(probe("node1, node3")), *UDP)
+        partner.on_message(parse_message(probe("node1")), *UDP)    # one sweep only
+        await asyncio.sleep(0.3)
+        await settled(partner)
+        held = [await n.store.own.get(n.store.key("active", bekey)) for n in nodes]
+        await asyncio.sleep(1.0)                          # Timer C (1 s)
+        cancels = of_method(sent[partner], "CANCEL")
+        partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
+        await settled(partner)
+        return b_invite, quiet, held, cancels, sent[partner], [await n.store.load(bekey, []) for n in nodes]
+
+    b_invite, quiet, held, cancels, out, left = with_nodes(tmp_path, 2, scenario, {"node.invite_timeout": 1})
+    assert quiet is None and held[0] is None and held[1] is not None        # the partner holds the call
+    assert len(cancels) == 1 and (cancels[0].top_via.branch, cancels[0].top_via.port) == \
+        (b_invite.top_via.branch, b_invite.top_via.port)
+    assert to_caller(out) == [(408, "Request Timeout")]
+    assert len(of_method(out, "ACK")) == 1                # of the 487
+    assert left == [(None, "missing")] * 2
+
+
+def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path, short_timer_b):
+    """The owner's process restarted (its Redis kept the call): Node.start
+    sweeps its active keyspace so (take_on_ringing), and the call that
+    rang before the restart ends at Timer C."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, b_invite = await ringing(n, sent)
+        await settled(n)
+        n.tx.close()                                      # what the process had in memory is gone
+        n.tx.client.clear()
+        n.tx.start()
+        await n.take_on_ringing("active", None)
+        await settled(n)
+        await asyncio.sleep(1.2)
+        return b_invite, of_method(sent[n], "CANCEL")
+
+    b_invite, cancels = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1})
+    assert [c.top_via.branch for c in cancels] == [b_invite.top_via.branch]

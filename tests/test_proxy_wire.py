@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from sipcore.bekey import ROUTE_HEADER, bekey_of
-from sipcore.message import parse_message
+from sipcore.message import make_response, parse_message
 from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +163,24 @@ def test_malformed_input_gets_400_or_is_dropped_and_the_proxy_keeps_serving(wire
     _, _, msg = wire.node_recv()
     assert msg.method == "INVITE"
     assert "event=parse_rejected" in wire.proxy.text()
+
+
+def test_the_health_probe_tells_each_node_which_others_are_down(procs):
+    """A node takes on what died with another (calls still ringing) when
+    the proxy's probe names that node down (X-Sipha-Down): node2 has no
+    socket (its port refuses), node1 answers its probes."""
+    node1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    node1.bind(("127.0.0.1", free_port()))
+    procs.proxy({"node1": node1.getsockname(), "node2": ("127.0.0.1", free_port())})
+    told = []
+    try:
+        node1.settimeout(3)
+        for _ in range(8):
+            data, src = node1.recvfrom(65535)
+            probe = parse_message(data)
+            assert probe.method == "OPTIONS"
+            told.append(probe.get("X-Sipha-Down"))
+            node1.sendto(make_response(probe, 200, "OK").to_bytes(), src)
+    finally:
+        node1.close()
+    assert set(told) <= {None, "node2"} and told[-1] == "node2"
