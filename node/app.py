@@ -212,7 +212,7 @@ class Node:
         if self.warm:
             # restarted with its Redis: its calls still ringing lost their
             # Timer C with the process that ran it
-            self._sweep("active")
+            self._sweep(self.take_on_ringing("active", None))
         setting = self.cfg["node.admin"]
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
@@ -733,16 +733,41 @@ class Node:
     # ---- what died with another node ------------------------------------
     def peers_seen_down(self, down: frozenset[str]) -> None:
         """The proxy's probe named the nodes it sees down: the calls still
-        ringing that one of them held are taken on by their partners."""
+        ringing that one of them held are taken on by their partners, and
+        what it mirrored for others is mirrored again elsewhere."""
         for nid in down - self.peers_down:
             if nid in self.node_ids:
-                self._sweep("replica", nid)
+                self._sweep(self.take_on_ringing("replica", nid))
+                self._sweep(self.mirror_again(nid))
         self.peers_down = down
 
-    def _sweep(self, space: str, owner: str | None = None) -> None:
-        task = asyncio.get_running_loop().create_task(self.take_on_ringing(space, owner))
+    def _sweep(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._sweeps.add(task)
         task.add_done_callback(self._sweeps.discard)
+
+    async def mirror_again(self, dead: str) -> None:
+        """Our records mirrored to `dead` have no other copy now: each is
+        saved again, to the partner the ring names among the nodes up (as
+        Redis Cluster replicates again), so that a call or a registration
+        also outlives this node dying next, before `dead` is back. A
+        hundred at a time, each under its call's lock."""
+        mark = f'"p":"{dead}"'.encode()
+        try:
+            found = [bekey async for bekey, raw in self.store.scan("active") if mark in raw]
+        except (RedisError, OSError) as exc:
+            event(log, "redis_error", logging.ERROR, op="scan", keyspace="active", error=str(exc))
+            return
+        for i in range(0, len(found), 100):
+            await asyncio.gather(*(self._locked(bekey, self._mirror_again(bekey, dead), None)
+                                   for bekey in found[i:i + 100]))
+        if found:
+            event(log, "mirrored_again", node=self.id, partner_down=dead, records=len(found))
+
+    async def _mirror_again(self, bekey: str, dead: str) -> None:
+        record = await self.store.active(bekey)
+        if record is not None and record.get("p") == dead:
+            await self.store.save(bekey, record, self.partner_for(bekey), self.others(bekey))
 
     async def take_on_ringing(self, space: str, owner: str | None) -> None:
         """The calls of a keyspace of our Redis that still ring (of `owner`

@@ -107,6 +107,16 @@ class DialogStore:
         except (RedisError, OSError):
             return True
 
+    async def active(self, bekey: str) -> dict | None:
+        """Our own active copy of a record, if there is one; nothing else is
+        asked, nothing moved."""
+        try:
+            raw = await self.own.get(self.key("active", bekey))
+        except (RedisError, OSError) as exc:
+            self.stats["redis_errors"] += 1
+            raise StoreUnavailable(str(exc)) from exc
+        return None if raw is None else json.loads(raw)
+
     # ---- load ----------------------------------------------------------
     async def load(self, bekey: str, others: list[str]) -> tuple[dict | None, str]:
         """-> (record, how): how is active / promoted / migrated:<node> / missing."""

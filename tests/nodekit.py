@@ -70,6 +70,14 @@ def with_nodes(tmp_path, count: int, scenario, settings: dict | None = None):
             p.wait()
 
 
+def probe(down: str = "") -> bytes:
+    """The proxy's health probe, naming the nodes it sees down."""
+    told = f"X-Sipha-Down: {down}\r\n" if down else ""
+    return (f"OPTIONS sip:127.0.0.1:7002 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKsiphaprobe7\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:sipha-proxy@127.0.0.1>;tag=p1\r\nTo: <sip:127.0.0.1:7002>\r\n"
+            f"Call-ID: probe-node2-p1@sipha\r\nCSeq: 7 OPTIONS\r\n{told}Content-Length: 0\r\n\r\n").encode()
+
+
 def of_method(msgs, method: str) -> list:
     return [m for m in msgs if getattr(m, "method", None) == method]
 

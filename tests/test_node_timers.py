@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 import node.sip
-from nodekit import CALL_ID, SDP, UDP, caller_invite, of_method, of_status, settled, with_nodes
+from nodekit import CALL_ID, SDP, UDP, caller_invite, of_method, of_status, probe, settled, with_nodes
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
@@ -216,14 +216,6 @@ def test_a_call_ringing_when_its_node_died_keeps_its_early_media_and_timer_c(tmp
     assert len(of_method(out, "ACK")) == (1 if callee_answers_cancel else 0)
     assert left == [(None, "missing")] * 2
 
-
-
-def probe(down: str = "") -> bytes:
-    """The proxy's health probe, naming the nodes it sees down."""
-    told = f"X-Sipha-Down: {down}\r\n" if down else ""
-    return (f"OPTIONS sip:127.0.0.1:7002 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKsiphaprobe7\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:sipha-proxy@127.0.0.1>;tag=p1\r\nTo: <sip:127.0.0.1:7002>\r\n"
-            f"Call-ID: probe-node2-p1@sipha\r\nCSeq: 7 OPTIONS\r\n{told}Content-Length: 0\r\n\r\n").encode()
 
 
 def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_path, short_timer_b):
