@@ -57,8 +57,9 @@ log = logging.getLogger("node")
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE"
 # what a dialog through a node takes (relay_in_dialog): told both ends in
 # the INVITE and its 2xx (RFC 3261 §20.5), as phones look there before
-# they send UPDATE, INFO, MESSAGE or a transfer's REFER
-ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER"
+# they send UPDATE, INFO, MESSAGE or a transfer's REFER (and SUBSCRIBE to
+# refresh or end the subscription a REFER made, RFC 6665 §4.1.2)
+ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
 KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
                            "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"))
 
@@ -475,7 +476,7 @@ class Node:
             await self.bye(req, bekey, record, leg)
         elif method == "CANCEL":
             self.reply(req, 200, "OK")
-        elif method in ("INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "REFER", "PRACK"):
+        elif method in ("INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "REFER", "SUBSCRIBE", "PRACK"):
             await self.relay_in_dialog(req, bekey, record, leg, partner)
         else:
             self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW_IN_DIALOG)])

@@ -133,6 +133,27 @@ def test_a_blind_transfer_goes_through(tmp_path):
     assert notify.body == b"SIP/2.0 200 OK\r\n" and notify.get("Content-Type") == "message/sipfrag;version=2.0"
 
 
+def test_the_transferor_may_end_the_subscription_its_refer_made(tmp_path):
+    """A REFER makes a subscription to the transfer's progress, which the
+    transferor ends (or refreshes) with a SUBSCRIBE in the dialog (RFC
+    6665 §4.1.2.3, RFC 3515 §2.4.4); it got 501 Not Implemented."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        _, ok, _ = await answered_call(n, sent)
+        sub = in_dialog("SUBSCRIBE", 3, CALL_ID, "a1", ok.to.tag, "z9hG4bKsub3")
+        n.on_message(with_headers(sub, [("Event", "refer"), ("Expires", "0")]), *UDP)
+        await settled(n)
+        relayed, = of_method(sent[n], "SUBSCRIBE")
+        n.on_message(make_response(relayed, 200, "OK"), *UDP)
+        await settled(n)
+        return ok, relayed, to_caller(sent[n])
+
+    ok, relayed, answers = with_nodes(tmp_path, 1, scenario)
+    assert "SUBSCRIBE" in ok.values("Allow")
+    assert (relayed.get("Event"), relayed.get("Expires"), relayed.cseq[1]) == ("refer", "0", "SUBSCRIBE")
+    assert [a.status for a in answers if a.cseq[1] == "SUBSCRIBE"] == [200]
+
+
 def test_why_a_call_ends_reaches_the_other_side(tmp_path):
     """Reason on a BYE (the Q.850 cause a gateway hangs up with) and on a
     CANCEL (a phone that shows no missed call for 'call completed
