@@ -17,6 +17,8 @@ Call record (JSON in Redis, see node.store), two legs:
     ack: for each leg, the CSeq to ACK on the other leg when this leg ACKs
     dof: set when the caller's INVITE had no SDP (delayed offer): its ACK
          carries the answer, so a node never ACKs the callee's 2xx itself
+    rp:  set when the caller's INVITE had a Replaces: the Replaces (and
+         Require) the B-leg INVITE carries, naming the callee's dialog
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
          its CSeq (c), the CSeq it went on with (o), its Via/From/To/
          Call-ID/CSeq (h), so the partner can answer it, or relay it again,
@@ -623,8 +625,8 @@ class Node:
         record = await self.store.peek(key, rank(key, self.node_ids))
         # our tag is the sender's remote one: to-tag (§6.1)
         leg = record and record.get("k") == "call" and next(
-            (leg for leg in ("a", "b") if record[leg]["cid"] == call_id and record[leg]["lt"] == to_tag
-             and record[leg]["rt"] == from_tag), None)
+            (side for side in ("a", "b") if record[side]["cid"] == call_id and record[side]["lt"] == to_tag
+             and record[side]["rt"] == from_tag), None)
         far = leg and record[other(leg)]
         if not far or not far["rt"]:
             self.reply(req, 481, "Call/Transaction Does Not Exist (the dialog to replace)",

@@ -314,18 +314,19 @@ class DialogStore:
     async def scan(self, space: str):
         """Every (BEKey, raw record) of a keyspace of our own Redis, read
         in batches (not for the call path)."""
-        batch: list = []
-
-        async def read():
-            for key, raw in zip(batch, await self.own.mget(batch)):
-                if raw is not None:            # else expired between SCAN and MGET
-                    yield key.decode().rpartition(":")[2], raw
+        keys: list[bytes] = []
         async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                async for item in read():
+            keys.append(key)
+            if len(keys) >= 500:
+                for item in _named(keys, await self.own.mget(keys)):
                     yield item
-                batch = []
-        if batch:
-            async for item in read():
+                keys = []
+        if keys:
+            for item in _named(keys, await self.own.mget(keys)):
                 yield item
+
+
+def _named(keys: list[bytes], values: list):
+    for key, raw in zip(keys, values):
+        if raw is not None:            # else expired between SCAN and MGET
+            yield key.decode().rpartition(":")[2], raw
