@@ -29,7 +29,6 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -215,7 +214,7 @@ class Node:
         if self.warm:
             # restarted with its Redis: its calls still ringing lost their
             # Timer C with the process that ran it
-            self._sweep(self.take_on_ringing("active", None))
+            self._sweep(self.take_over(None))
         setting = self.cfg["node.admin"]
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
@@ -483,20 +482,22 @@ class Node:
         else:
             self.reply(req, 501, "Not Implemented", headers=[("Allow", ALLOW_IN_DIALOG)])
 
-    async def load_call(self, bekey: str, partner: str | None) -> dict | None:
+    async def load_call(self, bekey: str, partner: str | None, kind: str | None = "call") -> dict | None:
         """The call record, wherever it is: promoted from our replica
         keyspace or migrated from another node's Redis if need be (then
-        logged and mirrored to `partner`). None if there is no such call."""
+        logged and mirrored to `partner`). None if there is no such call
+        (kind None: a record of any kind, a registration too)."""
         record, how = await self.store.load(bekey, self.others(bekey))
-        if record is None or record.get("k") != "call":
+        if record is None or (kind is not None and record.get("k") != kind):
             return None
-        if how == "promoted":
+        call_id = record["a"]["cid"] if record.get("k") == "call" else None
+        if how == "promoted" and call_id:
             self.stats.inc("dialogs", "promoted")
-            event(log, "dialog_promoted", bekey=bekey, call_id=record["a"]["cid"], partner=partner)
-        elif how != "active":
+            event(log, "dialog_promoted", bekey=bekey, call_id=call_id, partner=partner)
+        elif how not in ("active", "promoted") and call_id:
             self.stats.inc("dialogs", "migrated")
             _, source, space = how.split(":")
-            event(log, "dialog_migrated", bekey=bekey, call_id=record["a"]["cid"], source=source,
+            event(log, "dialog_migrated", bekey=bekey, call_id=call_id, source=source,
                   keyspace=space, partner=partner)
         if how != "active":
             await self.store.save(bekey, record, partner, self.others(bekey))
@@ -735,12 +736,12 @@ class Node:
 
     # ---- what died with another node ------------------------------------
     def peers_seen_down(self, down: frozenset[str]) -> None:
-        """The proxy's probe named the nodes it sees down: the calls still
-        ringing that one of them held are taken on by their partners, and
-        what it mirrored for others is mirrored again elsewhere."""
+        """The proxy's probe named the nodes it sees down: their partners
+        take on what died with them, and what each node had mirrored to
+        them is mirrored again elsewhere."""
         for nid in down - self.peers_down:
             if nid in self.node_ids:
-                self._sweep(self.take_on_ringing("replica", nid))
+                self._sweep(self.take_over(nid))
                 self._sweep(self.mirror_again(nid))
         self.peers_down = down
 
@@ -753,17 +754,10 @@ class Node:
         """Our records mirrored to `dead` have no other copy now: each is
         saved again, to the partner the ring names among the nodes up (as
         Redis Cluster replicates again), so that a call or a registration
-        also outlives this node dying next, before `dead` is back. A
-        hundred at a time, each under its call's lock."""
+        also outlives this node dying next, before `dead` is back."""
         mark = f'"p":"{dead}"'.encode()
-        try:
-            found = [bekey async for bekey, raw in self.store.scan("active") if mark in raw]
-        except (RedisError, OSError) as exc:
-            event(log, "redis_error", logging.ERROR, op="scan", keyspace="active", error=str(exc))
-            return
-        for i in range(0, len(found), 100):
-            await asyncio.gather(*(self._locked(bekey, self._mirror_again(bekey, dead), None)
-                                   for bekey in found[i:i + 100]))
+        found = await self._scan("active", lambda raw: mark in raw)
+        await self._each(found, lambda bekey: self._mirror_again(bekey, dead))
         if found:
             event(log, "mirrored_again", node=self.id, partner_down=dead, records=len(found))
 
@@ -772,37 +766,55 @@ class Node:
         if record is not None and record.get("p") == dead:
             await self.store.save(bekey, record, self.partner_for(bekey), self.others(bekey))
 
-    async def take_on_ringing(self, space: str, owner: str | None) -> None:
-        """The calls of a keyspace of our Redis that still ring (of `owner`
-        only, when given): the dead node (or this one, restarted) ran their
-        Timer C, and nothing else ends a call whose callee rang before the
-        death and rings on without a word, to a caller who waits (SIPp, a
-        gateway). Each is taken here, and its INVITE transactions with a
-        Timer C from now (Transactions.adopt): a callee ringing on says 180
-        again within it (every minute, RFC 3261 §13.3.1.1); one that does
-        not is CANCELled at its end, and the caller hears 408."""
-        found = []
-        try:
-            async for bekey, raw in self.store.scan(space):
-                if raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw:
-                    record = json.loads(raw)
-                    if owner is None or record.get("o") == owner:
-                        found.append(bekey)
-        except (RedisError, OSError) as exc:
-            event(log, "redis_error", logging.ERROR, op="scan", keyspace=space, error=str(exc))
-            return
-        for bekey in found:
-            self.spawn(bekey, self.take_on(bekey))
+    async def take_over(self, dead: str | None) -> None:
+        """What only `dead` had, of the replicas in our Redis (or, dead
+        None, of our own active records after a restart):
+        - calls still ringing: the dead node (or this one, restarted) ran
+          their Timer C, and nothing else ends a call whose callee rang
+          before the death and rings on without a word, to a caller who
+          waits (SIPp, a gateway). Each is taken here, and its INVITE
+          transactions with a Timer C from now (Transactions.adopt): a
+          callee ringing on says 180 again within it (every minute, RFC
+          3261 §13.3.1.1); one that does not is CANCELled at its end, and
+          the caller hears 408;
+        - when the dead node's Redis is gone too (its host died), every
+          record: our replica is the only copy left, promoted and mirrored
+          at once rather than when the call's next request comes, by which
+          time we may have died as well. A node whose Redis outlived it
+          keeps its records, and has them back should it restart."""
+        space = "active" if dead is None else "replica"
+        everything = dead is not None and not await self.store.peer_answers(dead)
+        owner = f'"o":"{dead}"'.encode()
+
+        def wanted(raw: bytes) -> bool:
+            ringing = raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw
+            return (everything or ringing) and (dead is None or owner in raw)
+        found = await self._scan(space, wanted)
+        await self._each(found, self.take_on)
         if found:
-            event(log, "ringing_taken_on", node=self.id, keyspace=space, owner=owner, calls=len(found))
+            event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, records=len(found),
+                  what="all" if everything else "ringing")
 
     async def take_on(self, bekey: str) -> None:
-        record = await self.load_call(bekey, self.partner_for(bekey))
-        if record is None or record["st"] != "early" or record.get("cancel"):
+        record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
+        if record is None or record.get("k") != "call" or record["st"] != "early" or record.get("cancel"):
             return
         for fork in record["forks"]:
             if fork["st"] is None and not fork.get("tc"):
                 self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+
+    async def _scan(self, space: str, wanted) -> list[str]:
+        """The BEKeys of a keyspace of our Redis whose raw record is `wanted`."""
+        try:
+            return [bekey async for bekey, raw in self.store.scan(space) if wanted(raw)]
+        except (RedisError, OSError) as exc:
+            event(log, "redis_error", logging.ERROR, op="scan", keyspace=space, error=str(exc))
+            return []
+
+    async def _each(self, bekeys: list[str], step) -> None:
+        """`step(bekey)` under each call's lock, a hundred at a time."""
+        for i in range(0, len(bekeys), 100):
+            await asyncio.gather(*(self._locked(bekey, step(bekey), None) for bekey in bekeys[i:i + 100]))
 
     async def fork_expired(self, bekey: str, branch: str) -> None:
         """Timer C: the callee rang for node.invite_timeout without a final

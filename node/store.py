@@ -107,6 +107,15 @@ class DialogStore:
         except (RedisError, OSError):
             return True
 
+    async def peer_answers(self, nid: str) -> bool:
+        """Whether another node's Redis answers (its host is up)."""
+        client = self.clients.get(nid)
+        try:
+            return client is not None and bool(await client.ping())
+        except (RedisError, OSError):
+            self.peer_failed(nid)
+            return False
+
     async def active(self, bekey: str) -> dict | None:
         """Our own active copy of a record, if there is one; nothing else is
         asked, nothing moved."""

@@ -10,8 +10,10 @@ import pytest
 
 from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, probe, register,
                      settled, with_nodes)
+from node.resp import Redis
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
+from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -332,6 +334,33 @@ def test_what_a_node_mirrored_to_a_dead_partner_is_mirrored_again(tmp_path):
             assert r["v"] == before[b]["v"]                       # left as it was
         else:
             assert r["v"] == before[b]["v"] + 1 and b not in replicas["node2"]
+
+
+@pytest.mark.parametrize("host_down", [True, False])
+def test_the_partner_of_a_dead_host_promotes_its_replicas_at_once(tmp_path, host_down):
+    """The owner's host died, its Redis with it: the partner's replica is
+    the only copy of its calls, and was promoted only when a call's next
+    request came; should the partner die first, the call was lost. It is
+    promoted (and mirrored on) when the probe names the owner down. When
+    only the owner's process died, its Redis keeps the calls for its
+    restart and nothing moves."""
+    async def scenario(nodes, sent):
+        owner, partner, third = nodes
+        bekey, _, _ = await answered_call(owner, sent)            # mirrored to node2
+        if host_down:
+            partner.store.clients["node1"] = Redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5,
+                                                   connect_timeout=0.5)
+        partner.on_message(parse_message(probe("node1")), *UDP)
+        while partner._sweeps:
+            await asyncio.sleep(0.01)
+        return [{space: {k async for k, _ in n.store.scan(space)} for space in ("active", "replica")}
+                for n in nodes], bekey
+
+    held, bekey = with_nodes(tmp_path, 3, scenario)
+    if host_down:
+        assert bekey in held[1]["active"] and bekey in held[2]["replica"] and bekey not in held[1]["replica"]
+    else:
+        assert bekey in held[0]["active"] and bekey in held[1]["replica"] and bekey not in held[1]["active"]
 
 
 async def active_records(n) -> list[tuple[str, bytes]]:

@@ -254,7 +254,7 @@ def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_
 
 def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path, short_timer_b):
     """The owner's process restarted (its Redis kept the call): Node.start
-    sweeps its active keyspace so (take_on_ringing), and the call that
+    sweeps its active keyspace so (take_over), and the call that
     rang before the restart ends at Timer C."""
     async def scenario(nodes, sent):
         n, = nodes
@@ -263,7 +263,7 @@ def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path
         n.tx.close()                                      # what the process had in memory is gone
         n.tx.client.clear()
         n.tx.start()
-        await n.take_on_ringing("active", None)
+        await n.take_over(None)
         await settled(n)
         await asyncio.sleep(1.2)
         return b_invite, of_method(sent[n], "CANCEL")
