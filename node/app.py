@@ -61,6 +61,10 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE"
 # they send UPDATE, INFO, MESSAGE or a transfer's REFER (and SUBSCRIBE to
 # refresh or end the subscription a REFER made, RFC 6665 §4.1.2)
 ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
+# the extension a call through a node honours (new_call: Replaces), said in
+# the same places (RFC 3261 §20.37), as phones look there before an
+# attended transfer
+SUPPORTED_IN_DIALOG = "replaces"
 KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
                            "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"))
 
@@ -73,6 +77,8 @@ NODE_COUNTERS = {
     "auth_failures": (),
     "overload_rejections": (),
     "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
+    "taken_over": ("what",),        # records of a node seen down taken on here: ringing / all
+    "mirrored_again": (),           # records saved again, their partner seen down
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
@@ -239,6 +245,7 @@ class Node:
                 "registrations": {space: by and by["reg"] for space, by in kinds.items()}, "calls_in_memory_locks": len(self.locks),
                 "replication": self.store.replication,
                 "overloaded": self.guard is not None and self.guard.active,
+                "peers_down": sorted(self.peers_down),
                 "counters": self.stats.as_dict(), "store": self.store.stats}
 
     async def metrics(self) -> tuple[str, str]:
@@ -759,6 +766,7 @@ class Node:
         found = await self._scan("active", lambda raw: mark in raw)
         await self._each(found, lambda bekey: self._mirror_again(bekey, dead))
         if found:
+            self.stats.inc("mirrored_again", n=len(found))
             event(log, "mirrored_again", node=self.id, partner_down=dead, records=len(found))
 
     async def _mirror_again(self, bekey: str, dead: str) -> None:
@@ -792,8 +800,10 @@ class Node:
         found = await self._scan(space, wanted)
         await self._each(found, self.take_on)
         if found:
+            what = "all" if everything else "ringing"
+            self.stats.inc("taken_over", what, n=len(found))
             event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, records=len(found),
-                  what="all" if everything else "ringing")
+                  what=what)
 
     async def take_on(self, bekey: str) -> None:
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
@@ -892,7 +902,7 @@ class Node:
             headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
             headers.append(("Contact", self.contact))
             if status >= 200:
-                headers.append(("Allow", ALLOW_IN_DIALOG))
+                headers += [("Allow", ALLOW_IN_DIALOG), ("Supported", SUPPORTED_IN_DIALOG)]
         else:
             headers = list(headers)
         body = resp.body if resp is not None else b""
@@ -1119,7 +1129,7 @@ class Node:
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
             lines.append(f"Contact: {self.contact}")
         if method == "INVITE":
-            lines.append(f"Allow: {ALLOW_IN_DIALOG}")
+            lines += [f"Allow: {ALLOW_IN_DIALOG}", f"Supported: {SUPPORTED_IN_DIALOG}"]
         lines += [f"{n}: {v}" for n, v in extra]
         if body and content_type:
             lines.append(f"Content-Type: {content_type}")

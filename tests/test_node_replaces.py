@@ -51,6 +51,8 @@ def test_the_callers_leg_named_reaches_the_callee_as_its_own_dialog(tmp_path):
     assert invite.get("Replaces") == f"{b_invite.call_id};to-tag=callee-1;from-tag={b_invite.from_.tag}"
     assert invite.get("Require") == "replaces"
     assert invite.call_id not in (b_invite.call_id, XFER)
+    # both ends of a call were told they may transfer it so
+    assert b_invite.get("Supported") == "replaces" and ok.get("Supported") == "replaces"
 
 
 def test_the_callees_leg_named_reaches_the_caller_through_its_route(tmp_path):

@@ -323,9 +323,10 @@ def test_what_a_node_mirrored_to_a_dead_partner_is_mirrored_again(tmp_path):
             await asyncio.sleep(0.01)
         after = {k: json.loads(v) for k, v in await active_records(n1)}
         replicas = {n.id: {k async for k, _ in n.store.scan("replica")} for n in nodes}
-        return bekey, before, after, replicas
+        return bekey, before, after, replicas, n1.stats.get("mirrored_again")
 
-    bekey, before, after, replicas = with_nodes(tmp_path, 3, scenario)
+    bekey, before, after, replicas, counted = with_nodes(tmp_path, 3, scenario)
+    assert counted == sum(1 for r in before.values() if r["p"] == "node2")
     assert before[bekey]["p"] == "node2" and after[bekey]["p"] == "node3"
     assert {b for b, r in before.items() if r["p"] == "node2"} > {bekey}          # a registration too
     for b, r in after.items():
@@ -353,12 +354,15 @@ def test_the_partner_of_a_dead_host_promotes_its_replicas_at_once(tmp_path, host
         partner.on_message(parse_message(probe("node1")), *UDP)
         while partner._sweeps:
             await asyncio.sleep(0.01)
+        status = await partner.status()
         return [{space: {k async for k, _ in n.store.scan(space)} for space in ("active", "replica")}
-                for n in nodes], bekey
+                for n in nodes], bekey, status
 
-    held, bekey = with_nodes(tmp_path, 3, scenario)
+    held, bekey, status = with_nodes(tmp_path, 3, scenario)
+    assert status["peers_down"] == ["node1"]
     if host_down:
         assert bekey in held[1]["active"] and bekey in held[2]["replica"] and bekey not in held[1]["replica"]
+        assert status["counters"]["taken_over{what=all}"] == 1
     else:
         assert bekey in held[0]["active"] and bekey in held[1]["replica"] and bekey not in held[1]["active"]
 
