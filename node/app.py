@@ -29,6 +29,7 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -77,7 +78,7 @@ NODE_COUNTERS = {
     "auth_failures": (),
     "overload_rejections": (),
     "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
-    "taken_over": ("what",),        # records of a node seen down taken on here: ringing / all
+    "taken_over": ("what",),        # records of a node seen down taken on here: ringing / lost
     "mirrored_again": (),           # records saved again, their partner seen down
 }
 
@@ -143,6 +144,14 @@ def b_leg_hops(req: SipRequest) -> int:
     return 69 if hops is None else hops - 1
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def other(leg: str) -> str:
     return "b" if leg == "a" else "a"
 
@@ -201,6 +210,9 @@ class Node:
         # the nodes the proxy's last probe said are down (DOWN_HEADER)
         self.peers_down: frozenset[str] = frozenset()
         self._sweeps: set[asyncio.Task] = set()
+        # the other nodes' SIP addresses, resolved (hand_over)
+        self.peer_addrs: dict[str, tuple[str, int]] = {
+            n.id: n.sip for n in cfg.nodes if n.id != node_id and _is_ip(n.sip[0])}
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -210,6 +222,12 @@ class Node:
             self.warm = (await self.store.counts()).get("active", 0)
             self.warm_until = time.monotonic() + 60
         self.proxy_addr = await self._resolve(self.proxy_addr)
+        for n in self.cfg.nodes:
+            if n.id != self.id:
+                try:
+                    self.peer_addrs[n.id] = await self._resolve(n.sip)
+                except OSError:
+                    pass         # not known yet (a container not started): no hand-over to it
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
         if self.cfg["limits.overload_delay"] > 0 and self.transport.measure_wait():
@@ -368,7 +386,7 @@ class Node:
             async with lock:
                 await coro
         except StoreUnavailable as exc:
-            if req is not None:
+            if req is not None and not self.hand_over(req, exc):
                 self.reply(req, 500, reason_phrase_safe(f"Server Internal Error (dialog store: {exc})"))
         except SipParseError as exc:
             if req is not None:
@@ -382,6 +400,24 @@ class Node:
             self.inflight -= 1
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self.locks.pop(bekey, None)
+
+    def hand_over(self, req: SipRequest, exc: StoreUnavailable) -> bool:
+        """Our Redis failed on `req`: the partner the proxy named has the
+        call's replica and a Redis of its own, and gets the request as the
+        proxy sends it once it sees this node out (we answer its probes
+        503), rather than the caller a 500 meanwhile (up to a second of
+        requests, a BYE among them). Once only (reason=handoff), and not
+        after a final answer went out."""
+        bekey, partner, from_proxy = self._route_info(req)
+        addr = self.peer_addrs.get(partner)
+        if not from_proxy or addr is None or "reason=handoff" in (req.get(ROUTE_HEADER) or "") \
+                or self.tx.answered(req):
+            return False
+        req.set(ROUTE_HEADER, f"bekey={bekey};owner={partner};partner=;reason=handoff")
+        self.tx._send(req.to_bytes(), addr)
+        event(log, "request_handed_over", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
+              to=partner, error=str(exc))
+        return True
 
     def _route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
         """-> (bekey, partner, from_proxy): from the proxy's internal header
@@ -398,6 +434,10 @@ class Node:
                 params = {}
             bekey = params.get("bekey")
             if bekey and len(bekey) == 16:
+                if params.get("reason") == "handoff":
+                    # from the node that handed it over (hand_over): the
+                    # answers go by the Via, to the proxy, not back to it
+                    req.source = None
                 return bekey, params.get("partner") or None, True
         for text in (req.to.tag, req.from_.tag, req.call_id):
             k = read_stamp(self.secret, text)
@@ -763,7 +803,7 @@ class Node:
         Redis Cluster replicates again), so that a call or a registration
         also outlives this node dying next, before `dead` is back."""
         mark = f'"p":"{dead}"'.encode()
-        found = await self._scan("active", lambda raw: mark in raw)
+        found = [bekey for bekey, _ in await self._scan("active", lambda raw: mark in raw)]
         await self._each(found, lambda bekey: self._mirror_again(bekey, dead))
         if found:
             self.stats.inc("mirrored_again", n=len(found))
@@ -785,25 +825,26 @@ class Node:
           callee ringing on says 180 again within it (every minute, RFC
           3261 §13.3.1.1); one that does not is CANCELled at its end, and
           the caller hears 408;
-        - when the dead node's Redis is gone too (its host died), every
-          record: our replica is the only copy left, promoted and mirrored
-          at once rather than when the call's next request comes, by which
-          time we may have died as well. A node whose Redis outlived it
-          keeps its records, and has them back should it restart."""
+        - every record whose active copy is gone with the dead node's
+          Redis (its host died, or its Redis came back empty): our replica
+          is the only copy left, promoted and mirrored at once rather than
+          when the call's next request comes, by which time we may have
+          died as well. What a node's Redis still holds stays there for
+          its restart."""
         space = "active" if dead is None else "replica"
-        everything = dead is not None and not await self.store.peer_answers(dead)
         owner = f'"o":"{dead}"'.encode()
-
-        def wanted(raw: bytes) -> bool:
-            ringing = raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw
-            return (everything or ringing) and (dead is None or owner in raw)
-        found = await self._scan(space, wanted)
+        ringing, others = [], []
+        for bekey, raw in await self._scan(space, lambda raw: dead is None or owner in raw):
+            (ringing if raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw else others).append(bekey)
+        lost = await self.store.lost_at(dead, others) if dead is not None and others else set()
+        found = ringing + [bekey for bekey in others if bekey in lost]
         await self._each(found, self.take_on)
+        for what, n in (("ringing", len(ringing)), ("lost", len(found) - len(ringing))):
+            if n:
+                self.stats.inc("taken_over", what, n=n)
         if found:
-            what = "all" if everything else "ringing"
-            self.stats.inc("taken_over", what, n=len(found))
-            event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, records=len(found),
-                  what=what)
+            event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, ringing=len(ringing),
+                  lost=len(found) - len(ringing))
 
     async def take_on(self, bekey: str) -> None:
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
@@ -813,10 +854,10 @@ class Node:
             if fork["st"] is None and not fork.get("tc"):
                 self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
 
-    async def _scan(self, space: str, wanted) -> list[str]:
-        """The BEKeys of a keyspace of our Redis whose raw record is `wanted`."""
+    async def _scan(self, space: str, wanted) -> list[tuple[str, bytes]]:
+        """(BEKey, raw record) of a keyspace of our Redis, those `wanted`."""
         try:
-            return [bekey async for bekey, raw in self.store.scan(space) if wanted(raw)]
+            return [(bekey, raw) async for bekey, raw in self.store.scan(space) if wanted(raw)]
         except (RedisError, OSError) as exc:
             event(log, "redis_error", logging.ERROR, op="scan", keyspace=space, error=str(exc))
             return []

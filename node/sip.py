@@ -227,6 +227,11 @@ class Transactions:
             self._send(hit[1], hit[2])
         return True
 
+    def answered(self, req: SipRequest) -> bool:
+        """Whether a final response to `req` has gone out."""
+        hit = self.responses.get(self.server_key(req))
+        return hit is not None and hit[1] is not None and not hit[1].startswith(b"SIP/2.0 1")
+
     def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False,
                 still_ours: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Send `resp` to `req` and keep it for retransmissions of `req`. A

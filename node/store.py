@@ -107,14 +107,23 @@ class DialogStore:
         except (RedisError, OSError):
             return True
 
-    async def peer_answers(self, nid: str) -> bool:
-        """Whether another node's Redis answers (its host is up)."""
+    async def lost_at(self, nid: str, bekeys: list[str]) -> set[str]:
+        """Which of `bekeys` have no active copy in node `nid`'s Redis any
+        more: all of them when it does not answer (its host died), some or
+        all when it came back empty."""
         client = self.clients.get(nid)
-        try:
-            return client is not None and bool(await client.ping())
-        except (RedisError, OSError):
-            self.peer_failed(nid)
-            return False
+        lost: set[str] = set()
+        for i in range(0, len(bekeys), 500):
+            batch = bekeys[i:i + 500]
+            try:
+                if client is None:
+                    raise OSError("no such node")
+                values = await client.mget([self.key("active", b) for b in batch])
+            except (RedisError, OSError):
+                self.peer_failed(nid)
+                return lost | set(bekeys[i:])
+            lost.update(b for b, v in zip(batch, values) if v is None)
+        return lost
 
     async def active(self, bekey: str) -> dict | None:
         """Our own active copy of a record, if there is one; nothing else is

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, probe, register,
-                     settled, with_nodes)
+                     settled, with_headers, with_nodes)
 from node.resp import Redis
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
@@ -337,20 +337,22 @@ def test_what_a_node_mirrored_to_a_dead_partner_is_mirrored_again(tmp_path):
             assert r["v"] == before[b]["v"] + 1 and b not in replicas["node2"]
 
 
-@pytest.mark.parametrize("host_down", [True, False])
-def test_the_partner_of_a_dead_host_promotes_its_replicas_at_once(tmp_path, host_down):
-    """The owner's host died, its Redis with it: the partner's replica is
-    the only copy of its calls, and was promoted only when a call's next
-    request came; should the partner die first, the call was lost. It is
-    promoted (and mirrored on) when the probe names the owner down. When
-    only the owner's process died, its Redis keeps the calls for its
-    restart and nothing moves."""
+@pytest.mark.parametrize("how", ["host", "redis emptied", "process"])
+def test_the_partner_of_a_dead_node_promotes_the_replicas_it_alone_has(tmp_path, how):
+    """The owner's host died, its Redis with it (or its Redis came back
+    empty): the partner's replica was the only copy of its calls, promoted
+    only when a call's next request came; should the partner die first,
+    the call was lost. It is promoted (and mirrored on) when the probe
+    names the owner down. When only the owner's process died, its Redis
+    keeps the calls for its restart and nothing moves."""
     async def scenario(nodes, sent):
         owner, partner, third = nodes
         bekey, _, _ = await answered_call(owner, sent)            # mirrored to node2
-        if host_down:
+        if how == "host":
             partner.store.clients["node1"] = Redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5,
                                                    connect_timeout=0.5)
+        elif how == "redis emptied":
+            await owner.store.own.delete(owner.store.key("active", bekey))
         partner.on_message(parse_message(probe("node1")), *UDP)
         while partner._sweeps:
             await asyncio.sleep(0.01)
@@ -360,12 +362,47 @@ def test_the_partner_of_a_dead_host_promotes_its_replicas_at_once(tmp_path, host
 
     held, bekey, status = with_nodes(tmp_path, 3, scenario)
     assert status["peers_down"] == ["node1"]
-    if host_down:
+    if how != "process":
         assert bekey in held[1]["active"] and bekey in held[2]["replica"] and bekey not in held[1]["replica"]
-        assert status["counters"]["taken_over{what=all}"] == 1
+        assert status["counters"]["taken_over{what=lost}"] == 1
     else:
         assert bekey in held[0]["active"] and bekey in held[1]["replica"] and bekey not in held[1]["active"]
+        assert not any(k.startswith("taken_over") for k in status["counters"])
 
 
 async def active_records(n) -> list[tuple[str, bytes]]:
     return [(k, raw) async for k, raw in n.store.scan("active")]
+
+
+def test_a_node_whose_redis_died_hands_requests_to_the_partner(tmp_path):
+    """The node's Redis died; until the proxy sees the node out (its probes
+    get 503 within half a second, the proxy needs two), each request the
+    node had got 500, a caller's BYE among them. It now goes to the
+    partner the proxy named, which has the replica: the call ends there."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        dead = Redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, connect_timeout=0.5)
+        owner.store.own = owner.store.clients["node1"] = dead
+        bye = with_headers(in_dialog("BYE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKbye2"),
+                           [("X-Sipha-Route", f"bekey={bekey};owner=node1;partner=node2;reason=owner")])
+        owner.on_message(bye, *UDP)
+        await settled(owner)
+        handed = [m for m in of_method(sent[owner], "BYE") if m.call_id == CALL_ID]
+        dests = []
+        partner.tx._send = lambda data, dest: (sent[partner].append(parse_message(data)), dests.append(dest))
+        for m in handed:
+            again = parse_message(m.to_bytes())
+            again.source = ("127.0.0.1", 7001)            # it comes from the owner
+            partner.on_message(again, *UDP)
+        await settled(partner)
+        return b_invite, handed, of_status(sent[owner], 500), sent[partner], \
+            [await n.store.load(bekey, []) for n in (partner,)], dests
+
+    b_invite, handed, errors, out, left, dests = with_nodes(tmp_path, 2, scenario)
+    assert set(dests) == {("127.0.0.1", 5999)}                # answers and the BYE on go to the proxy
+    assert not errors and len(handed) == 1
+    assert handed[0].get("X-Sipha-Route").endswith("owner=node2;partner=;reason=handoff")
+    assert [(m.status, m.cseq) for m in out if getattr(m, "status", 0)] == [(200, (2, "BYE"))]
+    assert [m.call_id for m in of_method(out, "BYE")] == [b_invite.call_id]     # on to the callee
+    assert left == [(None, "missing")]
