@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import random
 import time
@@ -222,12 +223,7 @@ class Node:
             self.warm = (await self.store.counts()).get("active", 0)
             self.warm_until = time.monotonic() + 60
         self.proxy_addr = await self._resolve(self.proxy_addr)
-        for n in self.cfg.nodes:
-            if n.id != self.id:
-                try:
-                    self.peer_addrs[n.id] = await self._resolve(n.sip)
-                except OSError:
-                    pass         # not known yet (a container not started): no hand-over to it
+        await self._resolve_peers()
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
         if self.cfg["limits.overload_delay"] > 0 and self.transport.measure_wait():
@@ -294,9 +290,21 @@ class Node:
         await self.transport.close()
         await self.store.close()
 
+    async def _resolve_peers(self) -> None:
+        """The other nodes' SIP addresses (hand_over): a name not known yet
+        (a container not started) is asked again every 30 s."""
+        for n in self.cfg.nodes:
+            if n.id != self.id and n.id not in self.peer_addrs:
+                try:
+                    self.peer_addrs[n.id] = await self._resolve(n.sip)
+                except OSError:
+                    pass
+
     async def _watch_redis(self) -> None:
-        while True:
+        for tick in itertools.count(1):
             await asyncio.sleep(0.5)
+            if tick % 60 == 0 and len(self.peer_addrs) < len(self.node_ids) - 1:
+                await self._resolve_peers()
             ok = await self.store.ping()
             if ok != self.healthy:
                 self.healthy = ok
