@@ -19,6 +19,8 @@ Call record (JSON in Redis, see node.store), two legs:
          carries the answer, so a node never ACKs the callee's 2xx itself
     rp:  set when the caller's INVITE had a Replaces: the Replaces (and
          Require) the B-leg INVITE carries, naming the callee's dialog
+    sub: set for a subscription (a SUBSCRIBE's dialog, RFC 6665): legs as
+         a call's, no forks; it ends with a NOTIFY that says terminated
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
          its CSeq (c), the CSeq it went on with (o), its Via/From/To/
          Call-ID/CSeq (h), so the partner can answer it, or relay it again,
@@ -57,7 +59,7 @@ from .store import DialogStore, StoreUnavailable
 
 log = logging.getLogger("node")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE, SUBSCRIBE"
 # what a dialog through a node takes (relay_in_dialog): told both ends in
 # the INVITE and its 2xx (RFC 3261 §20.5), as phones look there before
 # they send UPDATE, INFO, MESSAGE or a transfer's REFER (and SUBSCRIBE to
@@ -98,7 +100,8 @@ TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3
 # like, stay on its side): where a redirect goes, when to try again, why,
 # what the far side accepts.
 CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info", "unsupported", "allow",
-                                "accept", "accept-encoding", "accept-language", "min-se"))
+                                "accept", "accept-encoding", "accept-language", "min-se", "allow-events",
+                                "min-expires"))
 
 
 # What a request in a dialog (or a CANCEL) says to the far end, handed on
@@ -118,6 +121,14 @@ def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
     """What a call's B-leg INVITE carries of the caller's: carried_request,
     and the Replaces the callee is to get (new_call), with its Require."""
     return carried_request(req) + [(n, v) for n, v in record.get("rp", ())]
+
+
+def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
+    """How long a subscription's record lives: its Expires (a SUBSCRIBE's
+    or its 2xx's; RFC 6665 packages default to an hour), and two minutes
+    for the refresh to come through."""
+    value = msg.get("Expires")
+    return (int(value) if value and value.strip().isdigit() else default) + 120
 
 
 def carried(resp: SipResponse) -> list[list[str]]:
@@ -493,14 +504,15 @@ class Node:
                 self.reply(req, 420, "Bad Extension", to_tag=None if req.to.tag else self.new_tag(bekey),
                            headers=[("Unsupported", ", ".join(unknown))])
                 return
-        if (self.auth is not None and (method == "REGISTER" or (method in ("INVITE", "MESSAGE") and req.to.tag is None))
+        if (self.auth is not None and (method == "REGISTER" or (method in ("INVITE", "MESSAGE", "SUBSCRIBE")
+                                                                and req.to.tag is None))
                 and not await authenticate(self, req)):
             return
         if method == "REGISTER":
             await register(self, req, bekey)
             return
         if req.to.tag is None:
-            if method in ("INVITE", "MESSAGE") and b_leg_hops(req) < 0:
+            if method in ("INVITE", "MESSAGE", "SUBSCRIBE") and b_leg_hops(req) < 0:
                 # what goes on from here would go with Max-Forwards -1
                 self.reply(req, 483, "Too Many Hops", to_tag=self.new_tag(bekey))
             elif method == "INVITE":
@@ -509,6 +521,8 @@ class Node:
                 await self.cancel(req, bekey)
             elif method == "MESSAGE":
                 await self.message(req, bekey)
+            elif method == "SUBSCRIBE":
+                await self.subscribe(req, bekey)
             elif method == "OPTIONS":
                 self.reply(req, 200, "OK", to_tag=self.new_tag(bekey), headers=[("Allow", ALLOW)])
             elif method == "ACK":
@@ -583,12 +597,16 @@ class Node:
             live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
             if live:
                 return [(b["c"], b.get("path", [])) for b in live], True, earlier
-        if self.upstream is not None:
-            up = self.upstream
-            user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
-            host = up.host if up.port is None else f"{up.host}:{up.port}"
-            return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])], False, earlier
-        return [], False, earlier
+        return self.upstream_target(req), False, earlier
+
+    def upstream_target(self, req: SipRequest) -> list[tuple[str, list[str]]]:
+        """[node.upstream with the request URI's user], or [] without one."""
+        if self.upstream is None:
+            return []
+        ruri, up = req.ruri, self.upstream
+        user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
+        host = up.host if up.port is None else f"{up.host}:{up.port}"
+        return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])]
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
         targets, registered, earlier = await self.find_targets(req, bekey)
@@ -614,15 +632,8 @@ class Node:
             return
         partner = self.partner_for(bekey, req)
         trying = self.trying_once_saved(req)
-        contact = req.contacts[0].uri if req.contacts else req.from_.uri
-        a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
-             "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
-             "lc": 0, "rc": req.cseq[0], "tgt": contact, "rs": [r.raw for r in req.record_routes]}
-        first_uri, first_route = targets[0]
-        b = {"cid": f"{make_stamp(self.secret, bekey)}-{random_hex(12)}@sipha",
-             "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"],
-             "ru": f"<{req.uri}>" if registered else f"<{first_uri}>",
-             "lc": 1, "rc": 0, "tgt": first_uri, "rs": list(first_route)}
+        a, b = self.legs(req, bekey, targets[0], registered)
+        first_uri = b["tgt"]
         # one fork per contact (parallel forking): same B-leg Call-ID and
         # From-tag, a branch each; the first 2xx wins, the rest are cancelled
         forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None, "by": self.id} for u, r in targets]
@@ -650,6 +661,80 @@ class Node:
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
+
+    def legs(self, req: SipRequest, bekey: str, target: tuple[str, list[str]], registered: bool) -> tuple[dict, dict]:
+        """The two legs of a dialog `req` starts (a call, a subscription):
+        a as the sender has it, b towards `target` (request URI, route)."""
+        contact = req.contacts[0].uri if req.contacts else req.from_.uri
+        a = {"cid": req.call_id, "lt": self.new_tag(bekey), "rt": req.from_.tag,
+             "lu": without_tag(req.get("To")), "ru": without_tag(req.get("From")),
+             "lc": 0, "rc": req.cseq[0], "tgt": contact, "rs": [r.raw for r in req.record_routes]}
+        uri, route = target
+        b = {"cid": f"{make_stamp(self.secret, bekey)}-{random_hex(12)}@sipha",
+             "lt": self.new_tag(bekey), "rt": None, "lu": a["ru"],
+             "ru": f"<{req.uri}>" if registered else f"<{uri}>",
+             "lc": 1, "rc": 0, "tgt": uri, "rs": list(route)}
+        return a, b
+
+    # ---- subscriptions -----------------------------------------------------
+    async def subscribe(self, req: SipRequest, bekey: str) -> None:
+        """A SUBSCRIBE outside a dialog (RFC 6665: a buddy's presence, a busy
+        lamp, message waiting) goes on to the user's newest live contact
+        (else upstream, else 404), as a proxy without a presence server of
+        its own does; peers that answer subscriptions do the rest. The
+        subscription is a dialog through this node like a call (record
+        `sub`, saved and mirrored): the notifier's NOTIFYs are relayed to
+        the subscriber, its refreshes the other way, and the record goes
+        with the NOTIFY that says terminated, or its Expires."""
+        if (req.get("Event") or "").split(";")[0].strip().lower() == "message-summary":
+            # message waiting (RFC 3842) is the voicemail's to tell, not the
+            # user's own phone's: upstream, where the voicemail is, or none
+            # (Kamailio's default configuration answers so too)
+            targets, registered = self.upstream_target(req), False
+            if not targets:
+                self.reply(req, 404, "Not Found (no voicemail service)", to_tag=self.new_tag(bekey))
+                return
+        else:
+            targets, registered, _ = await self.find_targets(req, bekey)
+        if not targets:
+            self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
+            return
+        a, b = self.legs(req, bekey, targets[0], registered)
+        record = {"k": "call", "sub": 1, "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
+                  "ah": [[f.name, f.value] for f in req.fields
+                         if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
+                  "forks": [], "ack": {}, "ttl": subscription_ttl(req)}
+        await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
+        self.stats.inc("dialogs", "created")
+        event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"], target=b["tgt"],
+              kind="subscription", package=req.get("Event"))
+        out = self.build(record, "b", "SUBSCRIBE", 1, body=req.body, content_type=req.get("Content-Type"),
+                         hops=b_leg_hops(req), extra=carried_request(req))
+        self.tx.request(out, lambda resp: self.spawn(bekey, self.on_subscribe_response(bekey, resp)))
+
+    async def on_subscribe_response(self, bekey: str, resp: SipResponse | None) -> None:
+        if resp is not None and resp.status < 200:
+            return
+        record = await self.load_call(bekey, self.partner_for(bekey))
+        if record is None or not record.get("sub") or record["st"] != "early":
+            return
+        req = self.answerable("SUBSCRIBE", record["a"]["tgt"], record["ah"])
+        if resp is None or resp.status >= 300:
+            status, reason = (408, "Request Timeout") if resp is None else (resp.status, resp.reason)
+            self.reply(req, status, reason, to_tag=record["a"]["lt"], headers=carried(resp) if resp else [])
+            await self.store.delete(bekey, record)
+            return
+        b = record["b"]
+        b["rt"] = resp.to.tag
+        if resp.contacts:
+            b["tgt"] = resp.contacts[0].uri
+        b["rs"] = [r.raw for r in reversed(resp.record_routes)]
+        record["st"] = "confirmed"
+        record["ttl"] = subscription_ttl(resp, record["ttl"])
+        await self.save_held(bekey, record)
+        headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
+        headers += [("Contact", self.contact)] + [("Expires", v) for v in resp.values("Expires")[:1]]
+        self.reply(req, resp.status, resp.reason, to_tag=record["a"]["lt"], headers=headers)
 
     async def replacing(self, req: SipRequest, bekey: str) -> tuple[str, dict | None] | None:
         """An INVITE's Replaces (RFC 3891: attended transfer, call pickup)
@@ -1267,8 +1352,13 @@ class Node:
             return
         else:
             L["rc"] = req.cseq[0]
-            if req.method in ("INVITE", "UPDATE") and req.contacts:
-                L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2)
+            sub = record.get("sub") and req.method in ("SUBSCRIBE", "NOTIFY")
+            if (req.method in ("INVITE", "UPDATE") or sub) and req.contacts:
+                L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2, RFC 6665 §4.1.2.1)
+            if sub and L["rt"] is None:
+                L["rt"] = req.from_.tag          # a NOTIFY before the SUBSCRIBE's 2xx (RFC 6665 §4.1.2.4)
+            if sub and req.method == "SUBSCRIBE":
+                record["ttl"] = subscription_ttl(req)
             record[far]["lc"] += 1
             out_cseq = record[far]["lc"]
             record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq,
@@ -1288,8 +1378,18 @@ class Node:
                                 resp: SipResponse | None) -> None:
         if resp is None:
             self.reply(orig, 408, "Request Timeout")
+        else:
+            self.relay_answer(orig, resp)
+        if orig.method == "NOTIFY" and (orig.get("Subscription-State") or "").lower().startswith("terminated"):
+            # the subscription is over (RFC 6665 §4.1.3): its record goes
+            record = await self.load_call(bekey, self.partner_for(bekey))
+            if record is not None and record.get("sub"):
+                await self.store.delete(bekey, record)
+                self.stats.inc("dialogs", "terminated")
+                event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="subscription ended")
             return
-        self.relay_answer(orig, resp)
+        if resp is None:
+            return
         if orig.method == "INVITE" and 200 <= resp.status < 300:
             self.acks.grant(orig.call_id, orig.cseq[0])
             record = await self.load_call(bekey, self.partner_for(bekey))
@@ -1309,6 +1409,8 @@ class Node:
     def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
         """Answer `orig` as the far side answered the request relayed for it."""
         headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+        if orig.method == "SUBSCRIBE" and 200 <= resp.status < 300:
+            headers += [("Expires", v) for v in resp.values("Expires")[:1]]   # RFC 6665 §4.2.1.1
         headers += carried(resp)
         self.reply(orig, resp.status, resp.reason, headers=headers, body=resp.body,
                    content_type=resp.get("Content-Type") if resp.body else None)

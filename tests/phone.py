@@ -33,6 +33,8 @@ class Phone:
         self.invite: SipRequest | None = None
         self.dialogs: dict[str, SipRequest] = {}   # Call-ID -> the INVITE it answered
         self.replaced: list[str] = []               # Call-IDs of dialogs a Replaces ended
+        self.subscriptions: dict[str, SipRequest] = {}   # Call-ID -> the SUBSCRIBE that began it
+        self.notified = 0
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -122,6 +124,8 @@ class Phone:
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
                 if self.invite is not None:
                     self._send(make_response(self.invite, 487, "Request Terminated", to_tag=self.tag), src)
+            elif msg.method == "SUBSCRIBE":
+                self._subscribed(msg, src)
             elif msg.method == "MESSAGE":
                 self.messages.append(msg.body)
                 self._send(make_response(msg, 200, "OK", to_tag=self.tag), src)
@@ -141,13 +145,33 @@ class Phone:
         return old
 
     def _bye(self, invite: SipRequest) -> None:
-        """Hang up the dialog `invite` began (we answered it: the route set
-        is its Record-Route as it is, the caller's Contact the target)."""
+        """Hang up the dialog `invite` began."""
         del self.dialogs[invite.call_id]
         self.replaced.append(invite.call_id)
-        routes = "".join(f"Route: {r}\r\n" for r in invite.values("Record-Route"))
-        text = (f"BYE {invite.contacts[0].uri} SIP/2.0\r\n"
+        self._request_in(invite, "BYE", 1)
+
+    def _request_in(self, first: SipRequest, method: str, cseq: int, extra: str = "", body: bytes = b"") -> None:
+        """Send a request in the dialog `first` began (we answered it: the
+        route set is its Record-Route as it is, its Contact the target)."""
+        routes = "".join(f"Route: {r}\r\n" for r in first.values("Record-Route"))
+        text = (f"{method} {first.contacts[0].uri} SIP/2.0\r\n"
                 f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
-                f"Max-Forwards: 70\r\n{routes}From: {invite.get('To')};tag={self.tag}\r\nTo: {invite.get('From')}\r\n"
-                f"Call-ID: {invite.call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n")
-        self._sendto(text.encode(), self.proxy)
+                f"Max-Forwards: 70\r\n{routes}From: {first.get('To')};tag={self.tag}\r\nTo: {first.get('From')}\r\n"
+                f"Call-ID: {first.call_id}\r\nCSeq: {cseq} {method}\r\nContact: <{self.contact}>\r\n{extra}"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        self._sendto(text.encode() + body, self.proxy)
+
+    def _subscribed(self, msg: SipRequest, src) -> None:
+        """A presence SUBSCRIBE: 200 and a NOTIFY of our state, as a phone
+        that shares its presence does (RFC 3856); terminated for Expires 0."""
+        first = self.subscriptions.setdefault(msg.call_id, msg)
+        expires = msg.get("Expires") or "600"
+        self._send(make_response(msg, 200, "OK", to_tag=self.tag,
+                                 headers=[("Record-Route", v) for v in msg.values("Record-Route")]
+                                 + [("Contact", f"<{self.contact}>"), ("Expires", expires)]), src)
+        state = "terminated;reason=timeout" if expires == "0" else f"active;expires={expires}"
+        body = f"<presence entity='sip:{self.user}@127.0.0.1'><tuple id='p'><status><basic>open</basic>" \
+               f"</status></tuple></presence>".encode()
+        self.notified += 1
+        self._request_in(first, "NOTIFY", self.notified, f"Event: presence\r\nSubscription-State: {state}\r\n"
+                         "Content-Type: application/pidf+xml\r\n", body)

@@ -180,3 +180,23 @@ def test_an_attended_transfer_replaces_the_transferors_call(cluster, transport):
         carol.stop()
     time.sleep(0.5)
     assert not confirmed_calls(cluster)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_presence_subscription_reaches_a_registered_phone(cluster, transport):
+    """A softphone subscribes to a buddy's presence (RFC 3856): the node
+    answered 405; it now sends the SUBSCRIBE on to the buddy's phone, over
+    the flow it registered on, and relays its NOTIFYs back, until the
+    subscriber ends it; then nothing is left in Redis."""
+    phone = Phone("nina", cluster.proxy_addr, transport=transport)
+    try:
+        assert phone.register(300).status == 200
+        phone.start()
+        result = run(uac(cluster, "subscribe", calls=3, rate=5, hold_ms=300, service="nina").run(30))
+        assert result.ok == 3 and result.failed == 0, result.log_tail
+        assert phone.got.count("SUBSCRIBE") == 6 and len(phone.subscriptions) == 3
+    finally:
+        phone.stop()
+    time.sleep(0.3)
+    assert not [rec for spaces in all_keys(cluster).values() for rec in spaces["active"].values()
+                if rec.get("k") == "call"]
