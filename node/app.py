@@ -44,7 +44,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import format_params, parse_name_addr, parse_uri, split_commas, split_params
+from sipcore.headers import format_params, is_digits, parse_name_addr, parse_uri, split_commas, split_params
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -125,10 +125,11 @@ def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
 
 def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
     """How long a subscription's record lives: its Expires (a SUBSCRIBE's
-    or its 2xx's; RFC 6665 packages default to an hour), and two minutes
-    for the refresh to come through."""
-    value = msg.get("Expires")
-    return (int(value) if value and value.strip().isdigit() else default) + 120
+    or its 2xx's; RFC 6665 packages default to an hour, and a day is the
+    most a record is kept for one), and two minutes for the refresh to
+    come through."""
+    value = (msg.get("Expires") or "").strip()
+    return min(int(value[:9]) if is_digits(value) else default, 86400) + 120
 
 
 def carried(resp: SipResponse) -> list[list[str]]:

@@ -134,3 +134,11 @@ def test_message_waiting_goes_to_the_voicemail_not_to_the_phone(tmp_path, upstre
         assert sub.uri == "sip:alice@127.0.0.1:5998" and sub.get("Event") == "message-summary"
     else:
         assert [(m.status, m.reason) for m in out] == [(404, "Not Found (no voicemail service)")]
+
+
+def test_a_subscription_is_kept_no_longer_than_it_asked_for_and_a_day_at_most():
+    from node.app import subscription_ttl
+    assert [subscription_ttl(parse_message(subscribe(expires=e))) for e in (600, 0, 10 ** 30)] == \
+        [720, 120, 86520]
+    odd = parse_message(subscribe().replace(b"Expires: 600", "Expires: ²".encode("latin-1")))
+    assert subscription_ttl(odd) == 3720                     # not a number: the default hour
