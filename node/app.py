@@ -117,6 +117,13 @@ def carried_request(req: SipRequest) -> list[tuple[str, str]]:
     return [(f.name, f.value) for f in req.fields if f.key in CARRIED_IN_REQUEST]
 
 
+def answering(req: SipRequest, *more: str) -> list[list[str]]:
+    """The headers of `req` that answering it takes (Via, From, To,
+    Call-ID, CSeq, and `more`), saved so that any node can answer it."""
+    keys = ("via", "from", "to", "call-id", "cseq", *more)
+    return [[f.name, f.value] for f in req.fields if f.key in keys]
+
+
 def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
     """What a call's B-leg INVITE carries of the caller's: carried_request,
     and the Replaces the callee is to get (new_call), with its Require."""
@@ -639,8 +646,7 @@ class Node:
         # From-tag, a branch each; the first 2xx wins, the rest are cancelled
         forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None, "by": self.id} for u, r in targets]
         record = {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
-                  "ah": [[f.name, f.value] for f in req.fields
-                         if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
+                  "ah": answering(req, "record-route"),
                   "forks": forks, "ack": {}}
         if not req.body:
             record["dof"] = 1
@@ -687,6 +693,14 @@ class Node:
         `sub`, saved and mirrored): the notifier's NOTIFYs are relayed to
         the subscriber, its refreshes the other way, and the record goes
         with the NOTIFY that says terminated, or its Expires."""
+        targets, registered, earlier = await self.find_targets(req, bekey)
+        if earlier and earlier.get("sub") and (earlier["a"]["cid"], earlier["a"]["rt"]) == (req.call_id, req.from_.tag):
+            # the SUBSCRIBE again, here: the node that took it died before
+            # the answer came, which the proxy brings here (stray_final);
+            # a second subscription would leave the first one orphaned
+            if earlier["st"] == "confirmed":
+                self.reply(req, 200, "OK", to_tag=earlier["a"]["lt"], headers=[("Contact", self.contact)])
+            return
         if (req.get("Event") or "").split(";")[0].strip().lower() == "message-summary":
             # message waiting (RFC 3842) is the voicemail's to tell, not the
             # user's own phone's: upstream, where the voicemail is, or none
@@ -695,15 +709,12 @@ class Node:
             if not targets:
                 self.reply(req, 404, "Not Found (no voicemail service)", to_tag=self.new_tag(bekey))
                 return
-        else:
-            targets, registered, _ = await self.find_targets(req, bekey)
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
         a, b = self.legs(req, bekey, targets[0], registered)
         record = {"k": "call", "sub": 1, "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
-                  "ah": [[f.name, f.value] for f in req.fields
-                         if f.key in ("via", "from", "to", "call-id", "cseq", "record-route")],
+                  "ah": answering(req, "record-route"),
                   "forks": [], "ack": {}, "ttl": subscription_ttl(req)}
         await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         self.stats.inc("dialogs", "created")
@@ -1145,6 +1156,8 @@ class Node:
         q = record and record.get("q")
         if q and (q["o"], q["m"]) == (cseq, method) and record[other(q["l"])]["cid"] == resp.call_id:
             await self.stray_relayed(bekey, record, resp)
+        elif (method, cseq) == ("SUBSCRIBE", 1) and record is not None and record["b"]["cid"] == resp.call_id:
+            await self.on_subscribe_response(bekey, resp)       # the subscriber waits for it
         elif method != "INVITE":
             event(log, "response_dropped", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   reason="no transaction")
@@ -1362,9 +1375,7 @@ class Node:
                 record["ttl"] = subscription_ttl(req)
             record[far]["lc"] += 1
             out_cseq = record[far]["lc"]
-            record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq,
-                           "h": [[f.name, f.value] for f in req.fields
-                                 if f.key in ("via", "from", "to", "call-id", "cseq")]}
+            record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq, "h": answering(req)}
         try:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))

@@ -142,3 +142,34 @@ def test_a_subscription_is_kept_no_longer_than_it_asked_for_and_a_day_at_most():
         [720, 120, 86520]
     odd = parse_message(subscribe().replace(b"Expires: 600", "Expires: ²".encode("latin-1")))
     assert subscription_ttl(odd) == 3720                     # not a number: the default hour
+
+
+def test_a_subscription_whose_node_died_before_the_answer_is_answered_by_the_partner(tmp_path):
+    """The node that sent the SUBSCRIBE on died; the phone's 202 reached
+    the partner (the proxy sends it to the call's new owner), which
+    dropped it, and the subscriber's SUBSCRIBE again made a second
+    subscription there, the first one left orphaned at the phone."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        owner.on_message(register("bob", ["<sip:bob@192.0.2.80:5060>"]), *UDP)
+        await settled(owner)
+        first = subscribe().replace(b"Max-Forwards: 70\r\n",
+                                    b"Max-Forwards: 70\r\nX-Sipha-Route: bekey=%s;owner=node1;partner=node2\r\n"
+                                    % bekey_of(SUB_ID).encode())
+        owner.on_message(parse_message(first), *UDP)
+        await settled(owner)
+        sub, = of_method(sent[owner], "SUBSCRIBE")
+        owner.tx.close()                                            # the owner dies
+        again = first.replace(b"owner=node1;partner=node2", b"owner=node2;partner=")
+        partner.on_message(parse_message(again), *UDP)              # the subscriber's retransmission
+        await settled(partner)
+        partner.on_message(make_response(sub, 202, "Accepted", to_tag="bob-1",
+                                         headers=[("Contact", "<sip:bob@192.0.2.80:5060>"), ("Expires", "600")]),
+                           *UDP)
+        await settled(partner)
+        return sent[partner], await partner.store.load(bekey_of(SUB_ID), [])
+
+    out, (record, how) = with_nodes(tmp_path, 2, scenario)
+    assert not of_method(out, "SUBSCRIBE")                          # no second subscription
+    assert to_subscriber(out) == [(202, "SUBSCRIBE")]
+    assert record["st"] == "confirmed" and record["b"]["rt"] == "bob-1" and how == "active"
