@@ -376,3 +376,17 @@ def test_100_trying_waits_for_the_write_up_to_200_ms(make_cluster):
     assert list(seen) == sorted(seen)                 # 100, (180,) 200: the call went on unmirrored
     log = (c.dir / "logs" / f"{owner}.log").read_text()
     assert f"call_id={cid}" in log and "event=mirror_" in log
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_subscription_to_someone_beyond_the_trunk(make_cluster, transport):
+    """SUBSCRIBE for a user not registered here goes upstream (SIPp as the
+    notifier): the 200, both NOTIFYs and the unsubscribe cross the nodes,
+    and the last NOTIFY ends the subscription's record."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_notify")
+    result = run(uac(c, "subscribe", calls=5, rate=5, hold_ms=200, transport=transport).run(30))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    time.sleep(0.3)
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+    assert logs.count('reason="subscription ended"') == 5
