@@ -1357,10 +1357,13 @@ class Node:
         if again:
             # Relayed by a node that died before the answer came back (this
             # node would have answered a retransmission of its own from its
-            # transaction cache): it goes on again with the same CSeq, which
-            # the far side takes as in order (RFC 3261 §12.2.2 rejects only
-            # a lower one). The record is as it was saved.
+            # transaction cache): it goes on again as a retransmission of
+            # what that node sent (its Via and branch, the same CSeq), so
+            # the far side answers again what it answered, if it had it,
+            # rather than taking it a second time (a NOTIFY, a DTMF). The
+            # record is as it was saved.
             out_cseq = q["o"]
+            branch, via = q.get("br"), self.fork_via({"by": q.get("by")}) if q.get("by") else None
         elif req.cseq[0] <= L["rc"] and req.method != "PRACK":
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
@@ -1375,11 +1378,13 @@ class Node:
                 record["ttl"] = subscription_ttl(req)
             record[far]["lc"] += 1
             out_cseq = record[far]["lc"]
-            record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq, "h": answering(req)}
+            branch, via = new_branch(), None
+            record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq, "h": answering(req),
+                           "br": branch, "by": self.id}
         try:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))
-            out = self.build(record, far, req.method, out_cseq, body=req.body,
+            out = self.build(record, far, req.method, out_cseq, body=req.body, branch=branch, via=via,
                              content_type=req.get("Content-Type"), extra=carried_request(req))
             self.tx.request(out, lambda resp: self.spawn(
                 bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))

@@ -134,6 +134,10 @@ def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
 
     first, again, out = with_nodes(tmp_path, 2, scenario)
     assert (again.call_id, again.cseq) == (first.call_id, first.cseq) == (again.call_id, (2, "INFO"))
+    # a retransmission of the owner's: the callee answers it again rather
+    # than taking the DTMF twice
+    assert (again.top_via.branch, again.top_via.port) == (first.top_via.branch, first.top_via.port) == \
+        (first.top_via.branch, 7001)
     to_caller = [m for m in out if getattr(m, "status", None) and m.call_id == CALL_ID]
     assert [(m.status, m.cseq) for m in to_caller] == [(200, (2, "INFO"))]
 
