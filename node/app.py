@@ -214,6 +214,8 @@ class Node:
         # calls this node is setting up (B-leg INVITE in progress), as saved:
         # a provisional answer is relayed from here, without a read
         self.in_setup: dict[str, dict] = {}
+        # ... and the early dialog of the callee's last provisional answer
+        self.early: dict[str, dict] = {}
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -1073,6 +1075,12 @@ class Node:
             # the setup is over (a final answer or a timeout): what changes
             # now is read from Redis, where a partner may have changed it
             self.in_setup.pop(bekey, None)
+            self.early.pop(bekey, None)
+        elif resp.to.tag:
+            # the callee's early dialog, for a request the caller sends in
+            # its own (relay_in_dialog): an UPDATE before the answer
+            self.early[bekey] = {"rt": resp.to.tag, "tgt": resp.contacts[0].uri if resp.contacts else None,
+                                 "rs": [r.raw for r in reversed(resp.record_routes)]}
         if record is None:
             # wherever it is: a request for this call may have taken it to
             # another node meanwhile (the ramp), while the answers to this
@@ -1352,7 +1360,6 @@ class Node:
         L = record[leg]
         far = other(leg)
         q = record.get("q")
-        trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
         again = q and (q["l"], q["c"], q["m"], q["o"]) == (leg, req.cseq[0], req.method, record[far]["lc"])
         if again:
             # Relayed by a node that died before the answer came back (this
@@ -1367,13 +1374,24 @@ class Node:
         elif req.cseq[0] <= L["rc"] and req.method != "PRACK":
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
-        else:
+        elif record[far]["rt"] is None and far == "b" and not record.get("sub"):
+            # before the answer: the callee's early dialog (RFC 3311 §5.1),
+            # that of its last provisional answer here
+            early = self.early.get(bekey)
+            if early is None:
+                self.reply(req, 481, "Call/Transaction Does Not Exist (no early dialog with the callee)")
+                return
+            record["b"].update({k: v for k, v in early.items() if v is not None})
+        trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
+        if not again:
             L["rc"] = req.cseq[0]
             sub = record.get("sub") and req.method in ("SUBSCRIBE", "NOTIFY")
             if (req.method in ("INVITE", "UPDATE") or sub) and req.contacts:
                 L["tgt"] = req.contacts[0].uri   # target refresh (RFC 3261 §12.2.2, RFC 6665 §4.1.2.1)
-            if sub and L["rt"] is None:
-                L["rt"] = req.from_.tag          # a NOTIFY before the SUBSCRIBE's 2xx (RFC 6665 §4.1.2.4)
+            if leg == "b" and L["rt"] is None:
+                # the callee's request before its 2xx: an UPDATE in its early
+                # dialog, a NOTIFY before the SUBSCRIBE's 2xx (RFC 6665 §4.1.2.4)
+                L["rt"] = req.from_.tag
             if sub and req.method == "SUBSCRIBE":
                 record["ttl"] = subscription_ttl(req)
             record[far]["lc"] += 1

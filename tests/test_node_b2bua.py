@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import (CALL_ID, UDP, answered_call, caller_invite, in_dialog, of_method, register, settled,
+from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, in_dialog, of_method, register, settled,
                      with_headers, with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
@@ -231,3 +231,34 @@ def test_a_chat_message_to_nobody_gets_404(tmp_path):
 
     out = with_nodes(tmp_path, 1, scenario, {"node.upstream": ""})
     assert [(m.status, m.reason) for m in out] == [(404, "Not Found")]
+
+
+def test_an_update_before_the_answer_reaches_the_callees_early_dialog(tmp_path):
+    """An UPDATE in the early dialog (RFC 3311 §5.1: a new offer while the
+    callee plays early media): the node sent it to the callee without its
+    tag, outside any dialog of the callee's (481 there). It now goes in the
+    early dialog of the callee's last provisional answer, to its Contact."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        await n.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 183, "Session Progress", to_tag="callee-1",
+                                   headers=[("Contact", "<sip:callee@192.0.2.90:5060>"),
+                                            ("Record-Route", "<sip:edge.example.com;lr>")],
+                                   body=SDP, content_type="application/sdp"), *UDP)
+        await settled(n)
+        progress, = [m for m in sent[n] if getattr(m, "status", 0) == 183]
+        update = in_dialog("UPDATE", 2, CALL_ID, "a1", progress.to.tag, "z9hG4bKupd2")
+        n.on_message(with_headers(update, [], SDP, "application/sdp"), *UDP)
+        await settled(n)
+        relayed, = of_method(sent[n], "UPDATE")
+        n.on_message(make_response(relayed, 200, "OK", body=SDP, content_type="application/sdp"), *UDP)
+        await settled(n)
+        return b_invite, relayed, to_caller(sent[n])
+
+    b_invite, relayed, answers = with_nodes(tmp_path, 1, scenario)
+    assert (relayed.uri, relayed.to.tag, relayed.call_id) == ("sip:callee@192.0.2.90:5060", "callee-1", b_invite.call_id)
+    assert relayed.values("Route") == ["<sip:edge.example.com;lr>"] and relayed.cseq == (2, "UPDATE")
+    assert relayed.body == SDP
+    assert [(a.status, a.cseq[1]) for a in answers if a.cseq[1] == "UPDATE"] == [(200, "UPDATE")]
