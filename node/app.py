@@ -1342,6 +1342,7 @@ class Node:
             return
         record["cancel"] = True
         self.in_setup.pop(bekey, None)
+        self.early.pop(bekey, None)
         for fork in record["forks"]:
             if fork["st"] is None:
                 self.send_cancel(record, fork, carried_request(req))
