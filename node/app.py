@@ -22,8 +22,9 @@ Call record (JSON in Redis, see node.store), two legs:
     sub: set for a subscription (a SUBSCRIBE's dialog, RFC 6665): legs as
          a call's, no forks; it ends with a NOTIFY that says terminated
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
-         its CSeq (c), the CSeq it went on with (o), its Via/From/To/
-         Call-ID/CSeq (h), so the partner can answer it, or relay it again,
+         its CSeq (c), the CSeq (o) and branch (br) it went on with from
+         which node (by), its Via/From/To/Call-ID/CSeq (h), so the partner
+         can answer it, or send it again as a retransmission,
          if this node dies before the answer comes back
 Every tag and Call-ID we generate carries the BEKey stamp (sipcore.bekey),
 so the proxy brings every later request of the call here, whichever leg.
