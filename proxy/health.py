@@ -13,8 +13,9 @@ over `ramp.duration` seconds (the ring admits keys under it, see
 sipcore.bekey). A node seen up at the first probe after the proxy starts
 gets factor 1 straight away: nothing is moving back to it.
 
-Each probe names the nodes seen down (X-Sipha-Down), so that their
-partners take on what only the dead node was timing (calls still ringing).
+Each probe names the nodes seen down (X-Sipha-Down), so that the others
+take on what died with them (calls still ringing, records their Redis
+lost) and mirror again what they had mirrored there.
 
 Every change of state and every load-factor step is one log line.
 """

@@ -38,8 +38,8 @@ ROUTE_HEADER = "X-Sipha-Route"
 # In a node's answer to the proxy's probe: it restarted with N active
 # records still in its Redis, so its calls can go straight back to it.
 WARM_HEADER = "X-Sipha-Warm"
-# In the proxy's health probe: the nodes it sees down, so that their
-# partners take on what died with them (Timer C of calls still ringing).
+# In the proxy's health probe: the nodes it sees down, so that the others
+# take on what died with them and mirror again what was mirrored there.
 DOWN_HEADER = "X-Sipha-Down"
 _STAMP_RE = re.compile(r"sph([0-9a-f]{16})([0-9a-f]{8})")
 
