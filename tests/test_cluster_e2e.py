@@ -91,10 +91,12 @@ def test_two_hosts_lost_one_after_the_other_cost_no_call(make_cluster):
     """Three nodes; the host holding the most replicas dies (node and
     Redis), then, a second later, the one holding the most calls. Each
     call had two copies and each host failure took one: the calls whose
-    replica died with the first host lived on their owner alone, until
-    it died too (13 of 300 calls lost in a hunt). The owners now save
-    them again to a partner up when the probe names the first host down,
-    so the last node standing ends every call."""
+    replica died with the first host lived on their owner alone, and the
+    first host's own calls on their partner's replica alone, until that
+    died too (13 of 300 calls lost in a hunt; BYE 481). When the probe
+    names the first host down, the owners now save again what they had
+    mirrored there, and its partners promote what only they have, so the
+    last node standing ends every call."""
     c = make_cluster(nodes=3)
 
     async def scenario():

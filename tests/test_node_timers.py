@@ -217,7 +217,6 @@ def test_a_call_ringing_when_its_node_died_keeps_its_early_media_and_timer_c(tmp
     assert left == [(None, "missing")] * 2
 
 
-
 def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_path, short_timer_b):
     """The callee rang once, then the owner died: no provisional or final
     answer, no CANCEL came after, and the caller (SIPp, a gateway) waited
@@ -233,7 +232,7 @@ def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_
         await asyncio.sleep(0.2)
         quiet = await partner.store.own.get(partner.store.key("active", bekey))   # nobody said node1 was down
         partner.on_message(parse_message(probe("node1, node3")), *UDP)
-        partner.on_message(parse_message(probe("node1")), *UDP)    # one sweep only
+        partner.on_message(parse_message(probe("node1")), *UDP)    # the same view again: no second CANCEL
         await asyncio.sleep(0.3)
         await settled(partner)
         held = [await n.store.own.get(n.store.key("active", bekey)) for n in nodes]
