@@ -883,11 +883,17 @@ class Node:
                 lambda: self.spawn(bekey, self.fork_expired(bekey, branch)))
 
     async def still_ringing(self, bekey: str, branch: str) -> bool:
-        """Whether a fork has no answer yet, wherever the call is saved."""
+        """Whether a fork has no answer yet, wherever the call is saved.
+        When not, the resumed INVITE is given up here (Transactions), and
+        with it what this node kept for the call's setup."""
         record = await self.store.peek(bekey, [self.id] + self.others(bekey))
         fork = record and record.get("k") == "call" and self.fork_of(record, branch)
-        return bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None \
+        ringing = bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None \
             and not fork.get("tc")
+        if not ringing:
+            self.in_setup.pop(bekey, None)
+            self.early.pop(bekey, None)
+        return ringing
 
     # ---- what died with another node ------------------------------------
     def peers_seen_down(self, down: frozenset[str]) -> None:
