@@ -125,6 +125,23 @@ def answering(req: SipRequest, *more: str) -> list[list[str]]:
     return [[f.name, f.value] for f in req.fields if f.key in keys]
 
 
+def new_record(req: SipRequest, a: dict, b: dict, **more) -> dict:
+    """The record of a dialog `req` starts through a node (a call, or a
+    subscription with `sub`), with its legs, before any answer."""
+    return {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
+            "ah": answering(req, "record-route"), "ack": {}, **more}
+
+
+def far_end(resp: SipResponse) -> dict:
+    """The dialog an answer to our request makes with the far side, as leg
+    fields: its tag (rt), its Contact when it gave one (tgt), the route set
+    (rs: its Record-Route reversed, RFC 3261 §12.1.2)."""
+    end = {"rt": resp.to.tag, "rs": [r.raw for r in reversed(resp.record_routes)]}
+    if resp.contacts:
+        end["tgt"] = resp.contacts[0].uri
+    return end
+
+
 def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
     """What a call's B-leg INVITE carries of the caller's: carried_request,
     and the Replaces the callee is to get (new_call), with its Require."""
@@ -648,9 +665,7 @@ class Node:
         # one fork per contact (parallel forking): same B-leg Call-ID and
         # From-tag, a branch each; the first 2xx wins, the rest are cancelled
         forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None, "by": self.id} for u, r in targets]
-        record = {"k": "call", "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
-                  "ah": answering(req, "record-route"),
-                  "forks": forks, "ack": {}}
+        record = new_record(req, a, b, forks=forks)
         if not req.body:
             record["dof"] = 1
         if replaces:
@@ -716,9 +731,7 @@ class Node:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
         a, b = self.legs(req, bekey, targets[0], registered)
-        record = {"k": "call", "sub": 1, "st": "early", "ct": round(time.time(), 3), "a": a, "b": b,
-                  "ah": answering(req, "record-route"),
-                  "forks": [], "ack": {}, "ttl": subscription_ttl(req)}
+        record = new_record(req, a, b, sub=1, forks=[], ttl=subscription_ttl(req))
         await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         self.stats.inc("dialogs", "created")
         event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"], target=b["tgt"],
@@ -739,16 +752,11 @@ class Node:
             self.reply(req, status, reason, to_tag=record["a"]["lt"], headers=carried(resp) if resp else [])
             await self.store.delete(bekey, record)
             return
-        b = record["b"]
-        b["rt"] = resp.to.tag
-        if resp.contacts:
-            b["tgt"] = resp.contacts[0].uri
-        b["rs"] = [r.raw for r in reversed(resp.record_routes)]
+        record["b"].update(far_end(resp))
         record["st"] = "confirmed"
         record["ttl"] = subscription_ttl(resp, record["ttl"])
         await self.save_held(bekey, record)
-        headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
-        headers += [("Contact", self.contact)] + [("Expires", v) for v in resp.values("Expires")[:1]]
+        headers = self.dialog_headers(record) + [("Expires", v) for v in resp.values("Expires")[:1]]
         self.reply(req, resp.status, resp.reason, to_tag=record["a"]["lt"], headers=headers)
 
     async def replacing(self, req: SipRequest, bekey: str) -> tuple[str, dict | None] | None:
@@ -1049,13 +1057,18 @@ class Node:
         lines = "".join(f"{n}: {v}\r\n" for n, v in headers)
         return parse_request(f"{method} {uri} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
 
+    def dialog_headers(self, record: dict) -> list[tuple[str, str]]:
+        """What an answer that makes the caller's dialog carries: its
+        Record-Route as it came, our Contact."""
+        return [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"] + \
+            [("Contact", self.contact)]
+
     def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None,
                  headers: list = ()) -> None:
         """`headers`: what a failure says ([name, value], see carried)."""
         inv = self.a_invite(record)
         if 100 < status < 300:
-            headers = [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"]
-            headers.append(("Contact", self.contact))
+            headers = self.dialog_headers(record)
             if status >= 200:
                 headers += [("Allow", ALLOW_IN_DIALOG), ("Supported", SUPPORTED_IN_DIALOG)]
         else:
@@ -1086,8 +1099,7 @@ class Node:
         elif resp.to.tag:
             # the callee's early dialog, for a request the caller sends in
             # its own (relay_in_dialog): an UPDATE before the answer
-            self.early[bekey] = {"rt": resp.to.tag, "tgt": resp.contacts[0].uri if resp.contacts else None,
-                                 "rs": [r.raw for r in reversed(resp.record_routes)]}
+            self.early[bekey] = far_end(resp)
         if record is None:
             # wherever it is: a request for this call may have taken it to
             # another node meanwhile (the ramp), while the answers to this
@@ -1150,11 +1162,7 @@ class Node:
 
     async def confirm(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The callee answered: take its dialog, save, relay the 2xx."""
-        b = record["b"]
-        b["rt"] = resp.to.tag
-        if resp.contacts:
-            b["tgt"] = resp.contacts[0].uri
-        b["rs"] = [r.raw for r in reversed(resp.record_routes)]   # UAC route set, RFC 3261 §12.1.2
+        record["b"].update(far_end(resp))
         record["st"] = "confirmed"
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.save_held(bekey, record)
@@ -1389,7 +1397,7 @@ class Node:
             if early is None:
                 self.reply(req, 481, "Call/Transaction Does Not Exist (no early dialog with the callee)")
                 return
-            record["b"].update({k: v for k, v in early.items() if v is not None})
+            record["b"].update(early)
         trying = self.trying_once_saved(req) if req.method == "INVITE" else (lambda: None)
         if not again:
             L["rc"] = req.cseq[0]
