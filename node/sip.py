@@ -117,10 +117,11 @@ class Transactions:
     def adopt(self, branch: str, on_response: Callable[[SipResponse | None], Any],
               expire: Callable[[], Any]) -> None:
         """Take on an INVITE transaction another node started and left (it
-        died), once a provisional answer to it came here: the further
+        died, or this node restarted): once a provisional answer to it
+        came here, or when its call still rang at the takeover. The further
         answers come to `on_response`, and its Timer C runs from now, as
         for an INVITE this node sent. Nothing is sent (the callee has the
-        INVITE: it answered)."""
+        INVITE, or its answers would have come)."""
         if (branch, "INVITE") in self.client:
             return
         tx = ClientTx(branch, "INVITE", b"", on_response, provisional=True, expire=expire)
