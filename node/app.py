@@ -19,6 +19,14 @@ Call record (JSON in Redis, see node.store), two legs:
          carries the answer, so a node never ACKs the callee's 2xx itself
     rp:  set when the caller's INVITE had a Replaces: the Replaces (and
          Require) the B-leg INVITE carries, naming the callee's dialog
+    pr:  1 when the caller supports reliable provisional answers (RFC
+         3262, option tag 100rel), 2 when it requires them: the B-leg
+         INVITE says the same, and the callee's reliable ones are relayed
+         reliably
+    rel: the callee's reliable provisional answers relayed to the caller,
+         each [RSeq told the caller, the callee's RSeq, its early dialog
+         (rt, tgt, rs)]: the caller's PRACK names the first, the callee
+         expects the second in the early dialog of the third
     sub: set for a subscription (a SUBSCRIBE's dialog, RFC 6665): legs as
          a call's, no forks; it ends with a NOTIFY that says terminated
     q:   the last in-dialog request relayed: leg it came on (l), method (m),
@@ -65,7 +73,7 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, MESSAGE, SUB
 # the INVITE and its 2xx (RFC 3261 §20.5), as phones look there before
 # they send UPDATE, INFO, MESSAGE or a transfer's REFER (and SUBSCRIBE to
 # refresh or end the subscription a REFER made, RFC 6665 §4.1.2)
-ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
+ALLOW_IN_DIALOG = "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, INFO, MESSAGE, NOTIFY, REFER, SUBSCRIBE"
 # the extension a call through a node honours (new_call: Replaces), said in
 # the same places (RFC 3261 §20.37), as phones look there before an
 # attended transfer
@@ -88,8 +96,10 @@ NODE_COUNTERS = {
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
 # as a registrar (RFC 3327); Replaces (RFC 3891), which new_call honours
-# across its two legs. Anything else gets 420 Bad Extension.
-SUPPORTED_OPTIONS = frozenset(("path", "replaces"))
+# across its two legs; 100rel (RFC 3262), whose reliable provisional
+# answers and PRACKs go end to end, the callee's RSeq numbered again for
+# the caller (relay_provisional). Anything else gets 420 Bad Extension.
+SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel"))
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
@@ -144,8 +154,17 @@ def far_end(resp: SipResponse) -> dict:
 
 def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
     """What a call's B-leg INVITE carries of the caller's: carried_request,
-    and the Replaces the callee is to get (new_call), with its Require."""
-    return carried_request(req) + [(n, v) for n, v in record.get("rp", ())]
+    the Replaces the callee is to get (new_call), with its Require, and
+    the caller's word on reliable provisional answers (record `pr`)."""
+    rel = [("Supported", "100rel")] if record.get("pr") else []
+    if record.get("pr") == 2:
+        rel.append(("Require", "100rel"))
+    return carried_request(req) + [(n, v) for n, v in record.get("rp", ())] + rel
+
+
+def option_tags(msg: SipMessage, name: str) -> set[str]:
+    """The option tags of a Require or Supported header, lower case."""
+    return {t.lower() for t in msg.values(name)}
 
 
 def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
@@ -668,6 +687,10 @@ class Node:
         record = new_record(req, a, b, forks=forks)
         if not req.body:
             record["dof"] = 1
+        if "100rel" in option_tags(req, "Require"):
+            record["pr"] = 2
+        elif "100rel" in option_tags(req, "Supported"):
+            record["pr"] = 1
         if replaces:
             record["rp"] = replaces
             if far is not None:
@@ -1065,10 +1088,11 @@ class Node:
 
     def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None,
                  headers: list = ()) -> None:
-        """`headers`: what a failure says ([name, value], see carried)."""
+        """`headers`: what a failure says ([name, value], see carried), or
+        what a provisional answer says beyond the dialog's headers."""
         inv = self.a_invite(record)
         if 100 < status < 300:
-            headers = self.dialog_headers(record)
+            headers = self.dialog_headers(record) + list(headers)
             if status >= 200:
                 headers += [("Allow", ALLOW_IN_DIALOG), ("Supported", SUPPORTED_IN_DIALOG)]
         else:
@@ -1115,7 +1139,7 @@ class Node:
             return
         if resp is not None and resp.status < 200:
             if not record.get("cancel") and record["st"] == "early":
-                self.answer_a(bekey, record, resp.status, resp.reason, resp)
+                await self.relay_provisional(bekey, record, resp)
             return
         if resp is None or resp.status >= 300:
             if resp is not None:
@@ -1140,6 +1164,30 @@ class Node:
             return
         # a second fork answered, or the caller cancelled meanwhile
         await self._ack_and_bye_orphan(resp)
+
+    async def relay_provisional(self, bekey: str, record: dict, resp: SipResponse) -> None:
+        """The callee's provisional answer, told the caller. A reliable one
+        (RFC 3262: Require 100rel, an RSeq) goes on reliably to a caller
+        that takes them (record `pr`): the callee sends it again until the
+        caller's PRACK reaches it, and each copy is relayed. RSeq counts
+        per early dialog, and the caller has one with us where the callee
+        side may have several (forks), so the caller gets numbers of our
+        own, one up from the last (the first as the callee's); which
+        callee answer each stands for is saved before the caller has it,
+        so that whichever node the PRACK reaches can relay it."""
+        headers = []
+        rseq = (resp.get("RSeq") or "").strip()
+        if record.get("pr") and resp.to.tag and "100rel" in option_tags(resp, "Require") \
+                and is_digits(rseq) and 0 < int(rseq[:10]) < 2 ** 31:
+            rel = record.setdefault("rel", [])
+            mine = next((n for n, theirs, end in rel if (theirs, end["rt"]) == (int(rseq), resp.to.tag)), None)
+            if mine is None:
+                mine = rel[-1][0] % (2 ** 31 - 1) + 1 if rel else int(rseq)
+                rel.append([mine, int(rseq), far_end(resp)])
+                del rel[:-8]             # each is PRACKed before the next: a few are plenty
+                await self.save_held(bekey, record)
+            headers = [("Require", "100rel"), ("RSeq", str(mine))]
+        self.answer_a(bekey, record, resp.status, resp.reason, resp, headers)
 
     async def _forks_done(self, bekey: str, record: dict) -> None:
         """When every fork has failed, the caller gets the best final
@@ -1204,7 +1252,7 @@ class Node:
         record, fork = await self.open_fork(bekey, resp.top_via.branch)
         if fork is None or record["b"]["cid"] != resp.call_id:
             return
-        self.answer_a(bekey, record, resp.status, resp.reason, resp)
+        await self.relay_provisional(bekey, record, resp)
         self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
 
     async def stray_relayed(self, bekey: str, record: dict, resp: SipResponse) -> None:
@@ -1300,7 +1348,10 @@ class Node:
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
             lines.append(f"Contact: {self.contact}")
         if method == "INVITE":
-            lines += [f"Allow: {ALLOW_IN_DIALOG}", f"Supported: {SUPPORTED_IN_DIALOG}"]
+            # one Supported: ours and any `extra` names (SIPp reads only a first one)
+            supported = [SUPPORTED_IN_DIALOG] + [v for n, v in extra if n.lower() == "supported"]
+            extra = [(n, v) for n, v in extra if n.lower() != "supported"]
+            lines += [f"Allow: {ALLOW_IN_DIALOG}", f"Supported: {', '.join(supported)}"]
         lines += [f"{n}: {v}" for n, v in extra]
         if body and content_type:
             lines.append(f"Content-Type: {content_type}")
@@ -1387,10 +1438,21 @@ class Node:
             # record is as it was saved.
             out_cseq = q["o"]
             branch, via = q.get("br"), self.fork_via({"by": q.get("by")}) if q.get("by") else None
-        elif req.cseq[0] <= L["rc"] and req.method != "PRACK":
+        elif req.cseq[0] <= L["rc"]:
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
-        elif record[far]["rt"] is None and far == "b" and not record.get("sub"):
+        extra = carried_request(req)
+        if req.method == "PRACK" and leg == "a":
+            # the caller acknowledges a reliable provisional answer by the
+            # RSeq we gave it: the callee gets its own, in its early dialog
+            found = self.acknowledged(req, record)
+            if found is None:
+                return                          # answered
+            rseq, end = found
+            extra.append(("RAck", f"{rseq} 1 INVITE"))     # every B-leg INVITE is CSeq 1
+            if record["st"] == "early" and not again:
+                record["b"].update(end)
+        elif not again and record[far]["rt"] is None and far == "b" and not record.get("sub"):
             # before the answer: the callee's early dialog (RFC 3311 §5.1),
             # that of its last provisional answer here
             early = self.early.get(bekey)
@@ -1419,11 +1481,26 @@ class Node:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))
             out = self.build(record, far, req.method, out_cseq, body=req.body, branch=branch, via=via,
-                             content_type=req.get("Content-Type"), extra=carried_request(req))
+                             content_type=req.get("Content-Type"), extra=extra)
             self.tx.request(out, lambda resp: self.spawn(
                 bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
         finally:
             trying()
+
+    def acknowledged(self, req: SipRequest, record: dict) -> tuple[int, dict] | None:
+        """-> (the callee's RSeq, its early dialog) of the reliable
+        provisional answer a caller's PRACK names by its RAck (record
+        `rel`); None when answered here: 400 for an RAck that names none,
+        481 when it is not one we relayed (RFC 3262 §3)."""
+        rack = (req.get("RAck") or "").split()
+        if len(rack) != 3 or not is_digits(rack[0]) or not is_digits(rack[1]) or len(rack[0]) > 10:
+            self.reply(req, 400, "Bad Request (RAck: response number, CSeq number, method)")
+            return None
+        found = next(((theirs, end) for mine, theirs, end in record.get("rel", ())
+                      if mine == int(rack[0]) and rack[2].upper() == "INVITE"), None)
+        if found is None:
+            self.reply(req, 481, "Call/Transaction Does Not Exist (no such reliable provisional response)")
+        return found
 
     async def on_relay_response(self, bekey: str, orig: SipRequest, leg: str, out_cseq: int,
                                 resp: SipResponse | None) -> None:

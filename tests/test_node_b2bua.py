@@ -262,3 +262,74 @@ def test_an_update_before_the_answer_reaches_the_callees_early_dialog(tmp_path):
     assert relayed.values("Route") == ["<sip:edge.example.com;lr>"] and relayed.cseq == (2, "UPDATE")
     assert relayed.body == SDP
     assert [(a.status, a.cseq[1]) for a in answers if a.cseq[1] == "UPDATE"] == [(200, "UPDATE")]
+
+
+def test_reliable_provisional_answers_of_two_phones_reach_the_caller_numbered_in_one_sequence(tmp_path):
+    """100rel (RFC 3262): an INVITE that required it got 420, and one that
+    only supported it reached the callee without saying so. Now the B-leg
+    INVITE says what the caller said; each phone's reliable 183 reaches
+    the caller reliably, numbered in the one early dialog the caller has
+    with the node (both phones start at RSeq 1, the caller must see 1, 2);
+    the caller's PRACK reaches the phone whose 183 it names, in that
+    phone's early dialog, with that phone's RSeq."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.on_message(register("carol", ["<sip:carol@192.0.2.60:5060>", "<sip:carol@192.0.2.61:5060>"]), *UDP)
+        await settled(n)
+        bekey = bekey_of(CALL_ID)
+        n.on_message(with_headers(caller_invite(bekey, "sip:carol@example.com"), [("Supported", "timer, 100rel")],
+                                  SDP, "application/sdp"), *UDP)
+        await settled(n)
+        forks = of_method(sent[n], "INVITE")
+        for i, fork in enumerate(forks):
+            n.on_message(make_response(fork, 183, "Session Progress", to_tag=f"c{i}", body=SDP,
+                                       content_type="application/sdp",
+                                       headers=[("Contact", f"<{fork.uri}>"), ("Require", "100rel"),
+                                                ("RSeq", "1")]), *UDP)
+            await settled(n)
+        n.on_message(make_response(forks[0], 183, "Session Progress", to_tag="c0", body=SDP,     # sent again
+                                   content_type="application/sdp",
+                                   headers=[("Contact", f"<{forks[0].uri}>"), ("Require", "100rel"), ("RSeq", "1")]),
+                     *UDP)
+        await settled(n)
+        progress = [m for m in to_caller(sent[n]) if m.status == 183]
+        for cseq, rack in ((2, "2 1 INVITE"), (3, "9 1 INVITE"), (4, "two")):
+            n.on_message(with_headers(in_dialog("PRACK", cseq, CALL_ID, "a1", progress[0].to.tag, f"z9hG4bKpr{cseq}"),
+                                      [("RAck", rack)]), *UDP)
+            await settled(n)
+        pracks = of_method(sent[n], "PRACK")
+        return forks, progress, pracks, [m for m in to_caller(sent[n]) if m.cseq[1] == "PRACK"]
+
+    forks, progress, pracks, refused = with_nodes(tmp_path, 1, scenario)
+    assert len(forks) == 2
+    for fork in forks:
+        assert "100rel" in fork.values("Supported") and not fork.has("Require")
+    assert [(m.get("Require"), m.get("RSeq")) for m in progress] == [("100rel", "1"), ("100rel", "2"), ("100rel", "1")]
+    assert len({m.to.tag for m in progress}) == 1
+    prack, = pracks
+    assert (prack.uri, prack.to.tag, prack.call_id) == (forks[1].uri, "c1", forks[1].call_id)
+    assert prack.get("RAck") == "1 1 INVITE"
+    assert [(m.status, m.reason) for m in refused] == [
+        (481, "Call/Transaction Does Not Exist (no such reliable provisional response)"),
+        (400, "Bad Request (RAck: response number, CSeq number, method)")]
+
+
+def test_a_caller_without_100rel_hears_the_callee_unreliably(tmp_path):
+    """A callee that sends a reliable 183 all the same (RFC 3262 §3 says it
+    must not): the caller, which never said 100rel, is not asked for a
+    PRACK it cannot send, and the callee was not offered 100rel."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        n.on_message(with_headers(caller_invite(bekey), [], SDP, "application/sdp"), *UDP)
+        await settled(n)
+        fork, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(fork, 183, "Session Progress", to_tag="c0", body=SDP,
+                                   content_type="application/sdp",
+                                   headers=[("Require", "100rel"), ("RSeq", "1")]), *UDP)
+        await settled(n)
+        return fork, [m for m in to_caller(sent[n]) if m.status == 183]
+
+    fork, (progress,) = with_nodes(tmp_path, 1, scenario)
+    assert "100rel" not in fork.values("Supported")
+    assert not progress.has("RSeq") and not progress.has("Require") and progress.body == SDP

@@ -278,6 +278,10 @@ def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypa
     # rings once at once, never again: the partner takes the call on when the
     # proxy's probe says its node is down, and CANCELs it at Timer C from then
     ("uac_noanswer", "uas_ring", None, 'reason="callee 408"', 1.1, "2"),
+    # the callee's reliable 183 comes at ~1.5 s, after the kill: the partner
+    # relays it with an RSeq of its own, and the caller's PRACK with the RAck
+    # the callee expects (uas_prack.xml checks it)
+    ("uac_prack", "uas_prack", None, 'reason="bye from caller"', 1.1, None),
 ])
 def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster, monkeypatch, caller, callee,
                                                                    hold_ms, ending, kill_at, timer_c):
@@ -390,3 +394,15 @@ def test_a_subscription_to_someone_beyond_the_trunk(make_cluster, transport):
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
     assert logs.count('reason="subscription ended"') == 5
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_reliable_early_media_and_its_prack_go_end_to_end(make_cluster, transport):
+    """A caller that requires 100rel (RFC 3262) and a callee that sends its
+    183 with SDP reliably: the 183 reaches the caller with Require: 100rel
+    and an RSeq, its PRACK reaches the callee with the RAck the callee
+    expects (uas_prack.xml checks it), the call is answered and ended."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_prack")
+    result = run(uac(c, "uac_prack", calls=5, rate=10, transport=transport).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
