@@ -98,8 +98,10 @@ NODE_COUNTERS = {
 # as a registrar (RFC 3327); Replaces (RFC 3891), which new_call honours
 # across its two legs; 100rel (RFC 3262), whose reliable provisional
 # answers and PRACKs go end to end, the callee's RSeq numbered again for
-# the caller (relay_provisional). Anything else gets 420 Bad Extension.
-SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel"))
+# the caller (relay_provisional); timer (RFC 4028), whose session timer
+# the two ends agree on through the node (carried_request,
+# session_timer). Anything else gets 420 Bad Extension.
+SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer"))
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
@@ -118,14 +120,37 @@ CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info"
 # What a request in a dialog (or a CANCEL) says to the far end, handed on
 # with its body: without Refer-To a REFER (transfer) is void, without
 # Event and Subscription-State a NOTIFY (RFC 6665); Reason says why a
-# BYE or CANCEL came (a Q.850 cause, "call completed elsewhere").
+# BYE or CANCEL came (a Q.850 cause, "call completed elsewhere");
+# Session-Expires and Min-SE ask for a session timer (RFC 4028), which the
+# two ends keep through the node as through a proxy: the refresher they
+# agree on refreshes with a re-INVITE or UPDATE, which the node relays,
+# and each side's "uac"/"uas" means the same party on both legs.
 CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event", "subscription-state",
                                 "allow-events", "info-package", "recv-info", "reason", "subject",
-                                "priority", "expires", "accept"))
+                                "priority", "expires", "accept", "session-expires", "min-se"))
+# ... and the option tags of its Supported and Require that go with them
+CARRIED_OPTIONS = ("timer",)
+
+
+def option_tags(msg: SipMessage, name: str) -> set[str]:
+    """The option tags of a Require or Supported header, lower case."""
+    return {t.lower() for t in msg.values(name)}
 
 
 def carried_request(req: SipRequest) -> list[tuple[str, str]]:
-    return [(f.name, f.value) for f in req.fields if f.key in CARRIED_IN_REQUEST]
+    carried = [(f.name, f.value) for f in req.fields if f.key in CARRIED_IN_REQUEST]
+    for name in ("Supported", "Require"):
+        tags = option_tags(req, name)
+        carried += [(name, t) for t in CARRIED_OPTIONS if t in tags]
+    return carried
+
+
+def session_timer(resp: SipResponse) -> list[tuple[str, str]]:
+    """What a 2xx says of the session timer (RFC 4028 §9): its interval
+    and refresher, and the Require: timer that makes the other end keep
+    them; handed on with the 2xx, as a proxy would."""
+    said = [("Session-Expires", v) for v in resp.values("Session-Expires")[:1]]
+    return said + [("Require", "timer")] if said and "timer" in option_tags(resp, "Require") else said
 
 
 def answering(req: SipRequest, *more: str) -> list[list[str]]:
@@ -160,11 +185,6 @@ def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
     if record.get("pr") == 2:
         rel.append(("Require", "100rel"))
     return carried_request(req) + [(n, v) for n, v in record.get("rp", ())] + rel
-
-
-def option_tags(msg: SipMessage, name: str) -> set[str]:
-    """The option tags of a Require or Supported header, lower case."""
-    return {t.lower() for t in msg.values(name)}
 
 
 def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
@@ -1095,6 +1115,7 @@ class Node:
             headers = self.dialog_headers(record) + list(headers)
             if status >= 200:
                 headers += [("Allow", ALLOW_IN_DIALOG), ("Supported", SUPPORTED_IN_DIALOG)]
+                headers += session_timer(resp) if resp is not None else []
         else:
             headers = list(headers)
         body = resp.body if resp is not None else b""
@@ -1537,6 +1558,8 @@ class Node:
     def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
         """Answer `orig` as the far side answered the request relayed for it."""
         headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+        if orig.method in ("INVITE", "UPDATE") and 200 <= resp.status < 300:
+            headers += session_timer(resp)      # a refresh's answer (RFC 4028 §9)
         if orig.method == "SUBSCRIBE" and 200 <= resp.status < 300:
             headers += [("Expires", v) for v in resp.values("Expires")[:1]]   # RFC 6665 §4.2.1.1
         headers += carried(resp)

@@ -23,6 +23,7 @@ def to_caller(msgs) -> list:
     (302, "Moved Temporarily", [("Contact", "<sip:bob@192.0.2.99:5060>;q=0.9"), ("Contact", "<sip:bob@192.0.2.98>")]),
     (503, "Service Unavailable", [("Retry-After", "30"), ("Warning", '399 trunk "congested"')]),
     (486, "Busy Here", [("Retry-After", "120"), ("Reason", 'Q.850;cause=17;text="User busy"')]),
+    (422, "Session Interval Too Small", [("Min-SE", "1800")]),      # RFC 4028: ask again with 1800
 ])
 def test_a_callees_failure_reaches_the_caller_with_what_it_says(tmp_path, status, reason, headers):
     """A 3xx reached the caller without its Contact (nowhere to go), a 503
@@ -333,3 +334,43 @@ def test_a_caller_without_100rel_hears_the_callee_unreliably(tmp_path):
     fork, (progress,) = with_nodes(tmp_path, 1, scenario)
     assert "100rel" not in fork.values("Supported")
     assert not progress.has("RSeq") and not progress.has("Require") and progress.body == SDP
+
+
+def test_a_session_timer_is_agreed_and_refreshed_through_the_node(tmp_path):
+    """Session timers (RFC 4028), as trunks and IMS cores ask for them: an
+    INVITE that required "timer" got 420, and the Session-Expires of one
+    that only supported it stayed at the node (the callee never heard of
+    it, the caller never learnt the interval it must refresh within). Now
+    they go end to end as through a proxy: the request's Session-Expires,
+    Min-SE and timer tags, the 2xx's Session-Expires and Require: timer,
+    and the same for a refresh (an UPDATE here)."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        timer = [("Supported", "timer, replaces"), ("Require", "timer"), ("Session-Expires", "1800;refresher=uac"),
+                 ("Min-SE", "90")]
+        n.on_message(with_headers(caller_invite(bekey), timer, SDP, "application/sdp"), *UDP)
+        await settled(n)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1", body=SDP, content_type="application/sdp",
+                                   headers=[("Contact", "<sip:callee@192.0.2.90>"), ("Require", "timer"),
+                                            ("Session-Expires", "1800;refresher=uac")]), *UDP)
+        await settled(n)
+        ok, = [m for m in to_caller(sent[n]) if m.status == 200]
+        refresh = with_headers(in_dialog("UPDATE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKupd2"),
+                               [("Supported", "timer"), ("Session-Expires", "1800;refresher=uac")])
+        n.on_message(refresh, *UDP)
+        await settled(n)
+        update, = of_method(sent[n], "UPDATE")
+        n.on_message(make_response(update, 200, "OK", headers=[("Require", "timer"),
+                                                               ("Session-Expires", "1800;refresher=uac")]), *UDP)
+        await settled(n)
+        refreshed, = [m for m in to_caller(sent[n]) if m.cseq == (2, "UPDATE")]
+        return b_invite, ok, update, refreshed
+
+    b_invite, ok, update, refreshed = with_nodes(tmp_path, 1, scenario)
+    assert "timer" in b_invite.values("Supported") and b_invite.values("Require") == ["timer"]
+    assert (b_invite.get("Session-Expires"), b_invite.get("Min-SE")) == ("1800;refresher=uac", "90")
+    assert "timer" in update.values("Supported") and update.get("Session-Expires") == "1800;refresher=uac"
+    for answer in (ok, refreshed):
+        assert answer.get("Session-Expires") == "1800;refresher=uac" and answer.values("Require") == ["timer"]

@@ -2,7 +2,7 @@
 (RFC 3261 §8.2.2.3, §20.32: Require is never to be ignored) gets 420 Bad
 Extension naming it, as Asterisk and FreeSWITCH answer, instead of a call
 in which the caller counts on something nobody does (a Replaces that
-replaces nothing, a 100rel provisional never sent reliably)."""
+replaces nothing, resource preconditions nobody reserves)."""
 from __future__ import annotations
 
 import pytest
@@ -18,13 +18,13 @@ def test_an_invite_requiring_an_unknown_extension_gets_420_and_goes_nowhere(tmp_
     async def scenario(nodes, sent):
         n, = nodes
         bekey = bekey_of(CALL_ID)
-        n.on_message(with_headers(caller_invite(bekey), [("Require", "100rel, replaces"), ("Require", "x-Foo")]), *UDP)
+        n.on_message(with_headers(caller_invite(bekey), [("Require", "100rel, precondition"), ("Require", "timer, x-Foo")]), *UDP)
         await settled(n)
         return sent[n], await n.store.load(bekey, [])
 
     out, left = with_nodes(tmp_path, 1, scenario)
     bad, = of_status(out, 420)
-    assert bad.reason == "Bad Extension" and bad.get("Unsupported") == "100rel, x-Foo"
+    assert bad.reason == "Bad Extension" and bad.get("Unsupported") == "precondition, x-Foo"
     assert bad.to.tag and bad.call_id == CALL_ID
     assert not of_method(out, "INVITE") and not of_status(out, 100)
     assert left == (None, "missing")
