@@ -1197,14 +1197,14 @@ class Node:
         callee answer each stands for is saved before the caller has it,
         so that whichever node the PRACK reaches can relay it."""
         headers = []
-        rseq = (resp.get("RSeq") or "").strip()
-        if record.get("pr") and resp.to.tag and "100rel" in option_tags(resp, "Require") \
-                and is_digits(rseq) and 0 < int(rseq[:10]) < 2 ** 31:
+        value = (resp.get("RSeq") or "").strip()
+        rseq = int(value) if is_digits(value) and len(value) <= 10 else 0
+        if record.get("pr") and resp.to.tag and "100rel" in option_tags(resp, "Require") and 0 < rseq < 2 ** 31:
             rel = record.setdefault("rel", [])
-            mine = next((n for n, theirs, end in rel if (theirs, end["rt"]) == (int(rseq), resp.to.tag)), None)
+            mine = next((n for n, theirs, end in rel if (theirs, end["rt"]) == (rseq, resp.to.tag)), None)
             if mine is None:
-                mine = rel[-1][0] % (2 ** 31 - 1) + 1 if rel else int(rseq)
-                rel.append([mine, int(rseq), far_end(resp)])
+                mine = rel[-1][0] % (2 ** 31 - 1) + 1 if rel else rseq
+                rel.append([mine, rseq, far_end(resp)])
                 del rel[:-8]             # each is PRACKed before the next: a few are plenty
                 await self.save_held(bekey, record)
             headers = [("Require", "100rel"), ("RSeq", str(mine))]

@@ -315,24 +315,30 @@ def test_reliable_provisional_answers_of_two_phones_reach_the_caller_numbered_in
         (400, "Bad Request (RAck: response number, CSeq number, method)")]
 
 
-def test_a_caller_without_100rel_hears_the_callee_unreliably(tmp_path):
-    """A callee that sends a reliable 183 all the same (RFC 3262 §3 says it
-    must not): the caller, which never said 100rel, is not asked for a
-    PRACK it cannot send, and the callee was not offered 100rel."""
+@pytest.mark.parametrize("supported, rseq", [
+    # a callee that sends a reliable 183 all the same (RFC 3262 §3 says it
+    # must not): the caller never said 100rel, nor did the B-leg INVITE
+    ([], "1"),
+    # an RSeq out of its range (1 to 2**31 - 1, §7.1): the node failed on
+    # one of 5000 digits, and the caller never heard the callee
+    ([("Supported", "100rel")], "1" + "0" * 5000),
+    ([("Supported", "100rel")], "0"),
+])
+def test_a_caller_is_not_asked_for_a_prack_it_cannot_send(tmp_path, supported, rseq):
     async def scenario(nodes, sent):
         n, = nodes
         bekey = bekey_of(CALL_ID)
-        n.on_message(with_headers(caller_invite(bekey), [], SDP, "application/sdp"), *UDP)
+        n.on_message(with_headers(caller_invite(bekey), supported, SDP, "application/sdp"), *UDP)
         await settled(n)
         fork, = of_method(sent[n], "INVITE")
         n.on_message(make_response(fork, 183, "Session Progress", to_tag="c0", body=SDP,
                                    content_type="application/sdp",
-                                   headers=[("Require", "100rel"), ("RSeq", "1")]), *UDP)
+                                   headers=[("Require", "100rel"), ("RSeq", rseq)]), *UDP)
         await settled(n)
         return fork, [m for m in to_caller(sent[n]) if m.status == 183]
 
     fork, (progress,) = with_nodes(tmp_path, 1, scenario)
-    assert "100rel" not in fork.values("Supported")
+    assert ("100rel" in fork.values("Supported")) == bool(supported)
     assert not progress.has("RSeq") and not progress.has("Require") and progress.body == SDP
 
 
