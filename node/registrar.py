@@ -6,7 +6,16 @@ dialog, with a TTL that is the longest binding's remaining life. A binding:
 c = contact URI, x = absolute expiry, t = when it was (re)registered,
 path = the Path header values to reach it (the proxy's flow), cid/cseq =
 the Call-ID and CSeq that last wrote it (stale or reordered REGISTERs are
-rejected, §10.3 step 7).
+rejected, §10.3 step 7), i/r = the phone's +sip.instance and reg-id when
+it gave them.
+
+A binding is the contact URI's (§10.3 step 7), or, for a Contact with a
++sip.instance (RFC 5626 §6, RFC 5627: Linphone, Zoiper and most desk
+phones send one), the instance's (with its reg-id): a phone that comes
+back with another contact (restarted on another port, another address
+after a network change) replaces its binding instead of leaving the old
+one to be rung, and to answer for it, until it expires, as Kamailio's
+registrar does.
 """
 from __future__ import annotations
 
@@ -24,6 +33,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.registrar")
 
 DEFAULT_EXPIRES = 3600
+
+
+def instance_of(contact) -> tuple[str | None, str | None]:
+    """-> (+sip.instance without its quotes, reg-id) of a Contact."""
+    instance = (contact.params.get("+sip.instance") or "").strip('"') or None
+    return instance, (contact.params.get("reg-id") if instance else None)
+
+
+def same_binding(binding: dict, contact, instance: str | None, reg_id: str | None) -> bool:
+    if instance is not None:
+        return (binding.get("i"), binding.get("r")) == (instance, reg_id)
+    return binding["c"] == contact.uri
 
 
 async def register(node: "Node", req: SipRequest, bekey: str) -> None:
@@ -68,7 +89,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
         if c.wildcard:
             continue
         exp = min(c.expires if c.expires is not None else default_exp, max_expires)
-        existing = next((b for b in bindings if b["c"] == c.uri), None)
+        instance, reg_id = instance_of(c)
+        existing = next((b for b in bindings if same_binding(b, c, instance, reg_id)), None)
         if existing is not None and existing["cid"] == cid and cseq <= existing["cseq"]:
             node.reply(req, 500, "Server Internal Error (REGISTER out of order)", headers=[("Retry-After", "1")])
             return
@@ -76,12 +98,19 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
             bindings.remove(existing)
         if exp == 0:
             if existing is not None:
-                removed.append(c.uri)
+                removed.append(existing["c"])
             continue
-        bindings.append({"c": c.uri, "x": round(now + exp, 3), "t": round(now, 3),
-                         "path": [p.raw for p in req.paths], "cid": cid, "cseq": cseq})
-        if existing is None:
+        binding = {"c": c.uri, "x": round(now + exp, 3), "t": round(now, 3),
+                   "path": [p.raw for p in req.paths], "cid": cid, "cseq": cseq}
+        if instance is not None:
+            binding["i"] = instance
+            if reg_id is not None:
+                binding["r"] = reg_id
+        bindings.append(binding)
+        if existing is None or existing["c"] != c.uri:
             added.append(c.uri)
+            if existing is not None:
+                removed.append(existing["c"])
     record["b"] = bindings
     partner = node.partner_for(bekey, req)
     if bindings:

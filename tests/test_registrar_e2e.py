@@ -99,6 +99,36 @@ def test_call_to_a_registered_user_rings_all_contacts_and_the_first_answer_wins(
         answerer.stop()
 
 
+def test_a_phone_back_with_another_contact_replaces_its_binding_by_its_instance(cluster):
+    """A phone that restarts (another port, another Call-ID) or changes
+    network registers a new contact: its old one stayed bound until it
+    expired, so calls also rang a contact nobody answers at, and one that
+    another phone now holds. With +sip.instance (RFC 5626 §6, as Linphone
+    and Zoiper send it) the new contact replaces the old; a phone without
+    one keeps RFC 3261's binding per contact."""
+    instance = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000a95a0e128>";reg-id=1'
+    before = Phone("erin", cluster.proxy_addr)
+    after = Phone("erin", cluster.proxy_addr, answer=True)
+    other = Phone("erin", cluster.proxy_addr)
+    elsewhere = Phone("erin", cluster.proxy_addr)
+    try:
+        assert before.register(300, contacts=f"<{before.contact}>{instance}", call_id="boot-1").status == 200
+        assert other.register(300, call_id="desk").status == 200
+        resp = after.register(300, contacts=f"<{after.contact}>{instance}", call_id="boot-2")
+        assert resp.status == 200 and sorted(contacts_of(resp)) == sorted([after.contact, other.contact])
+        before.start()
+        after.start()
+        result = run(uac(cluster, "uac", calls=1, rate=1, hold_ms=200, service="erin").run(30))
+        assert result.ok == 1 and result.failed == 0, result.log_tail
+        assert before.got == [] and after.got[:2] == ["INVITE", "ACK"]
+        # its un-REGISTER, sent from another socket (`after` reads its own now)
+        resp = elsewhere.register(0, contacts=f"<{after.contact}>{instance}", call_id="boot-2", cseq=2)
+        assert [c.uri for c in resp.contacts] == [other.contact]
+    finally:
+        for p in (before, after, other, elsewhere):
+            p.stop()
+
+
 def test_unregistered_user_without_upstream_gets_404(cluster):
     result = run(uac(cluster, "uac", calls=1, rate=1, service="nobody").run(30))
     assert result.failed == 1
