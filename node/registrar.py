@@ -111,6 +111,14 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
             added.append(c.uri)
             if existing is not None:
                 removed.append(existing["c"])
+    most = node.cfg["node.max_contacts"]
+    if most and added and len(bindings) > most:
+        # a phone bug or an attack would otherwise ring (and store) without
+        # end; what is bound stays as it was (Kamailio's max_contacts)
+        node.reply(req, 403, f"Forbidden (too many registered contacts, at most {most})")
+        event(log, "registration_refused", logging.WARNING, aor=aor, bekey=bekey, contacts=len(bindings),
+              max_contacts=most)
+        return
     record["b"] = bindings
     partner = node.partner_for(bekey, req)
     if bindings:

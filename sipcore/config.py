@@ -84,6 +84,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
     "node.min_expires": (int, 60, "shortest registration accepted; shorter gets 423 Interval Too Brief"),
     "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
+    "node.max_contacts": (int, 10, "most contacts one address of record may have bound (a phone's own, each desk phone's, each softphone's): a REGISTER that would bind more gets 403 and binds nothing (refreshing or removing is always accepted); 0: no limit"),
     "node.invite_timeout": (float, 180.0, "seconds a callee may ring, from its last provisional answer, before the node CANCELs it and the caller gets 408 (RFC 3261 Timer C; Kamailio's fr_inv_timer)"),
     "node.dialog_ttl": (int, 43200, "seconds a dialog lives in Redis without in-dialog traffic (past that its BYE gets 481 and is not relayed: 12 h, Kamailio's and OpenSIPS's dialog default_timeout)"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),

@@ -1,0 +1,42 @@
+"""node.registrar against a real Redis: what the registrar refuses."""
+from __future__ import annotations
+
+import pytest
+
+from nodekit import UDP, register, settled, with_nodes
+from sipcore.message import SipMessage, parse_message
+
+pytestmark = pytest.mark.e2e
+
+
+def again(msg: SipMessage, cseq: int, contacts: str) -> SipMessage:
+    """`msg` (a REGISTER) sent again with another CSeq and Contact."""
+    text = msg.to_bytes().decode()
+    text = text.replace("CSeq: 1 REGISTER", f"CSeq: {cseq} REGISTER")
+    head, rest = text.split("Contact: ", 1)
+    return parse_message((head + f"Contact: {contacts}\r\n" + rest.split("\r\n", 1)[1]).encode())
+
+
+def test_an_aor_binds_at_most_max_contacts(tmp_path):
+    """Without a limit, a phone that registers a new contact at every
+    network change (or anyone with the password) made one AOR ring, and
+    its record grow, without end. Past node.max_contacts a REGISTER that
+    adds gets 403 and changes nothing; refreshing or removing still works."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        first = register("gina", ["<sip:gina@192.0.2.60:5060>", "<sip:gina@192.0.2.61:5060>"])
+        steps = [first,
+                 again(first, 2, "<sip:gina@192.0.2.62:5060>"),                 # a third: refused
+                 again(first, 3, "<sip:gina@192.0.2.61:5060>;expires=600"),     # a refresh
+                 again(first, 4, "<sip:gina@192.0.2.60:5060>;expires=0"),       # a removal
+                 again(first, 5, "<sip:gina@192.0.2.62:5060>")]                 # room again
+        for msg in steps:
+            n.on_message(msg, *UDP)
+            await settled(n)
+        return sent[n]
+
+    answers = with_nodes(tmp_path, 1, scenario, {"node.max_contacts": "2"})
+    assert [(a.status, a.reason) for a in answers] == [
+        (200, "OK"), (403, "Forbidden (too many registered contacts, at most 2)"), (200, "OK"), (200, "OK"),
+        (200, "OK")]
+    assert [len(a.contacts) for a in answers] == [2, 0, 2, 1, 2]
