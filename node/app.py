@@ -419,6 +419,11 @@ class Node:
             self.on_bad_input(exc, msg.to_bytes(), src, transport)
             return
         if isinstance(msg, SipResponse):
+            if msg.status == 430:
+                # the proxy's word that a phone's connection is gone (RFC
+                # 5626 §5.3), meant for its registrar: the caller hears
+                # what a proxy with a registrar answers then
+                msg.status, msg.reason = 480, "Temporarily Unavailable (flow failed)"
             if self.tx.response(msg):
                 return
             # B-leg Call-IDs carry the stamp; requests sent on leg a carry

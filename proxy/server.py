@@ -39,7 +39,7 @@ from sipcore.errors import SipParseError
 from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
-from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
+from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
@@ -148,7 +148,8 @@ class Proxy:
                              idle_timeout=self.cfg["limits.tcp_idle"],
                              max_connections=self.cfg["limits.tcp_connections"],
                              max_per_source=self.cfg["limits.tcp_per_source"],
-                             header_timeout=self.cfg["limits.tcp_message_timeout"])
+                             header_timeout=self.cfg["limits.tcp_message_timeout"],
+                             on_send_failed=self._send_failed)
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
@@ -309,6 +310,27 @@ class Proxy:
         resp = make_response(req, status, reason, headers=headers, to_tag=self.reply_tag)
         resp.add("Server", "sipha-proxy")
         self.send(resp, src, transport)
+
+    def _send_failed(self, data: bytes, dest, flow_gone: bool) -> None:
+        """A request could not go out over TCP: the phone's connection it
+        was for is closed, or none could be opened to `dest`. Whoever sent
+        it hears so at once, as from the next hop, through the response
+        path: 430 Flow Failed (RFC 5626 §5.3), else 503. Before, the
+        request was dropped and the sender (a node) waited for Timer B:
+        a caller heard 408 after 32 s, calling a softphone that had quit."""
+        try:
+            req = parse_message(data, datagram=False)
+        except SipParseError:
+            return
+        if not isinstance(req, SipRequest) or req.method == "ACK":
+            return
+        status, reason = (430, "Flow Failed") if flow_gone else (503, "Service Unavailable (next hop unreachable)")
+        self.stats.inc("events", "flow_failed" if flow_gone else "tcp_unreachable")
+        event(log, "send_failed", logging.WARNING, method=req.method, call_id=req.call_id,
+              dest=f"{dest[0]}:{dest[1]}/tcp", status=status)
+        resp = make_response(req, status, reason, to_tag=self.reply_tag)
+        resp.add("Server", "sipha-proxy")
+        self.on_response(resp, dest, "tcp")
 
     # ---- input -------------------------------------------------------
     def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:

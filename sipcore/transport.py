@@ -16,7 +16,10 @@ Sending: `send(data, (host, port), transport)`. TCP reuses the connection to
 that remote address in either direction (a phone that registered over TCP
 is reached over its own connection, RFC 3261 §18.2.2 / RFC 5626), opens one
 if there is none, and closes connections idle for `idle_timeout`. Write
-buffers are bounded: a peer that does not read is disconnected.
+buffers are bounded: a peer that does not read is disconnected. A peer
+whose own connection closed is not dialled back (its port was that
+connection's), and a connection that cannot be opened fails at once:
+either reaches `on_send_failed(data, dest, flow_gone)`.
 
 TCP defences (slowloris and friends): at most `max_connections` in all and
 `max_per_source` from one IP address (further ones are closed at once); a
@@ -44,6 +47,7 @@ log = logging.getLogger("sipcore.transport")
 
 Addr = tuple[str, int]
 SOCKET_BUFFER = 4 * 1024 * 1024
+GONE_FLOWS_KEPT = 10000      # closed peer connections remembered (SipTransport.gone_flows)
 SIOCGSTAMP = 0x8906          # Linux: arrival time (struct timeval) of the last datagram read
 _TIMEVAL = struct.Struct("@ll")
 
@@ -83,6 +87,7 @@ class _TcpConnection(asyncio.Protocol):
         self.partial_since: float | None = None   # when an unfinished message began
         self.closed = asyncio.get_running_loop().create_future()
         self.accepted = True
+        self.dialled = False     # we connected (SipTransport._connect), not the peer
 
     def connection_made(self, transport):
         self.transport = transport
@@ -132,11 +137,15 @@ class SipTransport:
                  *, limits: Limits = DEFAULT_LIMITS, idle_timeout: float = 300.0,
                  max_write_buffer: int = 1024 * 1024, max_connections: int = 4096,
                  max_per_source: int = 64, header_timeout: float = 10.0,
-                 fast_datagram: Callable[[bytes, Addr, "SipTransport"], bool] | None = None):
+                 fast_datagram: Callable[[bytes, Addr, "SipTransport"], bool] | None = None,
+                 on_send_failed: Callable[[bytes, Addr, bool], None] | None = None):
         self.on_message = on_message
         # tried first for each datagram; True: it was handled without parsing
         self.fast_datagram = fast_datagram
         self.on_bad_input = on_bad_input
+        # what could not go out over TCP, and whether it was for a flow gone
+        # (a peer's own connection, closed): the owner may answer for it
+        self.on_send_failed = on_send_failed
         self.limits = limits
         self.idle_timeout = idle_timeout
         self.max_write_buffer = max_write_buffer
@@ -149,6 +158,9 @@ class SipTransport:
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.connections: dict[Addr, _TcpConnection] = {}
+        # peers whose own connection to us closed lately (a phone's flow,
+        # RFC 5626): their port was theirs for that connection only
+        self.gone_flows: dict[Addr, None] = {}
         self._connecting: dict[Addr, asyncio.Task] = {}
         self._reaper: asyncio.Task | None = None
         self.local: Addr | None = None
@@ -270,6 +282,7 @@ class SipTransport:
             return False
         self.per_source[ip] = self.per_source.get(ip, 0) + 1
         self.connections[conn.peer] = conn
+        self.gone_flows.pop(conn.peer, None)
         return True
 
     def _unregister(self, conn: _TcpConnection) -> None:
@@ -281,6 +294,10 @@ class SipTransport:
             self.per_source.pop(ip, None)
         if self.connections.get(conn.peer) is conn:
             del self.connections[conn.peer]
+        if not conn.dialled:
+            self.gone_flows[conn.peer] = None
+            if len(self.gone_flows) > GONE_FLOWS_KEPT:
+                del self.gone_flows[next(iter(self.gone_flows))]
 
     async def _reap_idle(self) -> None:
         while True:
@@ -305,6 +322,13 @@ class SipTransport:
         if conn is not None:
             conn.write(data)
             return
+        if dest in self.gone_flows:
+            # Not dialled back: the port was the peer's for the connection
+            # it closed (a phone quit, lost its network); a connect would
+            # be refused, or hang behind its NAT (RFC 5626 §5.3: the flow
+            # failed, and is said so at once)
+            self._failed(data, dest, True)
+            return
         task = self._connecting.get(dest)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect(dest))
@@ -315,9 +339,14 @@ class SipTransport:
         if task.cancelled() or task.exception() is not None:
             event(log, "tcp_connect_failed", logging.WARNING, dest=f"{dest[0]}:{dest[1]}",
                   error="cancelled" if task.cancelled() else str(task.exception()))
+            self._failed(data, dest, False)
             return
         conn = task.result()
         conn.write(data)
+
+    def _failed(self, data: bytes, dest: Addr, flow_gone: bool) -> None:
+        if self.on_send_failed is not None:
+            self.on_send_failed(data, dest, flow_gone)
 
     async def _connect(self, dest: Addr) -> _TcpConnection:
         try:
@@ -326,6 +355,7 @@ class SipTransport:
                 loop.create_connection(lambda: _TcpConnection(self), dest[0], dest[1]), 5.0)
             # the connection is known by the address we dialled, so replies
             # and later requests to the same destination reuse it
+            conn.dialled = True
             self.connections[dest] = conn
             return conn
         finally:

@@ -154,6 +154,22 @@ def test_phone_registered_over_tcp_is_called_over_its_own_connection(cluster):
         phone.stop()
 
 
+def test_a_phone_whose_connection_closed_is_not_waited_for(cluster):
+    """A softphone registered over TCP quits without un-REGISTERing: its
+    binding stays, but the connection the proxy reached it over is gone.
+    The proxy dialled the phone's old port (refused, or lost behind its
+    NAT) and dropped the INVITE; the caller heard 408 after 32 s. The
+    proxy now answers 430 Flow Failed at once (RFC 5626 §5.3) and the
+    caller hears 480, as from a registrar whose user is away."""
+    phone = Phone("uma", cluster.proxy_addr, transport="tcp")
+    assert phone.register(300).status == 200
+    phone.stop()
+    time.sleep(0.2)                       # the proxy sees the connection close
+    result = run(uac(cluster, "uac", calls=1, rate=1, service="uma").run(10))
+    assert result.failed == 1 and result.ok == 0, result.log_tail
+    assert "480 Temporarily Unavailable (flow failed)" in result.log_tail
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_a_chat_message_reaches_a_registered_phone(cluster, transport):
     """Softphones chat with MESSAGE (RFC 3428): it reaches the phone over
