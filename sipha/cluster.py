@@ -232,11 +232,22 @@ class Cluster:
         raise ClusterError(f"{nid} runs, but the proxy did not see it up within {timeout:g}s")
 
     def start_proxy(self) -> None:
+        if self.running("proxy"):
+            raise ClusterError("the proxy is already running")
         log = self.dir / "logs" / "proxy.log"
         self._spawn("proxy", self.sipha_cmd("proxy", "--log-file", str(log)), log.with_suffix(".out"))
         self.state["procs"]["proxy"]["log"] = str(log)
         self.save()
         self._wait_admin("proxy", self.state["proxy"]["admin"])
+
+    def restart_proxy(self) -> None:
+        """Start the proxy again (after `kill proxy`), returning once it
+        sees every running node up: it keeps no call state, so the calls
+        in progress go on through it."""
+        self.start_proxy()
+        for nid in self.state["nodes"]:
+            if self.running(nid):
+                self._wait_proxy_sees(nid)
 
     def start_trunk(self) -> None:
         t = self.state["trunk"]
@@ -274,7 +285,13 @@ class Cluster:
 
     def kill(self, nid: str, *, process_only: bool = False) -> None:
         """SIGKILL the node and its Redis: a host failure (process_only: the
-        node's process alone, a crash that leaves its Redis and data)."""
+        node's process alone, a crash that leaves its Redis and data); or
+        the proxy (nid "proxy")."""
+        if nid == "proxy":
+            if not self._signal("proxy", signal.SIGKILL):
+                raise ClusterError("the proxy is not running")
+            self._wait_gone(["proxy"], 5)
+            return
         if nid not in self.state.get("nodes", {}):
             raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
         victims = (nid,) if process_only else (nid, f"redis-{nid}")
@@ -387,12 +404,19 @@ def _existing(directory: str) -> Cluster:
 
 def cmd_kill(args) -> int:
     _existing(args.dir).kill(args.node, process_only=args.process_only)
+    if args.node == "proxy":
+        print("killed the proxy (SIGKILL); `sipha start proxy` brings it back, and the calls go on")
+        return 0
     print(f"killed {args.node}" + (" (SIGKILL; its Redis keeps running)" if args.process_only
                                    else " and its Redis (SIGKILL)"))
     return 0
 
 
 def cmd_start(args) -> int:
+    if args.node == "proxy":
+        _existing(args.dir).restart_proxy()
+        print("started the proxy; it sees the nodes up")
+        return 0
     _existing(args.dir).start_node(args.node)
     print(f"started {args.node}; the proxy ramps traffic back onto it")
     return 0
@@ -462,13 +486,13 @@ def add_commands(sub) -> None:
     p = with_dir(sub.add_parser("status", help="nodes, health, load factor, dialog counts"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
-    p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure)"))
-    p.add_argument("node")
+    p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure), or the proxy"))
+    p.add_argument("node", help="a node id, or proxy")
     p.add_argument("--process-only", action="store_true",
                    help="kill only the node's process; its Redis and dialogs survive (a crash)")
     p.set_defaults(func=cmd_kill)
-    p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up)"))
-    p.add_argument("node")
+    p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up), or the proxy"))
+    p.add_argument("node", help="a node id, or proxy")
     p.set_defaults(func=cmd_start)
     p = with_dir(sub.add_parser("down", help="stop everything `up` started"))
     p.set_defaults(func=cmd_down)

@@ -45,6 +45,13 @@ def test_up_status_load_kill_start_down(tmp_path):
         assert sipha("start", "--dir", d, "node2").returncode == 0
         r = sipha("load", "--dir", d, "--calls", "10", "--rate", "20", "--transport", "tcp")
         assert r.returncode == 0, r.stdout + r.stderr
+        assert sipha("kill", "--dir", d, "proxy").returncode == 0
+        assert not json.loads(sipha("status", "--dir", d, "--json").stdout)["proxy"]["running"]
+        assert sipha("kill", "--dir", d, "proxy").returncode == 2      # not running any more
+        assert sipha("start", "--dir", d, "proxy").returncode == 0
+        assert sipha("start", "--dir", d, "proxy").returncode == 2     # running already
+        r = sipha("load", "--dir", d, "--calls", "10", "--rate", "20")
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         r = sipha("down", "--dir", d)
     assert r.returncode == 0 and "proxy" in r.stdout

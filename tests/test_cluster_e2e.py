@@ -119,3 +119,28 @@ def test_two_hosts_lost_one_after_the_other_cost_no_call(make_cluster):
     assert result.ok == 30 and result.failed == 0, result.log_tail
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
     assert "event=mirrored_again" in logs
+
+
+def test_the_proxy_killed_and_restarted_costs_no_call(make_cluster):
+    """The proxy keeps no call state (routes by stamps and Via branches),
+    so a proxy that crashes and is started again (systemd, or a standby
+    taking its address) finds every call in progress over UDP: their
+    re-INVITEs, ACKs and BYEs go on through the new process. (A TCP
+    connection dies with the process that held it, as with any proxy: a
+    phone connects and registers again, RFC 5626.)"""
+    c = make_cluster(nodes=3)
+
+    async def scenario():
+        # reinvite.xml: INVITE, hold 1.5 s, re-INVITE, hold 1.5 s, BYE; the
+        # proxy is down from ~1 s to ~2 s, as the first calls' re-INVITEs go
+        s = uac(c, "reinvite", calls=20, rate=10, hold_ms=1500)
+        await s.start()
+        await asyncio.sleep(1.0)
+        c.kill("proxy")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(c.restart_proxy)
+        return await s.wait(60)
+
+    result = run(scenario())
+    assert result.ok == 20 and result.failed == 0, result.log_tail
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
