@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
+import traceback
 
 _NEEDS_QUOTE = frozenset(' "=\\\t\r\n')
 
@@ -76,6 +78,11 @@ class EventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         event_name = getattr(record, "event", record.name)
+        if record.exc_info and record.exc_info[1] is not None:
+            # a bug's exception, on the line that tells of it (log.exception,
+            # asyncio's handler): what it was and where, innermost last
+            fields = {**(fields if fields is not None else {"msg": record.getMessage()}),
+                      **exception_fields(record.exc_info[1])}
         if not self.json:       # a line per routed request: built in one pass, no dicts
             parts = [f"ts={_ts(record.created)} level={record.levelname.lower()}{self._after_level}"
                      f"{logfmt_value(event_name)}"]
@@ -93,6 +100,14 @@ class EventFormatter(logging.Formatter):
         else:
             fields = {k: v for k, v in fields.items() if v is not None}
         return json.dumps({**head, **fields}, default=str, separators=(",", ":"))
+
+
+def exception_fields(exc: BaseException, frames: int = 8) -> dict[str, str]:
+    """error=Type: text, trace=file:line function > ... (the last `frames`
+    frames, innermost last): a traceback on one greppable line."""
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    return {"error": f"{type(exc).__name__}: {exc}"[:500],
+            "trace": " > ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in tb)}
 
 
 def setup_logging(proc: str, *, level: str = "info", fmt: str = "logfmt", path: str = "",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from sipcore.logfmt import EventFormatter, RateLimitedLog, event, logfmt_value, parse_logfmt
 
@@ -65,3 +66,25 @@ def test_disabled_level_formats_nothing():
         def __str__(self):
             raise AssertionError("formatted although DEBUG is off")
     event(logger, "route", logging.DEBUG, call_id=Boom())
+
+
+def test_an_exception_logged_says_what_and_where_on_its_line():
+    """log.exception (a node's unhandled error) and asyncio's handler wrote
+    `msg="Unhandled exception in event loop"` and dropped the exception:
+    an operator saw that something failed, never what or where."""
+    def deepest():
+        raise KeyError("peer")
+
+    try:
+        deepest()
+    except KeyError:
+        rec = logging.getLogger("asyncio").makeRecord("asyncio", logging.ERROR, __file__, 1,
+                                                      "Unhandled exception in event loop", (),
+                                                      sys.exc_info())
+    line = EventFormatter("proxy").format(rec)
+    assert "\n" not in line
+    back = parse_logfmt(line)
+    assert back["msg"] == "Unhandled exception in event loop" and back["error"] == "KeyError: 'peer'"
+    assert back["trace"].endswith("test_logfmt.py:{} deepest".format(deepest.__code__.co_firstlineno + 1))
+    obj = json.loads(EventFormatter("proxy", "json").format(rec))
+    assert obj["error"] == "KeyError: 'peer'" and obj["trace"] == back["trace"]
