@@ -154,7 +154,8 @@ class Sipp:
         path = scenario_path(self.scenario)
         cmd += ["-sn", self.scenario] if path is None else ["-sf", path]
         if self.target:
-            cmd.append(f"{self.target[0]}:{self.target[1]}")
+            host = f"[{self.target[0]}]" if ":" in self.target[0] else self.target[0]
+            cmd.append(f"{host}:{self.target[1]}")      # an IPv6 address in brackets
         cmd += ["-i", self.local[0], "-p", str(self.local[1])]
         cmd += ["-t", "u1" if self.transport == "udp" else "t1"]
         if self.calls is not None:

@@ -13,13 +13,13 @@ from sipha.sipp import Sipp, free_port
 pytestmark = pytest.mark.e2e
 
 
-def run_against(tmp_path, uas_scenario: str):
+def run_against(tmp_path, uas_scenario: str, host: str = "127.0.0.1"):
     async def go():
         port = free_port()
-        uas = Sipp(uas_scenario, local=("127.0.0.1", port), auto_answer=True, workdir=str(tmp_path))
+        uas = Sipp(uas_scenario, local=(host, port), auto_answer=True, workdir=str(tmp_path))
         await uas.start()
         try:
-            uac = Sipp("uac", target=("127.0.0.1", port), calls=5, rate=50)
+            uac = Sipp("uac", target=(host, port), local=(host, free_port()), calls=5, rate=50)
             return uac, await uac.run(30)
         finally:
             await uas.stop(0.5)
@@ -40,3 +40,11 @@ def test_a_failed_run_keeps_the_error_log(tmp_path):
         assert os.path.isfile(uac.log_file) and os.path.getsize(uac.log_file) > 0
     finally:
         shutil.rmtree(uac.workdir, ignore_errors=True)
+
+
+def test_a_target_at_an_ipv6_address_is_written_in_brackets(tmp_path):
+    """SIPp read `::1:5060` as a host name and exited ("Unknown remote
+    host"): `sipha load --target [::1]:5060` could not run."""
+    uac, result = run_against(tmp_path, "uas", "::1")
+    assert "[::1]:" in " ".join(uac.command())
+    assert result.ok == 5 and result.failed == 0, result.log_tail
