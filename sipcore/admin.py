@@ -38,7 +38,7 @@ async def start_admin(setting: str, key: str, sip_port: int, routes: dict[str, H
         except OSError as exc:
             event(log, "admin_unavailable", logging.WARNING, key=key, addr=f"127.0.0.1:{port}", error=str(exc))
             return None, None
-    host, port = parse_hostport(setting, key)
+    host, port = parse_hostport(setting, key, ipv6=True)
     return server, await server.start(host, port)
 
 

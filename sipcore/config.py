@@ -21,11 +21,17 @@ class ConfigError(ValueError):
     pass
 
 
-def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_hostport(text: str, key: str, default_port: int | None = None, *, ipv6: bool = False) -> tuple[str, int]:
+    """`ipv6`: an IPv6 address ([::1]:5060) is accepted; by default it is
+    refused with a clear error, as SIP through the proxy and nodes is IPv4
+    only (an IPv6 listen address got datagrams it could not answer)."""
     text = str(text).strip()
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::([0-9]+))?|([^:\[\]\s]+)(?::([0-9]+))?", text)
     if not m:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    if m.group(1) and not ipv6:
+        raise ConfigError(f"{key}: IPv6 addresses are not supported yet, got {text!r} "
+                          f"(use an IPv4 address or a host name)")
     host = m.group(1) or m.group(3)
     port_text = m.group(2) or m.group(4)
     if port_text is None:
@@ -179,7 +185,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
                         raise ConfigError(f"{k}: needs id and sip")
                     node = parse_node(f"{entry['id']}={entry['sip']},{entry.get('redis', '')}", k)
                     if entry.get("admin"):
-                        parse_hostport(entry["admin"], f"{k}.admin")
+                        parse_hostport(entry["admin"], f"{k}.admin", ipv6=True)
                         node = NodeConfig(node.id, node.host, node.port, node.redis, str(entry["admin"]))
                     node_list.append(node)
                 continue

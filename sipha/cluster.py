@@ -431,7 +431,7 @@ def cmd_down(args) -> int:
 def cmd_load(args) -> int:
     if args.target:
         from sipcore.config import parse_hostport
-        target = parse_hostport(args.target, "--target", 5060)
+        target = parse_hostport(args.target, "--target", 5060, ipv6=True)
     else:
         target = _existing(args.dir).proxy_addr
     if args.calls < 1 or args.rate <= 0:

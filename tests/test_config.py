@@ -50,6 +50,13 @@ def test_cli_error_names_bad_option_and_opens_no_socket():
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert "proxy.listen" in r.stderr and "out of range" in r.stderr
+    # IPv6 is not served yet: a clear refusal, not a proxy that cannot answer
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", "127.0.0.1:5060,[::1]:5060",
+                        "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "proxy.listen: IPv6 addresses are not supported yet" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "node1=[::1]:5070"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "IPv6 addresses are not supported yet" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "bad"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--node" in r.stderr
