@@ -252,9 +252,14 @@ class Node:
         internal = cfg["proxy.internal"] or cfg["proxy.listen"].split(",")[0]
         self.proxy_addr = parse_hostport(internal, "proxy.internal", 5060)
         up = cfg["node.upstream"]
-        self.upstream = parse_uri(up) if up else None
+        try:
+            self.upstream = parse_uri(up) if up else None
+        except SipParseError:
+            raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
         if self.upstream is not None and not self.upstream.is_sip:
-            raise ValueError(f"node.upstream: not a SIP URI: {up!r}")
+            raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
+        if self.upstream is not None and ":" in self.upstream.host:
+            raise ConfigError(f"node.upstream: IPv6 addresses are not supported yet, got {up!r}")
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)

@@ -316,7 +316,12 @@ class SipTransport:
         if transport == "udp":
             if self.udp is None or self.udp.transport is None:
                 raise OSError("no UDP socket")
-            self.udp.transport.sendto(data, dest)
+            try:
+                self.udp.transport.sendto(data, dest)
+            except ValueError as exc:
+                # an address of the other family (an IPv6 Contact or
+                # upstream from an IPv4 socket): cannot be sent, as OSError
+                raise OSError(str(exc)) from None
             return
         conn = self.connections.get(dest)
         if conn is not None:

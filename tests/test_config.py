@@ -63,3 +63,14 @@ def test_cli_error_names_bad_option_and_opens_no_socket():
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--config", "/nonexistent.toml"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--config" in r.stderr
+
+
+@pytest.mark.parametrize("upstream, said", [
+    ("garbage", "node.upstream: not a URI: 'garbage'"),
+    ("tel:+15551234", "node.upstream: not a SIP URI"),
+    ("sip:[2001:db8::1]:5060", "node.upstream: IPv6 addresses are not supported yet"),
+])
+def test_a_bad_upstream_is_a_cli_error_not_a_traceback(upstream, said):
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "node", "--id", "n1", "--node", "n1=127.0.0.1:5071",
+                        "--upstream", upstream], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from sipha.sipp import free_port
 from sipcore.transport import SipTransport
 
@@ -51,3 +53,25 @@ def test_a_connection_that_cannot_be_opened_is_said_so():
         t.send(b"OPTIONS ...", dest, "tcp")
 
     assert failures_of(scenario) == [(b"OPTIONS ...", dest, False)]
+
+
+def test_a_datagram_for_the_other_address_family_is_an_oserror():
+    """An IPv4 socket asked to send to an IPv6 address (a phone's IPv6
+    Contact, an IPv6 upstream): uvloop, which the proxy and nodes run on,
+    raised ValueError, which nothing caught (a traceback per packet);
+    callers handle OSError."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go():
+        t = SipTransport(lambda *a: None)
+        await t.listen("127.0.0.1", 0, tcp=False)
+        try:
+            with pytest.raises(OSError, match="family"):
+                t.send(b"OPTIONS ...", ("::1", 5060), "udp")
+        finally:
+            await t.close()
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
