@@ -66,7 +66,7 @@ class DialogStore:
         self.urls = urls
         self.clients = {nid: _client(nid, url) for nid, url in urls.items() if url}
         if node_id not in self.clients:
-            raise ValueError(f"nodes: node {node_id} has no Redis URL")
+            raise ConfigError(f"nodes: node {node_id} has no Redis URL (ID=HOST:PORT,redis://HOST:PORT/DB)")
         self.own = self.clients[node_id]
         # a peer whose Redis just failed is skipped for a while, so a dead
         # host (connect timeouts, not refusals) does not slow every call

@@ -436,6 +436,8 @@ def cmd_load(args) -> int:
         target = _existing(args.dir).proxy_addr
     if args.calls < 1 or args.rate <= 0:
         raise ClusterError("--calls and --rate must be positive")
+    if args.hold < 0:
+        raise ClusterError(f"--hold: must not be negative, got {args.hold:g}")
     sipp = Sipp(args.scenario, target=target, transport=args.transport, calls=args.calls, rate=args.rate,
                 hold_ms=int(args.hold * 1000) if args.hold else None, service=args.service)
     result = asyncio.run(run_load(sipp))

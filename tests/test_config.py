@@ -71,6 +71,16 @@ def test_cli_error_names_bad_option_and_opens_no_socket():
     ("sip:[2001:db8::1]:5060", "node.upstream: IPv6 addresses are not supported yet"),
 ])
 def test_a_bad_upstream_is_a_cli_error_not_a_traceback(upstream, said):
-    r = subprocess.run([sys.executable, "-m", "sipha.cli", "node", "--id", "n1", "--node", "n1=127.0.0.1:5071",
-                        "--upstream", upstream], capture_output=True, text=True, timeout=20)
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "node", "--id", "n1",
+                        "--node", "n1=127.0.0.1:5071,redis://127.0.0.1:6379/0", "--upstream", upstream],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["node", "--id", "n1", "--node", "n1=127.0.0.1:5071"], "nodes: node n1 has no Redis URL"),
+    (["load", "--target", "127.0.0.1:9", "--hold", "-1"], "--hold: must not be negative"),
+])
+def test_other_bad_options_are_cli_errors_not_tracebacks(args, said):
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
