@@ -623,6 +623,7 @@ class Node:
             await self.bye(req, bekey, record, leg)
         elif method == "CANCEL":
             self.reply(req, 200, "OK")
+            self.cancel_relayed(req, record, leg)
         elif method in ("INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "REFER", "SUBSCRIBE", "PRACK"):
             await self.relay_in_dialog(req, bekey, record, leg, partner)
         else:
@@ -1298,6 +1299,7 @@ class Node:
         far = other(q["l"])
         if resp.status >= 300:
             self.send_ack_for(record, far, q["o"], resp.top_via.branch)
+            await self.forget_2xx_ack(bekey, record, q["l"])
             return
         # as for a stray 2xx of the first INVITE, the ACK goes now: the
         # caller's ACK may have gone to the dead node
@@ -1518,6 +1520,21 @@ class Node:
         finally:
             trying()
 
+    def cancel_relayed(self, req: SipRequest, record: dict, leg: str) -> None:
+        """A CANCEL of a re-INVITE (RFC 3261 §9: the user gave up a video
+        upgrade, a transfer's hold) goes on to the far side, for the
+        re-INVITE relayed for it (record `q`: its CSeq, branch and
+        sender), which then answers it 487, relayed back. Before, the
+        CANCEL was answered here and the far side went on ringing its
+        user, or the sender's re-INVITE timed out (some phones hang up
+        then)."""
+        q = record.get("q")
+        if not q or (q["l"], q["m"], q["c"]) != (leg, "INVITE", req.cseq[0]):
+            return
+        cancel = self.build(record, other(leg), "CANCEL", q["o"], branch=q.get("br"),
+                            via=self.fork_via({"by": q.get("by")}), extra=carried_request(req))
+        self.tx.request(cancel, lambda r: None)
+
     def acknowledged(self, req: SipRequest, record: dict) -> tuple[int, dict] | None:
         """-> (the callee's RSeq, its early dialog) of the reliable
         provisional answer a caller's PRACK names by its RAck (record
@@ -1564,6 +1581,17 @@ class Node:
             record = await self.load_call(bekey, self.partner_for(bekey))
             if record is not None:
                 self.send_ack_for(record, other(leg), out_cseq, resp.top_via.branch)
+                await self.forget_2xx_ack(bekey, record, leg)
+
+    async def forget_2xx_ack(self, bekey: str, record: dict, leg: str) -> None:
+        """A re-INVITE from `leg` failed (487 after its CANCEL, 491, 488):
+        the ACK its sender sends for the failure is the transaction's own
+        (RFC 3261 §17.1.1.3), not one to relay; what the record still says
+        of a 2xx ACK to relay from that leg (ack() relays the first one
+        without saving) would send the far side an ACK of its old 2xx
+        again, which SIPp takes for a broken call."""
+        if record.get("ack", {}).pop(leg, None) is not None:
+            await self.save_held(bekey, record)
 
     def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
         """Answer `orig` as the far side answered the request relayed for it."""

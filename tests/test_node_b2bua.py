@@ -380,3 +380,28 @@ def test_a_session_timer_is_agreed_and_refreshed_through_the_node(tmp_path):
     assert "timer" in update.values("Supported") and update.get("Session-Expires") == "1800;refresher=uac"
     for answer in (ok, refreshed):
         assert answer.get("Session-Expires") == "1800;refresher=uac" and answer.values("Require") == ["timer"]
+
+
+def test_the_ack_of_a_failed_reinvite_is_not_relayed_as_the_2xx_ack_again(tmp_path):
+    """A re-INVITE refused (491 glare, 488, 487 after its CANCEL): the node
+    ACKs the callee's refusal itself, and the caller's ACK of the
+    refusal it relayed is the end of that transaction. The node relayed
+    it as the ACK of the call's first 2xx (still owed in the record),
+    and the callee got that ACK a second time: SIPp drops such a call."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        n.on_message(in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack1"), *UDP)
+        await settled(n)
+        n.on_message(in_dialog("INVITE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKre2"), *UDP)
+        await settled(n)
+        reinvite = [m for m in of_method(sent[n], "INVITE") if m.cseq[0] == 2][0]
+        n.on_message(make_response(reinvite, 491, "Request Pending"), *UDP)
+        await settled(n)
+        n.on_message(in_dialog("ACK", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKre2"), *UDP)
+        await settled(n)
+        return [(m.cseq, m.top_via.branch == reinvite.top_via.branch) for m in of_method(sent[n], "ACK")
+                if m.call_id == b_invite.call_id]
+
+    acks = with_nodes(tmp_path, 1, scenario)
+    assert acks == [((1, "ACK"), False), ((2, "ACK"), True)]    # the 2xx's, relayed; the 491's, the node's own

@@ -406,3 +406,22 @@ def test_reliable_early_media_and_its_prack_go_end_to_end(make_cluster, transpor
     result = run(uac(c, "uac_prack", calls=5, rate=10, transport=transport).run(60))
     assert result.ok == 5 and result.failed == 0, result.log_tail
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_cancelled_reinvite_is_cancelled_at_the_callee_and_the_call_goes_on(make_cluster, transport):
+    """A re-INVITE given up (RFC 3261 §9): the node answered the CANCEL and
+    kept it, so the callee's user went on being asked and the caller's
+    re-INVITE waited for its final answer. The CANCEL now reaches the
+    callee, whose 487 reaches the caller (each side's SIPp checks its
+    part); the call then ends with a BYE as usual."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_reinvite_cancel")
+    result = run(uac(c, "reinvite_cancel", calls=4, rate=10, hold_ms=200, transport=transport).run(30))
+    assert result.ok == 4 and result.failed == 0, result.log_tail
+    trunk = str(next((c.dir / "logs").glob("uas_reinvite_cancel-*.csv")))
+    deadline = time.monotonic() + 10        # SIPp writes its statistics each second
+    while int((stats := read_stats(trunk)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < 4:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    assert (stats["SuccessfulCall(C)"], stats["FailedCall(C)"]) == ("4", "0")
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
