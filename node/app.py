@@ -504,10 +504,9 @@ class Node:
         503), rather than the caller a 500 meanwhile (up to a second of
         requests, a BYE among them). Once only (reason=handoff), and not
         after a final answer went out."""
-        bekey, partner, from_proxy = self._route_info(req)
+        bekey, partner, reason = self._route_info(req)
         addr = self.peer_addrs.get(partner)
-        if not from_proxy or addr is None or "reason=handoff" in (req.get(ROUTE_HEADER) or "") \
-                or self.tx.answered(req):
+        if not reason or reason == "handoff" or addr is None or self.tx.answered(req):
             return False
         req.set(ROUTE_HEADER, f"bekey={bekey};owner={partner};partner=;reason=handoff")
         self.tx._send(req.to_bytes(), addr)
@@ -515,13 +514,15 @@ class Node:
               to=partner, error=str(exc))
         return True
 
-    def _route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
-        """-> (bekey, partner, from_proxy): from the proxy's internal header
-        when there is one, else from the message itself. Read once per
-        message (several steps of one request ask)."""
+    def _route_info(self, req: SipRequest) -> tuple[str, str | None, str]:
+        """-> (bekey, partner, reason): from the proxy's internal header
+        when there is one (reason: the proxy's, owner, failover, ramp, or
+        handoff from a node, see hand_over), else from the message itself
+        (reason ""). Read once per message (several steps of one request
+        ask)."""
         return req._cached("x-sipha-route:info", lambda: self._read_route_info(req))
 
-    def _read_route_info(self, req: SipRequest) -> tuple[str, str | None, bool]:
+    def _read_route_info(self, req: SipRequest) -> tuple[str, str | None, str]:
         value = req.get(ROUTE_HEADER)
         if value:
             try:
@@ -530,26 +531,27 @@ class Node:
                 params = {}
             bekey = params.get("bekey")
             if bekey and len(bekey) == 16:
-                if params.get("reason") == "handoff":
+                reason = params.get("reason") or "proxy"
+                if reason == "handoff":
                     # from the node that handed it over (hand_over): the
                     # answers go by the Via, to the proxy, not back to it
                     req.source = None
-                return bekey, params.get("partner") or None, True
+                return bekey, params.get("partner") or None, reason
         for text in (req.to.tag, req.from_.tag, req.call_id):
             k = read_stamp(self.secret, text)
             if k:
-                return k, None, False
+                return k, None, ""
         if req.method == "REGISTER":
-            return bekey_of(req.to.parsed_uri.aor()), None, False
-        return bekey_of(req.call_id), None, False
+            return bekey_of(req.to.parsed_uri.aor()), None, ""
+        return bekey_of(req.call_id), None, ""
 
     def partner_for(self, bekey: str, req: SipRequest | None = None) -> str | None:
         """The partner the proxy named (None when it named none: no other
         node is up); without a proxy decision, the next node in rank that
         the proxy does not see down."""
         if req is not None:
-            _, partner, from_proxy = self._route_info(req)
-            if from_proxy:
+            _, partner, reason = self._route_info(req)
+            if reason:
                 return partner
         for n in rank(bekey, self.node_ids):
             if n != self.id and n not in self.peers_down:
