@@ -24,6 +24,18 @@ from sipha.sipp import free_port, read_stats
 pytestmark = pytest.mark.e2e
 
 
+def callee_counts(c, scenario: str, calls: int) -> tuple[str, str]:
+    """-> (successful, failed) calls of the cluster's SIPp trunk running
+    `scenario`, once it counted `calls` (SIPp writes its statistics each
+    second; a call ends 2 s after its BYE, in timewait)."""
+    trunk = str(next((c.dir / "logs").glob(f"{scenario}-*.csv")))
+    deadline = time.monotonic() + 10
+    while int((stats := read_stats(trunk)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < calls:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    return stats["SuccessfulCall(C)"], stats["FailedCall(C)"]
+
+
 def test_call_keys_are_active_on_owner_replica_on_partner_and_gone_after_bye(make_cluster):
     c = make_cluster()
 
@@ -237,12 +249,7 @@ def test_a_delayed_offer_is_answered_in_the_relayed_ack(make_cluster, transport)
     c = make_cluster(nodes=2, trunk_scenario="uas_delayed_offer")
     result = run(uac(c, "uac_delayed_offer", calls=5, rate=10, transport=transport).run(60))
     assert result.ok == 5 and result.failed == 0, result.log_tail
-    trunk = str(next((c.dir / "logs").glob("uas_delayed_offer-*.csv")))
-    deadline = time.monotonic() + 10        # its calls end 2 s after the BYE (timewait); stats each second
-    while int((stats := read_stats(trunk)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < 5:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.5)
-    assert (stats["SuccessfulCall(C)"], stats["FailedCall(C)"]) == ("5", "0")
+    assert callee_counts(c, "uas_delayed_offer", 5) == ("5", "0")
 
 
 def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster):
@@ -405,6 +412,7 @@ def test_reliable_early_media_and_its_prack_go_end_to_end(make_cluster, transpor
     c = make_cluster(nodes=2, trunk_scenario="uas_prack")
     result = run(uac(c, "uac_prack", calls=5, rate=10, transport=transport).run(60))
     assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert callee_counts(c, "uas_prack", 5) == ("5", "0")
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
 
 
@@ -418,10 +426,17 @@ def test_a_cancelled_reinvite_is_cancelled_at_the_callee_and_the_call_goes_on(ma
     c = make_cluster(nodes=2, trunk_scenario="uas_reinvite_cancel")
     result = run(uac(c, "reinvite_cancel", calls=4, rate=10, hold_ms=200, transport=transport).run(30))
     assert result.ok == 4 and result.failed == 0, result.log_tail
-    trunk = str(next((c.dir / "logs").glob("uas_reinvite_cancel-*.csv")))
-    deadline = time.monotonic() + 10        # SIPp writes its statistics each second
-    while int((stats := read_stats(trunk)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < 4:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.5)
-    assert (stats["SuccessfulCall(C)"], stats["FailedCall(C)"]) == ("4", "0")
+    assert callee_counts(c, "uas_reinvite_cancel", 4) == ("4", "0")
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_session_timer_is_agreed_and_refreshed_end_to_end(make_cluster, transport):
+    """RFC 4028 through the cluster: the caller's Session-Expires and
+    Min-SE reach the callee, the callee's 2xx (Session-Expires with the
+    refresher, Require: timer) reaches the caller, and so does the
+    refresh and its answer; each side's SIPp checks what it gets."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_timer")
+    result = run(uac(c, "uac_timer", calls=4, rate=10, hold_ms=200, transport=transport).run(30))
+    assert result.ok == 4 and result.failed == 0, result.log_tail
+    assert callee_counts(c, "uas_timer", 4) == ("4", "0")
