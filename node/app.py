@@ -294,6 +294,9 @@ class Node:
         # the nodes the proxy's last probe said are down (DOWN_HEADER)
         self.peers_down: frozenset[str] = frozenset()
         self._sweeps: set[asyncio.Task] = set()
+        self.draining = False        # stopping: probes get 503 (drain)
+        self.probes_refused = 0
+        self.last_probe = 0.0
         # the other nodes' SIP addresses, resolved (hand_over)
         self.peer_addrs: dict[str, tuple[str, int]] = {
             n.id: n.sip for n in cfg.nodes if n.id != node_id and _is_ip(n.sip[0])}
@@ -363,6 +366,33 @@ class Node:
                                     value=int(self.healthy))
             yield from self.store.latency.collect()
         return prometheus(collect)
+
+    async def drain(self) -> None:
+        """A planned stop (SIGTERM: an upgrade, a move): the proxy's probes
+        get 503, so it routes this node's calls to their partners, which
+        hold the replicas, after `health.down_after` of them; meanwhile
+        and until then this node serves all that comes, then what it has
+        in hand (requests being handled, requests it sent on, 2xx awaiting
+        their ACK), for up to two seconds more. A kill loses the messages
+        of the proxy's detection window (retransmitted, or answered by the
+        partner from its replica); a drain loses none of them. Calls still
+        ringing here are the partner's at the proxy's next probe
+        (take_over). Without probes (the proxy gone, or health.probe off),
+        it does not wait for them."""
+        self.draining = True
+        interval, misses = self.cfg["health.interval"], self.cfg["health.down_after"]
+        event(log, "node_draining", node=self.id)
+        started = time.monotonic()
+        deadline = started + interval * (misses + 2) + 1.0
+        while time.monotonic() < deadline and self.probes_refused <= misses:
+            if time.monotonic() - max(self.last_probe, started) > 2 * interval + 0.2:
+                break                   # nobody probes: nobody to tell
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and (self.inflight or self.tx.busy()):
+            await asyncio.sleep(0.05)
+        event(log, "node_drained", node=self.id, after_s=round(time.monotonic() - started, 2),
+              probes_refused=self.probes_refused, left_inflight=self.inflight or None)
 
     async def close(self) -> None:
         if self.admin:
@@ -450,6 +480,11 @@ class Node:
             # proxy sends its calls straight back instead of ramping.
             warm = [(WARM_HEADER, str(self.warm))] if self.warm and time.monotonic() < self.warm_until else []
             self.peers_seen_down(frozenset(split_commas(msg.get(DOWN_HEADER) or "")) - {self.id})
+            self.last_probe = time.monotonic()
+            if self.draining:
+                self.probes_refused += 1
+                self.reply(msg, 503, "Service Unavailable (shutting down)")
+                return
             self.reply(msg, 200 if self.healthy else 503,
                        "OK" if self.healthy else "Service Unavailable (Redis down)", headers=warm)
             return

@@ -114,6 +114,13 @@ class Transactions:
         ringing = req.method == "INVITE" and still is not None
         tx.deadline = loop.call_later(self.invite_timeout if ringing else TIMEOUT, self._deadline, tx)
 
+    def busy(self) -> bool:
+        """Whether a request we sent still waits for its final answer (but
+        an INVITE that rang, which waits up to Timer C), or a 2xx for its
+        ACK."""
+        return bool(self.pending_2xx) or any(
+            not tx.final and not (tx.method == "INVITE" and tx.provisional) for tx in self.client.values())
+
     def adopt(self, branch: str, on_response: Callable[[SipResponse | None], Any],
               expire: Callable[[], Any]) -> None:
         """Take on an INVITE transaction another node started and left (it

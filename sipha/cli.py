@@ -62,6 +62,8 @@ async def _serve(app) -> None:
     await app.start()
     try:
         await stop.wait()
+        if hasattr(app, "drain"):
+            await app.drain()        # a node hands its calls over before it goes
     finally:
         await app.close()
 

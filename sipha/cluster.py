@@ -300,6 +300,18 @@ class Cluster:
             raise ClusterError(f"{nid} is not running")
         self._wait_gone(hit, 5)
 
+    def stop(self, nid: str) -> None:
+        """SIGTERM the node's process, its Redis staying: a planned stop
+        (an upgrade); the node drains (its calls go to their partners)
+        before it exits."""
+        if nid not in self.state.get("nodes", {}):
+            raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+        if not self._signal(nid, signal.SIGTERM):
+            raise ClusterError(f"{nid} is not running")
+        if self._wait_gone([nid], 10):
+            self._signal(nid, signal.SIGKILL)
+            self._wait_gone([nid], 2)
+
     def kill_redis(self, nid: str) -> None:
         """SIGKILL only the node's Redis (the node keeps running)."""
         if not self._signal(f"redis-{nid}", signal.SIGKILL):
@@ -412,6 +424,12 @@ def cmd_kill(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    _existing(args.dir).stop(args.node)
+    print(f"stopped {args.node} (SIGTERM: it drained, its calls go on at their partners; its Redis keeps running)")
+    return 0
+
+
 def cmd_start(args) -> int:
     if args.node == "proxy":
         _existing(args.dir).restart_proxy()
@@ -493,6 +511,9 @@ def add_commands(sub) -> None:
     p.add_argument("--process-only", action="store_true",
                    help="kill only the node's process; its Redis and dialogs survive (a crash)")
     p.set_defaults(func=cmd_kill)
+    p = with_dir(sub.add_parser("stop", help="stop a node as for an upgrade (SIGTERM: it drains first)"))
+    p.add_argument("node")
+    p.set_defaults(func=cmd_stop)
     p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up), or the proxy"))
     p.add_argument("node", help="a node id, or proxy")
     p.set_defaults(func=cmd_start)

@@ -45,6 +45,11 @@ def test_up_status_load_kill_start_down(tmp_path):
         assert sipha("start", "--dir", d, "node2").returncode == 0
         r = sipha("load", "--dir", d, "--calls", "10", "--rate", "20", "--transport", "tcp")
         assert r.returncode == 0, r.stdout + r.stderr
+        r = sipha("stop", "--dir", d, "node1")
+        assert r.returncode == 0 and "drained" in r.stdout, r.stdout + r.stderr
+        assert json.loads(sipha("status", "--dir", d, "--json").stdout)["nodes"][0]["process"] == "stopped"
+        assert sipha("stop", "--dir", d, "node1").returncode == 2      # not running any more
+        assert sipha("start", "--dir", d, "node1").returncode == 0
         assert sipha("kill", "--dir", d, "proxy").returncode == 0
         assert not json.loads(sipha("status", "--dir", d, "--json").stdout)["proxy"]["running"]
         assert sipha("kill", "--dir", d, "proxy").returncode == 2      # not running any more

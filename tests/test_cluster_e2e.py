@@ -144,3 +144,30 @@ def test_the_proxy_killed_and_restarted_costs_no_call(make_cluster):
     result = run(scenario())
     assert result.ok == 20 and result.failed == 0, result.log_tail
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_a_node_stopped_for_an_upgrade_drains_first(make_cluster):
+    """SIGTERM (systemctl stop, an upgrade) closed a node at once, like a
+    crash: the calls went on at the partners, but what reached the node
+    in the proxy's detection window was lost and sent again (4 SIPp
+    retransmissions in this run). The node now answers the probes 503 and
+    serves on until the proxy has routed its calls elsewhere: nothing is
+    lost, nothing is retransmitted."""
+    c = make_cluster(nodes=3)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=150, rate=30, hold_ms=1000)
+        await s.start()
+        await asyncio.sleep(2.5)
+        before = all_keys(c)
+        victim = max(before, key=lambda n: len(before[n]["active"]))
+        await asyncio.to_thread(c.stop, victim)
+        return await s.wait(60), victim
+
+    result, victim = run(scenario())
+    assert result.ok == 150 and result.failed == 0, result.log_tail
+    assert result.retransmissions == 0
+    node_log = (c.dir / "logs" / f"{victim}.log").read_text()
+    assert "event=node_draining" in node_log and "event=node_drained" in node_log
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert f'event=node_down node={victim}' in proxy_log and 'reason="status 503"' in proxy_log
