@@ -40,7 +40,6 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import random
@@ -53,7 +52,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import format_params, is_digits, parse_name_addr, parse_uri, split_commas, split_params
+from sipcore.headers import format_params, is_digits, is_ip, parse_name_addr, parse_uri, split_commas, split_params
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -221,14 +220,6 @@ def b_leg_hops(req: SipRequest) -> int:
     return 69 if hops is None else hops - 1
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 def other(leg: str) -> str:
     return "b" if leg == "a" else "a"
 
@@ -299,7 +290,7 @@ class Node:
         self.last_probe = 0.0
         # the other nodes' SIP addresses, resolved (hand_over)
         self.peer_addrs: dict[str, tuple[str, int]] = {
-            n.id: n.sip for n in cfg.nodes if n.id != node_id and _is_ip(n.sip[0])}
+            n.id: n.sip for n in cfg.nodes if n.id != node_id and is_ip(n.sip[0])}
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:

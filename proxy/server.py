@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import random
 import time
@@ -36,7 +35,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, Config, parse_hostport
 from sipcore.errors import SipParseError
-from sipcore.headers import SipUri, Via, format_params, parse_name_addr, split_hostport
+from sipcore.headers import SipUri, Via, format_params, is_ip, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
@@ -60,14 +59,6 @@ _ROUTE_HEADER_LINE = f"\r\n{ROUTE_HEADER.lower()}:".encode()
 
 # the request line's method -> its name, for the requests fast_refuse weighs
 _NEW_WORK_METHODS = {m.encode(): m for m in NEW_WORK}
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
 
 
 # User-Agents of SIP scanners seen in the wild (sipvicious calls itself
@@ -597,7 +588,7 @@ class Proxy:
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
-        if _is_ip(dest[0]):
+        if is_ip(dest[0]):
             self.send(req, dest, out_transport)
         else:
             asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
@@ -785,7 +776,7 @@ class Proxy:
             if not target.is_sip or self.is_us(target):
                 return False                # 416, or a strict router's request (full path)
             dest, out_transport = self._uri_hop(target)
-        if out_transport != "udp" or not _is_ip(dest[0]):
+        if out_transport != "udp" or not is_ip(dest[0]):
             return False
         record_route = None
         if initial:

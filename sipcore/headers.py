@@ -8,6 +8,7 @@ the message keeps the original bytes, these views are only for reading, and
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -21,6 +22,16 @@ def is_digits(text: str) -> bool:
     """1*DIGIT in the ABNF sense: ASCII 0-9 only (str.isdigit() also takes
     '²' and other Unicode digits, which int() then refuses)."""
     return text.isascii() and text.isdigit()
+
+
+def is_ip(host: str) -> bool:
+    """Whether a host is an IP address (an IPv6 one in brackets or not),
+    not a name to resolve."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 _TOKEN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
