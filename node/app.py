@@ -972,6 +972,13 @@ class Node:
         return (lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp)),
                 lambda: self.spawn(bekey, self.fork_expired(bekey, branch)))
 
+    def setup_over(self, bekey: str) -> None:
+        """Forget what this node kept in memory for a call's setup (the
+        record as saved, the callee's early dialog): answered, given up,
+        cancelled; what changes now is read from Redis."""
+        self.in_setup.pop(bekey, None)
+        self.early.pop(bekey, None)
+
     async def still_ringing(self, bekey: str, branch: str) -> bool:
         """Whether a fork has no answer yet, wherever the call is saved.
         When not, the resumed INVITE is given up here (Transactions), and
@@ -981,8 +988,7 @@ class Node:
         ringing = bool(fork) and record["st"] == "early" and not record.get("cancel") and fork["st"] is None \
             and not fork.get("tc")
         if not ringing:
-            self.in_setup.pop(bekey, None)
-            self.early.pop(bekey, None)
+            self.setup_over(bekey)
         return ringing
 
     # ---- what died with another node ------------------------------------
@@ -1098,10 +1104,11 @@ class Node:
         self.stats.inc("ring_timeouts")
         event(log, "fork_timeout", bekey=bekey, call_id=record["a"]["cid"], target=fork["ruri"])
 
-    def fork_via(self, fork: dict) -> tuple[str, int]:
-        """The Via sent-by of a fork's INVITE: that of the node that sent it."""
+    def fork_via(self, sent: dict) -> tuple[str, int]:
+        """The Via sent-by of a fork's INVITE, or of the relayed request in
+        record `q`: that of the node that sent it (`by`)."""
         try:
-            return self.cfg.node(fork.get("by") or self.id).sip
+            return self.cfg.node(sent.get("by") or self.id).sip
         except ConfigError:
             return self.addr
 
@@ -1178,8 +1185,7 @@ class Node:
         if not provisional:
             # the setup is over (a final answer or a timeout): what changes
             # now is read from Redis, where a partner may have changed it
-            self.in_setup.pop(bekey, None)
-            self.early.pop(bekey, None)
+            self.setup_over(bekey)
         elif resp.to.tag:
             # the callee's early dialog, for a request the caller sends in
             # its own (relay_in_dialog): an UPDATE before the answer
@@ -1468,8 +1474,7 @@ class Node:
         if record["st"] != "early" or record.get("cancel"):
             return
         record["cancel"] = True
-        self.in_setup.pop(bekey, None)
-        self.early.pop(bekey, None)
+        self.setup_over(bekey)
         for fork in record["forks"]:
             if fork["st"] is None:
                 self.send_cancel(record, fork, carried_request(req))
@@ -1498,7 +1503,7 @@ class Node:
             # rather than taking it a second time (a NOTIFY, a DTMF). The
             # record is as it was saved.
             out_cseq = q["o"]
-            branch, via = q.get("br"), self.fork_via({"by": q.get("by")}) if q.get("by") else None
+            branch, via = q.get("br"), self.fork_via(q)
         elif req.cseq[0] <= L["rc"]:
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
@@ -1560,7 +1565,7 @@ class Node:
         if not q or (q["l"], q["m"], q["c"]) != (leg, "INVITE", req.cseq[0]):
             return
         cancel = self.build(record, other(leg), "CANCEL", q["o"], branch=q.get("br"),
-                            via=self.fork_via({"by": q.get("by")}), extra=carried_request(req))
+                            via=self.fork_via(q), extra=carried_request(req))
         self.tx.request(cancel, lambda r: None)
 
     def acknowledged(self, req: SipRequest, record: dict) -> tuple[int, dict] | None:
