@@ -202,9 +202,12 @@ class Cluster:
     def sipha_cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "sipha.cli", *args, "--config", str(self.dir / "cluster.toml")]
 
-    def start_node(self, nid: str, *, redis: bool = True) -> None:
+    def _known(self, nid: str) -> None:
         if nid not in self.state.get("nodes", {}):
             raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+
+    def start_node(self, nid: str, *, redis: bool = True) -> None:
+        self._known(nid)
         if self.running(nid):
             raise ClusterError(f"{nid} is already running")
         if redis and not self.running(f"redis-{nid}"):
@@ -292,8 +295,7 @@ class Cluster:
                 raise ClusterError("the proxy is not running")
             self._wait_gone(["proxy"], 5)
             return
-        if nid not in self.state.get("nodes", {}):
-            raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+        self._known(nid)
         victims = (nid,) if process_only else (nid, f"redis-{nid}")
         hit = [n for n in victims if self._signal(n, signal.SIGKILL)]
         if not hit:
@@ -304,8 +306,7 @@ class Cluster:
         """SIGTERM the node's process, its Redis staying: a planned stop
         (an upgrade); the node drains (its calls go to their partners)
         before it exits."""
-        if nid not in self.state.get("nodes", {}):
-            raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
+        self._known(nid)
         if not self._signal(nid, signal.SIGTERM):
             raise ClusterError(f"{nid} is not running")
         if self._wait_gone([nid], 10):
