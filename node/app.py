@@ -50,7 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
-from sipcore.config import Config, ConfigError, parse_hostport
+from sipcore.config import Config, ConfigError
 from sipcore.errors import SipParseError
 from sipcore.headers import format_params, is_digits, is_ip, parse_name_addr, parse_uri, split_commas, split_params
 from sipcore.logfmt import event
@@ -240,8 +240,7 @@ class Node:
         self.addr = me.sip
         self.node_ids = [n.id for n in cfg.nodes]
         self.secret = cfg.secret
-        internal = cfg["proxy.internal"] or cfg["proxy.listen"].split(",")[0]
-        self.proxy_addr = parse_hostport(internal, "proxy.internal", 5060)
+        self.proxy_addr = cfg.internal
         up = cfg["node.upstream"]
         try:
             self.upstream = parse_uri(up) if up else None
@@ -249,8 +248,6 @@ class Node:
             raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
         if self.upstream is not None and not self.upstream.is_sip:
             raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
-        if self.upstream is not None and ":" in self.upstream.host:
-            raise ConfigError(f"node.upstream: IPv6 addresses are not supported yet, got {up!r}")
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)

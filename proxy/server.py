@@ -27,15 +27,16 @@ import asyncio
 import hashlib
 import logging
 import random
+import socket
 import time
 
 from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import SETTINGS, Config, parse_hostport
+from sipcore.config import SETTINGS, Config
 from sipcore.errors import SipParseError
-from sipcore.headers import SipUri, Via, format_params, is_ip, parse_name_addr, split_hostport
+from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
@@ -88,11 +89,18 @@ class Proxy:
         self.node_ids = [n.id for n in cfg.nodes]
         self.nodes = {n.id: n for n in cfg.nodes}
         self.listen = cfg.listen
-        host, port = self.listen[0]
-        adv = cfg["proxy.advertise"]
-        self.advertise = parse_hostport(adv, "proxy.advertise", 5060) if adv else (host, port)
-        self.transports: list[SipTransport] = []
-        self.health = HealthMonitor(cfg, host)
+        # Dual stack: phones and trunks over IPv4 or IPv6, the nodes over
+        # IPv4. What goes to an address is sent from a socket of its
+        # family, and the Via, Record-Route or Path on it names the proxy
+        # in that family (advertise6), as the peer will send to it.
+        self.internal = cfg.internal
+        adv = cfg.advertise
+        first_v4 = next(a for a in self.listen if ":" not in a[0])
+        self.advertise = adv.get(False, first_v4)
+        self.advertise6: tuple[str, int] | None = adv.get(True)
+        self.transports: list[SipTransport] = []     # IPv4 ones first
+        self.transport6: SipTransport | None = None
+        self.health = HealthMonitor(cfg, first_v4[0])
         self.node_by_addr: dict[tuple[str, int], str] = {}
         self.our_addrs: set[tuple[str, int]] = set()
         self.bad_input_log = RateLimitedLog()
@@ -144,19 +152,27 @@ class Proxy:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
             self.transports.append(t)
         self.listen = [t.local for t in self.transports]
+        self.transports.sort(key=lambda t: ":" in t.local[0])
+        self.transport6 = next((t for t in self.transports if ":" in t.local[0]), None)
         if self.cfg["limits.overload_delay"] > 0:
             self.guards = [(t, OverloadGuard(self.cfg["limits.overload_delay"]))
                            for t in self.transports if t.measure_wait()]
             if self.guards:
                 self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
-        if not self.cfg["proxy.advertise"]:
-            self.advertise = self.listen[0]
-        internal = self.cfg["proxy.internal"]
-        self.internal = parse_hostport(internal, "proxy.internal", 5060) if internal else self.listen[0]
+        # port 0 (tests): what was bound
+        if not self.cfg["proxy.internal"]:
+            self.internal = self.transport.local
+        adv = self.cfg.advertise
+        self.advertise = adv.get(False, self.transport.local)
+        if self.transport6 is not None:
+            self.advertise6 = adv.get(True, self.transport6.local)
         self.our_addrs = {self.advertise, self.internal, *self.listen}
+        if self.advertise6 is not None:
+            self.our_addrs.add(self.advertise6)
         # how every Via we write begins, up to the branch prefix (fast_response)
-        self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i).encode("latin-1")
-                                    for t in ("udp", "tcp") for i in (False, True)})
+        self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i, v6=v6).encode("latin-1")
+                                    for t in ("udp", "tcp") for i in (False, True)
+                                    for v6 in (False, self.advertise6 is not None)})
         await self.health.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
@@ -165,7 +181,7 @@ class Proxy:
         if self.link is not None:
             self.link.start()
         if not self.primary:
-            event(log, "worker_started", listen=",".join(f"{h}:{p}" for h, p in self.listen))
+            event(log, "worker_started", listen=",".join(hostport(a) for a in self.listen))
             return
         self.admin, self.admin_addr = await start_admin(
             self.cfg["proxy.admin"], "proxy.admin", self.listen[0][1],
@@ -173,8 +189,8 @@ class Proxy:
         if self.cfg["cluster.secret"] == SETTINGS["cluster.secret"][1]:
             event(log, "default_secret", logging.WARNING,
                   msg="cluster.secret is the default: anyone can forge BEKey stamps; set SIPHA_CLUSTER_SECRET")
-        event(log, "proxy_started", listen=",".join(f"{h}:{p}" for h, p in self.listen),
-              admin=f"{self.admin_addr[0]}:{self.admin_addr[1]}" if self.admin_addr else None,
+        event(log, "proxy_started", listen=",".join(hostport(a) for a in self.listen),
+              admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
 
@@ -194,7 +210,7 @@ class Proxy:
         return {
             "role": "proxy",
             "uptime_s": round(time.time() - self.started, 1),
-            "listen": [f"{h}:{p}" for h, p in self.listen],
+            "listen": [hostport(a) for a in self.listen],
             "probe": self.health.probing,
             "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
@@ -241,7 +257,12 @@ class Proxy:
     # ---- helpers -----------------------------------------------------
     @property
     def transport(self) -> SipTransport:
+        """The first IPv4 one: the nodes' side."""
         return self.transports[0]
+
+    def transport_for(self, host: str) -> SipTransport | None:
+        """What sends to an address (None: an IPv6 one, and no IPv6 listen address)."""
+        return self.transport6 if ":" in host else self.transport
 
     def is_us(self, uri: SipUri) -> bool:
         if not uri.is_sip:
@@ -250,17 +271,21 @@ class Proxy:
         port = uri.port or (5061 if uri.scheme == "sips" else 5060)
         return (host, port) in self.our_addrs
 
-    def our_uri(self, transport: str, flow: str | None = None) -> str:
-        host, port = self.advertise
-        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    def our_uri(self, transport: str, flow: str | None = None, *, v6: bool = False) -> str:
+        """Our Record-Route / Path URI, for a peer of IPv6 or not."""
         t = ";transport=tcp" if transport == "tcp" else ""
         f = f";flow={flow}" if flow else ""
-        return f"<sip:{hp}{t};lr{f}>"
+        return f"<sip:{hostport(self.advertise6 if v6 else self.advertise)}{t};lr{f}>"
 
-    def our_via(self, transport: str, branch: str, *, internal: bool = False) -> str:
-        host, port = self.internal if internal else self.advertise
-        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return f"SIP/2.0/{transport.upper()} {hp};branch={branch}"
+    def our_via(self, transport: str, branch: str, *, internal: bool = False, v6: bool = False) -> str:
+        """Our Via, towards the nodes (internal), a peer of IPv6 or one of IPv4."""
+        addr = self.internal if internal else self.advertise6 if v6 else self.advertise
+        return f"SIP/2.0/{transport.upper()} {hostport(addr)};branch={branch}"
+
+    @staticmethod
+    def flow_of(transport: str, addr: tuple[str, int]) -> str:
+        """The flow= value of a peer's address (RFC 5626 in spirit)."""
+        return f"{transport}:{hostport(addr)}"
 
     @staticmethod
     def branch_for(req: SipRequest) -> str:
@@ -289,10 +314,13 @@ class Proxy:
         if transport == "tcp" and not self.primary:
             self.link.send_tcp(data, dest, answered)
             return
+        t = self.transport_for(dest[0])
         try:
-            self.transport.send(data, dest, transport)
+            if t is None:
+                raise OSError("an IPv6 address, and proxy.listen has none")
+            t.send(data, dest, transport)
         except OSError as exc:
-            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/{transport}", error=str(exc))
+            event(log, "send_error", logging.WARNING, dest=f"{hostport(dest)}/{transport}", error=str(exc))
 
     def reply(self, req: SipRequest, status: int, reason: str, src, transport: str,
               headers=()) -> None:
@@ -318,7 +346,7 @@ class Proxy:
         status, reason = (430, "Flow Failed") if flow_gone else (503, "Service Unavailable (next hop unreachable)")
         self.stats.inc("events", "flow_failed" if flow_gone else "tcp_unreachable")
         event(log, "send_failed", logging.WARNING, method=req.method, call_id=req.call_id,
-              dest=f"{dest[0]}:{dest[1]}/tcp", status=status)
+              dest=f"{hostport(dest)}/tcp", status=status)
         resp = make_response(req, status, reason, to_tag=self.reply_tag)
         resp.add("Server", "sipha-proxy")
         self.on_response(resp, dest, "tcp")
@@ -339,7 +367,7 @@ class Proxy:
                 pass
         ok, suppressed = self.bad_input_log.allow()
         if ok:
-            event(log, "parse_rejected", logging.INFO, src=f"{src[0]}:{src[1]}/{transport}",
+            event(log, "parse_rejected", logging.INFO, src=f"{hostport(src)}/{transport}",
                   reason=exc.reason, bytes=len(data), answered=answered,
                   suppressed=suppressed or None)
 
@@ -375,7 +403,7 @@ class Proxy:
             self.stats.inc("events", "scanner_dropped")
             ok, suppressed = self.scanner_log.allow()
             if ok:
-                event(log, "scanner_dropped", src=f"{src[0]}:{src[1]}/{transport}", method=req.method,
+                event(log, "scanner_dropped", src=f"{hostport(src)}/{transport}", method=req.method,
                       user_agent=req.get("User-Agent"), suppressed=suppressed or None)
             return
         req.check()
@@ -386,7 +414,7 @@ class Proxy:
             mf = 70
         if mf <= 0:
             self.stats.inc("requests", req.method, "rejected")
-            event(log, "route", method=req.method, call_id=req.call_id, src=f"{src[0]}:{src[1]}/{transport}",
+            event(log, "route", method=req.method, call_id=req.call_id, src=f"{hostport(src)}/{transport}",
                   node=None, reason="rejected", status=483, why="Max-Forwards exhausted")
             self.reply(req, 483, "Too Many Hops", src, transport)
             return
@@ -490,12 +518,12 @@ class Proxy:
         level = logging.INFO if (initial or reason != "owner") and method != "ACK" else logging.DEBUG
         if log.isEnabledFor(level):
             event(log, "route", level, method=method, call_id=call_id, bekey=bekey,
-                  src=f"{src[0]}:{src[1]}/{transport}", node=owner, partner=partner, reason=reason,
+                  src=f"{hostport(src)}/{transport}", node=owner, partner=partner, reason=reason,
                   key_from=how)
 
     def inbound(self, req: SipRequest, src, transport: str) -> None:
         req.remove(ROUTE_HEADER)
-        flow_of_caller = f"{transport}:{src[0]}:{src[1]}"
+        flow_of_caller = self.flow_of(transport, src)
         self._pop_our_routes(req)
         initial = req.to.tag is None
         if (req.method == "OPTIONS" and initial and not req.routes and self.is_us(req.ruri)
@@ -515,15 +543,15 @@ class Proxy:
         if owner is None:
             self.stats.inc("requests", req.method, "no-node")
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
-                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="no-node")
+                  src=f"{hostport(src)}/{transport}", node=None, reason="no-node")
             self.reply(req, 503, "Service Unavailable (no node up)", src, transport,
                        headers=[("Retry-After", "5")])
             return
         self.stats.inc("requests", req.method, reason)
         if req.method == "REGISTER":
-            req.add_top("Path", self.our_uri(transport, flow_of_caller))
+            req.add_top("Path", self.our_uri(transport, flow_of_caller, v6=":" in src[0]))
         elif initial and req.method in DIALOG_CREATING:
-            req.add_top("Record-Route", self.our_uri(transport, flow_of_caller))
+            req.add_top("Record-Route", self.our_uri(transport, flow_of_caller, v6=":" in src[0]))
         if self.guards and initial and req.method in NEW_WORK:
             self.forwarded.add(req.call_id)
         req.add(ROUTE_HEADER, self._route_header(bekey, owner, partner, reason))
@@ -583,9 +611,18 @@ class Proxy:
                 self.reply(req, 416, "Unsupported URI Scheme", src, transport)
                 return
             dest, out_transport = self._uri_hop(target)
+        # a host name goes to its IPv4 address (_resolve_and_send), as in
+        # Kamailio without dns_try_ipv6; an IPv6 one needs a socket of IPv6
+        v6 = ":" in dest[0]
+        if self.transport_for(dest[0]) is None:
+            event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,
+                  dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503,
+                  why="an IPv6 destination, and proxy.listen has no IPv6 address")
+            self.reply(req, 503, "Service Unavailable (no IPv6 address to send from)", src, transport)
+            return
         if initial and req.method in DIALOG_CREATING:
-            req.add_top("Record-Route", self.our_uri(out_transport))
-        req.add_top("Via", self.our_via(out_transport, self.branch_for(req)))
+            req.add_top("Record-Route", self.our_uri(out_transport, v6=v6))
+        req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
         if is_ip(dest[0]):
@@ -599,13 +636,13 @@ class Proxy:
         if log.isEnabledFor(level):
             event(log, "route", level, method=method, call_id=call_id,
                   bekey=read_stamp(self.secret, call_id) or read_stamp(self.secret, from_tag),
-                  node=node, dest=f"{dest[0]}:{dest[1]}/{transport}", reason="outbound")
+                  node=node, dest=f"{hostport(dest)}/{transport}", reason="outbound")
 
     @staticmethod
     def _flow_hop(flow: str) -> tuple[tuple[str, int], str]:
         """-> (address, transport) of a flow= value (SipParseError if bad)."""
-        out_transport, _, hostport = flow.partition(":")
-        host, port = split_hostport(hostport)
+        out_transport, _, where = flow.partition(":")
+        host, port = split_hostport(where)
         return (host.strip("[]"), port or 5060), out_transport
 
     @staticmethod
@@ -617,9 +654,9 @@ class Proxy:
 
     async def _resolve_and_send(self, msg: SipMessage, dest, transport: str) -> None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(dest[0], dest[1])
+            infos = await asyncio.get_running_loop().getaddrinfo(dest[0], dest[1], family=socket.AF_INET)
         except OSError as exc:
-            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}/{transport}",
+            event(log, "send_error", logging.WARNING, dest=f"{hostport(dest)}/{transport}",
                   error=f"cannot resolve: {exc}")
             return
         self.send(msg, (infos[0][4][0], dest[1]), transport)
@@ -678,7 +715,7 @@ class Proxy:
             g.count_refusal()
         if log.isEnabledFor(logging.DEBUG):
             event(log, "route", logging.DEBUG, method=method, call_id=call_id(),
-                  src=f"{src[0]}:{src[1]}/{transport}", node=None, reason="overload", status=503)
+                  src=f"{hostport(src)}/{transport}", node=None, reason="overload", status=503)
 
     def fast_request(self, data: bytes, src, transport: SipTransport) -> bool:
         """A request from outside the cluster over UDP, inside a dialog or
@@ -701,7 +738,7 @@ class Proxy:
         initial = scan.to_tag is None
         record_route = None
         if initial:
-            record_route = self._record_route(scan, self.our_uri("udp", f"udp:{src[0]}:{src[1]}"))
+            record_route = self._record_route(scan, self.our_uri("udp", self.flow_of("udp", src), v6=":" in src[0]))
             if record_route is None:
                 return False
         stamped = self._stamped_bekey(scan.to_tag, scan.from_tag, scan.call_id)
@@ -776,17 +813,18 @@ class Proxy:
             if not target.is_sip or self.is_us(target):
                 return False                # 416, or a strict router's request (full path)
             dest, out_transport = self._uri_hop(target)
-        if out_transport != "udp" or not is_ip(dest[0]):
+        if out_transport != "udp" or not is_ip(dest[0]) or self.transport_for(dest[0]) is None:
             return False
+        v6 = ":" in dest[0]
         record_route = None
         if initial:
-            record_route = self._record_route(scan, self.our_uri("udp"))
+            record_route = self._record_route(scan, self.our_uri("udp", v6=v6))
             if record_route is None:
                 return False
         elif scan.method == "ACK" and scan.to_tag == self.reply_tag:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, "outbound")
-        ours_via = self.our_via("udp", self._branch(scan.via, scan.call_id))
+        ours_via = self.our_via("udp", self._branch(scan.via, scan.call_id), v6=v6)
         out = self._edit_request(data, scan, src, ours_via, b"", record_route)
         self._log_outbound(scan.method, scan.call_id, scan.from_tag, node, dest, "udp", initial)
         self.send_data(out, dest, "udp")
@@ -867,7 +905,7 @@ class Proxy:
         self.stats.inc("responses", _STATUS_CLASS[klass])
         if log.isEnabledFor(logging.DEBUG):
             event(log, "response", logging.DEBUG, status=int(data[8:11]), call_id=first_value(data, head, b"call-id"),
-                  dest=f"{dest[0]}:{dest[1]}/udp")
+                  dest=f"{hostport(dest)}/udp")
         self.send_data(out, dest, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
         return True
@@ -877,7 +915,7 @@ class Proxy:
         if not (top.branch or "").startswith(BRANCH_PREFIX):
             self.stats.inc("events", "response_not_ours")
             event(log, "response_dropped", logging.DEBUG, status=resp.status,
-                  src=f"{src[0]}:{src[1]}/{transport}", reason="top Via is not ours")
+                  src=f"{hostport(src)}/{transport}", reason="top Via is not ours")
             return
         if self.relay.pending:
             self.relay.answered(top.branch, resp.status, resp.cseq[1])
@@ -908,6 +946,6 @@ class Proxy:
         self.stats.inc("responses", _STATUS_CLASS[resp.status // 100])
         if log.isEnabledFor(logging.DEBUG):
             event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
-                  dest=f"{dest[0]}:{dest[1]}/{out_transport}")
+                  dest=f"{hostport(dest)}/{out_transport}")
         self.send(resp, dest, out_transport,
                   answered=(top.branch, resp.status, resp.cseq[1]) if out_transport == "tcp" else None)

@@ -181,7 +181,10 @@ class WorkerLink:
                     _, host, port, branch, status, method = parts
                     if branch != "-" and self.proxy.relay.pending:
                         self.proxy.relay.answered(branch, int(status), method)
-                    self.proxy.transport.send(payload, (host, int(port)), "tcp")
+                    t = self.proxy.transport_for(host)
+                    if t is None:
+                        raise OSError(f"no IPv6 listen address for {host}")
+                    t.send(payload, (host, int(port)), "tcp")
                 elif parts[0] == "S" and len(parts) == 2:
                     self.role.snapshots[int(parts[1])] = json.loads(payload)
             except (ValueError, OSError) as exc:

@@ -22,16 +22,16 @@ class ConfigError(ValueError):
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None, *, ipv6: bool = False) -> tuple[str, int]:
-    """`ipv6`: an IPv6 address ([::1]:5060) is accepted; by default it is
-    refused with a clear error, as SIP through the proxy and nodes is IPv4
-    only (an IPv6 listen address got datagrams it could not answer)."""
+    """`ipv6`: an IPv6 address ([::1]:5060) is accepted (returned without
+    brackets); by default it is refused with a clear error, where only
+    IPv4 is served: the nodes and the proxy's side facing them."""
     text = str(text).strip()
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::([0-9]+))?|([^:\[\]\s]+)(?::([0-9]+))?", text)
     if not m:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     if m.group(1) and not ipv6:
-        raise ConfigError(f"{key}: IPv6 addresses are not supported yet, got {text!r} "
-                          f"(use an IPv4 address or a host name)")
+        raise ConfigError(f"{key}: IPv6 addresses are not supported here, got {text!r} "
+                          f"(the nodes and the proxy's address for them are IPv4; use an IPv4 address or a host name)")
     host = m.group(1) or m.group(3)
     port_text = m.group(2) or m.group(4)
     if port_text is None:
@@ -61,9 +61,11 @@ class NodeConfig:
 # lists the same keys.
 SETTINGS: dict[str, tuple[type, Any, str]] = {
     "cluster.secret": (str, "sipha-change-me", "key of the BEKey stamp MAC; the same on proxy and nodes"),
-    "proxy.listen": (str, "127.0.0.1:5060", "proxy SIP address(es), comma-separated, UDP and TCP on each"),
-    "proxy.internal": (str, "", "proxy address the nodes send to (default: the first listen address)"),
-    "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path (default: the listen address)"),
+    "proxy.listen": (str, "127.0.0.1:5060", "proxy SIP address(es), comma-separated, UDP and TCP on each; "
+                     "IPv4 and IPv6 ([::1]:5060), at least one IPv4 (the nodes' side)"),
+    "proxy.internal": (str, "", "proxy address the nodes send to, IPv4 (default: the first IPv4 listen address)"),
+    "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path, one per address family, "
+                        "comma-separated (default: the first listen address of each family)"),
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
     "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
@@ -153,7 +155,38 @@ class Config:
 
     @property
     def listen(self) -> list[tuple[str, int]]:
-        return [parse_hostport(p, "proxy.listen") for p in self.values["proxy.listen"].split(",") if p.strip()]
+        """The proxy's listen addresses, IPv6 ones without brackets."""
+        return [parse_hostport(p, "proxy.listen", ipv6=True)
+                for p in self.values["proxy.listen"].split(",") if p.strip()]
+
+    @property
+    def internal(self) -> tuple[str, int]:
+        """The proxy's address for the nodes (IPv4): proxy.internal, else
+        its first IPv4 listen address."""
+        v4 = [(host, port) for host, port in self.listen if ":" not in host]
+        if not v4:
+            raise ConfigError("proxy.listen: needs an IPv4 address too, for the nodes "
+                              f"(got {self.values['proxy.listen']!r})")
+        if self.values["proxy.internal"]:
+            return parse_hostport(self.values["proxy.internal"], "proxy.internal", 5060)
+        return v4[0]
+
+    @property
+    def advertise(self) -> dict[bool, tuple[str, int]]:
+        """proxy.advertise by family (True: IPv6), one at most of each."""
+        found: dict[bool, tuple[str, int]] = {}
+        for text in self.values["proxy.advertise"].split(","):
+            if text.strip():
+                host, port = parse_hostport(text, "proxy.advertise", 5060, ipv6=True)
+                v6 = ":" in host
+                if v6 in found:
+                    raise ConfigError(f"proxy.advertise: two {'IPv6' if v6 else 'IPv4'} addresses "
+                                      f"(one of each family at most), got {self.values['proxy.advertise']!r}")
+                found[v6] = (host, port)
+        if True in found and all(":" not in h for h, _ in self.listen):
+            raise ConfigError(f"proxy.advertise: an IPv6 address, but proxy.listen has none, "
+                              f"got {self.values['proxy.advertise']!r}")
+        return found
 
     def node(self, ident: str) -> NodeConfig:
         for n in self.nodes:
@@ -210,7 +243,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.listen  # validate
+    cfg.internal, cfg.advertise  # validate (the listen addresses too)
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):

@@ -24,6 +24,12 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def hostport(addr: tuple[str, int]) -> str:
+    """An address as host:port, an IPv6 one in brackets ([::1]:5060)."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_ip(host: str) -> bool:
     """Whether a host is an IP address (an IPv6 one in brackets or not),
     not a name to resolve."""

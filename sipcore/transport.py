@@ -41,6 +41,7 @@ from typing import Callable
 from .errors import SipParseError
 from .logfmt import RateLimitedLog, event
 from .framing import PING, PONG, FramingError, StreamFramer
+from .headers import hostport
 from .message import DEFAULT_LIMITS, Limits, SipMessage, parse_message
 
 log = logging.getLogger("sipcore.transport")
@@ -124,7 +125,7 @@ class _TcpConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self.transport.get_write_buffer_size() > self.owner.max_write_buffer:
-            event(log, "tcp_closed", logging.WARNING, peer=f"{self.peer[0]}:{self.peer[1]}",
+            event(log, "tcp_closed", logging.WARNING, peer=hostport(self.peer),
                   reason="peer does not read (write buffer full)")
             self.transport.abort()
             return
@@ -307,7 +308,7 @@ class SipTransport:
                 if conn.last_active < now - self.idle_timeout:
                     conn.transport.close()
                 elif conn.partial_since is not None and conn.partial_since < now - self.header_timeout:
-                    event(log, "tcp_closed", peer=f"{conn.peer[0]}:{conn.peer[1]}",
+                    event(log, "tcp_closed", peer=hostport(conn.peer),
                           reason=f"message not complete within {self.header_timeout:g}s")
                     conn.transport.abort()
 
@@ -342,7 +343,7 @@ class SipTransport:
 
     def _after_connect(self, task: asyncio.Task, data: bytes, dest: Addr) -> None:
         if task.cancelled() or task.exception() is not None:
-            event(log, "tcp_connect_failed", logging.WARNING, dest=f"{dest[0]}:{dest[1]}",
+            event(log, "tcp_connect_failed", logging.WARNING, dest=hostport(dest),
                   error="cancelled" if task.cancelled() else str(task.exception()))
             self._failed(data, dest, False)
             return

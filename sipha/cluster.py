@@ -23,6 +23,8 @@ from pathlib import Path
 import urllib.error
 import urllib.request
 
+from sipcore.headers import hostport
+
 from .sipp import Sipp, free_port
 
 
@@ -39,7 +41,7 @@ def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:
 
 def port_in_use(host: str, port: int) -> str | None:
     for kind, name in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
-        with socket.socket(socket.AF_INET, kind) as s:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
             try:
                 s.bind((host, port))
             except OSError:
@@ -99,6 +101,15 @@ class Cluster:
     def proxy_addr(self) -> tuple[str, int]:
         return ("127.0.0.1", self.state["proxy"]["port"])
 
+    @property
+    def proxy_addr6(self) -> tuple[str, int] | None:
+        """The proxy's IPv6 address (`up --ipv6`), else None."""
+        return ("::1", self.state["proxy"]["port"]) if self.state["proxy"].get("ipv6") else None
+
+    @property
+    def trunk_host(self) -> str:
+        return "::1" if self.state["proxy"].get("ipv6") else "127.0.0.1"
+
     # ---- starting ----------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], log: Path) -> None:
         fh = open(log, "ab")
@@ -137,26 +148,32 @@ class Cluster:
         raise ClusterError(f"redis on port {port} did not answer PING")
 
     def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
-           trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info") -> None:
+           trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False) -> None:
+        """`ipv6`: the proxy listens on [::1] as well (same port) and the
+        SIPp trunk on [::1] only; the nodes stay on IPv4."""
         if any(self.running(n) for n in self.procs()):
             raise ClusterError(f"a cluster already runs from {self.dir} (sipha down --dir {self.dir} first)")
         if nodes < 1 or nodes > 64:
             raise ClusterError(f"--nodes: expected 1..64, got {nodes}")
         if trunk not in (None, "sipp"):
             raise ClusterError(f"--trunk: only 'sipp' is supported, got {trunk!r}")
-        busy = port_in_use("127.0.0.1", port)
-        if busy:
-            raise ClusterError(f"--port: 127.0.0.1:{port}/{busy} is already in use")
+        for host in ("127.0.0.1", "::1") if ipv6 else ("127.0.0.1",):
+            try:
+                busy = port_in_use(host, port)
+            except OSError as exc:      # no IPv6 on this host
+                raise ClusterError(f"--ipv6: cannot use {host}: {exc.strerror}") from None
+            if busy:
+                raise ClusterError(f"--port: {hostport((host, port))}/{busy} is already in use")
         for tool in ["redis-server"] + (["sipp"] if trunk else []):
             if shutil.which(tool) is None:
                 raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port()}}
+        self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6}}
         for i in range(1, nodes + 1):
             nid = f"node{i}"
             self.state["nodes"][nid] = {"sip": free_port(), "redis": free_port(), "admin": free_port()}
         if trunk:
-            self.state["trunk"] = {"port": free_port(), "scenario": trunk_scenario}
+            self.state["trunk"] = {"port": free_port("::1" if ipv6 else "127.0.0.1"), "scenario": trunk_scenario}
         self.write_config(ramp=ramp, log_level=log_level)
         self.save()
         try:
@@ -176,19 +193,23 @@ class Cluster:
         lines = [
             "# written by sipha up; every key can also be set by SIPHA_* variables",
             "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
-            "[proxy]", f'listen = "127.0.0.1:{st["proxy"]["port"]}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"', "",
+            "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"', "",
             "[health]", "interval = 0.3", "down_after = 2", "up_after = 2", "",
             "[ramp]", "start = 0.1", f"duration = {ramp}", "steps = 10", "",
             "[log]", f'level = "{log_level}"', "",
             "[node]",
         ]
         if "trunk" in st:
-            lines.append(f'upstream = "sip:127.0.0.1:{st["trunk"]["port"]}"')
+            lines.append(f'upstream = "sip:{hostport((self.trunk_host, st["trunk"]["port"]))}"')
         lines.append("")
         for nid, n in st["nodes"].items():
             lines += ["[[nodes]]", f'id = "{nid}"', f'sip = "127.0.0.1:{n["sip"]}"',
                       f'redis = "redis://127.0.0.1:{n["redis"]}/0"', f'admin = "127.0.0.1:{n["admin"]}"', ""]
         (self.dir / "cluster.toml").write_text("\n".join(lines))
+
+    def _listen(self) -> str:
+        port = self.state["proxy"]["port"]
+        return f"127.0.0.1:{port},[::1]:{port}" if self.state["proxy"].get("ipv6") else f"127.0.0.1:{port}"
 
     def start_redis(self, nid: str) -> None:
         port = self.state["nodes"][nid]["redis"]
@@ -254,7 +275,7 @@ class Cluster:
 
     def start_trunk(self) -> None:
         t = self.state["trunk"]
-        sipp = Sipp(t["scenario"], local=("127.0.0.1", t["port"]), auto_answer=True, workdir=str(self.dir / "logs"))
+        sipp = Sipp(t["scenario"], local=(self.trunk_host, t["port"]), auto_answer=True, workdir=str(self.dir / "logs"))
         self._spawn("trunk", sipp.command(), self.dir / "logs" / "trunk.out")
         time.sleep(0.3)
         if not self.running("trunk"):
@@ -362,14 +383,15 @@ class Cluster:
 
     def table(self) -> str:
         rows = [("part", "address", "redis", "log")]
-        rows.append(("proxy", f"127.0.0.1:{self.state['proxy']['port']} udp+tcp",
+        rows.append(("proxy", f"{self._listen()} udp+tcp",
                      f"admin http://127.0.0.1:{self.state['proxy']['admin']}/status",
                      self.procs().get("proxy", {}).get("log", "")))
         for nid, n in self.state["nodes"].items():
             rows.append((nid, f"127.0.0.1:{n['sip']}", f"redis://127.0.0.1:{n['redis']}/0",
                          str(self.dir / "logs" / f"{nid}.log")))
         if "trunk" in self.state:
-            rows.append(("trunk", f"127.0.0.1:{self.state['trunk']['port']} (SIPp {self.state['trunk']['scenario']})",
+            rows.append(("trunk", f"{hostport((self.trunk_host, self.state['trunk']['port']))} "
+                                  f"(SIPp {self.state['trunk']['scenario']})",
                          "", str(self.dir / "logs" / "trunk.out")))
         return render(rows)
 
@@ -382,7 +404,8 @@ def render(rows: list[tuple]) -> str:
 # ---- command line -------------------------------------------------------------
 def cmd_up(args) -> int:
     c = Cluster(args.dir)
-    c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level)
+    c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level,
+         ipv6=args.ipv6)
     print(c.table())
     print(f"config: {c.dir / 'cluster.toml'}   stop with: sipha down --dir {args.dir}")
     return 0
@@ -503,6 +526,8 @@ def add_commands(sub) -> None:
     p.add_argument("--trunk", choices=["sipp"], help="start a SIPp UAS as the upstream trunk")
     p.add_argument("--ramp", type=float, default=30.0, help="seconds a returning node takes to reach load factor 1")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--ipv6", action="store_true",
+                   help="the proxy listens on [::1] too (same port), the trunk on [::1]; nodes stay IPv4")
     p.set_defaults(func=cmd_up)
     p = with_dir(sub.add_parser("status", help="nodes, health, load factor, dialog counts"))
     p.add_argument("--json", action="store_true")

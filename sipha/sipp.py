@@ -48,8 +48,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port in _handed_out:
             continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as u, socket.socket(family, socket.SOCK_STREAM) as t:
                 u.bind((host, port))
                 t.bind((host, port))
         except OSError:
@@ -130,7 +130,9 @@ class Sipp:
             raise ValueError(f"--transport: expected udp or tcp, got {transport!r}")
         self.scenario = scenario
         self.target = target
-        self.local = local or ("127.0.0.1", free_port())
+        # by default the loopback address of the target's family
+        here = "::1" if target is not None and ":" in target[0] else "127.0.0.1"
+        self.local = local or (here, free_port(here))
         self.transport = transport
         self.calls, self.rate, self.hold_ms, self.limit = calls, rate, hold_ms, limit
         self.keys = keys or {}

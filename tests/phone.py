@@ -7,6 +7,7 @@ import threading
 import uuid
 
 from sipcore.framing import StreamFramer
+from sipcore.headers import hostport
 from sipcore.message import SipRequest, make_response, parse_message
 
 SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n"
@@ -17,6 +18,8 @@ class Phone:
 
     def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp"):
         self.user, self.proxy, self.answer, self.transport = user, proxy, answer, transport
+        # a phone on IPv6 when the proxy address it is given is one
+        self.host = "::1" if ":" in proxy[0] else "127.0.0.1"
         if transport == "tcp":
             # one connection to the proxy, kept open: the proxy must reach
             # this phone over it (RFC 5626 flow, via the Path it added)
@@ -24,8 +27,8 @@ class Phone:
             self.framer = StreamFramer()
             self.pending: list[bytes] = []
         else:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind(("127.0.0.1", 0))
+            self.sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind((self.host, 0))
         self.port = self.sock.getsockname()[1]
         self.got: list[str] = []
         self.messages: list[bytes] = []     # bodies of the MESSAGEs it took
@@ -41,7 +44,11 @@ class Phone:
     @property
     def contact(self) -> str:
         t = ";transport=tcp" if self.transport == "tcp" else ""
-        return f"sip:{self.user}@127.0.0.1:{self.port}{t}"
+        return f"sip:{self.user}@{self.hostport}{t}"
+
+    @property
+    def hostport(self) -> str:
+        return hostport((self.host, self.port))
 
     def _sendto(self, data: bytes, dest) -> None:
         if self.transport == "tcp":
@@ -63,7 +70,7 @@ class Phone:
                  call_id: str | None = None, extra: str = ""):
         contact_hdr = contacts if contacts is not None else f"<{self.contact}>"
         text = (f"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
-                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                f"Via: SIP/2.0/{self.transport.upper()} {self.hostport};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
                 f"Max-Forwards: 70\r\nFrom: <sip:{self.user}@127.0.0.1>;tag={self.tag}\r\n"
                 f"To: <sip:{self.user}@127.0.0.1>\r\nCall-ID: {call_id or 'reg-' + self.tag}\r\n"
                 f"CSeq: {cseq} REGISTER\r\nContact: {contact_hdr}\r\nExpires: {expires}\r\n{extra}"
@@ -155,7 +162,7 @@ class Phone:
         route set is its Record-Route as it is, its Contact the target)."""
         routes = "".join(f"Route: {r}\r\n" for r in first.values("Record-Route"))
         text = (f"{method} {first.contacts[0].uri} SIP/2.0\r\n"
-                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                f"Via: SIP/2.0/{self.transport.upper()} {self.hostport};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
                 f"Max-Forwards: 70\r\n{routes}From: {first.get('To')};tag={self.tag}\r\nTo: {first.get('From')}\r\n"
                 f"Call-ID: {first.call_id}\r\nCSeq: {cseq} {method}\r\nContact: <{self.contact}>\r\n{extra}"
                 f"Content-Length: {len(body)}\r\n\r\n")

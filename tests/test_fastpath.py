@@ -150,7 +150,8 @@ class Pair:
             p = Proxy(cfg)
             await p.start()
             p.sent = []
-            p.transport.send = lambda data, dest, tr="udp", sent=p.sent: sent.append((data, dest, tr))
+            for t in p.transports:
+                t.send = lambda data, dest, tr="udp", sent=p.sent: sent.append((data, dest, tr))
             if not fast:
                 p.transport.fast_datagram = None
             self.proxies.append(p)
@@ -328,6 +329,64 @@ def test_other_requests_take_the_full_path_with_the_same_outcome(data, src, why)
     async def go():
         async with Pair() as pair:
             assert not pair.feed(data, src), why
+    run(go)
+
+
+# ---- IPv6 phones and trunks (the nodes stay IPv4) ---------------------------
+
+PROXY6 = "[2001:db8::9]:5060"
+PHONE6 = ("2001:db8::50", 5070)
+OUR_ROUTE6 = f"<sip:{PROXY6};lr;flow=udp:[{PHONE6[0]}]:{PHONE6[1]}>"
+DUAL = {"proxy.listen": "127.0.0.1:0,[::1]:0", "proxy.advertise": f"{PROXY},{PROXY6}"}
+VIA6 = f"SIP/2.0/UDP [{PHONE6[0]}]:{PHONE6[1]};branch=z9hG4bKph6-1;rport"
+
+
+@pytest.mark.parametrize("data, src, dest, record_route", [
+    # from an IPv6 phone to a node: IPv4 on the inside, our IPv6 address in its route set
+    (in_dialog("BYE", via=VIA6, route=OUR_ROUTE6), PHONE6, None, None),
+    (in_dialog("INVITE", via=VIA6, to_tag="", route=None), PHONE6, None,
+     f"<sip:{PROXY6};lr;flow=udp:[{PHONE6[0]}]:{PHONE6[1]}>"),
+    # from a node to an IPv6 phone over its flow, to an IPv6 trunk
+    (from_node("BYE", route=OUR_ROUTE6), NODE1, PHONE6, None),
+    (from_node("INVITE", to_tag="", route=OUR_ROUTE6), NODE1, PHONE6, f"<sip:{PROXY6};lr>"),
+    (from_node("INVITE", to_tag="", route=None, uri="sip:service@[2001:db8::80]:5062"), NODE1,
+     ("2001:db8::80", 5062), f"<sip:{PROXY6};lr>"),
+    # from a node to an IPv4 trunk, with IPv6 listened on too: as before
+    (from_node("INVITE", to_tag="", route=None), NODE1, ("192.0.2.80", 5062), f"<sip:{PROXY};lr>"),
+])
+def test_ipv6_peers_get_our_ipv6_address_and_the_nodes_our_ipv4_one(data, src, dest, record_route):
+    """Dual stack: a request goes out from a socket of its destination's
+    family, and the Via and Record-Route on it name the proxy in that
+    family, the one the peer answers and sends to; fast path and full
+    path alike."""
+    async def go():
+        async with Pair(DUAL) as pair:
+            assert pair.feed(data, src), "the fast path should take this one"
+            sent, to, transport = pair.proxies[0].sent[0]
+            msg = parse_message(sent)
+            if dest is None:        # to a node
+                assert to in (("127.0.0.1", 7001), ("127.0.0.1", 7002))
+                assert msg.top_via.host == PROXY.split(":")[0]
+                assert msg.vias[1].params["received"] == PHONE6[0] and msg.vias[1].host == f"[{PHONE6[0]}]"
+            else:
+                assert to == dest
+                assert msg.top_via.host == (PROXY6.rsplit(":", 1)[0] if ":" in dest[0] else PROXY.split(":")[0])
+            if record_route:
+                assert msg.record_routes[0].raw == record_route
+    run(go)
+
+
+def test_an_ipv6_destination_without_an_ipv6_address_gets_503():
+    """A node's request for an IPv6 address (a trunk, a phone's contact),
+    at a proxy listening on IPv4 only: the node hears 503 at once, not
+    Timer B's 408 after 32 s."""
+    async def go():
+        async with Pair() as pair:
+            data = from_node("INVITE", to_tag="", route=None, uri="sip:service@[2001:db8::80]:5062")
+            assert not pair.feed(data, NODE1)
+            sent, to, _ = pair.proxies[0].sent[0]
+            resp = parse_message(sent)
+            assert to == NODE1 and resp.status == 503 and "no IPv6" in resp.reason
     run(go)
 
 

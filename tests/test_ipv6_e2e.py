@@ -1,0 +1,96 @@
+"""Dual stack end to end: phones and a trunk on IPv6 ([::1]) through the
+proxy, the nodes on IPv4 behind it, with SIPp and a scripted phone."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clusterkit import all_keys, run, uac
+from phone import Phone
+from sipha.sipp import Sipp, read_stats
+
+pytestmark = pytest.mark.e2e
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+if not _has_ipv6_loopback():
+    pytest.skip("this host has no IPv6 loopback (::1)", allow_module_level=True)
+
+
+def uac6(c, scenario="uac", **kw) -> Sipp:
+    return Sipp(scenario, target=c.proxy_addr6, workdir=str(c.dir / "logs"), **kw)   # from [::1]
+
+
+def trunk_counts(c, calls: int) -> tuple[str, str]:
+    """-> (successful, failed) calls of the cluster's SIPp trunk, once it counted `calls`."""
+    csv = str(next((c.dir / "logs").glob("uas-*.csv")))
+    deadline = time.monotonic() + 10
+    while int((stats := read_stats(csv)).get("SuccessfulCall(C)", 0)) + int(stats.get("FailedCall(C)", 0)) < calls:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    return stats["SuccessfulCall(C)"], stats["FailedCall(C)"]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_ipv6_callers_reach_an_ipv6_trunk_through_ipv4_nodes(make_cluster, transport):
+    c = make_cluster(nodes=2, ipv6=True)
+    result = run(uac6(c, calls=10, rate=10, hold_ms=300, transport=transport).run(60))
+    assert result.ok == 10 and result.failed == 0, result.log_tail
+    assert trunk_counts(c, 10) == ("10", "0")
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert proxy_log.count("event=route method=INVITE") >= 20       # caller's and each B-leg
+    assert "src=[::1]:" in proxy_log and f"dest=[::1]:{c.state['trunk']['port']}/udp" in proxy_log
+    assert "level=error" not in proxy_log and "send_error" not in proxy_log
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_an_ipv4_caller_reaches_the_same_trunk_on_ipv6(make_cluster):
+    c = make_cluster(nodes=2, ipv6=True)
+    result = run(uac(c, calls=5, rate=10, hold_ms=300).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert trunk_counts(c, 5) == ("5", "0")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_phone_registered_over_ipv6_is_called_from_ipv4(make_cluster, transport):
+    """The proxy is the bridge: the phone's Path names the proxy's IPv6
+    address and its flow; the INVITE reaches it from [::1] with our IPv6
+    Record-Route, so its BYE comes back to the same address."""
+    c = make_cluster(nodes=2, trunk=None, ipv6=True)
+    phone = Phone("vera", c.proxy_addr6, transport=transport)
+    try:
+        resp = phone.register(300)
+        assert resp.status == 200, resp.reason
+        port = c.state["proxy"]["port"]
+        assert resp.get("Path").startswith(f"<sip:[::1]:{port}") and f"flow={transport}:[::1]:" in resp.get("Path")
+        phone.start()
+        result = run(uac(c, "uac", calls=2, rate=5, hold_ms=300, service="vera").run(30))
+        assert result.ok == 2 and result.failed == 0, result.log_tail
+        deadline = time.monotonic() + 3
+        while phone.got.count("BYE") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert phone.got.count("INVITE") == 2 and phone.got.count("BYE") == 2
+        assert phone.invite.top_via.host == "[::1]"
+        assert phone.invite.values("Record-Route")[0].startswith(f"<sip:[::1]:{port}")
+    finally:
+        phone.stop()
+
+
+def test_sipha_load_calls_through_the_ipv6_address(make_cluster):
+    c = make_cluster(nodes=2, ipv6=True)
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "load", "--target", f"[::1]:{c.state['proxy']['port']}",
+                        "--calls", "5", "--rate", "10"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "succeeded 5, failed 0" in r.stdout
