@@ -89,6 +89,7 @@ class Proxy:
         self.node_ids = [n.id for n in cfg.nodes]
         self.nodes = {n.id: n for n in cfg.nodes}
         self.listen = cfg.listen
+        self.listen_tls: list[tuple[str, int]] = []
         # Dual stack: phones and trunks over IPv4 or IPv6, the nodes over
         # IPv4. What goes to an address is sent from a socket of its
         # family, and the Via, Record-Route or Path on it names the proxy
@@ -100,6 +101,11 @@ class Proxy:
         self.advertise6: tuple[str, int] | None = adv.get(True)
         self.transports: list[SipTransport] = []     # IPv4 ones first
         self.transport6: SipTransport | None = None
+        # TLS: servers on the transport of their family; our address over
+        # TLS by family is the advertised host at the TLS port
+        self.tls_server = cfg.tls_server_context()
+        self.tls_client = cfg.tls_client_context() if self.tls_server is not None else None
+        self.tls_advertise: dict[bool, tuple[str, int]] = {}
         self.health = HealthMonitor(cfg, first_v4[0])
         self.node_by_addr: dict[tuple[str, int], str] = {}
         self.our_addrs: set[tuple[str, int]] = set()
@@ -169,10 +175,20 @@ class Proxy:
         self.our_addrs = {self.advertise, self.internal, *self.listen}
         if self.advertise6 is not None:
             self.our_addrs.add(self.advertise6)
+        if self.tls_server is not None:
+            # worker 0 holds TCP and TLS (the others hand it what goes there)
+            for host, port in self.cfg.tls_listen:
+                v6 = ":" in host
+                t = self.transport_for(host)
+                bound = await t.listen_tls(host, port, self.tls_server) if self.primary else (host, port)
+                t.tls_client = self.tls_client
+                self.listen_tls.append(bound)
+                self.tls_advertise.setdefault(v6, ((self.advertise6 if v6 else self.advertise)[0], bound[1]))
+                self.our_addrs.update((bound, self.tls_advertise[v6]))
         # how every Via we write begins, up to the branch prefix (fast_response)
         self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i, v6=v6).encode("latin-1")
-                                    for t in ("udp", "tcp") for i in (False, True)
-                                    for v6 in (False, self.advertise6 is not None)})
+                                    for t in ("udp", "tcp", *(("tls",) if self.tls_advertise else ()))
+                                    for i in (False, True) for v6 in (False, self.advertise6 is not None)})
         await self.health.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
@@ -190,6 +206,7 @@ class Proxy:
             event(log, "default_secret", logging.WARNING,
                   msg="cluster.secret is the default: anyone can forge BEKey stamps; set SIPHA_CLUSTER_SECRET")
         event(log, "proxy_started", listen=",".join(hostport(a) for a in self.listen),
+              tls=",".join(hostport(a) for a in self.listen_tls) or None,
               admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
@@ -211,6 +228,7 @@ class Proxy:
             "role": "proxy",
             "uptime_s": round(time.time() - self.started, 1),
             "listen": [hostport(a) for a in self.listen],
+            "tls": [hostport(a) for a in self.listen_tls],
             "probe": self.health.probing,
             "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
@@ -268,18 +286,24 @@ class Proxy:
         if not uri.is_sip:
             return False
         host = uri.host.strip("[]")
-        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        port = uri.port or (5061 if uri.transport == "tls" else 5060)
         return (host, port) in self.our_addrs
+
+    def our_addr(self, transport: str, v6: bool) -> tuple[str, int]:
+        """Where a peer of IPv6 or IPv4 reaches us over this transport."""
+        if transport == "tls" and self.tls_advertise:
+            return self.tls_advertise.get(v6) or self.tls_advertise[not v6]
+        return self.advertise6 if v6 else self.advertise
 
     def our_uri(self, transport: str, flow: str | None = None, *, v6: bool = False) -> str:
         """Our Record-Route / Path URI, for a peer of IPv6 or not."""
-        t = ";transport=tcp" if transport == "tcp" else ""
+        t = f";transport={transport}" if transport != "udp" else ""
         f = f";flow={flow}" if flow else ""
-        return f"<sip:{hostport(self.advertise6 if v6 else self.advertise)}{t};lr{f}>"
+        return f"<sip:{hostport(self.our_addr(transport, v6))}{t};lr{f}>"
 
     def our_via(self, transport: str, branch: str, *, internal: bool = False, v6: bool = False) -> str:
         """Our Via, towards the nodes (internal), a peer of IPv6 or one of IPv4."""
-        addr = self.internal if internal else self.advertise6 if v6 else self.advertise
+        addr = self.internal if internal else self.our_addr(transport, v6)
         return f"SIP/2.0/{transport.upper()} {hostport(addr)};branch={branch}"
 
     @staticmethod
@@ -307,12 +331,12 @@ class Proxy:
              answered: tuple[str, int, str] | None = None) -> None:
         """`answered`: (branch, status, method) when msg is a response,
         for the worker that owns TCP (it may be retransmitting that branch)."""
-        self.send_data(msg.to_bytes(stream=transport == "tcp"), dest, transport, answered)
+        self.send_data(msg.to_bytes(stream=transport != "udp"), dest, transport, answered)
 
     def send_data(self, data: bytes, dest: tuple[str, int], transport: str,
                   answered: tuple[str, int, str] | None = None) -> None:
-        if transport == "tcp" and not self.primary:
-            self.link.send_tcp(data, dest, answered)
+        if transport != "udp" and not self.primary:
+            self.link.send_tcp(data, dest, answered, transport)
             return
         t = self.transport_for(dest[0])
         try:
@@ -439,7 +463,7 @@ class Proxy:
         changed = False
         # On TCP the response must return over the same connection, which
         # is known by its source address: always record it (force_rport).
-        if "rport" in via.params or transport == "tcp":
+        if "rport" in via.params or transport != "udp":
             params["rport"] = str(src[1])
             changed = True
         if via.host.strip("[]") != src[0] or changed:
@@ -614,18 +638,22 @@ class Proxy:
         # a host name goes to its IPv4 address (_resolve_and_send), as in
         # Kamailio without dns_try_ipv6; an IPv6 one needs a socket of IPv6
         v6 = ":" in dest[0]
-        if self.transport_for(dest[0]) is None:
+        cannot = ("an IPv6 destination, and proxy.listen has no IPv6 address" if self.transport_for(dest[0]) is None
+                  else "a TLS destination, and proxy.tls_listen is empty" if out_transport == "tls" and not self.tls_advertise
+                  else None)
+        if cannot:
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,
-                  dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503,
-                  why="an IPv6 destination, and proxy.listen has no IPv6 address")
-            self.reply(req, 503, "Service Unavailable (no IPv6 address to send from)", src, transport)
+                  dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503, why=cannot)
+            self.reply(req, 503, f"Service Unavailable (no {'IPv6' if v6 else 'TLS'} address to send from)",
+                       src, transport)
             return
         if initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(out_transport, v6=v6))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
-        if is_ip(dest[0]):
+        if is_ip(dest[0]) or out_transport == "tls":
+            # (a TLS peer's name is resolved when connecting, and verified)
             self.send(req, dest, out_transport)
         else:
             asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
@@ -648,7 +676,7 @@ class Proxy:
     @staticmethod
     def _uri_hop(target: SipUri) -> tuple[tuple[str, int], str]:
         """-> (address, transport) a request for a SIP URI goes to."""
-        out_transport = target.transport if target.transport in ("udp", "tcp") else "tcp"
+        out_transport = target.transport if target.transport in ("udp", "tcp", "tls") else "tcp"
         maddr = target.params.get("maddr")
         return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
 
@@ -925,7 +953,7 @@ class Proxy:
         resp.pop_first("Via")
         dest = nxt.response_target()
         out_transport = nxt.transport.lower()
-        if out_transport not in ("udp", "tcp"):
+        if out_transport not in ("udp", "tcp", "tls"):
             out_transport = "tcp"
         node = self.node_by_addr.get(dest)
         if node is None:
@@ -948,4 +976,4 @@ class Proxy:
             event(log, "response", logging.DEBUG, status=resp.status, call_id=resp.call_id,
                   dest=f"{hostport(dest)}/{out_transport}")
         self.send(resp, dest, out_transport,
-                  answered=(top.branch, resp.status, resp.cseq[1]) if out_transport == "tcp" else None)
+                  answered=(top.branch, resp.status, resp.cseq[1]) if out_transport != "udp" else None)

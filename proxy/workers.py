@@ -157,9 +157,11 @@ class WorkerLink:
                 event(log, "handoff_dropped", logging.WARNING, worker=self.role.index, error=str(exc),
                       suppressed=suppressed or None)
 
-    def send_tcp(self, data: bytes, dest: tuple[str, int], answered: tuple[str, int, str] | None) -> None:
+    def send_tcp(self, data: bytes, dest: tuple[str, int], answered: tuple[str, int, str] | None,
+                 transport: str = "tcp") -> None:
+        """Worker 0 holds the TCP and TLS connections: it sends these bytes."""
         branch, status, method = answered or ("-", 0, "-")
-        self._post(f"T {dest[0]} {dest[1]} {branch} {status} {method}\n".encode() + data)
+        self._post(f"T {dest[0]} {dest[1]} {branch} {status} {method} {transport}\n".encode() + data)
 
     def _send_stats(self) -> None:
         snap = {"counters": [[list(k), v] for k, v in self.proxy.stats.values.items()],
@@ -177,14 +179,14 @@ class WorkerLink:
             head, _, payload = data.partition(b"\n")
             parts = head.decode("ascii", "replace").split(" ")
             try:
-                if parts[0] == "T" and len(parts) == 6:
-                    _, host, port, branch, status, method = parts
+                if parts[0] == "T" and len(parts) == 7:
+                    _, host, port, branch, status, method, transport = parts
                     if branch != "-" and self.proxy.relay.pending:
                         self.proxy.relay.answered(branch, int(status), method)
                     t = self.proxy.transport_for(host)
                     if t is None:
                         raise OSError(f"no IPv6 listen address for {host}")
-                    t.send(payload, (host, int(port)), "tcp")
+                    t.send(payload, (host, int(port)), transport)
                 elif parts[0] == "S" and len(parts) == 2:
                     self.role.snapshots[int(parts[1])] = json.loads(payload)
             except (ValueError, OSError) as exc:

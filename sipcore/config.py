@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,12 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.internal": (str, "", "proxy address the nodes send to, IPv4 (default: the first IPv4 listen address)"),
     "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path, one per address family, "
                         "comma-separated (default: the first listen address of each family)"),
+    "proxy.tls_listen": (str, "", "proxy SIP-over-TLS address(es), comma-separated, e.g. 0.0.0.0:5061 "
+                         "(each of a family proxy.listen has too); empty: no TLS"),
+    "proxy.tls_cert": (str, "", "PEM file: the certificate (chain) the proxy presents on TLS"),
+    "proxy.tls_key": (str, "", "PEM file: the private key of proxy.tls_cert (empty: in that file)"),
+    "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers the proxy connects to (trunks) are "
+                     "verified against; empty: the system's"),
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
     "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
@@ -188,6 +195,50 @@ class Config:
                               f"got {self.values['proxy.advertise']!r}")
         return found
 
+    @property
+    def tls_listen(self) -> list[tuple[str, int]]:
+        """proxy.tls_listen, each of a family proxy.listen has too."""
+        found = [parse_hostport(p, "proxy.tls_listen", 5061, ipv6=True)
+                 for p in self.values["proxy.tls_listen"].split(",") if p.strip()]
+        families = {":" in h for h, _ in self.listen}
+        for host, port in found:
+            if (":" in host) not in families:
+                raise ConfigError(f"proxy.tls_listen: {host}:{port} is {'IPv6' if ':' in host else 'IPv4'}, "
+                                  f"and proxy.listen has no address of that family")
+        return found
+
+    def tls_server_context(self) -> ssl.SSLContext | None:
+        """The proxy's TLS server side (None without proxy.tls_listen)."""
+        if not self.tls_listen:
+            return None
+        cert, key = self.values["proxy.tls_cert"], self.values["proxy.tls_key"]
+        if not cert:
+            raise ConfigError("proxy.tls_cert: needed with proxy.tls_listen (a PEM certificate file)")
+        for name, path in (("proxy.tls_cert", cert), ("proxy.tls_key", key)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file {path!r}")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(cert, key or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"proxy.tls_cert / proxy.tls_key: cannot load {cert!r}"
+                              f"{f' with {key!r}' if key else ''}: {exc}") from None
+        return ctx
+
+    def tls_client_context(self) -> ssl.SSLContext:
+        """For the TLS connections the proxy opens: peers verified against
+        proxy.tls_ca, else the system's CAs, and their name."""
+        ca = self.values["proxy.tls_ca"] or None
+        if ca and not os.path.isfile(ca):
+            raise ConfigError(f"proxy.tls_ca: no such file {ca!r}")
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"proxy.tls_ca: cannot load {ca!r}: {exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
     def node(self, ident: str) -> NodeConfig:
         for n in self.nodes:
             if n.id == ident:
@@ -243,7 +294,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise  # validate (the listen addresses too)
+    cfg.internal, cfg.advertise, cfg.tls_listen  # validate (the listen addresses too)
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):
@@ -252,8 +303,8 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError("ramp.start: must be in (0, 1]")
     if not 1 <= values["proxy.workers"] <= 64:
         raise ConfigError(f"proxy.workers: expected 1 to 64, got {values['proxy.workers']}")
-    if values["proxy.workers"] > 1 and any(port == 0 for _, port in cfg.listen):
-        raise ConfigError("proxy.workers: several workers need a fixed port in proxy.listen, not 0")
+    if values["proxy.workers"] > 1 and any(port == 0 for _, port in cfg.listen + cfg.tls_listen):
+        raise ConfigError("proxy.workers: several workers need fixed ports in proxy.listen and proxy.tls_listen, not 0")
     if not 0 <= values["limits.overload_delay"] <= 0.25:
         # past that, callers are retransmitting before anything is refused
         raise ConfigError(f"limits.overload_delay: expected 0 (off) up to 0.25 s, got {values['limits.overload_delay']}")

@@ -1,9 +1,11 @@
 """asyncio SIP transports: one UDP endpoint and one TCP server per listen
-address, plus outgoing TCP connections, all independent of routing.
+address, TLS servers (RFC 3261 §26.3.1: TCP with TLS on its own port)
+added with `listen_tls`, plus outgoing TCP and TLS connections, all
+independent of routing.
 
-Every message received, from either transport, reaches one callback:
+Every message received, from any transport, reaches one callback:
 `on_message(msg, source, transport)` with source = (host, port) and
-transport = "udp" | "tcp". Input that does not parse reaches
+transport = "udp" | "tcp" | "tls". Input that does not parse reaches
 `on_bad_input(error, data, source, transport)`, which may answer 400 with
 `send()`; on TCP the connection is closed after framing is lost.
 
@@ -12,14 +14,16 @@ datagrams as they arrive; then, after `wait_wanted` is set, the next
 datagram read leaves in `last_wait` how long it sat in the socket's
 receive queue (SIOCGSTAMP), the measure an overload guard needs.
 
-Sending: `send(data, (host, port), transport)`. TCP reuses the connection to
-that remote address in either direction (a phone that registered over TCP
-is reached over its own connection, RFC 3261 §18.2.2 / RFC 5626), opens one
-if there is none, and closes connections idle for `idle_timeout`. Write
-buffers are bounded: a peer that does not read is disconnected. A peer
-whose own connection closed is not dialled back (its port was that
-connection's), and a connection that cannot be opened fails at once:
-either reaches `on_send_failed(data, dest, flow_gone)`.
+Sending: `send(data, (host, port), transport)`. TCP and TLS reuse the
+connection of that kind to that remote address in either direction (a
+phone that registered over TCP is reached over its own connection, RFC
+3261 §18.2.2 / RFC 5626), open one if there is none (TLS: the peer
+verified with `tls_client`, against the host name or address it was
+given), and close connections idle for `idle_timeout`. Write buffers
+are bounded: a peer that does not read is disconnected. A peer whose own
+connection closed is not dialled back (its port was that connection's),
+and a connection that cannot be opened fails at once: either reaches
+`on_send_failed(data, dest, flow_gone)`.
 
 TCP defences (slowloris and friends): at most `max_connections` in all and
 `max_per_source` from one IP address (further ones are closed at once); a
@@ -34,6 +38,7 @@ import errno
 import fcntl
 import logging
 import socket
+import ssl
 import struct
 import time
 from typing import Callable
@@ -79,8 +84,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _TcpConnection(asyncio.Protocol):
-    def __init__(self, owner: "SipTransport"):
+    def __init__(self, owner: "SipTransport", kind: str = "tcp"):
         self.owner = owner
+        self.kind = kind         # "tcp", or "tls" (asyncio's SSL layer below this protocol)
         self.framer = StreamFramer(owner.limits)
         self.transport: asyncio.Transport | None = None
         self.peer: Addr | None = None
@@ -106,7 +112,7 @@ class _TcpConnection(asyncio.Protocol):
         try:
             events = self.framer.feed(data)
         except FramingError as exc:
-            self.owner._bad_input(exc, data, self.peer, "tcp")
+            self.owner._bad_input(exc, data, self.peer, self.kind)
             self.transport.close()
             return
         self.partial_since = (self.partial_since or now) if self.framer.buffered else None
@@ -114,7 +120,7 @@ class _TcpConnection(asyncio.Protocol):
             if ev is PING:
                 self.transport.write(PONG)
             else:
-                self.owner._received(ev, self.peer, "tcp", datagram=False)
+                self.owner._received(ev, self.peer, self.kind, datagram=False)
 
     def connection_lost(self, exc):
         if self.accepted:
@@ -157,7 +163,9 @@ class SipTransport:
         self.refused_connections = 0
         self.refused_log = RateLimitedLog()
         self.udp: _UdpProtocol | None = None
-        self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
+        self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
+        self.tls_local: Addr | None = None
         self.connections: dict[Addr, _TcpConnection] = {}
         # peers whose own connection to us closed lately (a phone's flow,
         # RFC 5626): their port was theirs for that connection only
@@ -191,6 +199,18 @@ class SipTransport:
         if self._reaper is None:
             self._reaper = loop.create_task(self._reap_idle())
         return self.local
+
+    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> Addr:
+        """A TLS server on host:port (port 0 picks one), its connections
+        handled as TCP ones of kind "tls"."""
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _TcpConnection(self, "tls"), host, port, ssl=context, reuse_address=True,
+            ssl_handshake_timeout=self.header_timeout)
+        self.tcp_servers.append(server)
+        self.tls_local = (host, server.sockets[0].getsockname()[1])
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        return self.tls_local
 
     async def _bind(self, host: str, port: int, *, udp: bool, tcp: bool, reuse_port: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -325,7 +345,7 @@ class SipTransport:
                 raise OSError(str(exc)) from None
             return
         conn = self.connections.get(dest)
-        if conn is not None:
+        if conn is not None and conn.kind == transport:
             conn.write(data)
             return
         if dest in self.gone_flows:
@@ -337,7 +357,7 @@ class SipTransport:
             return
         task = self._connecting.get(dest)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._connect(dest))
+            task = asyncio.get_running_loop().create_task(self._connect(dest, transport))
             self._connecting[dest] = task
         task.add_done_callback(lambda t: self._after_connect(t, data, dest))
 
@@ -354,11 +374,17 @@ class SipTransport:
         if self.on_send_failed is not None:
             self.on_send_failed(data, dest, flow_gone)
 
-    async def _connect(self, dest: Addr) -> _TcpConnection:
+    async def _connect(self, dest: Addr, kind: str) -> _TcpConnection:
         try:
             loop = asyncio.get_running_loop()
+            tls = None
+            if kind == "tls":
+                if self.tls_client is None:
+                    raise OSError("no TLS set up here")
+                tls = self.tls_client
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _TcpConnection(self), dest[0], dest[1]), 5.0)
+                loop.create_connection(lambda: _TcpConnection(self, kind), dest[0], dest[1], ssl=tls,
+                                       server_hostname=dest[0] if tls else None), 5.0)
             # the connection is known by the address we dialled, so replies
             # and later requests to the same destination reuse it
             conn.dialled = True

@@ -25,7 +25,7 @@ import urllib.request
 
 from sipcore.headers import hostport
 
-from .sipp import Sipp, free_port
+from .sipp import Sipp, claim_port, free_port
 
 
 class ClusterError(Exception):
@@ -107,6 +107,12 @@ class Cluster:
         return ("::1", self.state["proxy"]["port"]) if self.state["proxy"].get("ipv6") else None
 
     @property
+    def proxy_tls_addr(self) -> tuple[str, int] | None:
+        """The proxy's TLS address (`up --tls`), else None."""
+        port = self.state["proxy"].get("tls")
+        return ("127.0.0.1", port) if port else None
+
+    @property
     def trunk_host(self) -> str:
         return "::1" if self.state["proxy"].get("ipv6") else "127.0.0.1"
 
@@ -148,9 +154,12 @@ class Cluster:
         raise ClusterError(f"redis on port {port} did not answer PING")
 
     def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
-           trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False) -> None:
+           trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False,
+           tls: bool = False) -> None:
         """`ipv6`: the proxy listens on [::1] as well (same port) and the
-        SIPp trunk on [::1] only; the nodes stay on IPv4."""
+        SIPp trunk on [::1] only; the nodes stay on IPv4. `tls`: the proxy
+        takes SIP over TLS too, on port + 1 where it is free (`tls/cert.pem`,
+        made here, is a self-signed certificate for localhost, 127.0.0.1 and ::1)."""
         if any(self.running(n) for n in self.procs()):
             raise ClusterError(f"a cluster already runs from {self.dir} (sipha down --dir {self.dir} first)")
         if nodes < 1 or nodes > 64:
@@ -164,11 +173,16 @@ class Cluster:
                 raise ClusterError(f"--ipv6: cannot use {host}: {exc.strerror}") from None
             if busy:
                 raise ClusterError(f"--port: {hostport((host, port))}/{busy} is already in use")
-        for tool in ["redis-server"] + (["sipp"] if trunk else []):
+        for tool in ["redis-server"] + (["sipp"] if trunk else []) + (["openssl"] if tls else []):
             if shutil.which(tool) is None:
                 raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6}}
+        self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6,
+                                                          "tls": None}}
+        if tls:     # SIP's TLS port is the SIP port + 1 (5061), where that is free
+            free = port < 65535 and not port_in_use("127.0.0.1", port + 1)
+            self.state["proxy"]["tls"] = claim_port(port + 1) if free else free_port()
+            self.make_certificate()
         for i in range(1, nodes + 1):
             nid = f"node{i}"
             self.state["nodes"][nid] = {"sip": free_port(), "redis": free_port(), "admin": free_port()}
@@ -193,7 +207,9 @@ class Cluster:
         lines = [
             "# written by sipha up; every key can also be set by SIPHA_* variables",
             "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
-            "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"', "",
+            "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"',
+            *([f'tls_listen = "{self._listen(st["proxy"]["tls"])}"', f'tls_cert = "{self.dir / "tls" / "cert.pem"}"',
+               f'tls_key = "{self.dir / "tls" / "key.pem"}"'] if st["proxy"].get("tls") else []), "",
             "[health]", "interval = 0.3", "down_after = 2", "up_after = 2", "",
             "[ramp]", "start = 0.1", f"duration = {ramp}", "steps = 10", "",
             "[log]", f'level = "{log_level}"', "",
@@ -207,8 +223,20 @@ class Cluster:
                       f'redis = "redis://127.0.0.1:{n["redis"]}/0"', f'admin = "127.0.0.1:{n["admin"]}"', ""]
         (self.dir / "cluster.toml").write_text("\n".join(lines))
 
-    def _listen(self) -> str:
-        port = self.state["proxy"]["port"]
+    def make_certificate(self) -> None:
+        """A self-signed certificate for the local proxy's TLS (30 days)."""
+        folder = self.dir / "tls"
+        folder.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-days", "30", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+                            "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ClusterError(f"--tls: openssl could not make a certificate: {r.stderr.strip()[-300:]}")
+
+    def _listen(self, port: int | None = None) -> str:
+        port = port or self.state["proxy"]["port"]
         return f"127.0.0.1:{port},[::1]:{port}" if self.state["proxy"].get("ipv6") else f"127.0.0.1:{port}"
 
     def start_redis(self, nid: str) -> None:
@@ -383,7 +411,8 @@ class Cluster:
 
     def table(self) -> str:
         rows = [("part", "address", "redis", "log")]
-        rows.append(("proxy", f"{self._listen()} udp+tcp",
+        tls = self.state["proxy"].get("tls")
+        rows.append(("proxy", f"{self._listen()} udp+tcp" + (f", {self._listen(tls)} tls" if tls else ""),
                      f"admin http://127.0.0.1:{self.state['proxy']['admin']}/status",
                      self.procs().get("proxy", {}).get("log", "")))
         for nid, n in self.state["nodes"].items():
@@ -405,7 +434,7 @@ def render(rows: list[tuple]) -> str:
 def cmd_up(args) -> int:
     c = Cluster(args.dir)
     c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level,
-         ipv6=args.ipv6)
+         ipv6=args.ipv6, tls=args.tls)
     print(c.table())
     print(f"config: {c.dir / 'cluster.toml'}   stop with: sipha down --dir {args.dir}")
     return 0
@@ -528,6 +557,8 @@ def add_commands(sub) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--ipv6", action="store_true",
                    help="the proxy listens on [::1] too (same port), the trunk on [::1]; nodes stay IPv4")
+    p.add_argument("--tls", action="store_true",
+                   help="the proxy takes SIP over TLS too, with a self-signed certificate made in DIR/tls")
     p.set_defaults(func=cmd_up)
     p = with_dir(sub.add_parser("status", help="nodes, health, load factor, dialog counts"))
     p.add_argument("--json", action="store_true")

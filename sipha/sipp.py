@@ -59,6 +59,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError("no free port")
 
 
+def claim_port(port: int) -> int:
+    """A port chosen otherwise, never to be handed out by free_port."""
+    _handed_out.add(port)
+    return port
+
+
 def scenario_path(name: str) -> str | None:
     """The XML file's path (ours first: sipp_scenarios/uac.xml shadows the
     built-in uac), or None for a SIPp built-in."""

@@ -40,11 +40,11 @@ def procs(tmp_path):
 def make_cluster(tmp_path):
     started = []
 
-    def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp", ipv6=False):
+    def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp", ipv6=False, tls=False):
         c = Cluster(str(tmp_path / f"cluster{len(started)}"))
         started.append(c)
         c.up(nodes=nodes, port=free_port(), trunk=trunk, trunk_scenario=trunk_scenario, ramp=ramp,
-             log_level="debug", ipv6=ipv6)
+             log_level="debug", ipv6=ipv6, tls=tls)
         return c
     yield make
     for c in started:

@@ -3,7 +3,9 @@ that registered (SIPp cannot register and then take calls in one run)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
+import time
 import uuid
 
 from sipcore.framing import StreamFramer
@@ -16,14 +18,24 @@ SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 
 class Phone:
     """answer=True: 180 then 200 to INVITE; False: 180 and ring until CANCEL."""
 
-    def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp"):
+    def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp",
+                 cafile: str | None = None, sock: socket.socket | None = None):
+        """transport "tls": `cafile` holds the CA the proxy's certificate
+        is verified against (its name: localhost). `sock`: a connection
+        the proxy opened to us (we are its TCP or TLS server: a trunk)."""
         self.user, self.proxy, self.answer, self.transport = user, proxy, answer, transport
         # a phone on IPv6 when the proxy address it is given is one
         self.host = "::1" if ":" in proxy[0] else "127.0.0.1"
-        if transport == "tcp":
+        if sock is not None:
+            self.sock = sock
+            self.framer = StreamFramer()
+            self.pending = []
+        elif transport != "udp":
             # one connection to the proxy, kept open: the proxy must reach
             # this phone over it (RFC 5626 flow, via the Path it added)
             self.sock = socket.create_connection(proxy)
+            if transport == "tls":
+                self.sock = ssl.create_default_context(cafile=cafile).wrap_socket(self.sock, server_hostname="localhost")
             self.framer = StreamFramer()
             self.pending: list[bytes] = []
         else:
@@ -43,7 +55,7 @@ class Phone:
 
     @property
     def contact(self) -> str:
-        t = ";transport=tcp" if self.transport == "tcp" else ""
+        t = f";transport={self.transport}" if self.transport != "udp" else ""
         return f"sip:{self.user}@{self.hostport}{t}"
 
     @property
@@ -51,13 +63,13 @@ class Phone:
         return hostport((self.host, self.port))
 
     def _sendto(self, data: bytes, dest) -> None:
-        if self.transport == "tcp":
+        if self.transport != "udp":
             self.sock.sendall(data)
         else:
             self.sock.sendto(data, dest)
 
     def _recv(self) -> tuple[bytes, tuple]:
-        if self.transport != "tcp":
+        if self.transport == "udp":
             return self.sock.recvfrom(65535)
         while not self.pending:
             chunk = self.sock.recv(65535)
@@ -81,6 +93,42 @@ class Phone:
             resp = parse_message(self._recv()[0])
             if resp.status >= 200:
                 return resp
+
+    def call(self, user: str, hold: float = 0.2) -> list[int]:
+        """Call `user` through the proxy: INVITE, ACK of the 200, BYE after
+        `hold` s (not with start()). -> the statuses heard: the INVITE's, then the BYE's."""
+        call_id, branch = uuid.uuid4().hex, uuid.uuid4().hex
+        head = (f"Max-Forwards: 70\r\nFrom: <sip:{self.user}@127.0.0.1>;tag={self.tag}\r\n"
+                f"To: <sip:{user}@127.0.0.1>TO_TAG\r\nCall-ID: {call_id}\r\n")
+
+        def request(method: str, uri: str, cseq: int, routes: list[str], to_tag: str = "", body=b"") -> None:
+            via = f"SIP/2.0/{self.transport.upper()} {self.hostport};branch=z9hG4bK{branch if method == 'ACK' else uuid.uuid4().hex};rport"
+            text = (f"{method} {uri} SIP/2.0\r\nVia: {via}\r\n" + "".join(f"Route: {r}\r\n" for r in routes)
+                    + head.replace("TO_TAG", f";tag={to_tag}" if to_tag else "")
+                    + f"CSeq: {cseq} {method}\r\nContact: <{self.contact}>\r\n"
+                    + ("Content-Type: application/sdp\r\n" if body else "") + f"Content-Length: {len(body)}\r\n\r\n")
+            self._sendto(text.encode() + body, self.proxy)
+
+        def final(method: str):
+            while True:
+                resp = parse_message(self._recv()[0])
+                if getattr(resp, "status", 0) >= 200 and resp.cseq[1] == method:
+                    return resp
+
+        self.sock.settimeout(10)
+        heard = []
+        request("INVITE", f"sip:{user}@{hostport(self.proxy)}", 1, [], body=SDP)
+        ok = final("INVITE")
+        heard.append(ok.status)
+        if ok.status != 200:
+            return heard
+        routes = list(reversed(ok.values("Record-Route")))     # the caller's route set (RFC 3261 §12.1.2)
+        target, to_tag = ok.contacts[0].uri, ok.to.tag
+        request("ACK", target, 1, routes, to_tag)
+        time.sleep(hold)
+        request("BYE", target, 2, routes, to_tag)
+        heard.append(final("BYE").status)
+        return heard
 
     def start(self) -> "Phone":
         self.sock.settimeout(0.2)

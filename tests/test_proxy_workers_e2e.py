@@ -130,7 +130,7 @@ def test_a_dead_worker_is_restarted_and_stop_ends_them_all(procs):
 
 @pytest.mark.parametrize("args, needle", [
     (["--workers", "0", "--listen", "127.0.0.1:5999"], "proxy.workers: expected 1 to 64, got 0"),
-    (["--workers", "2", "--listen", "127.0.0.1:0"], "proxy.workers: several workers need a fixed port"),
+    (["--workers", "2", "--listen", "127.0.0.1:0"], "proxy.workers: several workers need fixed ports"),
 ])
 def test_bad_worker_settings_are_named(args, needle):
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "n1=127.0.0.1:5998", *args],

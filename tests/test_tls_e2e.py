@@ -1,0 +1,163 @@
+"""SIP over TLS (RFC 3261 §26) at the proxy: phones that register and call
+over TLS, a trunk the proxy dials over TLS and verifies, and what a bad
+peer or a bad setting gets. SIPp here has no TLS: a scripted phone speaks it."""
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from clusterkit import all_keys, run, uac
+from phone import Phone
+from sipha.cluster import Cluster
+from sipha.sipp import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def tls_phone(c, user: str) -> Phone:
+    return Phone(user, c.proxy_tls_addr, transport="tls", cafile=str(c.dir / "tls" / "cert.pem"))
+
+
+def test_a_phone_registered_over_tls_is_called_over_its_connection(make_cluster):
+    c = make_cluster(nodes=2, trunk=None, tls=True)
+    phone = tls_phone(c, "tess")
+    try:
+        resp = phone.register(300)
+        assert resp.status == 200, resp.reason
+        path = resp.get("Path")
+        assert path.startswith(f"<sip:127.0.0.1:{c.proxy_tls_addr[1]};transport=tls;lr;flow=tls:127.0.0.1:"), path
+        phone.start()
+        result = run(uac(c, "uac", calls=2, rate=5, hold_ms=300, service="tess").run(30))
+        assert result.ok == 2 and result.failed == 0, result.log_tail
+        deadline = time.monotonic() + 3
+        while phone.got.count("BYE") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert phone.got.count("INVITE") == 2 and phone.got.count("BYE") == 2
+        assert phone.invite.top_via.transport == "TLS"
+        assert ";transport=tls;lr" in phone.invite.values("Record-Route")[0]
+    finally:
+        phone.stop()
+
+
+def test_a_phone_calls_over_tls_to_a_udp_trunk(make_cluster):
+    c = make_cluster(nodes=2, tls=True)
+    phone = tls_phone(c, "tom")
+    try:
+        assert phone.call("service", hold=0.3) == [200, 200]      # INVITE answered, BYE answered
+        assert phone.call("service", hold=0.1) == [200, 200]
+    finally:
+        phone.stop()
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_a_peer_that_does_not_speak_tls_is_dropped_and_the_port_goes_on(make_cluster):
+    c = make_cluster(nodes=2, tls=True)
+    with socket.create_connection(c.proxy_tls_addr, timeout=5) as s:     # plain SIP to the TLS port
+        s.sendall(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nContent-Length: 0\r\n\r\n" * 3)
+        s.settimeout(5)
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            got = b""
+        # closed, or a TLS alert record (content type 21): never a SIP answer in clear
+        assert got == b"" or got[0] == 21, got
+    raw = socket.create_connection(c.proxy_tls_addr, timeout=5)
+    raw.close()                                                           # a handshake that never starts
+    phone = tls_phone(c, "tim")
+    try:
+        assert phone.call("service", hold=0.1) == [200, 200]
+    finally:
+        phone.stop()
+    log = (c.dir / "logs" / "proxy.log").read_text()
+    assert "level=error" not in log and "Traceback" not in log
+
+
+class TlsTrunk:
+    """A trunk that takes SIP over TLS on 127.0.0.1, as localhost, with a
+    certificate of its own: it answers the calls on the connection the
+    proxy opens (the scripted phone on the server side of it)."""
+
+    def __init__(self, folder):
+        made = Cluster(str(folder))
+        made.make_certificate()
+        self.cert = str(made.dir / "tls" / "cert.pem")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, str(made.dir / "tls" / "key.pem"))
+        self.listener = ctx.wrap_socket(socket.create_server(("127.0.0.1", free_port())), server_side=True)
+        self.port = self.listener.getsockname()[1]
+        self.phones: list[Phone] = []
+        self.listener.settimeout(0.2)
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, ssl.SSLError, OSError):
+                continue
+            self.phones.append(Phone("service", ("127.0.0.1", 0), transport="tls", sock=conn).start())
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        for p in self.phones:
+            p.stop()
+        self.listener.close()
+
+
+def test_the_proxy_dials_a_tls_trunk_by_name_and_verifies_it(make_cluster, monkeypatch, tmp_path):
+    """node.upstream = sip:localhost:PORT;transport=tls: the proxy opens
+    TLS to it, checks its certificate against proxy.tls_ca and the name
+    localhost, and the call's requests all go over that connection."""
+    trunk = TlsTrunk(tmp_path / "trunk")
+    try:
+        monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:localhost:{trunk.port};transport=tls")
+        monkeypatch.setenv("SIPHA_PROXY_TLS_CA", trunk.cert)
+        c = make_cluster(nodes=2, trunk=None, tls=True)
+        result = run(uac(c, "uac", calls=3, rate=5, hold_ms=200).run(30))
+        assert result.ok == 3 and result.failed == 0, result.log_tail
+        deadline = time.monotonic() + 3
+        while sum(p.got.count("BYE") for p in trunk.phones) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(trunk.phones) == 1                       # one connection, reused
+        assert trunk.phones[0].got.count("INVITE") == 3 and trunk.phones[0].got.count("BYE") == 3
+    finally:
+        trunk.stop()
+
+
+def test_a_tls_trunk_whose_certificate_does_not_verify_gets_no_call(make_cluster, monkeypatch, tmp_path):
+    trunk = TlsTrunk(tmp_path / "trunk")
+    try:
+        monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:localhost:{trunk.port};transport=tls")
+        c = make_cluster(nodes=2, trunk=None, tls=True)       # no proxy.tls_ca: the system's CAs
+        result = run(uac(c, "uac", calls=1, rate=1).run(30))
+        assert result.failed == 1 and "503 Service Unavailable (next hop unreachable)" in result.log_tail
+        assert trunk.phones == []
+        log = (c.dir / "logs" / "proxy.log").read_text()
+        assert "event=tcp_connect_failed" in log and "CERTIFICATE_VERIFY_FAILED" in log
+    finally:
+        trunk.stop()
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061"}, "proxy.tls_cert: needed with proxy.tls_listen"),
+    ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": "/nonexistent/cert.pem"},
+     "proxy.tls_cert: no such file '/nonexistent/cert.pem'"),
+    ({"SIPHA_PROXY_TLS_LISTEN": "[::1]:5061"}, "proxy.tls_listen: ::1:5061 is IPv6"),
+    ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": __file__},
+     "proxy.tls_cert / proxy.tls_key: cannot load"),
+])
+def test_bad_tls_settings_are_cli_errors(env, said, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{free_port()}",
+                        "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
