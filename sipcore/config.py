@@ -219,6 +219,7 @@ class Config:
                 raise ConfigError(f"{name}: no such file {path!r}")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_RENEGOTIATION     # a write never waits on a read (sipcore.transport)
         try:
             ctx.load_cert_chain(cert, key or None)
         except (ssl.SSLError, OSError) as exc:

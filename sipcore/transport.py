@@ -84,17 +84,24 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _TcpConnection(asyncio.Protocol):
-    def __init__(self, owner: "SipTransport", kind: str = "tcp"):
+    def __init__(self, owner: "SipTransport", kind: str = "tcp", server_tls: ssl.SSLContext | None = None):
         self.owner = owner
-        self.kind = kind         # "tcp", or "tls" (asyncio's SSL layer below this protocol)
+        self.kind = kind         # "tcp", or "tls"
         self.framer = StreamFramer(owner.limits)
         self.transport: asyncio.Transport | None = None
         self.peer: Addr | None = None
         self.last_active = time.monotonic()
-        self.partial_since: float | None = None   # when an unfinished message began
+        self.partial_since: float | None = None   # when an unfinished message (or TLS handshake) began
         self.closed = asyncio.get_running_loop().create_future()
         self.accepted = True
         self.dialled = False     # we connected (SipTransport._connect), not the peer
+        # An accepted TLS connection: TLS is done here, over memory BIOs,
+        # so the connection is counted against the limits as it is
+        # accepted, like a TCP one, and its handshake is bounded as a
+        # message is (header_timeout); those we dial use asyncio's.
+        self.server_tls = server_tls
+        self.tls: ssl.SSLObject | None = None
+        self.handshaking = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -103,12 +110,51 @@ class _TcpConnection(asyncio.Protocol):
         self.accepted = self.owner._register(self)
         if not self.accepted:
             transport.abort()
+        elif self.server_tls is not None:
+            self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = self.server_tls.wrap_bio(self._in, self._out, server_side=True)
+            self.handshaking = True
+            self.partial_since = time.monotonic()
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """TLS records in, what they carry out (None: the connection ended)."""
+        self._in.write(data)
+        try:
+            if self.handshaking:
+                self.tls.do_handshake()
+                self.handshaking = False
+                self.partial_since = None
+            chunks = []
+            while True:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, OSError) as exc:     # a bad handshake, a close_notify, a broken record
+            event(log, "tls_closed", logging.DEBUG, peer=hostport(self.peer), handshake=self.handshaking,
+                  error=str(exc) or type(exc).__name__)
+            self._flush()
+            self.transport.close()
+            return None
+        self._flush()
+        return b"" if self.handshaking else b"".join(chunks)
+
+    def _flush(self) -> None:
+        out = self._out.read()
+        if out:
+            self.transport.write(out)
 
     def data_received(self, data):
         if not self.accepted:
             return
         now = time.monotonic()
         self.last_active = now
+        if self.tls is not None:
+            data = self._decrypt(data)
+            if not data:
+                return
         try:
             events = self.framer.feed(data)
         except FramingError as exc:
@@ -118,23 +164,32 @@ class _TcpConnection(asyncio.Protocol):
         self.partial_since = (self.partial_since or now) if self.framer.buffered else None
         for ev in events:
             if ev is PING:
-                self.transport.write(PONG)
+                self._write(PONG)
             else:
                 self.owner._received(ev, self.peer, self.kind, datagram=False)
 
     def connection_lost(self, exc):
         if self.accepted:
+            self.accepted = False
             self.owner._unregister(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
     def write(self, data: bytes) -> None:
+        if self.handshaking:
+            return      # never in clear: it is retransmitted, or fails as a request to a gone flow does
         self.last_active = time.monotonic()
         if self.transport.get_write_buffer_size() > self.owner.max_write_buffer:
             event(log, "tcp_closed", logging.WARNING, peer=hostport(self.peer),
                   reason="peer does not read (write buffer full)")
             self.transport.abort()
             return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self._out.read()
         self.transport.write(data)
 
 
@@ -204,8 +259,7 @@ class SipTransport:
         """A TLS server on host:port (port 0 picks one), its connections
         handled as TCP ones of kind "tls"."""
         server = await asyncio.get_running_loop().create_server(
-            lambda: _TcpConnection(self, "tls"), host, port, ssl=context, reuse_address=True,
-            ssl_handshake_timeout=self.header_timeout)
+            lambda: _TcpConnection(self, "tls", server_tls=context), host, port, reuse_address=True)
         self.tcp_servers.append(server)
         self.tls_local = (host, server.sockets[0].getsockname()[1])
         if self._reaper is None:
@@ -329,7 +383,8 @@ class SipTransport:
                     conn.transport.close()
                 elif conn.partial_since is not None and conn.partial_since < now - self.header_timeout:
                     event(log, "tcp_closed", peer=hostport(conn.peer),
-                          reason=f"message not complete within {self.header_timeout:g}s")
+                          reason=f"{'TLS handshake' if conn.handshaking else 'message'} not complete "
+                                 f"within {self.header_timeout:g}s")
                     conn.transport.abort()
 
     # ---- sending -----------------------------------------------------

@@ -161,3 +161,41 @@ def test_bad_tls_settings_are_cli_errors(env, said, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", f"127.0.0.1:{free_port()}",
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_tls_connections_count_against_the_limits_before_their_handshake(make_cluster, monkeypatch):
+    """Connections that never handshake (a slowloris on the TLS port)
+    are counted as they are accepted, as TCP ones are: past
+    limits.tcp_per_source the next is closed at once, not held for a
+    handshake; the idle ones are closed after limits.tcp_message_timeout,
+    and then a phone from the same address gets in."""
+    monkeypatch.setenv("SIPHA_LIMITS_TCP_PER_SOURCE", "4")
+    monkeypatch.setenv("SIPHA_LIMITS_TCP_MESSAGE_TIMEOUT", "2")
+    c = make_cluster(nodes=2, tls=True)
+
+    def closed_within(s, seconds: float) -> bool:
+        s.settimeout(seconds)
+        try:
+            return s.recv(10) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    idle = [socket.create_connection(c.proxy_tls_addr, timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(c.proxy_tls_addr, timeout=5) as extra:
+            assert closed_within(extra, 1.0)               # refused at once
+        assert not closed_within(idle[0], 0.5)             # the others wait for their handshake...
+        assert all(closed_within(s, 4.0) for s in idle)    # ... for 2 s
+    finally:
+        for s in idle:
+            s.close()
+    phone = tls_phone(c, "ted")
+    try:
+        assert phone.call("service", hold=0.1) == [200, 200]
+    finally:
+        phone.stop()
+    log = (c.dir / "logs" / "proxy.log").read_text()
+    assert "event=tcp_refused" in log and 'reason="TLS handshake not complete within 2s"' in log
