@@ -52,6 +52,7 @@ from .workers import WorkerLink, WorkerRole
 log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
+TRANSPORTS = frozenset(("udp", "tcp", "tls", "ws", "wss"))     # transports a Via or a URI may name
 _STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
 OVERLOAD_REASON = "Service Unavailable (overloaded)"
 OVERLOAD_RETRY_AFTER = "2"
@@ -89,7 +90,7 @@ class Proxy:
         self.node_ids = [n.id for n in cfg.nodes]
         self.nodes = {n.id: n for n in cfg.nodes}
         self.listen = cfg.listen
-        self.listen_tls: list[tuple[str, int]] = []
+        self.listen_streams: dict[str, list[tuple[str, int]]] = {}   # tls / ws / wss -> bound addresses
         # Dual stack: phones and trunks over IPv4 or IPv6, the nodes over
         # IPv4. What goes to an address is sent from a socket of its
         # family, and the Via, Record-Route or Path on it names the proxy
@@ -101,11 +102,12 @@ class Proxy:
         self.advertise6: tuple[str, int] | None = adv.get(True)
         self.transports: list[SipTransport] = []     # IPv4 ones first
         self.transport6: SipTransport | None = None
-        # TLS: servers on the transport of their family; our address over
-        # TLS by family is the advertised host at the TLS port
+        # TLS and WebSocket: servers on the transport of their family; our
+        # address over one of them, by family, is the advertised host at
+        # its port
         self.tls_server = cfg.tls_server_context()
         self.tls_client = cfg.tls_client_context() if self.tls_server is not None else None
-        self.tls_advertise: dict[bool, tuple[str, int]] = {}
+        self.stream_advertise: dict[tuple[str, bool], tuple[str, int]] = {}    # (kind, IPv6) -> address
         self.health = HealthMonitor(cfg, first_v4[0])
         self.node_by_addr: dict[tuple[str, int], str] = {}
         self.our_addrs: set[tuple[str, int]] = set()
@@ -175,19 +177,21 @@ class Proxy:
         self.our_addrs = {self.advertise, self.internal, *self.listen}
         if self.advertise6 is not None:
             self.our_addrs.add(self.advertise6)
-        if self.tls_server is not None:
-            # worker 0 holds TCP and TLS (the others hand it what goes there)
-            for host, port in self.cfg.tls_listen:
+        for t in self.transports:
+            t.tls_client = self.tls_client
+        for kind in ("tls", "ws", "wss"):
+            # worker 0 holds the connections (the others hand it what goes there)
+            for host, port in self.cfg.stream_listen(kind):
                 v6 = ":" in host
-                t = self.transport_for(host)
-                bound = await t.listen_tls(host, port, self.tls_server) if self.primary else (host, port)
-                t.tls_client = self.tls_client
-                self.listen_tls.append(bound)
-                self.tls_advertise.setdefault(v6, ((self.advertise6 if v6 else self.advertise)[0], bound[1]))
-                self.our_addrs.update((bound, self.tls_advertise[v6]))
+                bound = (await self.transport_for(host).listen_stream(
+                    kind, host, port, self.tls_server if kind != "ws" else None)) if self.primary else (host, port)
+                self.listen_streams.setdefault(kind, []).append(bound)
+                ours = self.stream_advertise.setdefault((kind, v6), ((self.advertise6 if v6 else self.advertise)[0],
+                                                                    bound[1]))
+                self.our_addrs.update((bound, ours))
         # how every Via we write begins, up to the branch prefix (fast_response)
         self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i, v6=v6).encode("latin-1")
-                                    for t in ("udp", "tcp", *(("tls",) if self.tls_advertise else ()))
+                                    for t in ("udp", "tcp", *self.listen_streams)
                                     for i in (False, True) for v6 in (False, self.advertise6 is not None)})
         await self.health.start()
         for nid, h in self.health.nodes.items():
@@ -206,7 +210,7 @@ class Proxy:
             event(log, "default_secret", logging.WARNING,
                   msg="cluster.secret is the default: anyone can forge BEKey stamps; set SIPHA_CLUSTER_SECRET")
         event(log, "proxy_started", listen=",".join(hostport(a) for a in self.listen),
-              tls=",".join(hostport(a) for a in self.listen_tls) or None,
+              **{kind: ",".join(map(hostport, addrs)) for kind, addrs in self.listen_streams.items()},
               admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
               probe=self.health.probing)
@@ -228,7 +232,7 @@ class Proxy:
             "role": "proxy",
             "uptime_s": round(time.time() - self.started, 1),
             "listen": [hostport(a) for a in self.listen],
-            "tls": [hostport(a) for a in self.listen_tls],
+            **{kind: [hostport(a) for a in addrs] for kind, addrs in self.listen_streams.items()},
             "probe": self.health.probing,
             "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
@@ -291,8 +295,10 @@ class Proxy:
 
     def our_addr(self, transport: str, v6: bool) -> tuple[str, int]:
         """Where a peer of IPv6 or IPv4 reaches us over this transport."""
-        if transport == "tls" and self.tls_advertise:
-            return self.tls_advertise.get(v6) or self.tls_advertise[not v6]
+        if transport not in ("udp", "tcp"):
+            ours = self.stream_advertise.get((transport, v6)) or self.stream_advertise.get((transport, not v6))
+            if ours:
+                return ours
         return self.advertise6 if v6 else self.advertise
 
     def our_uri(self, transport: str, flow: str | None = None, *, v6: bool = False) -> str:
@@ -638,22 +644,25 @@ class Proxy:
         # a host name goes to its IPv4 address (_resolve_and_send), as in
         # Kamailio without dns_try_ipv6; an IPv6 one needs a socket of IPv6
         v6 = ":" in dest[0]
-        cannot = ("an IPv6 destination, and proxy.listen has no IPv6 address" if self.transport_for(dest[0]) is None
-                  else "a TLS destination, and proxy.tls_listen is empty" if out_transport == "tls" and not self.tls_advertise
-                  else None)
-        if cannot:
+        missing = ("IPv6" if self.transport_for(dest[0]) is None
+                   else out_transport.upper() if out_transport not in ("udp", "tcp", *self.listen_streams) else None)
+        if missing:
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,
-                  dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503, why=cannot)
-            self.reply(req, 503, f"Service Unavailable (no {'IPv6' if v6 else 'TLS'} address to send from)",
-                       src, transport)
+                  dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503,
+                  why=f"no {missing} listen address")
+            self.reply(req, 503, f"Service Unavailable (no {missing} address to send from)", src, transport)
             return
         if initial and req.method in DIALOG_CREATING:
-            req.add_top("Record-Route", self.our_uri(out_transport, v6=v6))
+            # over a flow (a phone's Path), our Record-Route carries it: the
+            # dialog's requests to that phone then take its connection or
+            # NAT binding, not its Contact (a browser's is *.invalid)
+            req.add_top("Record-Route", self.our_uri(out_transport, flow, v6=v6))
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
-        if is_ip(dest[0]) or out_transport == "tls":
-            # (a TLS peer's name is resolved when connecting, and verified)
+        if is_ip(dest[0]) or out_transport in ("tls", "ws", "wss"):
+            # (a TLS peer's name is resolved when connecting, and verified;
+            # a WebSocket one is never dialled: 430 unless it is connected)
             self.send(req, dest, out_transport)
         else:
             asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
@@ -676,7 +685,7 @@ class Proxy:
     @staticmethod
     def _uri_hop(target: SipUri) -> tuple[tuple[str, int], str]:
         """-> (address, transport) a request for a SIP URI goes to."""
-        out_transport = target.transport if target.transport in ("udp", "tcp", "tls") else "tcp"
+        out_transport = target.transport if target.transport in TRANSPORTS else "tcp"
         maddr = target.params.get("maddr")
         return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
 
@@ -846,7 +855,7 @@ class Proxy:
         v6 = ":" in dest[0]
         record_route = None
         if initial:
-            record_route = self._record_route(scan, self.our_uri("udp", v6=v6))
+            record_route = self._record_route(scan, self.our_uri("udp", flow, v6=v6))
             if record_route is None:
                 return False
         elif scan.method == "ACK" and scan.to_tag == self.reply_tag:
@@ -953,7 +962,7 @@ class Proxy:
         resp.pop_first("Via")
         dest = nxt.response_target()
         out_transport = nxt.transport.lower()
-        if out_transport not in ("udp", "tcp", "tls"):
+        if out_transport not in TRANSPORTS:
             out_transport = "tcp"
         node = self.node_by_addr.get(dest)
         if node is None:

@@ -69,7 +69,10 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
                         "comma-separated (default: the first listen address of each family)"),
     "proxy.tls_listen": (str, "", "proxy SIP-over-TLS address(es), comma-separated, e.g. 0.0.0.0:5061 "
                          "(each of a family proxy.listen has too); empty: no TLS"),
-    "proxy.tls_cert": (str, "", "PEM file: the certificate (chain) the proxy presents on TLS"),
+    "proxy.ws_listen": (str, "", "proxy SIP-over-WebSocket address(es) (RFC 7118, for WebRTC clients), "
+                        "comma-separated, e.g. 0.0.0.0:8080; empty: none"),
+    "proxy.wss_listen": (str, "", "the same over TLS (wss://, with proxy.tls_cert), e.g. 0.0.0.0:8443; empty: none"),
+    "proxy.tls_cert": (str, "", "PEM file: the certificate (chain) the proxy presents on TLS and WSS"),
     "proxy.tls_key": (str, "", "PEM file: the private key of proxy.tls_cert (empty: in that file)"),
     "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers the proxy connects to (trunks) are "
                      "verified against; empty: the system's"),
@@ -197,23 +200,28 @@ class Config:
 
     @property
     def tls_listen(self) -> list[tuple[str, int]]:
-        """proxy.tls_listen, each of a family proxy.listen has too."""
-        found = [parse_hostport(p, "proxy.tls_listen", 5061, ipv6=True)
-                 for p in self.values["proxy.tls_listen"].split(",") if p.strip()]
+        return self.stream_listen("tls")
+
+    def stream_listen(self, kind: str) -> list[tuple[str, int]]:
+        """proxy.{kind}_listen (tls, ws, wss), each of a family proxy.listen has too."""
+        key = f"proxy.{kind}_listen"
+        found = [parse_hostport(p, key, 5061 if kind == "tls" else None, ipv6=True)
+                 for p in self.values[key].split(",") if p.strip()]
         families = {":" in h for h, _ in self.listen}
         for host, port in found:
             if (":" in host) not in families:
-                raise ConfigError(f"proxy.tls_listen: {host}:{port} is {'IPv6' if ':' in host else 'IPv4'}, "
+                raise ConfigError(f"{key}: {host}:{port} is {'IPv6' if ':' in host else 'IPv4'}, "
                                   f"and proxy.listen has no address of that family")
         return found
 
     def tls_server_context(self) -> ssl.SSLContext | None:
-        """The proxy's TLS server side (None without proxy.tls_listen)."""
-        if not self.tls_listen:
+        """The proxy's TLS server side (None without proxy.tls_listen or proxy.wss_listen)."""
+        if not self.tls_listen and not self.stream_listen("wss"):
             return None
         cert, key = self.values["proxy.tls_cert"], self.values["proxy.tls_key"]
         if not cert:
-            raise ConfigError("proxy.tls_cert: needed with proxy.tls_listen (a PEM certificate file)")
+            raise ConfigError("proxy.tls_cert: needed with proxy.tls_listen or proxy.wss_listen "
+                              "(a PEM certificate file)")
         for name, path in (("proxy.tls_cert", cert), ("proxy.tls_key", key)):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file {path!r}")
@@ -295,7 +303,9 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise, cfg.tls_listen  # validate (the listen addresses too)
+    cfg.internal, cfg.advertise  # validate (the listen addresses too)
+    for kind in ("tls", "ws", "wss"):
+        cfg.stream_listen(kind)
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):
@@ -304,8 +314,10 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError("ramp.start: must be in (0, 1]")
     if not 1 <= values["proxy.workers"] <= 64:
         raise ConfigError(f"proxy.workers: expected 1 to 64, got {values['proxy.workers']}")
-    if values["proxy.workers"] > 1 and any(port == 0 for _, port in cfg.listen + cfg.tls_listen):
-        raise ConfigError("proxy.workers: several workers need fixed ports in proxy.listen and proxy.tls_listen, not 0")
+    if values["proxy.workers"] > 1 and any(port == 0 for kind in ("tls", "ws", "wss")
+                                           for _, port in cfg.listen + cfg.stream_listen(kind)):
+        raise ConfigError("proxy.workers: several workers need fixed ports in proxy.listen and "
+                          "proxy.tls_listen/ws_listen/wss_listen, not 0")
     if not 0 <= values["limits.overload_delay"] <= 0.25:
         # past that, callers are retransmitting before anything is refused
         raise ConfigError(f"limits.overload_delay: expected 0 (off) up to 0.25 s, got {values['limits.overload_delay']}")

@@ -1,11 +1,12 @@
 """asyncio SIP transports: one UDP endpoint and one TCP server per listen
-address, TLS servers (RFC 3261 §26.3.1: TCP with TLS on its own port)
-added with `listen_tls`, plus outgoing TCP and TLS connections, all
-independent of routing.
+address, TLS and WebSocket servers (RFC 3261 §26.3.1: TCP with TLS on
+its own port; RFC 7118: SIP over WebSocket, with TLS or not) added with
+`listen_stream`, plus outgoing TCP and TLS connections, all independent
+of routing.
 
 Every message received, from any transport, reaches one callback:
 `on_message(msg, source, transport)` with source = (host, port) and
-transport = "udp" | "tcp" | "tls". Input that does not parse reaches
+transport = "udp" | "tcp" | "tls" | "ws" | "wss". Input that does not parse reaches
 `on_bad_input(error, data, source, transport)`, which may answer 400 with
 `send()`; on TCP the connection is closed after framing is lost.
 
@@ -47,6 +48,7 @@ from .errors import SipParseError
 from .logfmt import RateLimitedLog, event
 from .framing import PING, PONG, FramingError, StreamFramer
 from .headers import hostport
+from .websocket import WsServer, frame
 from .message import DEFAULT_LIMITS, Limits, SipMessage, parse_message
 
 log = logging.getLogger("sipcore.transport")
@@ -86,7 +88,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 class _TcpConnection(asyncio.Protocol):
     def __init__(self, owner: "SipTransport", kind: str = "tcp", server_tls: ssl.SSLContext | None = None):
         self.owner = owner
-        self.kind = kind         # "tcp", or "tls"
+        self.kind = kind         # "tcp", "tls", "ws" or "wss" (RFC 7118: WebSocket, over TLS or not)
+        self.ws = WsServer(owner.limits.max_message) if kind in ("ws", "wss") else None
         self.framer = StreamFramer(owner.limits)
         self.transport: asyncio.Transport | None = None
         self.peer: Addr | None = None
@@ -110,7 +113,10 @@ class _TcpConnection(asyncio.Protocol):
         self.accepted = self.owner._register(self)
         if not self.accepted:
             transport.abort()
-        elif self.server_tls is not None:
+            return
+        if self.ws is not None:
+            self.partial_since = time.monotonic()    # the upgrade is due within header_timeout
+        if self.server_tls is not None:
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = self.server_tls.wrap_bio(self._in, self._out, server_side=True)
             self.handshaking = True
@@ -123,7 +129,8 @@ class _TcpConnection(asyncio.Protocol):
             if self.handshaking:
                 self.tls.do_handshake()
                 self.handshaking = False
-                self.partial_since = None
+                if self.ws is None:
+                    self.partial_since = None
             chunks = []
             while True:
                 chunk = self.tls.read(65536)
@@ -141,6 +148,14 @@ class _TcpConnection(asyncio.Protocol):
         self._flush()
         return b"" if self.handshaking else b"".join(chunks)
 
+    def awaited(self) -> str:
+        """What an unfinished connection waits for (the reaper's reason)."""
+        if self.handshaking:
+            return "TLS handshake"
+        if self.ws is not None and not self.ws.upgraded:
+            return "WebSocket upgrade"
+        return "message"
+
     def _flush(self) -> None:
         out = self._out.read()
         if out:
@@ -155,6 +170,9 @@ class _TcpConnection(asyncio.Protocol):
             data = self._decrypt(data)
             if not data:
                 return
+        if self.ws is not None:
+            self._ws_received(data, now)
+            return
         try:
             events = self.framer.feed(data)
         except FramingError as exc:
@@ -168,6 +186,20 @@ class _TcpConnection(asyncio.Protocol):
             else:
                 self.owner._received(ev, self.peer, self.kind, datagram=False)
 
+    def _ws_received(self, data: bytes, now: float) -> None:
+        """WebSocket: one SIP message a data frame, no Content-Length needed."""
+        fed = self.ws.feed(data)
+        for out in fed.out:
+            self._write(out)
+        for message in fed.messages:
+            if message.strip(b"\r\n"):       # a frame of CRLFs is a keep-alive, not a message
+                self.owner._received(message, self.peer, self.kind, datagram=False, framed=True)
+        if fed.close:
+            event(log, "ws_closed", logging.DEBUG, peer=hostport(self.peer), reason=fed.error)
+            self.transport.close()
+        pending = self.ws.buffered or not self.ws.upgraded
+        self.partial_since = (self.partial_since or now) if pending else None
+
     def connection_lost(self, exc):
         if self.accepted:
             self.accepted = False
@@ -176,7 +208,7 @@ class _TcpConnection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def write(self, data: bytes) -> None:
-        if self.handshaking:
+        if self.handshaking or (self.ws is not None and (not self.ws.upgraded or self.ws.closing)):
             return      # never in clear: it is retransmitted, or fails as a request to a gone flow does
         self.last_active = time.monotonic()
         if self.transport.get_write_buffer_size() > self.owner.max_write_buffer:
@@ -184,7 +216,7 @@ class _TcpConnection(asyncio.Protocol):
                   reason="peer does not read (write buffer full)")
             self.transport.abort()
             return
-        self._write(data)
+        self._write(frame(data) if self.ws is not None else data)
 
     def _write(self, data: bytes) -> None:
         if self.tls is not None:
@@ -220,7 +252,6 @@ class SipTransport:
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
         self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
-        self.tls_local: Addr | None = None
         self.connections: dict[Addr, _TcpConnection] = {}
         # peers whose own connection to us closed lately (a phone's flow,
         # RFC 5626): their port was theirs for that connection only
@@ -255,16 +286,15 @@ class SipTransport:
             self._reaper = loop.create_task(self._reap_idle())
         return self.local
 
-    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> Addr:
-        """A TLS server on host:port (port 0 picks one), its connections
-        handled as TCP ones of kind "tls"."""
+    async def listen_stream(self, kind: str, host: str, port: int, context: ssl.SSLContext | None = None) -> Addr:
+        """A server of kind "tls", "ws" or "wss" on host:port (port 0
+        picks one); `context`: the TLS one ("tls", "wss")."""
         server = await asyncio.get_running_loop().create_server(
-            lambda: _TcpConnection(self, "tls", server_tls=context), host, port, reuse_address=True)
+            lambda: _TcpConnection(self, kind, server_tls=context), host, port, reuse_address=True)
         self.tcp_servers.append(server)
-        self.tls_local = (host, server.sockets[0].getsockname()[1])
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
-        return self.tls_local
+        return host, server.sockets[0].getsockname()[1]
 
     async def _bind(self, host: str, port: int, *, udp: bool, tcp: bool, reuse_port: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -303,7 +333,10 @@ class SipTransport:
             self.udp.transport.close()
 
     # ---- receiving ---------------------------------------------------
-    def _received(self, data: bytes, source: Addr, transport: str, *, datagram: bool) -> None:
+    def _received(self, data: bytes, source: Addr, transport: str, *, datagram: bool,
+                  framed: bool = False) -> None:
+        """`framed`: a whole message as its transport delimited it (a
+        WebSocket frame): read as a datagram is, but not by the UDP fast path."""
         if datagram:
             if self.wait_wanted:
                 self._measure()
@@ -312,7 +345,7 @@ class SipTransport:
             if data.strip(b"\r\n") == b"":
                 return  # UDP keep-alive (RFC 5626 §4.4.1 STUN-less CRLF)
         try:
-            msg = parse_message(data, datagram=datagram, limits=self.limits)
+            msg = parse_message(data, datagram=datagram or framed, limits=self.limits)
         except SipParseError as exc:
             self._bad_input(exc, data, source, transport)
             return
@@ -383,7 +416,7 @@ class SipTransport:
                     conn.transport.close()
                 elif conn.partial_since is not None and conn.partial_since < now - self.header_timeout:
                     event(log, "tcp_closed", peer=hostport(conn.peer),
-                          reason=f"{'TLS handshake' if conn.handshaking else 'message'} not complete "
+                          reason=f"{conn.awaited()} not complete "
                                  f"within {self.header_timeout:g}s")
                     conn.transport.abort()
 
@@ -403,11 +436,12 @@ class SipTransport:
         if conn is not None and conn.kind == transport:
             conn.write(data)
             return
-        if dest in self.gone_flows:
+        if dest in self.gone_flows or transport in ("ws", "wss"):
             # Not dialled back: the port was the peer's for the connection
             # it closed (a phone quit, lost its network); a connect would
             # be refused, or hang behind its NAT (RFC 5626 §5.3: the flow
-            # failed, and is said so at once)
+            # failed, and is said so at once). WebSocket peers are never
+            # dialled: a browser is reached over its own connection only.
             self._failed(data, dest, True)
             return
         task = self._connecting.get(dest)

@@ -2,8 +2,11 @@
 that registered (SIPp cannot register and then take calls in one run)."""
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -13,6 +16,49 @@ from sipcore.headers import hostport
 from sipcore.message import SipRequest, make_response, parse_message
 
 SDP = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n"
+
+
+class WsClient:
+    """The browser's side of SIP over WebSocket (RFC 7118), for the tests:
+    the upgrade, then masked frames out and messages in."""
+
+    def __init__(self, sock: socket.socket):
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                     f"Sec-WebSocket-Protocol: sip\r\n\r\n".encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("closed during the WebSocket handshake")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101") or b"Sec-WebSocket-Protocol: sip" not in head:
+            raise OSError(f"WebSocket upgrade refused: {head[:200]!r}")
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        mask, n = os.urandom(4), len(payload)
+        head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n))
+        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """-> the messages of the (server, unmasked) frames complete so far."""
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            n, at = self.buf[1] & 0x7F, 2
+            if n == 126:
+                if len(self.buf) < 4:
+                    break
+                n, at = struct.unpack_from("!H", self.buf, 2)[0], 4
+            if len(self.buf) < at + n:
+                break
+            if self.buf[0] & 0x0F in (1, 2):
+                out.append(self.buf[at:at + n])
+            self.buf = self.buf[at + n:]
+        return out
 
 
 class Phone:
@@ -34,11 +80,14 @@ class Phone:
             # one connection to the proxy, kept open: the proxy must reach
             # this phone over it (RFC 5626 flow, via the Path it added)
             self.sock = socket.create_connection(proxy)
-            if transport == "tls":
+            if transport in ("tls", "wss"):
                 self.sock = ssl.create_default_context(cafile=cafile).wrap_socket(self.sock, server_hostname="localhost")
             self.framer = StreamFramer()
             self.pending: list[bytes] = []
+            if transport in ("ws", "wss"):
+                self.framer = WsClient(self.sock)
         else:
+            self.framer = None
             self.sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.bind((self.host, 0))
         self.port = self.sock.getsockname()[1]
@@ -60,10 +109,14 @@ class Phone:
 
     @property
     def hostport(self) -> str:
+        if self.transport in ("ws", "wss"):
+            return f"ws{self.port}.invalid"      # a browser has no address of its own to give (RFC 7118 §5.2)
         return hostport((self.host, self.port))
 
     def _sendto(self, data: bytes, dest) -> None:
-        if self.transport != "udp":
+        if isinstance(self.framer, WsClient):
+            self.sock.sendall(self.framer.frame(data))
+        elif self.transport != "udp":
             self.sock.sendall(data)
         else:
             self.sock.sendto(data, dest)

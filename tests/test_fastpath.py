@@ -225,8 +225,9 @@ def test_requests_from_the_nodes_leave_as_the_full_path_sends_them(data, dest):
             assert msg.top_via.branch.startswith("z9hG4bKsph") and msg.top_via.host == PROXY.split(":")[0]
             assert not msg.routes and not msg.has(ROUTE_HEADER) and msg.max_forwards == 69
             assert pair.proxies[0].stats.get("requests", msg.method, "outbound") == 1
-            if msg.to.tag is None:                       # a new dialog: we stay in its path
-                assert msg.record_routes[0].raw == f"<sip:{PROXY};lr>"
+            if msg.to.tag is None:     # a new dialog: we stay in its path (over the phone's flow, if it has one)
+                flow = f";flow=udp:{PHONE[0]}:{PHONE[1]}" if dest == PHONE else ""
+                assert msg.record_routes[0].raw == f"<sip:{PROXY};lr{flow}>"
     run(go)
 
 
@@ -348,7 +349,8 @@ VIA6 = f"SIP/2.0/UDP [{PHONE6[0]}]:{PHONE6[1]};branch=z9hG4bKph6-1;rport"
      f"<sip:{PROXY6};lr;flow=udp:[{PHONE6[0]}]:{PHONE6[1]}>"),
     # from a node to an IPv6 phone over its flow, to an IPv6 trunk
     (from_node("BYE", route=OUR_ROUTE6), NODE1, PHONE6, None),
-    (from_node("INVITE", to_tag="", route=OUR_ROUTE6), NODE1, PHONE6, f"<sip:{PROXY6};lr>"),
+    (from_node("INVITE", to_tag="", route=OUR_ROUTE6), NODE1, PHONE6,
+     f"<sip:{PROXY6};lr;flow=udp:[{PHONE6[0]}]:{PHONE6[1]}>"),
     (from_node("INVITE", to_tag="", route=None, uri="sip:service@[2001:db8::80]:5062"), NODE1,
      ("2001:db8::80", 5062), f"<sip:{PROXY6};lr>"),
     # from a node to an IPv4 trunk, with IPv6 listened on too: as before
