@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import redis
 
@@ -59,3 +60,16 @@ def run(coro):
 def uac(cluster, scenario="uac", **kw) -> Sipp:
     kw.setdefault("workdir", str(cluster.dir / "logs"))
     return Sipp(scenario, target=cluster.proxy_addr, **kw)
+
+
+def calls_reach(cluster, phone, calls: int = 2) -> None:
+    """SIPp calls the user of `phone` (registered, not yet started)
+    `calls` times over UDP: each call completes, and the phone takes each
+    INVITE and, once the node answered the caller's BYE, its own BYE."""
+    phone.start()
+    result = run(uac(cluster, "uac", calls=calls, rate=5, hold_ms=300, service=phone.user).run(30))
+    assert result.ok == calls and result.failed == 0, result.log_tail
+    deadline = time.monotonic() + 3
+    while phone.got.count("BYE") < calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert phone.got.count("INVITE") == calls and phone.got.count("BYE") == calls

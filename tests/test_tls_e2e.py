@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from clusterkit import all_keys, run, uac
+from clusterkit import all_keys, calls_reach, run, uac
 from phone import Phone
 from sipha.cluster import Cluster
 from sipha.sipp import free_port
@@ -32,13 +32,7 @@ def test_a_phone_registered_over_tls_is_called_over_its_connection(make_cluster)
         assert resp.status == 200, resp.reason
         path = resp.get("Path")
         assert path.startswith(f"<sip:127.0.0.1:{c.proxy_tls_addr[1]};transport=tls;lr;flow=tls:127.0.0.1:"), path
-        phone.start()
-        result = run(uac(c, "uac", calls=2, rate=5, hold_ms=300, service="tess").run(30))
-        assert result.ok == 2 and result.failed == 0, result.log_tail
-        deadline = time.monotonic() + 3
-        while phone.got.count("BYE") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert phone.got.count("INVITE") == 2 and phone.got.count("BYE") == 2
+        calls_reach(c, phone, 2)
         assert phone.invite.top_via.transport == "TLS"
         assert ";transport=tls;lr" in phone.invite.values("Record-Route")[0]
     finally:

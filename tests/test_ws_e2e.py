@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from clusterkit import all_keys, run, uac
+from clusterkit import all_keys, calls_reach, run, uac
 from phone import Phone
 from sipha.sipp import free_port
 
@@ -41,13 +41,7 @@ def test_a_browser_registered_over_websocket_is_called_from_udp(ws_cluster, tran
         path = resp.get("Path")
         assert path.startswith(f"<sip:127.0.0.1:{c.ws_ports[transport]};transport={transport};lr;"
                                f"flow={transport}:127.0.0.1:"), path
-        phone.start()
-        result = run(uac(c, "uac", calls=2, rate=5, hold_ms=300, service="wendy").run(30))
-        assert result.ok == 2 and result.failed == 0, result.log_tail
-        deadline = time.monotonic() + 3
-        while phone.got.count("BYE") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert phone.got.count("INVITE") == 2 and phone.got.count("BYE") == 2
+        calls_reach(c, phone, 2)
         assert phone.invite.top_via.transport == transport.upper()
         assert phone.invite.uri.endswith(f".invalid;transport={transport}")
     finally:
