@@ -17,6 +17,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .headers import hostport
+
 
 class ConfigError(ValueError):
     pass
@@ -210,7 +212,7 @@ class Config:
         families = {":" in h for h, _ in self.listen}
         for host, port in found:
             if (":" in host) not in families:
-                raise ConfigError(f"{key}: {host}:{port} is {'IPv6' if ':' in host else 'IPv4'}, "
+                raise ConfigError(f"{key}: {hostport((host, port))} is {'IPv6' if ':' in host else 'IPv4'}, "
                                   f"and proxy.listen has no address of that family")
         return found
 

@@ -145,7 +145,7 @@ def test_a_tls_trunk_whose_certificate_does_not_verify_gets_no_call(make_cluster
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061"}, "proxy.tls_cert: needed with proxy.tls_listen"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": "/nonexistent/cert.pem"},
      "proxy.tls_cert: no such file '/nonexistent/cert.pem'"),
-    ({"SIPHA_PROXY_TLS_LISTEN": "[::1]:5061"}, "proxy.tls_listen: ::1:5061 is IPv6"),
+    ({"SIPHA_PROXY_TLS_LISTEN": "[::1]:5061"}, "proxy.tls_listen: [::1]:5061 is IPv6"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": __file__},
      "proxy.tls_cert / proxy.tls_key: cannot load"),
 ])
