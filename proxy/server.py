@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import SETTINGS, Config
+from sipcore.config import SETTINGS, STREAM_KINDS, Config
 from sipcore.errors import SipParseError
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
@@ -52,7 +52,7 @@ from .workers import WorkerLink, WorkerRole
 log = logging.getLogger("proxy")
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
-TRANSPORTS = frozenset(("udp", "tcp", "tls", "ws", "wss"))     # transports a Via or a URI may name
+TRANSPORTS = frozenset(("udp", "tcp", *STREAM_KINDS))     # transports a Via or a URI may name
 _STATUS_CLASS = {c: f"{c}xx" for c in range(1, 10)}
 OVERLOAD_REASON = "Service Unavailable (overloaded)"
 OVERLOAD_RETRY_AFTER = "2"
@@ -179,7 +179,7 @@ class Proxy:
             self.our_addrs.add(self.advertise6)
         for t in self.transports:
             t.tls_client = self.tls_client
-        for kind in ("tls", "ws", "wss"):
+        for kind in STREAM_KINDS:
             # worker 0 holds the connections (the others hand it what goes there)
             for host, port in self.cfg.stream_listen(kind):
                 v6 = ":" in host
@@ -660,7 +660,7 @@ class Proxy:
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
-        if is_ip(dest[0]) or out_transport in ("tls", "ws", "wss"):
+        if is_ip(dest[0]) or out_transport in STREAM_KINDS:
             # (a TLS peer's name is resolved when connecting, and verified;
             # a WebSocket one is never dialled: 430 unless it is connected)
             self.send(req, dest, out_transport)

@@ -20,6 +20,10 @@ from typing import Any
 from .headers import hostport
 
 
+# what the proxy serves besides UDP and TCP, each on proxy.{kind}_listen
+STREAM_KINDS = ("tls", "ws", "wss")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -200,12 +204,8 @@ class Config:
                               f"got {self.values['proxy.advertise']!r}")
         return found
 
-    @property
-    def tls_listen(self) -> list[tuple[str, int]]:
-        return self.stream_listen("tls")
-
     def stream_listen(self, kind: str) -> list[tuple[str, int]]:
-        """proxy.{kind}_listen (tls, ws, wss), each of a family proxy.listen has too."""
+        """proxy.{kind}_listen (STREAM_KINDS), each of a family proxy.listen has too."""
         key = f"proxy.{kind}_listen"
         found = [parse_hostport(p, key, 5061 if kind == "tls" else None, ipv6=True)
                  for p in self.values[key].split(",") if p.strip()]
@@ -218,7 +218,7 @@ class Config:
 
     def tls_server_context(self) -> ssl.SSLContext | None:
         """The proxy's TLS server side (None without proxy.tls_listen or proxy.wss_listen)."""
-        if not self.tls_listen and not self.stream_listen("wss"):
+        if not self.stream_listen("tls") and not self.stream_listen("wss"):
             return None
         cert, key = self.values["proxy.tls_cert"], self.values["proxy.tls_key"]
         if not cert:
@@ -306,7 +306,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
     cfg.internal, cfg.advertise  # validate (the listen addresses too)
-    for kind in ("tls", "ws", "wss"):
+    for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
@@ -316,7 +316,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError("ramp.start: must be in (0, 1]")
     if not 1 <= values["proxy.workers"] <= 64:
         raise ConfigError(f"proxy.workers: expected 1 to 64, got {values['proxy.workers']}")
-    if values["proxy.workers"] > 1 and any(port == 0 for kind in ("tls", "ws", "wss")
+    if values["proxy.workers"] > 1 and any(port == 0 for kind in STREAM_KINDS
                                            for _, port in cfg.listen + cfg.stream_listen(kind)):
         raise ConfigError("proxy.workers: several workers need fixed ports in proxy.listen and "
                           "proxy.tls_listen/ws_listen/wss_listen, not 0")
