@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import redis
@@ -73,3 +74,15 @@ def calls_reach(cluster, phone, calls: int = 2) -> None:
     while phone.got.count("BYE") < calls and time.monotonic() < deadline:
         time.sleep(0.05)
     assert phone.got.count("INVITE") == calls and phone.got.count("BYE") == calls
+
+
+def first_read(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the peer sends first within `seconds`: b"" when it closes (or
+    resets) the connection, None when it sends nothing."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(100)
+    except ConnectionResetError:
+        return b""
+    except socket.timeout:
+        return None
