@@ -46,6 +46,11 @@ def assert_replicas_where_design_says(cluster, alive=None):
     return snap, n_active
 
 
+def busiest(snap: dict[str, dict], space: str = "active") -> str:
+    """The node with the most records in `space` of a snapshot (all_keys)."""
+    return max(snap, key=lambda n: len(snap[n][space]))
+
+
 def node_ids(cluster) -> list[str]:
     return list(cluster.state["nodes"])
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from clusterkit import all_keys, assert_replicas_where_design_says, run, uac
+from clusterkit import all_keys, assert_replicas_where_design_says, busiest, run, uac
 from sipcore.bekey import rank
 from sipha.cluster import Cluster
 from sipha.sipp import free_port
@@ -29,7 +29,7 @@ def test_node_killed_and_restarted_under_load_costs_no_call(tmp_path, transport)
             await s.start()
             await asyncio.sleep(4)
             before = all_keys(c)
-            victim = max(before, key=lambda n: len(before[n]["active"]))
+            victim = busiest(before)
             c.kill(victim)
             await asyncio.sleep(1.5)
             await asyncio.to_thread(c.start_node, victim)
@@ -104,13 +104,13 @@ def test_two_hosts_lost_one_after_the_other_cost_no_call(make_cluster):
         await s.start()
         await asyncio.sleep(2.0)                           # every call answered and held
         before = all_keys(c)
-        first = max(before, key=lambda n: len(before[n]["replica"]))
+        first = busiest(before, "replica")
         exposed = {k for n, spaces in before.items() if n != first for k, rec in spaces["active"].items()
                    if rec.get("p") == first}
         c.kill(first)
         await asyncio.sleep(1.0)
         middle = all_keys(c, [n for n in before if n != first])
-        second = max(middle, key=lambda n: len(middle[n]["active"]))
+        second = busiest(middle)
         c.kill(second)
         return await s.wait(40), exposed
 
@@ -160,7 +160,7 @@ def test_a_node_stopped_for_an_upgrade_drains_first(make_cluster):
         await s.start()
         await asyncio.sleep(2.5)
         before = all_keys(c)
-        victim = max(before, key=lambda n: len(before[n]["active"]))
+        victim = busiest(before)
         await asyncio.to_thread(c.stop, victim)
         return await s.wait(60), victim
 

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from clusterkit import all_keys, assert_replicas_where_design_says, owner_in_rank, run, uac
+from clusterkit import all_keys, assert_replicas_where_design_says, busiest, owner_in_rank, run, uac
 from sipcore.bekey import bekey_of, make_stamp, rank
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
@@ -149,7 +149,7 @@ def test_failover_promotes_the_replica_and_mirrors_it_to_the_new_partner(make_cl
         await s.start()
         await asyncio.sleep(2.0)               # all calls established, first hold
         before = all_keys(c)
-        victim = max(before, key=lambda n: len(before[n]["active"]))
+        victim = busiest(before)
         moved = set(before[victim]["active"])
         c.kill(victim)
         await asyncio.sleep(4.5)               # re-INVITEs went to the partners
@@ -187,7 +187,7 @@ def kill_busiest_and_restart(c, *, process_only: bool, gap: float, settle: float
         await s.start()
         await asyncio.sleep(2.0)
         before = all_keys(c)
-        victim = max(before, key=lambda n: len(before[n]["active"]))
+        victim = busiest(before)
         c.kill(victim, process_only=process_only)
         await asyncio.sleep(gap)
         await asyncio.to_thread(c.start_node, victim)
@@ -307,7 +307,7 @@ def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster,
         await s.start()
         await asyncio.sleep(kill_at)             # every call waits for the callee
         before = all_keys(c)
-        victim = max(before, key=lambda n: len(before[n]["active"]))
+        victim = busiest(before)
         c.kill(victim)
         return await s.wait(30), victim, set(before[victim]["active"])
 
