@@ -27,8 +27,8 @@ import asyncio
 import hashlib
 import logging
 import random
-import socket
 import time
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -43,6 +43,7 @@ from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, 
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
+from .dns import DnsResolver, Hop, Target
 from .fastpath import RequestScan, first_value, refuse_new_request, remember, scan_request, strip_top_via
 from .health import HealthMonitor
 from .limits import SourceLimiter
@@ -50,6 +51,19 @@ from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 
 log = logging.getLogger("proxy")
+
+
+@dataclass
+class NamedTx:
+    """A request sent to a named trunk with several servers: the servers
+    in this call's order, the one it went to, since when."""
+    method: str
+    hops: list[Hop]
+    started: float
+    sent: float
+    index: int = 0
+
+
 BRANCH_PREFIX = "z9hG4bKsph"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 TRANSPORTS = frozenset(("udp", "tcp", *STREAM_KINDS))     # transports a Via or a URI may name
@@ -107,6 +121,13 @@ class Proxy:
         # its port
         self.tls_server = cfg.tls_server_context()
         self.tls_client = cfg.tls_client_context() if self.tls_server is not None else None
+        # named trunks (RFC 3263): their servers, and where each request
+        # to one went, for failover
+        self.dns = DnsResolver(cfg.dns_servers, frozenset(("udp", "tcp", *(("tls",) if cfg.stream_listen("tls") else ()))))
+        self.dns_failover = cfg["proxy.dns_failover"]
+        self.named_tx: dict[str, NamedTx] = {}
+        self._named_sweep = 0.0
+        self.resolving: set[tuple[str, str]] = set()
         self.stream_advertise: dict[tuple[str, bool], tuple[str, int]] = {}    # (kind, IPv6) -> address
         self.health = HealthMonitor(cfg, first_v4[0])
         self.node_by_addr: dict[tuple[str, int], str] = {}
@@ -372,6 +393,12 @@ class Proxy:
         except SipParseError:
             return
         if not isinstance(req, SipRequest) or req.method == "ACK":
+            return
+        tx = None if flow_gone else self.named_tx.get(req.top_via.branch or "")
+        if tx is not None and tx.index + 1 < len(tx.hops) and tx.hops[tx.index].dest == dest:
+            # a named trunk's server refused: its next one, at once
+            self._next_hop(tx, req.method, req.call_id, "connection failed")
+            self.send_data(data, tx.hops[tx.index].dest, tx.hops[tx.index].transport)
             return
         status, reason = (430, "Flow Failed") if flow_gone else (503, "Service Unavailable (next hop unreachable)")
         self.stats.inc("events", "flow_failed" if flow_gone else "tcp_unreachable")
@@ -641,8 +668,14 @@ class Proxy:
                 self.reply(req, 416, "Unsupported URI Scheme", src, transport)
                 return
             dest, out_transport = self._uri_hop(target)
-        # a host name goes to its IPv4 address (_resolve_and_send), as in
-        # Kamailio without dns_try_ipv6; an IPv6 one needs a socket of IPv6
+            if not is_ip(dest[0]) and out_transport not in ("ws", "wss"):
+                self._named_outbound(req, target, src, transport, node, initial)
+                return
+        self._forward_out(req, dest, out_transport, flow, node, initial, src, transport)
+
+    def _forward_out(self, req: SipRequest, dest, out_transport: str, flow: str | None, node: str,
+                     initial: bool, src, transport: str) -> None:
+        # an IPv6 destination needs a socket of IPv6
         v6 = ":" in dest[0]
         missing = ("IPv6" if self.transport_for(dest[0]) is None
                    else out_transport.upper() if out_transport not in ("udp", "tcp", *self.listen_streams) else None)
@@ -660,12 +693,80 @@ class Proxy:
         req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
-        if is_ip(dest[0]) or out_transport in STREAM_KINDS:
-            # (a TLS peer's name is resolved when connecting, and verified;
-            # a WebSocket one is never dialled: 430 unless it is connected)
-            self.send(req, dest, out_transport)
+        # (a TLS peer's name is resolved when connecting, and verified; a
+        # WebSocket one is never dialled: 430 unless it is connected)
+        self.send(req, dest, out_transport)
+
+    def _named_outbound(self, req: SipRequest, uri: SipUri, src, transport: str, node: str,
+                        initial: bool) -> None:
+        """A request for a host name, a named trunk: to the servers its
+        SRV or A records give (proxy/dns.py), looked up once per TTL. A
+        retransmission that comes while the name is being looked up is
+        dropped: the first goes when the answer is in."""
+        target = Target(uri.params.get("maddr") or uri.host, uri.port,
+                        (uri.params.get("transport") or "").lower() or None,
+                        uri.scheme == "sips")
+        hops = self.dns.cached(target)
+        if hops is not None:
+            self._to_hops(req, hops, target, src, transport, node, initial)
+            return
+        waiting = (self.branch_for(req), req.method)
+        if waiting in self.resolving:
+            return
+        self.resolving.add(waiting)
+
+        async def when_resolved() -> None:
+            try:
+                hops = await self.dns.lookup(target)
+            finally:
+                self.resolving.discard(waiting)
+            self._to_hops(req, hops, target, src, transport, node, initial)
+        asyncio.get_running_loop().create_task(when_resolved())
+
+    def _to_hops(self, req: SipRequest, hops: list[Hop], target: Target, src, transport: str,
+                 node: str, initial: bool) -> None:
+        """Send to the first server of `hops` for this call; a request of
+        a transaction already sent (its retransmission, CANCEL or non-2xx
+        ACK) to the server that got it, or, for a retransmission
+        unanswered for proxy.dns_failover seconds, to the next one."""
+        if not hops:
+            event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,
+                  dest=target.name, reason="outbound", status=478, why="unresolvable")
+            self.stats.inc("events", "unresolvable")
+            self.reply(req, 478, "Unresolvable Destination", src, transport)
+            return
+        branch = self.branch_for(req)
+        tx = self.named_tx.get(branch)
+        if tx is None:
+            hops = self.dns.ordered(hops, req.call_id)
+            if len(hops) > 1 and self.dns_failover > 0:
+                self._track_named(branch, req.method, hops)
+            hop = hops[0]
         else:
-            asyncio.get_running_loop().create_task(self._resolve_and_send(req, dest, out_transport))
+            now = time.monotonic()
+            if req.method == tx.method and now - tx.sent >= self.dns_failover and tx.index + 1 < len(tx.hops):
+                self._next_hop(tx, req.method, req.call_id, f"no answer in {now - tx.sent:.1f} s")
+            hop = tx.hops[tx.index]
+        self._forward_out(req, hop.dest, hop.transport, None, node, initial, src, transport)
+
+    def _track_named(self, branch: str, method: str, hops: list[Hop]) -> None:
+        now = time.monotonic()
+        self.named_tx[branch] = NamedTx(method, hops, now, now)
+        if now >= self._named_sweep:
+            # a transaction is over within 64*T1 = 32 s
+            self.named_tx = {b: t for b, t in self.named_tx.items() if now - t.started < 40.0}
+            self._named_sweep = now + 5.0
+
+    def _next_hop(self, tx: NamedTx, method: str, call_id: str, why: str) -> None:
+        failed = tx.hops[tx.index]
+        self.dns.failed(failed)
+        tx.index += 1
+        tx.sent = time.monotonic()
+        nxt = tx.hops[tx.index]
+        self.stats.inc("events", "dns_failover")
+        event(log, "dns_failover", logging.WARNING, method=method, call_id=call_id,
+              failed=f"{hostport(failed.dest)}/{failed.transport}", next=f"{hostport(nxt.dest)}/{nxt.transport}",
+              why=why)
 
     def _log_outbound(self, method: str, call_id: str, from_tag: str | None, node: str, dest,
                       transport: str, initial: bool) -> None:
@@ -688,15 +789,6 @@ class Proxy:
         out_transport = target.transport if target.transport in TRANSPORTS else "tcp"
         maddr = target.params.get("maddr")
         return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
-
-    async def _resolve_and_send(self, msg: SipMessage, dest, transport: str) -> None:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(dest[0], dest[1], family=socket.AF_INET)
-        except OSError as exc:
-            event(log, "send_error", logging.WARNING, dest=f"{hostport(dest)}/{transport}",
-                  error=f"cannot resolve: {exc}")
-            return
-        self.send(msg, (infos[0][4][0], dest[1]), transport)
 
     def _watch_overload(self) -> None:
         """Every 10 ms: how long did the last datagram read wait in its

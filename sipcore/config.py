@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .headers import hostport
+from .headers import hostport, is_ip
 
 
 # what the proxy serves besides UDP and TCP, each on proxy.{kind}_listen
@@ -82,6 +82,11 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.tls_key": (str, "", "PEM file: the private key of proxy.tls_cert (empty: in that file)"),
     "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers the proxy connects to (trunks) are "
                      "verified against; empty: the system's"),
+    "proxy.dns_servers": (str, "", "DNS servers asked for the SRV records of named trunks (RFC 3263), comma-separated "
+                          "IP[:PORT]; empty: those of /etc/resolv.conf"),
+    "proxy.dns_failover": (float, 3.0, "seconds a request to a named trunk with several servers (SRV or A records) "
+                           "may go unanswered before its next retransmission goes to the next server (which "
+                           "is then tried last for 60 s); 0: never"),
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
     "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),
@@ -174,6 +179,15 @@ class Config:
         """The proxy's listen addresses, IPv6 ones without brackets."""
         return [parse_hostport(p, "proxy.listen", ipv6=True)
                 for p in self.values["proxy.listen"].split(",") if p.strip()]
+
+    @property
+    def dns_servers(self) -> list[tuple[str, int]]:
+        found = [parse_hostport(p, "proxy.dns_servers", 53, ipv6=True)
+                 for p in self.values["proxy.dns_servers"].split(",") if p.strip()]
+        for host, _ in found:
+            if not is_ip(host):
+                raise ConfigError(f"proxy.dns_servers: {host!r} is not an IP address")
+        return found
 
     @property
     def internal(self) -> tuple[str, int]:
@@ -305,7 +319,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise  # validate (the listen addresses too)
+    cfg.internal, cfg.advertise, cfg.dns_servers  # validate (the listen addresses too)
     for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
     if values["log.format"] not in ("logfmt", "json"):

@@ -58,12 +58,12 @@ class Procs:
         return self.start(name, [sys.executable, "-m", "sipha.cli", *args], ready=ready, **kw)
 
     def proxy(self, nodes: dict[str, tuple[str, int]], *extra: str, port: int | None = None,
-              ready: str | None = "event=proxy_started"):
+              ready: str | None = "event=proxy_started", env: dict | None = None):
         port = port or free_port()
         args = ["proxy", "--listen", f"127.0.0.1:{port}", "--log-level", "debug", "--admin", "off", *extra]
         for nid, (h, p) in nodes.items():
             args += ["--node", f"{nid}={h}:{p}"]
-        proc = self.sipha("proxy", *args, ready=ready)
+        proc = self.sipha("proxy", *args, ready=ready, env=env)
         return proc, ("127.0.0.1", port)
 
     def sipp_uas(self, name: str, port: int, transport: str = "udp", scenario: str = "uas") -> Proc:

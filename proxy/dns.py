@@ -1,0 +1,229 @@
+"""Where a request for a host name goes (RFC 3263 §4, without NAPTR).
+
+A trunk is often named, not numbered (`sip:carrier.example`): its
+operator publishes SRV records saying which servers take SIP, over which
+transport, in which order. For a URI with a host name:
+
+- a port in the URI: that port on each IPv4 address of the name (A);
+- no port: SRV records `_sip._udp`, `_sip._tcp` and `_sips._tcp` of the
+  name (only the URI's transport, when it names one; only `_sips._tcp`
+  for a sips: URI); the first of those the proxy can send over that has
+  records wins, UDP before TCP before TLS, as Kamailio prefers them;
+  each record's target is then resolved to its IPv4 addresses;
+- no SRV records: the name's A records, port 5060 (5061 for TLS).
+
+SRV records are ordered as RFC 2782 asks: by priority, and among one
+priority by a draw weighted by their weights. The draw is seeded with the
+Call-ID, so every request of one call (its CANCEL, its ACK, a request in
+its dialog addressed by name) takes the same server while calls spread
+over the servers by weight. A server that failed (no answer in
+`proxy.dns_failover` seconds, or a TCP/TLS connection refused) goes last
+for `DOWN_SECONDS`, as in Kamailio's destination blacklist.
+
+SRV answers are cached for their TTL; A answers come from the system's
+resolver (getaddrinfo: /etc/hosts counts, unlike Kamailio's own DNS
+cache) and are kept `A_TTL` seconds. A failed lookup is kept
+`NEGATIVE_TTL` seconds, so a flood of calls to a bad name does not
+become a flood of queries. Concurrent lookups of one name share a query.
+For TLS a target stays a name: the connection verifies it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from sipcore.logfmt import event
+
+log = logging.getLogger("proxy")
+
+A_TTL = 30.0            # seconds an address from getaddrinfo is reused
+NEGATIVE_TTL = 5.0      # seconds a name that did not resolve is not asked again
+MAX_TTL = 3600.0
+DOWN_SECONDS = 60.0     # a server that failed is tried last for this long
+SRV_SERVICE = {"udp": "_sip._udp", "tcp": "_sip._tcp", "tls": "_sips._tcp"}
+DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One server a request may go to: an IPv4 address (a name for TLS),
+    port and transport; priority and weight from its SRV record."""
+    host: str
+    port: int
+    transport: str
+    priority: int = 0
+    weight: int = 0
+
+    @property
+    def dest(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass
+class Target:
+    """What a URI's host part asks for: a name, the URI's port (None:
+    SRV), its transport (None: any) and whether it is sips:."""
+    name: str
+    port: int | None
+    transport: str | None
+    sips: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.name.lower(), self.port, self.transport, self.sips)
+
+
+@dataclass
+class _Entry:
+    hops: list[Hop]
+    expires: float
+    srv: bool = field(default=False)
+
+
+class DnsResolver:
+    def __init__(self, servers: list[tuple[str, int]], usable: frozenset[str]):
+        """`servers`: DNS servers to ask for SRV records (empty: those of
+        /etc/resolv.conf); `usable`: transports the proxy can send over."""
+        self.usable = usable
+        self.cache: dict[tuple, _Entry] = {}
+        self.pending: dict[tuple, asyncio.Future] = {}
+        self.down: dict[tuple[str, int, str], float] = {}
+        self.stats = {"lookups": 0, "failures": 0}
+        try:
+            self._srv = dns.asyncresolver.Resolver(configure=not servers)
+        except dns.resolver.NoResolverConfiguration:
+            self._srv = dns.asyncresolver.Resolver(configure=False)
+            servers = servers or [("127.0.0.1", 53)]
+        if servers:
+            self._srv.nameservers = [h for h, _ in servers]
+            self._srv.nameserver_ports = {h: p for h, p in servers}
+        self._srv.timeout, self._srv.lifetime = 1.0, 2.0
+
+    # ---- lookups ------------------------------------------------------
+    def cached(self, target: Target) -> list[Hop] | None:
+        entry = self.cache.get(target.key)
+        if entry is None or entry.expires < time.monotonic():
+            return None
+        return entry.hops
+
+    async def lookup(self, target: Target) -> list[Hop]:
+        """Hops for `target`, unordered ([]: it does not resolve)."""
+        hops = self.cached(target)
+        if hops is not None:
+            return hops
+        key = target.key
+        fut = self.pending.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self.pending[key] = fut
+            entry = _Entry([], time.monotonic() + NEGATIVE_TTL)
+            try:
+                entry = await self._lookup(target)
+            except Exception as exc:       # a bug must not leave waiters hanging
+                event(log, "dns_error", logging.ERROR, host=target.name, error=repr(exc))
+            finally:
+                self.cache[key] = entry
+                del self.pending[key]
+                fut.set_result(entry.hops)
+            if len(self.cache) > 10_000:
+                now = time.monotonic()
+                for k in [k for k, e in self.cache.items() if e.expires < now]:
+                    del self.cache[k]
+        return await asyncio.shield(fut)
+
+    async def _lookup(self, target: Target) -> _Entry:
+        self.stats["lookups"] += 1
+        now = time.monotonic()
+        if target.port is None:
+            transports = [target.transport] if target.transport else (
+                ["tls"] if target.sips else ["udp", "tcp", "tls"])
+            transports = [t for t in transports if t in self.usable]
+            found = await asyncio.gather(*(self._srv_hops(target.name, t) for t in transports))
+            for t, (hops, ttl) in zip(transports, found):
+                if hops:
+                    event(log, "dns_resolved", logging.INFO, host=target.name, service=SRV_SERVICE[t],
+                          hops=" ".join(f"{h.host}:{h.port}" for h in hops), ttl=int(ttl))
+                    return _Entry(hops, now + ttl, srv=True)
+        transport = target.transport or ("tls" if target.sips else "udp")
+        port = target.port or DEFAULT_PORT.get(transport, 5060)
+        if transport == "tls":
+            return _Entry([Hop(target.name, port, transport)], now + A_TTL)
+        addrs = await self._addresses(target.name)
+        if not addrs:
+            self.stats["failures"] += 1
+            event(log, "dns_failed", logging.WARNING, host=target.name,
+                  why="no SRV and no IPv4 address" if target.port is None else "no IPv4 address")
+            return _Entry([], now + NEGATIVE_TTL)
+        return _Entry([Hop(a, port, transport) for a in addrs], now + A_TTL)
+
+    async def _srv_hops(self, name: str, transport: str) -> tuple[list[Hop], float]:
+        """The servers `_service._proto.name` lists, each target resolved
+        ([] when there are none, or the DNS did not answer)."""
+        qname = f"{SRV_SERVICE[transport]}.{name.rstrip('.')}."
+        try:
+            answer = await self._srv.resolve(qname, "SRV", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return [], 0.0
+        except dns.exception.DNSException as exc:
+            event(log, "dns_error", logging.WARNING, host=qname, error=type(exc).__name__)
+            return [], 0.0
+        records = [r for r in answer if str(r.target) != "."]     # "." : no such service here
+        ttl = min(max(float(answer.rrset.ttl), 1.0), MAX_TTL)
+        hops: list[Hop] = []
+        for r in records:
+            target = str(r.target).rstrip(".")
+            hosts = [target] if transport == "tls" else await self._addresses(target)
+            hops.extend(Hop(h, r.port, transport, r.priority, r.weight) for h in hosts)
+        return hops, ttl
+
+    @staticmethod
+    async def _addresses(name: str) -> list[str]:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(name, None, family=socket.AF_INET,
+                                                                 type=socket.SOCK_DGRAM)
+        except OSError:
+            return []
+        return list(dict.fromkeys(info[4][0] for info in infos))
+
+    # ---- choosing -----------------------------------------------------
+    def ordered(self, hops: list[Hop], call_id: str) -> list[Hop]:
+        """`hops` in the order to try them for this call: by priority, a
+        weighted draw (RFC 2782) seeded by the Call-ID among equals, the
+        servers that failed lately last."""
+        if len(hops) > 1:
+            rng = random.Random(hashlib.blake2b(call_id.encode("latin-1", "replace"), digest_size=8).digest())
+            out: list[Hop] = []
+            for prio in sorted({h.priority for h in hops}):
+                group = [h for h in hops if h.priority == prio]
+                while group:
+                    total = sum(h.weight for h in group)
+                    if total == 0:
+                        out.extend(group)
+                        break
+                    pick = rng.uniform(0, total)
+                    for i, h in enumerate(group):
+                        pick -= h.weight
+                        if pick <= 0 or i == len(group) - 1:
+                            out.append(group.pop(i))
+                            break
+            hops = out
+        if self.down:
+            now = time.monotonic()
+            hops = sorted(hops, key=lambda h: self.down.get((h.host, h.port, h.transport), 0.0) > now)
+        return hops
+
+    def failed(self, hop: Hop) -> None:
+        self.down[(hop.host, hop.port, hop.transport)] = time.monotonic() + DOWN_SECONDS
+        if len(self.down) > 1000:
+            now = time.monotonic()
+            self.down = {k: t for k, t in self.down.items() if t > now}
