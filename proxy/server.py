@@ -121,6 +121,9 @@ class Proxy:
         # its port
         self.tls_server = cfg.tls_server_context()
         self.tls_client = cfg.tls_client_context() if self.tls_server is not None else None
+        # for proxy.tls_listen: the same, or the one asking for the peer's certificate
+        self.tls_mutual = cfg.tls_server_context(verify_clients=True) if cfg["proxy.tls_verify_client"] \
+            else self.tls_server
         # named trunks (RFC 3263): their servers, and where each request
         # to one went, for failover
         self.dns = DnsResolver(cfg.dns_servers, frozenset(("udp", "tcp", *(("tls",) if cfg.stream_listen("tls") else ()))))
@@ -204,8 +207,9 @@ class Proxy:
             # worker 0 holds the connections (the others hand it what goes there)
             for host, port in self.cfg.stream_listen(kind):
                 v6 = ":" in host
-                bound = (await self.transport_for(host).listen_stream(
-                    kind, host, port, self.tls_server if kind != "ws" else None)) if self.primary else (host, port)
+                context = {"tls": self.tls_mutual, "wss": self.tls_server}.get(kind)
+                bound = (await self.transport_for(host).listen_stream(kind, host, port, context)
+                         if self.primary else (host, port))
                 self.listen_streams.setdefault(kind, []).append(bound)
                 ours = self.stream_advertise.setdefault((kind, v6), ((self.advertise6 if v6 else self.advertise)[0],
                                                                     bound[1]))

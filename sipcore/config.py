@@ -80,8 +80,12 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.wss_listen": (str, "", "the same over TLS (wss://, with proxy.tls_cert), e.g. 0.0.0.0:8443; empty: none"),
     "proxy.tls_cert": (str, "", "PEM file: the certificate (chain) the proxy presents on TLS and WSS"),
     "proxy.tls_key": (str, "", "PEM file: the private key of proxy.tls_cert (empty: in that file)"),
-    "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers the proxy connects to (trunks) are "
-                     "verified against; empty: the system's"),
+    "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers are verified against: those the proxy "
+                     "connects to (trunks; empty: the system's), and with proxy.tls_verify_client those "
+                     "that connect to it (one file for both: concatenate the CAs)"),
+    "proxy.tls_verify_client": (bool, False, "mutual TLS: ask the peers that connect to proxy.tls_listen for a "
+                                "certificate, and refuse those without one that verifies against proxy.tls_ca "
+                                "(needed then); the proxy presents proxy.tls_cert when it connects, always"),
     "proxy.dns_servers": (str, "", "DNS servers asked for the SRV records of named trunks (RFC 3263), comma-separated "
                           "IP[:PORT]; empty: those of /etc/resolv.conf"),
     "proxy.dns_failover": (float, 3.0, "seconds a request to a named trunk with several servers (SRV or A records) "
@@ -230,38 +234,55 @@ class Config:
                                   f"and proxy.listen has no address of that family")
         return found
 
-    def tls_server_context(self) -> ssl.SSLContext | None:
-        """The proxy's TLS server side (None without proxy.tls_listen or proxy.wss_listen)."""
+    def tls_server_context(self, *, verify_clients: bool = False) -> ssl.SSLContext | None:
+        """The proxy's TLS server side (None without proxy.tls_listen or
+        proxy.wss_listen); `verify_clients`: the one of proxy.tls_listen
+        under proxy.tls_verify_client, which asks for a certificate and
+        checks it against proxy.tls_ca."""
         if not self.stream_listen("tls") and not self.stream_listen("wss"):
             return None
-        cert, key = self.values["proxy.tls_cert"], self.values["proxy.tls_key"]
-        if not cert:
+        if not self.values["proxy.tls_cert"]:
             raise ConfigError("proxy.tls_cert: needed with proxy.tls_listen or proxy.wss_listen "
                               "(a PEM certificate file)")
+        if verify_clients:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self._tls_ca())
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION     # a write never waits on a read (sipcore.transport)
+        return self._with_our_certificate(ctx)
+
+    def tls_client_context(self) -> ssl.SSLContext:
+        """For the TLS connections the proxy opens: peers verified against
+        proxy.tls_ca, else the system's CAs, and their name; our
+        certificate for a peer that asks for one (mutual TLS)."""
+        ctx = ssl.create_default_context(cafile=self._tls_ca() if self.values["proxy.tls_ca"] else None)
+        return self._with_our_certificate(ctx)
+
+    def _tls_ca(self) -> str:
+        ca = self.values["proxy.tls_ca"]
+        if not os.path.isfile(ca):
+            raise ConfigError(f"proxy.tls_ca: no such file {ca!r}")
+        try:
+            ssl.create_default_context(cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"proxy.tls_ca: cannot load {ca!r}: {exc}") from None
+        return ca
+
+    def _with_our_certificate(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        """TLS 1.2 at least, and proxy.tls_cert / tls_key loaded (if set)."""
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        cert, key = self.values["proxy.tls_cert"], self.values["proxy.tls_key"]
+        if not cert:
+            return ctx
         for name, path in (("proxy.tls_cert", cert), ("proxy.tls_key", key)):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file {path!r}")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.options |= ssl.OP_NO_RENEGOTIATION     # a write never waits on a read (sipcore.transport)
         try:
             ctx.load_cert_chain(cert, key or None)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"proxy.tls_cert / proxy.tls_key: cannot load {cert!r}"
                               f"{f' with {key!r}' if key else ''}: {exc}") from None
-        return ctx
-
-    def tls_client_context(self) -> ssl.SSLContext:
-        """For the TLS connections the proxy opens: peers verified against
-        proxy.tls_ca, else the system's CAs, and their name."""
-        ca = self.values["proxy.tls_ca"] or None
-        if ca and not os.path.isfile(ca):
-            raise ConfigError(f"proxy.tls_ca: no such file {ca!r}")
-        try:
-            ctx = ssl.create_default_context(cafile=ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"proxy.tls_ca: cannot load {ca!r}: {exc}") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
     def node(self, ident: str) -> NodeConfig:
@@ -322,6 +343,9 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     cfg.internal, cfg.advertise, cfg.dns_servers  # validate (the listen addresses too)
     for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
+    if values["proxy.tls_verify_client"] and not (cfg.stream_listen("tls") and values["proxy.tls_ca"]):
+        raise ConfigError("proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca (the CAs "
+                          "the peers' certificates must be signed by)")
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):

@@ -140,8 +140,11 @@ class _TcpConnection(asyncio.Protocol):
         except ssl.SSLWantReadError:
             pass
         except (ssl.SSLError, OSError) as exc:     # a bad handshake, a close_notify, a broken record
-            event(log, "tls_closed", logging.DEBUG, peer=hostport(self.peer), handshake=self.handshaking,
-                  error=str(exc) or type(exc).__name__)
+            # a peer refused for its certificate (mutual TLS) is worth an
+            # operator's eye; the rest is the noise of the Internet
+            refused = self.handshaking and "CERTIFICATE" in str(exc).upper()
+            event(log, "tls_refused" if refused else "tls_closed", logging.INFO if refused else logging.DEBUG,
+                  peer=hostport(self.peer), handshake=self.handshaking, error=str(exc) or type(exc).__name__)
             self._flush()
             self.transport.close()
             return None

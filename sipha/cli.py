@@ -72,7 +72,8 @@ def cmd_proxy(args) -> int:
     cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
     if not cfg.nodes:
         raise ConfigError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]] in --config)")
-    cfg.tls_server_context(), cfg.tls_client_context()   # files that do not load: an error now, naming the key
+    # files that do not load: an error now, naming the key
+    cfg.tls_server_context(verify_clients=cfg["proxy.tls_verify_client"]), cfg.tls_client_context()
     setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
     from proxy.server import Proxy
     workers = cfg["proxy.workers"]

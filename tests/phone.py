@@ -65,9 +65,11 @@ class Phone:
     """answer=True: 180 then 200 to INVITE; False: 180 and ring until CANCEL."""
 
     def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp",
-                 cafile: str | None = None, sock: socket.socket | None = None):
+                 cafile: str | None = None, sock: socket.socket | None = None,
+                 cert: tuple[str, str] | None = None):
         """transport "tls": `cafile` holds the CA the proxy's certificate
-        is verified against (its name: localhost). `sock`: a connection
+        is verified against (its name: localhost); `cert`: (certificate,
+        key) files the phone presents if asked. `sock`: a connection
         the proxy opened to us (we are its TCP or TLS server: a trunk)."""
         self.user, self.proxy, self.answer, self.transport = user, proxy, answer, transport
         # a phone on IPv6 when the proxy address it is given is one
@@ -81,7 +83,10 @@ class Phone:
             # this phone over it (RFC 5626 flow, via the Path it added)
             self.sock = socket.create_connection(proxy)
             if transport in ("tls", "wss"):
-                self.sock = ssl.create_default_context(cafile=cafile).wrap_socket(self.sock, server_hostname="localhost")
+                ctx = ssl.create_default_context(cafile=cafile)
+                if cert:
+                    ctx.load_cert_chain(*cert)
+                self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
             self.framer = StreamFramer()
             self.pending: list[bytes] = []
             if transport in ("ws", "wss"):

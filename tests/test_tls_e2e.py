@@ -82,9 +82,9 @@ class TlsTrunk:
         made = Cluster(str(folder))
         made.make_certificate()
         self.cert = str(made.dir / "tls" / "cert.pem")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert, str(made.dir / "tls" / "key.pem"))
-        self.listener = ctx.wrap_socket(socket.create_server(("127.0.0.1", free_port())), server_side=True)
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(self.cert, str(made.dir / "tls" / "key.pem"))
+        self.listener = self.ctx.wrap_socket(socket.create_server(("127.0.0.1", free_port())), server_side=True)
         self.port = self.listener.getsockname()[1]
         self.phones: list[Phone] = []
         self.listener.settimeout(0.2)
@@ -99,6 +99,11 @@ class TlsTrunk:
             except (socket.timeout, ssl.SSLError, OSError):
                 continue
             self.phones.append(Phone("service", ("127.0.0.1", 0), transport="tls", sock=conn).start())
+
+    def require_client_certificate(self, ca: str) -> None:
+        """From now on a peer must present a certificate `ca` signed."""
+        self.ctx.load_verify_locations(ca)
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
 
     def stop(self) -> None:
         self._stop = True
@@ -142,6 +147,61 @@ def test_a_tls_trunk_whose_certificate_does_not_verify_gets_no_call(make_cluster
         trunk.stop()
 
 
+def test_a_trunk_that_asks_for_a_client_certificate_gets_the_proxys(make_cluster, monkeypatch, tmp_path):
+    """Mutual TLS towards a trunk (as Microsoft Teams Direct Routing and
+    many carriers ask): the proxy presents proxy.tls_cert when it dials.
+    It used to present none, so such a trunk refused the handshake and
+    the caller got 503."""
+    trunk = TlsTrunk(tmp_path / "trunk")
+    try:
+        monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:localhost:{trunk.port};transport=tls")
+        monkeypatch.setenv("SIPHA_PROXY_TLS_CA", trunk.cert)
+        c = make_cluster(nodes=2, trunk=None, tls=True)
+        trunk.require_client_certificate(str(c.dir / "tls" / "cert.pem"))
+        result = run(uac(c, "uac", calls=2, rate=5, hold_ms=200).run(30))
+        assert result.ok == 2 and result.failed == 0, result.log_tail
+        assert len(trunk.phones) == 1
+        assert trunk.phones[0].sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
+    finally:
+        trunk.stop()
+
+
+def refused_without_a_good_certificate(addr, cafile: str, cert: tuple[str, str] | None) -> bool:
+    """A TLS connection to `addr` presenting `cert` (or none), then a
+    REGISTER: True when the proxy closes it with no SIP answer."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    try:
+        with ctx.wrap_socket(socket.create_connection(addr, timeout=5), server_hostname="localhost") as s:
+            s.sendall(b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:1;branch=z9hG4bKm1\r\n"
+                      b"From: <sip:x@example.com>;tag=1\r\nTo: <sip:x@example.com>\r\nCall-ID: m1\r\n"
+                      b"CSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n")
+            return first_read(s, 3.0) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True                                     # refused in the handshake (TLS 1.2) or by its alert
+
+
+def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(make_cluster, monkeypatch, tmp_path):
+    phones_ca = Cluster(str(tmp_path / "phones"))
+    phones_ca.make_certificate()                # the phone's certificate is its own CA here
+    good = (str(phones_ca.dir / "tls" / "cert.pem"), str(phones_ca.dir / "tls" / "key.pem"))
+    monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
+    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", good[0])
+    c = make_cluster(nodes=2, trunk=None, tls=True)
+    ours = str(c.dir / "tls" / "cert.pem")
+    phone = Phone("tina", c.proxy_tls_addr, transport="tls", cafile=ours, cert=good)
+    try:
+        assert phone.register(300).status == 200
+    finally:
+        phone.stop()
+    assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, None)
+    untrusted = (ours, str(c.dir / "tls" / "key.pem"))          # a certificate, not signed by proxy.tls_ca
+    assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, untrusted)
+    log = (c.dir / "logs" / "proxy.log").read_text()
+    assert log.count("event=tls_refused") == 2, log[-3000:]
+
+
 @pytest.mark.parametrize("env, said", [
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061"}, "proxy.tls_cert: needed with proxy.tls_listen"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": "/nonexistent/cert.pem"},
@@ -149,6 +209,7 @@ def test_a_tls_trunk_whose_certificate_does_not_verify_gets_no_call(make_cluster
     ({"SIPHA_PROXY_TLS_LISTEN": "[::1]:5061"}, "proxy.tls_listen: [::1]:5061 is IPv6"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": __file__},
      "proxy.tls_cert / proxy.tls_key: cannot load"),
+    ({"SIPHA_PROXY_TLS_VERIFY_CLIENT": "yes"}, "proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca"),
 ])
 def test_bad_tls_settings_are_cli_errors(env, said, monkeypatch):
     for k, v in env.items():
