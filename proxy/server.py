@@ -203,6 +203,7 @@ class Proxy:
             self.our_addrs.add(self.advertise6)
         for t in self.transports:
             t.tls_client = self.tls_client
+            t.ws_origins = self.cfg.ws_origins
         for kind in STREAM_KINDS:
             # worker 0 holds the connections (the others hand it what goes there)
             for host, port in self.cfg.stream_listen(kind):

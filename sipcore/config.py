@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .headers import hostport, is_ip
+from .websocket import origin_key
 
 
 # what the proxy serves besides UDP and TCP, each on proxy.{kind}_listen
@@ -78,6 +79,9 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.ws_listen": (str, "", "proxy SIP-over-WebSocket address(es) (RFC 7118, for WebRTC clients), "
                         "comma-separated, e.g. 0.0.0.0:8080; empty: none"),
     "proxy.wss_listen": (str, "", "the same over TLS (wss://, with proxy.tls_cert), e.g. 0.0.0.0:8443; empty: none"),
+    "proxy.ws_origins": (str, "", "web origins whose pages may open a WebSocket to the proxy, comma-separated "
+                         "(https://phone.example.com); a browser's upgrade from a page of any other gets 403; "
+                         "empty: any (a client that sends no Origin, not a browser, is always let in)"),
     "proxy.tls_cert": (str, "", "PEM file: the certificate (chain) the proxy presents on TLS and WSS"),
     "proxy.tls_key": (str, "", "PEM file: the private key of proxy.tls_cert (empty: in that file)"),
     "proxy.tls_ca": (str, "", "PEM file of the CAs that TLS peers are verified against: those the proxy "
@@ -183,6 +187,14 @@ class Config:
         """The proxy's listen addresses, IPv6 ones without brackets."""
         return [parse_hostport(p, "proxy.listen", ipv6=True)
                 for p in self.values["proxy.listen"].split(",") if p.strip()]
+
+    @property
+    def ws_origins(self) -> frozenset[str]:
+        found = frozenset(origin_key(o) for o in self.values["proxy.ws_origins"].split(",") if o.strip())
+        for o in found:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", o):
+                raise ConfigError(f"proxy.ws_origins: expected scheme://host[:port], got {o!r}")
+        return found
 
     @property
     def dns_servers(self) -> list[tuple[str, int]]:
@@ -340,7 +352,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise, cfg.dns_servers  # validate (the listen addresses too)
+    cfg.internal, cfg.advertise, cfg.dns_servers, cfg.ws_origins  # validate (the listen addresses too)
     for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
     if values["proxy.tls_verify_client"] and not (cfg.stream_listen("tls") and values["proxy.tls_ca"]):

@@ -89,7 +89,7 @@ class _TcpConnection(asyncio.Protocol):
     def __init__(self, owner: "SipTransport", kind: str = "tcp", server_tls: ssl.SSLContext | None = None):
         self.owner = owner
         self.kind = kind         # "tcp", "tls", "ws" or "wss" (RFC 7118: WebSocket, over TLS or not)
-        self.ws = WsServer(owner.limits.max_message) if kind in ("ws", "wss") else None
+        self.ws = WsServer(owner.limits.max_message, owner.ws_origins) if kind in ("ws", "wss") else None
         self.framer = StreamFramer(owner.limits)
         self.transport: asyncio.Transport | None = None
         self.peer: Addr | None = None
@@ -198,7 +198,9 @@ class _TcpConnection(asyncio.Protocol):
             if message.strip(b"\r\n"):       # a frame of CRLFs is a keep-alive, not a message
                 self.owner._received(message, self.peer, self.kind, datagram=False, framed=True)
         if fed.close:
-            event(log, "ws_closed", logging.DEBUG, peer=hostport(self.peer), reason=fed.error)
+            refused = "not allowed" in (fed.error or "")     # a page of a site not in proxy.ws_origins
+            event(log, "ws_refused" if refused else "ws_closed", logging.INFO if refused else logging.DEBUG,
+                  peer=hostport(self.peer), reason=fed.error)
             self.transport.close()
         pending = self.ws.buffered or not self.ws.upgraded
         self.partial_since = (self.partial_since or now) if pending else None
@@ -255,6 +257,7 @@ class SipTransport:
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
         self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
+        self.ws_origins: frozenset[str] = frozenset()     # WsServer: the web origins let in (empty: any)
         self.connections: dict[Addr, _TcpConnection] = {}
         # peers whose own connection to us closed lately (a phone's flow,
         # RFC 5626): their port was theirs for that connection only

@@ -62,9 +62,18 @@ def close_frame(status: int, reason: str = "") -> bytes:
     return frame(struct.pack("!H", status) + reason.encode()[:120], CLOSE)
 
 
+def origin_key(origin: str) -> str:
+    """An Origin as compared: lower case, no trailing slash."""
+    return origin.strip().lower().rstrip("/")
+
+
 class WsServer:
-    def __init__(self, max_message: int):
+    def __init__(self, max_message: int, origins: frozenset[str] = frozenset()):
+        """`origins`: the web origins (origin_key) whose pages may connect;
+        empty: any. A client that sends no Origin is no browser, and no
+        page of another site can make it connect: it is let in."""
         self.max_message = max_message
+        self.origins = origins
         self.upgraded = False
         self.closing = False
         self._buf = bytearray()
@@ -118,6 +127,11 @@ class WsServer:
         elif "sip" not in tokens("sec-websocket-protocol"):
             # RFC 7118 §4.1: the client asks for the sip subprotocol
             self._refuse(fed, "400 Bad Request", "Sec-WebSocket-Protocol must offer sip")
+        elif self.origins and "origin" in fields and origin_key(fields["origin"]) not in self.origins:
+            # RFC 6455 §10.2: a page of another site (cross-site WebSocket
+            # hijacking would use the victim browser's session)
+            self._refuse(fed, "403 Forbidden", "origin not allowed")
+            fed.error = f"handshake: origin {fields['origin'][:100]!r} not allowed"
         else:
             accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
             fed.out.append(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

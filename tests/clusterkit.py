@@ -81,6 +81,17 @@ def calls_reach(cluster, phone, calls: int = 2) -> None:
     assert phone.got.count("INVITE") == calls and phone.got.count("BYE") == calls
 
 
+def logged(path, needle: str, seconds: float = 3.0) -> str:
+    """The text of the log at `path` once `needle` is in it (a process
+    logs what it did after doing it), or as it is after `seconds`."""
+    deadline = time.monotonic() + seconds
+    text = path.read_text()
+    while needle not in text and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = path.read_text()
+    return text
+
+
 def first_read(sock: socket.socket, seconds: float) -> bytes | None:
     """What the peer sends first within `seconds`: b"" when it closes (or
     resets) the connection, None when it sends nothing."""

@@ -22,10 +22,14 @@ class WsClient:
     """The browser's side of SIP over WebSocket (RFC 7118), for the tests:
     the upgrade, then masked frames out and messages in."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, origin: str | None = None):
+        """`origin`: the page's, as a browser sends it (None: none, as
+        JsSIP under Node.js)."""
         key = base64.b64encode(os.urandom(16)).decode()
+        origin_line = f"Origin: {origin}\r\n" if origin else ""
         sock.sendall(f"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                     f"{origin_line}"
                      f"Sec-WebSocket-Protocol: sip\r\n\r\n".encode())
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
@@ -66,10 +70,11 @@ class Phone:
 
     def __init__(self, user: str, proxy: tuple[str, int], answer: bool = True, transport: str = "udp",
                  cafile: str | None = None, sock: socket.socket | None = None,
-                 cert: tuple[str, str] | None = None):
+                 cert: tuple[str, str] | None = None, origin: str | None = None):
         """transport "tls": `cafile` holds the CA the proxy's certificate
         is verified against (its name: localhost); `cert`: (certificate,
-        key) files the phone presents if asked. `sock`: a connection
+        key) files the phone presents if asked; `origin`: the Origin a
+        browser phone (ws, wss) sends. `sock`: a connection
         the proxy opened to us (we are its TCP or TLS server: a trunk)."""
         self.user, self.proxy, self.answer, self.transport = user, proxy, answer, transport
         # a phone on IPv6 when the proxy address it is given is one
@@ -90,7 +95,7 @@ class Phone:
             self.framer = StreamFramer()
             self.pending: list[bytes] = []
             if transport in ("ws", "wss"):
-                self.framer = WsClient(self.sock)
+                self.framer = WsClient(self.sock, origin)
         else:
             self.framer = None
             self.sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)

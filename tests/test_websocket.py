@@ -142,3 +142,19 @@ def test_any_bytes_after_the_handshake_never_raise(junk, step):
     for i in range(0, len(junk), step):
         fed = ws.feed(junk[i:i + step])
         assert all(isinstance(m, bytes) for m in fed.messages)
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("https://phone.example.com", b"101"), ("HTTPS://PHONE.EXAMPLE.COM/", b"101"),
+    ("https://evil.example", b"403"), ("https://phone.example.com.evil.example", b"403"), ("null", b"403"),
+])
+def test_an_origin_list_lets_in_only_its_pages(origin, status):
+    ws = WsServer(65535, frozenset({"https://phone.example.com"}))
+    fed = ws.feed(upgrade().replace(b"Origin: https://phone.example.com", f"Origin: {origin}".encode()))
+    assert fed.out[0].startswith(b"HTTP/1.1 " + status) and fed.close == (status == b"403")
+
+
+def test_without_an_origin_list_any_page_and_no_origin_get_in():
+    assert WsServer(65535).feed(upgrade()).out[0].startswith(b"HTTP/1.1 101")
+    no_origin = upgrade().replace(b"Origin: https://phone.example.com\r\n", b"")
+    assert WsServer(65535, frozenset({"https://x.example"})).feed(no_origin).out[0].startswith(b"HTTP/1.1 101")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from clusterkit import all_keys, calls_reach, first_read, run, uac
+from clusterkit import all_keys, calls_reach, first_read, logged, run, uac
 from phone import Phone
 from sipha.sipp import free_port
 
@@ -26,9 +26,9 @@ def ws_cluster(make_cluster, monkeypatch):
     return c
 
 
-def browser(c, user: str, transport: str) -> Phone:
+def browser(c, user: str, transport: str, origin: str | None = None) -> Phone:
     return Phone(user, ("127.0.0.1", c.ws_ports[transport]), transport=transport,
-                 cafile=str(c.dir / "tls" / "cert.pem"))
+                 cafile=str(c.dir / "tls" / "cert.pem"), origin=origin)
 
 
 @pytest.mark.parametrize("transport", ["ws", "wss"])
@@ -97,3 +97,25 @@ def test_a_connection_that_never_upgrades_is_closed_after_the_message_timeout(ma
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         assert first_read(s, 4) == b""
     assert 'reason="WebSocket upgrade not complete within 1s"' in (c.dir / "logs" / "proxy.log").read_text()
+
+
+def test_with_ws_origins_only_pages_of_those_sites_get_in(make_cluster, monkeypatch):
+    """A page of any site can open a WebSocket from a user's browser to the
+    proxy (cross-site WebSocket hijacking); proxy.ws_origins lets in only
+    the pages of the phone's own site. A client that sends no Origin is
+    not a browser, and comes in."""
+    port = free_port()
+    monkeypatch.setenv("SIPHA_PROXY_WS_LISTEN", f"127.0.0.1:{port}")
+    monkeypatch.setenv("SIPHA_PROXY_WS_ORIGINS", "https://phone.example.com, https://pbx.example.com:8443/")
+    c = make_cluster(nodes=2)
+    c.ws_ports = {"ws": port}
+    for origin in ("https://Phone.example.com", "https://pbx.example.com:8443", None):
+        phone = browser(c, "wanda", "ws", origin)
+        try:
+            assert phone.register(300).status == 200
+        finally:
+            phone.stop()
+    with pytest.raises(OSError, match="403 Forbidden"):
+        browser(c, "eve", "ws", "https://evil.example")
+    log = logged(c.dir / "logs" / "proxy.log", "event=ws_refused")
+    assert "event=ws_refused" in log and "origin 'https://evil.example' not allowed" in log
