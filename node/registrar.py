@@ -23,6 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from sipcore.bekey import ROUTE_HEADER
 from sipcore.headers import is_digits
 from sipcore.logfmt import event
 from sipcore.message import SipRequest
@@ -136,4 +137,10 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     if req.paths and bindings:
         headers += [("Path", p.raw) for p in req.paths]
     headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
+    if req.paths:
+        # for the proxy (which strips it): how long a binding over this
+        # request's flow lives yet, so it keeps that flow's NAT binding open
+        flow = req.paths[0].raw
+        left = max((b["x"] - now for b in bindings if b["path"][:1] == [flow]), default=0)
+        headers.append((ROUTE_HEADER, f"flow_expires={int(left)}"))
     node.reply(req, 200, "OK", to_tag=node.new_tag(bekey), headers=headers)

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ from .dns import DnsResolver, Hop, Target
 from .fastpath import RequestScan, first_value, refuse_new_request, remember, scan_request, strip_top_via
 from .health import HealthMonitor
 from .limits import SourceLimiter
+from .natping import NatPinger
 from .relay import NodeRelay, Pending
 from .workers import WorkerLink, WorkerRole
 
@@ -81,6 +83,14 @@ _NEW_WORK_METHODS = {m.encode(): m for m in NEW_WORK}
 # "friendly-scanner"); nothing legitimate sends these.
 SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "vaxsipuseragent", "sundayddr",
                   "iws-sip", "pplsip", "sipsak scan")
+
+def _behind_nat(via: Via) -> bool:
+    """Whether the phone of this Via (as the proxy stamped it) sent from
+    another address or port than it says: a NAT between (RFC 3581)."""
+    received = via.params.get("received")
+    return ((received is not None and received != via.host.strip("[]"))
+            or (via.rport is not None and via.rport != (via.port or 5060)))
+
 
 def _scanner(user_agent: str | None) -> bool:
     """A lower-cased User-Agent of a known scanner."""
@@ -131,6 +141,8 @@ class Proxy:
         self.named_tx: dict[str, NamedTx] = {}
         self._named_sweep = 0.0
         self.resolving: set[tuple[str, str]] = set()
+        self.natping = (NatPinger(cfg["proxy.nat_ping"], self._keepalive) if cfg["proxy.nat_ping"] > 0
+                        else None)
         self.stream_advertise: dict[tuple[str, bool], tuple[str, int]] = {}    # (kind, IPv6) -> address
         self.health = HealthMonitor(cfg, first_v4[0])
         self.node_by_addr: dict[tuple[str, int], str] = {}
@@ -220,6 +232,8 @@ class Proxy:
                                     for t in ("udp", "tcp", *self.listen_streams)
                                     for i in (False, True) for v6 in (False, self.advertise6 is not None)})
         await self.health.start()
+        if self.natping is not None:
+            self.natping.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
                 self.node_by_addr[h.addr] = nid
@@ -244,6 +258,8 @@ class Proxy:
     async def close(self) -> None:
         if self._overload_timer is not None:
             self._overload_timer.cancel()
+        if self.natping is not None:
+            self.natping.close()
         if self.link is not None:
             self.link.close()
         self.relay.close()
@@ -795,6 +811,10 @@ class Proxy:
         maddr = target.params.get("maddr")
         return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
 
+    def _keepalive(self, data: bytes, flow) -> None:
+        self.stats.inc("events", "nat_ping")
+        self.send_data(data, flow, "udp")
+
     def _watch_overload(self) -> None:
         """Every 10 ms: how long did the last datagram read wait in its
         socket's queue (OverloadGuard)?"""
@@ -1063,6 +1083,12 @@ class Proxy:
             out_transport = "tcp"
         node = self.node_by_addr.get(dest)
         if node is None:
+            if (self.natping is not None and out_transport == "udp" and resp.cseq[1] == "REGISTER"
+                    and 200 <= resp.status < 300 and src in self.node_by_addr and _behind_nat(nxt)):
+                # the registrar says how long the phone's flow has a binding
+                left = re.search(r"flow_expires=(\d+)", resp.get(ROUTE_HEADER) or "")
+                if left:
+                    self.natping.note(dest, int(left.group(1)))
             resp.remove(ROUTE_HEADER)
         elif not self.health.nodes[node].up:
             # The node that sent this request is gone. A response to a

@@ -95,6 +95,9 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.dns_failover": (float, 3.0, "seconds a request to a named trunk with several servers (SRV or A records) "
                            "may go unanswered before its next retransmission goes to the next server (which "
                            "is then tried last for 60 s); 0: never"),
+    "proxy.nat_ping": (float, 25.0, "seconds between the CRLF keep-alives the proxy sends to each phone "
+                       "registered over UDP from behind NAT, so its router keeps the binding open for the "
+                       "calls to it (Kamailio's natping_interval); 0: none"),
     "proxy.admin": (str, "auto", "admin HTTP for /status and /metrics: HOST:PORT, off, or auto = 127.0.0.1 at SIP port + 1000"),
     "proxy.workers": (int, 1, "proxy processes sharing each UDP port (SO_REUSEPORT: one flow stays on one worker); worker 0 also serves TCP, probes the nodes and the admin HTTP"),
     "health.probe": (bool, True, "send OPTIONS probes to the nodes; off treats every node as up"),

@@ -216,6 +216,8 @@ class Phone:
                 continue
             except OSError:
                 return
+            if not data.strip(b"\r\n"):
+                continue                # a keep-alive (the proxy's NAT ping)
             msg = parse_message(data)
             if not isinstance(msg, SipRequest):
                 continue

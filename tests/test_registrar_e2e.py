@@ -3,6 +3,7 @@ calls to registered users forked to all their contacts."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -239,3 +240,53 @@ def test_a_presence_subscription_reaches_a_registered_phone(cluster, transport):
     time.sleep(0.3)
     assert not [rec for spaces in all_keys(cluster).values() for rec in spaces["active"].values()
                 if rec.get("k") == "call"]
+
+
+def nat_register(sock, proxy, expires: int, cseq: int, via: str) -> int:
+    """A REGISTER whose Via and Contact name `via` (HOST:PORT: a private
+    address when the phone is behind NAT) -> the status of its answer."""
+    sock.sendto((f"REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bKnat{cseq};rport\r\n"
+                 f"Max-Forwards: 70\r\nFrom: <sip:nat@127.0.0.1>;tag=n1\r\nTo: <sip:nat@127.0.0.1>\r\n"
+                 f"Call-ID: nat-{via}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:nat@{via}>\r\n"
+                 f"Expires: {expires}\r\nContent-Length: 0\r\n\r\n").encode(), proxy)
+    while True:
+        data = sock.recv(65535)
+        if data.strip(b"\r\n"):
+            return int(data.split(b" ", 2)[1])
+
+
+def keepalives(sock, seconds: float) -> int:
+    """How many CRLF keep-alives arrive within `seconds`."""
+    n, deadline = 0, time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            n += sock.recv(65535) == b"\r\n\r\n"
+        except TimeoutError:
+            break
+    return n
+
+
+def test_a_phone_registered_from_behind_nat_is_kept_reachable_by_keepalives(make_cluster, monkeypatch):
+    """A router closes a UDP binding after 30 s or so of silence, and a
+    phone registers again only every hour or so: the calls for it would
+    reach nobody. The proxy pings the flows registered from behind NAT
+    (their Via names another address than they come from), until they
+    unregister; not the others."""
+    monkeypatch.setenv("SIPHA_PROXY_NAT_PING", "0.4")
+    c = make_cluster(nodes=2, trunk=None)
+    natted, direct = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    try:
+        for s in (natted, direct):
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+        assert nat_register(natted, c.proxy_addr, 300, 1, "192.168.1.20:5060") == 200
+        assert nat_register(direct, c.proxy_addr, 300, 1, f"127.0.0.1:{direct.getsockname()[1]}") == 200
+        assert keepalives(natted, 1.5) >= 2
+        assert keepalives(direct, 0.1) == 0
+        assert nat_register(natted, c.proxy_addr, 0, 2, "192.168.1.20:5060") == 200
+        keepalives(natted, 0.5)                 # one may have been on its way
+        assert keepalives(natted, 1.2) == 0
+    finally:
+        natted.close()
+        direct.close()
