@@ -36,13 +36,36 @@ def procs(tmp_path):
         p.stop_all()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran clusters gets their warnings and errors in
+    its report: CI keeps nothing else, and a rare failure is gone with
+    its logs otherwise."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for folder in getattr(item, "sipha_clusters", []):
+        for log in sorted((folder / "logs").glob("*.log")):
+            try:
+                lines = [line for line in log.read_text(errors="replace").splitlines()
+                         if "level=warning" in line or "level=error" in line]
+            except OSError:
+                continue
+            if lines:
+                report.sections.append((f"{folder.name}/{log.name}: warnings and errors (last 60)",
+                                        "\n".join(lines[-60:])))
+
+
 @pytest.fixture
-def make_cluster(tmp_path):
+def make_cluster(tmp_path, request):
     started = []
+    request.node.sipha_clusters = []
 
     def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp", ipv6=False, tls=False):
         c = Cluster(str(tmp_path / f"cluster{len(started)}"))
         started.append(c)
+        request.node.sipha_clusters.append(c.dir)
         c.up(nodes=nodes, port=free_port(), trunk=trunk, trunk_scenario=trunk_scenario, ramp=ramp,
              log_level="debug", ipv6=ipv6, tls=tls)
         return c
