@@ -50,8 +50,16 @@ class NodeHealth:
     changed_at: float = field(default_factory=time.monotonic)
     ramp_started: float | None = None
     addr: tuple[str, int] | None = None  # resolved SIP address
-    last_status: int | None = None
+    last_status: int | None = None        # of the last probe (None: it went unanswered or refused)
     warm: bool = False                    # came back with its dialogs in its own Redis
+
+    @property
+    def reachable(self) -> bool:
+        """In the ring, or out of it but answering its probes: a node
+        draining for a stop (503) still finishes what it has in hand, so
+        the answers to the requests it sent are its own, not its
+        partner's (as they are once it is dead or hung)."""
+        return self.up or self.last_status is not None
 
 
 class _ProbeSocket(asyncio.DatagramProtocol):
@@ -172,6 +180,7 @@ class HealthMonitor:
             await asyncio.sleep(timeout)
             if h.pending is not None:   # no answer in time
                 h.pending = None
+                h.last_status = None
                 self._miss(nid, "timeout")
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
@@ -194,6 +203,7 @@ class HealthMonitor:
     def probe_refused(self, nid: str) -> None:
         h = self.nodes[nid]
         h.pending = None
+        h.last_status = None
         if h.up:
             self._set_down(nid, "refused")
 

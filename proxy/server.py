@@ -1054,7 +1054,7 @@ class Proxy:
         if node is None:
             if _ROUTE_HEADER_LINE in head:
                 return False
-        elif not self.health.nodes[node].up:
+        elif not self.health.nodes[node].reachable:
             return False
         self.stats.inc("responses", _STATUS_CLASS[klass])
         if log.isEnabledFor(logging.DEBUG):
@@ -1090,7 +1090,7 @@ class Proxy:
                 if left:
                     self.natping.note(dest, int(left.group(1)))
             resp.remove(ROUTE_HEADER)
-        elif not self.health.nodes[node].up:
+        elif not self.health.nodes[node].reachable:
             # The node that sent this request is gone. A response to a
             # request of a stamped call (a B-leg) goes to the call's owner
             # now, which holds the replica: a retransmitted 2xx then still

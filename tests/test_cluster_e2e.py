@@ -171,3 +171,27 @@ def test_a_node_stopped_for_an_upgrade_drains_first(make_cluster):
     assert "event=node_draining" in node_log and "event=node_drained" in node_log
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
     assert f'event=node_down node={victim}' in proxy_log and 'reason="status 503"' in proxy_log
+
+
+def test_a_draining_node_gets_the_answers_to_what_it_sent(make_cluster):
+    """A node stopping for an upgrade is out of the ring once it answers
+    the probes 503, but it still finishes what it has in hand: the
+    answers to the re-INVITEs it sent on (the callee takes 0.4 s) must
+    reach it. They went to its partner, as if it were dead, which then
+    had to finish transactions the draining node was finishing too."""
+    c = make_cluster(nodes=3, trunk_scenario="uas_late_reinvite")
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=60, rate=20, hold_ms=1000)
+        await s.start()
+        await asyncio.sleep(2.5)
+        victim = busiest(all_keys(c))
+        await asyncio.to_thread(c.stop, victim)
+        return await s.wait(60), victim
+
+    result, victim = run(scenario())
+    assert result.ok == 60 and result.failed == 0, result.log_tail
+    assert result.retransmissions == 0
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert f"event=node_down node={victim}" in proxy_log and "event=response_rerouted" not in proxy_log
+    assert "left_inflight" not in (c.dir / "logs" / f"{victim}.log").read_text()
