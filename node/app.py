@@ -232,6 +232,27 @@ def without_tag(value: str) -> str:
     return f"{display}<{na.uri}>{params}"
 
 
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def log_cdr(bekey: str, record: dict, status: int, ended_by: str) -> None:
+    """One line per call that ended, for billing and for the operator, as
+    Kamailio's acc module writes: who called whom, when, how long it rang
+    and talked, how it ended. The node that ends the call writes it, the
+    partner after a failover (the times are in the record), so a call
+    has one line, whichever nodes served it. A call whose record expired
+    (node.dialog_ttl: no BYE ever came) has none."""
+    now = time.time()
+    created = record.get("ct", now)
+    answered = record.get("at")
+    event(log, "cdr", bekey=bekey, call_id=record["a"]["cid"],
+          **{"from": parse_name_addr(record["a"]["ru"]).uri, "to": parse_name_addr(record["a"]["lu"]).uri},
+          callee=record["b"]["tgt"], status=status, ended_by=ended_by, started=_utc(created),
+          setup_s=round((answered or now) - created, 3),
+          duration_s=round(now - answered, 3) if answered else 0)
+
+
 class Node:
     def __init__(self, cfg: Config, node_id: str):
         self.cfg = cfg
@@ -1270,11 +1291,15 @@ class Node:
         self.stats.inc("dialogs", "failed")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
               reason="cancelled" if record.get("cancel") else f"callee {best['st']}")
+        if not record.get("sub"):
+            log_cdr(bekey, record, 487 if record.get("cancel") else best["st"],
+                    "caller" if record.get("cancel") else "callee")
 
     async def confirm(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The callee answered: take its dialog, save, relay the 2xx."""
         record["b"].update(far_end(resp))
         record["st"] = "confirmed"
+        record["at"] = round(time.time(), 3)       # answered (the CDR's duration)
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.save_held(bekey, record)
         self.answer_a(bekey, record, resp.status, resp.reason, resp)
@@ -1461,6 +1486,7 @@ class Node:
         self.stats.inc("dialogs", "terminated")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"],
               reason="bye from caller" if leg == "a" else "bye from callee")
+        log_cdr(bekey, record, 200, "caller" if leg == "a" else "callee")
 
     async def cancel(self, req: SipRequest, bekey: str) -> None:
         record = await self.load_call(bekey, self.partner_for(bekey, req))

@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
-from clusterkit import all_keys, assert_replicas_where_design_says, busiest, owner_in_rank, run, uac
+from clusterkit import all_keys, assert_replicas_where_design_says, busiest, cdrs, owner_in_rank, run, uac
 from sipcore.bekey import bekey_of, make_stamp, rank
+from sipcore.headers import hostport
 from sipcore.message import parse_message
 from sipcore.logfmt import parse_logfmt
 from sipha.cluster import Cluster
@@ -51,6 +52,14 @@ def test_call_keys_are_active_on_owner_replica_on_partner_and_gone_after_bye(mak
     assert n_active == 8
     for spaces in all_keys(c).values():
         assert spaces == {"active": {}, "replica": {}}
+    # one call record each: answered, talked the 4 s SIPp held it, ended by the caller
+    records = cdrs(c)
+    assert len(records) == 8 and len({r["call_id"] for r in records}) == 8
+    for r in records:
+        assert (r["status"], r["ended_by"], r["to"]) == ("200", "caller", f"sip:service@{hostport(c.proxy_addr)}")
+        assert r["callee"].startswith(f"sip:127.0.0.1:{c.state['trunk']['port']};")     # the answering Contact
+        assert 3.9 <= float(r["duration_s"]) <= 6 and 0 <= float(r["setup_s"]) < 1
+        assert r["from"].startswith("sip:sipp@") and r["started"].endswith("Z")
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -65,6 +74,7 @@ def test_cancel_reaches_the_callee_and_caller_gets_487(make_cluster):
     result = run(uac(c, "cancel", calls=10, rate=10).run(60))
     assert result.ok == 10 and result.failed == 0, result.log_tail
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+    assert [(r["status"], r["ended_by"], r["duration_s"]) for r in cdrs(c)] == [("487", "caller", "0")] * 10
 
 
 def test_bye_from_the_callee_reaches_the_caller(make_cluster):
@@ -166,6 +176,14 @@ def test_failover_promotes_the_replica_and_mirrors_it_to_the_new_partner(make_cl
         assert bekey in after[partner]["active"], f"{bekey} not promoted on {partner}"
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"] if n != victim)
     assert logs.count("event=dialog_promoted") >= len(moved)
+    # one call record per call, the killed node's calls' by their partners,
+    # with the time they talked on both nodes
+    records = cdrs(c)
+    assert sorted(r["call_id"] for r in records) == sorted({r["call_id"] for r in records}) and len(records) == 9
+    moved_ids = {before[victim]["active"][k]["a"]["cid"] for k in moved}
+    for r in records:
+        if r["call_id"] in moved_ids:
+            assert r["proc"] != victim and float(r["duration_s"]) > 6.5       # 3.5 s + re-INVITE + 3.5 s
     # one command follows that call across proxy and nodes
     bekey = sorted(moved)[0]
     call_id = before[victim]["active"][bekey]["a"]["cid"]
@@ -259,6 +277,7 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
     logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
     assert logs.count('reason="callee 486"') == 5
+    assert [(r["status"], r["ended_by"]) for r in cdrs(c)] == [("486", "callee")] * 5
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
