@@ -82,7 +82,7 @@ KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
 
 
 NODE_COUNTERS = {
-    "dialogs": ("event",),          # created confirmed promoted migrated resumed terminated failed
+    "dialogs": ("event",),          # created confirmed promoted migrated resumed terminated failed upstream_failover
     "registrations": ("event",),    # added removed
     "no_dialog": (),
     "parse_rejections": (),
@@ -262,13 +262,20 @@ class Node:
         self.node_ids = [n.id for n in cfg.nodes]
         self.secret = cfg.secret
         self.proxy_addr = cfg.internal
-        up = cfg["node.upstream"]
-        try:
-            self.upstream = parse_uri(up) if up else None
-        except SipParseError:
-            raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
-        if self.upstream is not None and not self.upstream.is_sip:
-            raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
+        self.upstreams: list = []
+        for up in (u.strip() for u in cfg["node.upstream"].split(",")):
+            if not up:
+                continue
+            try:
+                uri = parse_uri(up)
+            except SipParseError:
+                raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
+            if not uri.is_sip:
+                raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
+            self.upstreams.append(uri)
+        self.upstream_timeout = cfg["node.upstream_timeout"]
+        # a call's INVITE while it is being set up, for its next upstream
+        self.setup_reqs: dict[str, SipRequest] = {}
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
@@ -337,7 +344,7 @@ class Node:
             setting, "node.admin", self.addr[1], {"/status": json_handler(self.status), "/metrics": self.metrics})
         event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
               proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
-              upstream=str(self.upstream) if self.upstream else None, warm_records=self.warm or None,
+              upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,
               admin=f"{admin_addr[0]}:{admin_addr[1]}" if admin_addr else None)
 
     async def _resolve(self, addr):
@@ -724,13 +731,11 @@ class Node:
         return self.upstream_target(req), False, earlier
 
     def upstream_target(self, req: SipRequest) -> list[tuple[str, list[str]]]:
-        """[node.upstream with the request URI's user], or [] without one."""
-        if self.upstream is None:
-            return []
-        ruri, up = req.ruri, self.upstream
+        """[each node.upstream with the request URI's user], in order."""
+        ruri = req.ruri
         user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
-        host = up.host if up.port is None else f"{up.host}:{up.port}"
-        return [(f"{up.scheme}:{user}{host}{format_params(up.params)}", [])]
+        return [(f"{up.scheme}:{user}{up.host if up.port is None else f'{up.host}:{up.port}'}"
+                 f"{format_params(up.params)}", []) for up in self.upstreams]
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
         targets, registered, earlier = await self.find_targets(req, bekey)
@@ -754,6 +759,10 @@ class Node:
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
             return
+        # trunks are tried one after the other (upstream_failover), a
+        # registered user's phones all at once
+        later = [] if registered else [uri for uri, _ in targets[1:]]
+        targets = targets if registered else targets[:1]
         partner = self.partner_for(bekey, req)
         trying = self.trying_once_saved(req)
         a, b = self.legs(req, bekey, targets[0], registered)
@@ -772,6 +781,8 @@ class Node:
             record["rp"] = replaces
             if far is not None:
                 b["ru"] = far["ru"]
+        if later:
+            record["nx"] = later
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
             self.stats.inc("dialogs", "created")
@@ -782,8 +793,10 @@ class Node:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
                                     hops=b_leg_hops(req), extra=b_leg_extra(req, record))
-                self.send_fork_invite(bekey, invite, fork["br"])
+                self.send_fork_invite(bekey, invite, fork["br"], answer_within=self.upstream_timeout if later else None)
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
+            if later:
+                self.setup_reqs[bekey] = req
         finally:
             trying()
 
@@ -978,10 +991,11 @@ class Node:
         self.stats.inc("dialogs", "resumed")
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
 
-    def send_fork_invite(self, bekey: str, invite: SipRequest, branch: str, resumed: bool = False) -> None:
+    def send_fork_invite(self, bekey: str, invite: SipRequest, branch: str, resumed: bool = False,
+                         answer_within: float | None = None) -> None:
         """Send one fork's INVITE."""
         on_response, expire = self.fork_handlers(bekey, branch)
-        self.tx.request(invite, on_response, expire=expire,
+        self.tx.request(invite, on_response, expire=expire, answer_within=answer_within,
                         still=(lambda: self.still_ringing(bekey, branch)) if resumed else None)
 
     def fork_handlers(self, bekey: str, branch: str) -> tuple:
@@ -996,6 +1010,7 @@ class Node:
         cancelled; what changes now is read from Redis."""
         self.in_setup.pop(bekey, None)
         self.early.pop(bekey, None)
+        self.setup_reqs.pop(bekey, None)
 
     async def still_ringing(self, bekey: str, branch: str) -> bool:
         """Whether a fork has no answer yet, wherever the call is saved.
@@ -1200,6 +1215,7 @@ class Node:
         provisional = resp is not None and resp.status < 200
         if record is None and provisional:
             record = self.in_setup.get(bekey)
+        setup_req = self.setup_reqs.get(bekey)
         if not provisional:
             # the setup is over (a final answer or a timeout): what changes
             # now is read from Redis, where a partner may have changed it
@@ -1234,6 +1250,10 @@ class Node:
                 fork["st"], fork["reason"] = resp.status, resp.reason
                 if said := carried(resp):
                     fork["h"] = said
+            if (record.get("nx") and setup_req is not None and record["st"] == "early" and not record.get("cancel")
+                    and not fork.get("tc") and (fork["st"] == 408 or 500 <= fork["st"] < 600)):
+                await self.next_upstream(bekey, record, setup_req, fork)
+                return
             await self._forks_done(bekey, record)
             return
         if record["st"] == "early" and not record.get("cancel"):
@@ -1248,6 +1268,28 @@ class Node:
             return
         # a second fork answered, or the caller cancelled meanwhile
         await self._ack_and_bye_orphan(resp)
+
+    async def next_upstream(self, bekey: str, record: dict, req: SipRequest, failed: dict) -> None:
+        """The trunk this call went to failed it (408, 5xx, or no answer in
+        node.upstream_timeout): the call goes to the next node.upstream,
+        a new fork of the same B-leg, as Kamailio's dispatcher fails over
+        in a failure route. The caller hears nothing of it but the wait.
+        Only the node that sent the INVITE has its body; a partner that
+        took the call on answers the caller the failure."""
+        uri = record["nx"].pop(0)
+        fork = {"ruri": uri, "route": [], "br": new_branch(), "st": None, "by": self.id}
+        record["forks"].append(fork)
+        await self.save_held(bekey, record)
+        self.stats.inc("dialogs", "upstream_failover")
+        event(log, "upstream_failover", logging.WARNING, bekey=bekey, call_id=record["a"]["cid"],
+              failed=failed["ruri"], status=failed["st"], next=uri)
+        invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=req.get("Content-Type"),
+                            branch=fork["br"], ruri=uri, routes=[], hops=b_leg_hops(req),
+                            extra=b_leg_extra(req, record))
+        self.send_fork_invite(bekey, invite, fork["br"],
+                              answer_within=self.upstream_timeout if record["nx"] else None)
+        self.in_setup[bekey] = record
+        self.setup_reqs[bekey] = req
 
     async def relay_provisional(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The callee's provisional answer, told the caller. A reliable one
@@ -1375,7 +1417,7 @@ class Node:
             return
         cseq = resp.cseq[0]
         fork = self.fork_of(record, resp.top_via.branch)
-        if record["st"] == "early" and (record.get("cancel") or fork is None) or (
+        if record["st"] == "early" and (record.get("cancel") or fork is None or fork["st"] is not None) or (
                 record["st"] == "confirmed" and resp.to.tag != record["b"]["rt"]):
             # answered as the caller gave up, or by another fork than the
             # one that won: that callee gets its ACK and a BYE

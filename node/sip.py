@@ -89,7 +89,8 @@ class Transactions:
     # ---- client side -----------------------------------------------------
     def request(self, req: SipRequest, on_response: Callable[[SipResponse | None], Any], *,
                 expire: Callable[[], Any] | None = None,
-                still: Callable[[], Awaitable[bool]] | None = None) -> None:
+                still: Callable[[], Awaitable[bool]] | None = None,
+                answer_within: float | None = None) -> None:
         """Send a request to the proxy; `on_response` gets every response,
         or None when no final response came in time (then act as on 408).
 
@@ -100,7 +101,9 @@ class Transactions:
         another node sent first (resume_call), `still()` is asked before
         each copy (none once it says False), and no answer at all also
         waits for Timer C rather than Timer B: the answers may be going to
-        that node."""
+        that node. `answer_within`: an INVITE with no answer at all (not
+        even 100 Trying) in that many seconds is given up, as at Timer B
+        (there is another server to try)."""
         branch = req.top_via.branch
         data = req.to_bytes()
         if req.method == "ACK":
@@ -112,7 +115,8 @@ class Transactions:
         loop = asyncio.get_running_loop()
         tx.timer = loop.call_later(T1, self._retransmit, tx)
         ringing = req.method == "INVITE" and still is not None
-        tx.deadline = loop.call_later(self.invite_timeout if ringing else TIMEOUT, self._deadline, tx)
+        tx.deadline = loop.call_later(self.invite_timeout if ringing else answer_within or TIMEOUT,
+                                      self._deadline, tx)
 
     def busy(self) -> bool:
         """Whether a request we sent still waits for its final answer (but

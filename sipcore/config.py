@@ -121,7 +121,11 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "auth.realm": (str, "sipha", "digest realm in challenges"),
     "auth.nonce_ttl": (float, 300.0, "seconds a nonce is good for (then stale=true)"),
     "node.admin": (str, "auto", "node admin HTTP: HOST:PORT, off, or auto = the node's [[nodes]] admin, else 127.0.0.1 at SIP port + 1000"),
-    "node.upstream": (str, "", "trunk URI for calls to AORs not registered here (empty: 404)"),
+    "node.upstream": (str, "", "trunk URI(s) for calls to AORs not registered here, comma-separated: tried in "
+                      "order, the next when one answers 408 or 5xx or nothing (empty: 404)"),
+    "node.upstream_timeout": (float, 3.0, "seconds a trunk with another after it in node.upstream may leave an "
+                              "INVITE without any answer (not even 100 Trying) before the call goes to the next "
+                              "(Kamailio's fr_timer in a failure route)"),
     "node.min_expires": (int, 60, "shortest registration accepted; shorter gets 423 Interval Too Brief"),
     "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
     "node.max_contacts": (int, 10, "most contacts one address of record may have bound (a phone's own, each desk phone's, each softphone's): a REGISTER that would bind more gets 403 and binds nothing (refreshing or removing is always accepted); 0: no limit"),

@@ -459,3 +459,41 @@ def test_a_session_timer_is_agreed_and_refreshed_end_to_end(make_cluster, transp
     result = run(uac(c, "uac_timer", calls=4, rate=10, hold_ms=200, transport=transport).run(30))
     assert result.ok == 4 and result.failed == 0, result.log_tail
     assert callee_counts(c, "uas_timer", 4) == ("4", "0")
+
+
+def test_calls_go_to_the_next_upstream_when_one_is_silent_or_unavailable(make_cluster, procs, monkeypatch):
+    """node.upstream lists three trunks: the first does not answer at all
+    (nothing listens), the second answers 503, the third takes the call.
+    Each call goes on to the next after node.upstream_timeout (1 s here)
+    and after the 503, as Kamailio's dispatcher fails over; the caller
+    waits but loses nothing."""
+    silent, unavailable, good = free_port(), free_port(), free_port()
+    procs.sipp_uas("unavailable", unavailable, scenario="uas_unavailable")
+    procs.sipp_uas("good", good)
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:127.0.0.1:{silent}, sip:127.0.0.1:{unavailable},"
+                                              f"sip:127.0.0.1:{good}")
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM_TIMEOUT", "1.0")
+    c = make_cluster(nodes=2, trunk=None)
+    result = run(uac(c, "uac", calls=6, rate=3, hold_ms=200).run(60))
+    assert result.ok == 6 and result.failed == 0, result.log_tail
+    assert result.retransmissions == 0
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+    assert logs.count("event=upstream_failover") == 12
+    assert logs.count(f"failed=sip:service@127.0.0.1:{silent} status=408") == 6
+    assert logs.count(f"failed=sip:service@127.0.0.1:{unavailable} status=503") == 6
+    assert [r["callee"].split(";")[0] for r in cdrs(c)] == [f"sip:127.0.0.1:{good}"] * 6
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
+def test_a_busy_trunk_is_not_failed_over(make_cluster, procs, monkeypatch):
+    """486 (or any 4xx, 6xx) is the callee's answer, not the trunk's
+    failure: the caller hears it, the next trunk is not tried."""
+    busy, good = free_port(), free_port()
+    procs.sipp_uas("busy", busy, scenario="uas_busy")
+    procs.sipp_uas("good", good)
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:127.0.0.1:{busy},sip:127.0.0.1:{good}")
+    c = make_cluster(nodes=2, trunk=None)
+    result = run(uac(c, "uac_busy", calls=3, rate=3).run(30))
+    assert result.ok == 3 and result.failed == 0, result.log_tail
+    assert [(r["status"], r["ended_by"]) for r in cdrs(c)] == [("486", "callee")] * 3
+    assert "upstream_failover" not in "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
