@@ -236,6 +236,13 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
+def _uri_of(name_addr: str) -> str:
+    try:
+        return parse_name_addr(name_addr).uri
+    except SipParseError:
+        return name_addr
+
+
 def log_cdr(bekey: str, record: dict, status: int, ended_by: str) -> None:
     """One line per call that ended, for billing and for the operator, as
     Kamailio's acc module writes: who called whom, when, how long it rang
@@ -247,7 +254,7 @@ def log_cdr(bekey: str, record: dict, status: int, ended_by: str) -> None:
     created = record.get("ct", now)
     answered = record.get("at")
     event(log, "cdr", bekey=bekey, call_id=record["a"]["cid"],
-          **{"from": parse_name_addr(record["a"]["ru"]).uri, "to": parse_name_addr(record["a"]["lu"]).uri},
+          **{"from": _uri_of(record["a"]["ru"]), "to": _uri_of(record["a"]["lu"])},
           callee=record["b"]["tgt"], status=status, ended_by=ended_by, started=_utc(created),
           setup_s=round((answered or now) - created, 3),
           duration_s=round(now - answered, 3) if answered else 0)

@@ -137,7 +137,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     if req.paths and bindings:
         headers += [("Path", p.raw) for p in req.paths]
     headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
-    if req.paths:
+    phone = req.vias[1] if len(req.vias) > 1 else None      # below the proxy's
+    if req.paths and phone is not None and phone.transport == "UDP" and phone.behind_nat:
         # for the proxy (which strips it): how long a binding over this
         # request's flow lives yet, so it keeps that flow's NAT binding open
         flow = req.paths[0].raw

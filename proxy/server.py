@@ -84,14 +84,6 @@ _NEW_WORK_METHODS = {m.encode(): m for m in NEW_WORK}
 SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "vaxsipuseragent", "sundayddr",
                   "iws-sip", "pplsip", "sipsak scan")
 
-def _behind_nat(via: Via) -> bool:
-    """Whether the phone of this Via (as the proxy stamped it) sent from
-    another address or port than it says: a NAT between (RFC 3581)."""
-    received = via.params.get("received")
-    return ((received is not None and received != via.host.strip("[]"))
-            or (via.rport is not None and via.rport != (via.port or 5060)))
-
-
 def _scanner(user_agent: str | None) -> bool:
     """A lower-cased User-Agent of a known scanner."""
     return bool(user_agent) and any(s in user_agent for s in SCANNER_AGENTS)
@@ -1084,7 +1076,7 @@ class Proxy:
         node = self.node_by_addr.get(dest)
         if node is None:
             if (self.natping is not None and out_transport == "udp" and resp.cseq[1] == "REGISTER"
-                    and 200 <= resp.status < 300 and src in self.node_by_addr and _behind_nat(nxt)):
+                    and 200 <= resp.status < 300 and src in self.node_by_addr and nxt.behind_nat):
                 # the registrar says how long the phone's flow has a binding
                 left = re.search(r"flow_expires=(\d+)", resp.get(ROUTE_HEADER) or "")
                 if left:

@@ -320,6 +320,14 @@ class Via:
     def maddr(self) -> str | None:
         return self.params.get("maddr")
 
+    @property
+    def behind_nat(self) -> bool:
+        """Whether the sender came from another address or port than it
+        says (the received/rport a server stamped differ): a NAT between."""
+        received, rport = self.received, self.rport
+        return ((received is not None and received != self.host.strip("[]"))
+                or (rport is not None and rport != (self.port or 5060)))
+
     def response_target(self) -> tuple[str, int]:
         """Where a response to this hop goes (RFC 3261 §18.2.2, RFC 3581 §4):
         maddr, then received (+ rport), then sent-by."""

@@ -91,6 +91,20 @@ def test_via_ipv6_rport_received_maddr():
     assert v.response_target() == ("239.1.1.1", 6000)
 
 
+@pytest.mark.parametrize("via, nat", [
+    ("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKa", False),                                 # nothing stamped
+    ("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKa;rport=5060;received=192.0.2.1", False),  # as it says
+    ("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa;rport=5060;received=192.0.2.1", False),       # 5060 by default
+    ("SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bKa;rport=5070;received=2001:db8::9", False),
+    ("SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bKa;rport=5060;received=198.51.100.4", True),  # another address
+    ("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKa;rport=40112;received=192.0.2.1", True),   # another port
+])
+def test_a_via_tells_a_nat_by_its_received_and_rport(via, nat):
+    m = parse_message(request(extra=b"").replace(b"Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKabc",
+                                                 f"Via: {via}".encode()))
+    assert m.top_via.behind_nat is nat
+
+
 def test_sip_uri_parts_and_escapes():
     from sipcore.headers import parse_uri
     u = parse_uri("sips:al%20ice:se%63ret@[2001:db8::1]:5071;transport=tcp;lr?subject=x&h=y")
