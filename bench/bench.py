@@ -51,6 +51,7 @@ from sipha.cluster import Cluster  # noqa: E402
 from sipha.sipp import Sipp, free_port  # noqa: E402
 
 BUFFERS = ["-buff_size", str(4 * 1024 * 1024)]
+RAMP_SECONDS = 5.0      # a node back in the ring reaches its full share in this long
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -220,7 +221,7 @@ async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = 
     its un-REGISTER per SIPp call, one AOR each), held calls (memory),
     Redis per dialog and failover on the same cluster."""
     cluster = Cluster(os.path.join(workdir, f"cluster-{nodes}"))
-    cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=5, log_level="info")
+    cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=RAMP_SECONDS, log_level="info")
     extra: dict = {}
     try:
         procs = cluster.procs()
@@ -292,6 +293,11 @@ async def failover_times(cluster: Cluster, workdir: str) -> dict:
                     "calls_ok": res.ok, "calls_failed": res.failed}
         if sig == signal.SIGSTOP:
             os.kill(cluster.procs()[nid]["pid"], signal.SIGCONT)
+        else:
+            # back before the next node is hung: on a 2-node cluster the
+            # hang would otherwise leave no node at all
+            await asyncio.to_thread(cluster.start_node, nid)
+            await asyncio.sleep(RAMP_SECONDS + 1.5)
     return out
 
 
