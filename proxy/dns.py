@@ -222,6 +222,22 @@ class DnsResolver:
             hops = sorted(hops, key=lambda h: self.down.get((h.host, h.port, h.transport), 0.0) > now)
         return hops
 
+    def view(self) -> dict:
+        """For /status: each name looked up and what it gave (until when),
+        and the servers tried last after failing (kamcmd dns.view and
+        dst_blacklist.view)."""
+        now = time.monotonic()
+        names = {}
+        for (name, port, transport, sips), entry in sorted(self.cache.items(), key=lambda kv: str(kv[0])):
+            if entry.expires > now:
+                key = name + (f":{port}" if port else "") + (f";transport={transport}" if transport else "") + \
+                    (" (sips)" if sips else "")
+                names[key] = {"servers": [f"{h.host}:{h.port}/{h.transport}" for h in entry.hops],
+                              "srv": entry.srv, "expires_in_s": round(entry.expires - now, 1)}
+        down = {f"{host}:{port}/{transport}": round(until - now, 1)
+                for (host, port, transport), until in self.down.items() if until > now}
+        return {"names": names, "servers_down_s": down}
+
     def failed(self, hop: Hop) -> None:
         self.down[(hop.host, hop.port, hop.transport)] = time.monotonic() + DOWN_SECONDS
         if len(self.down) > 1000:

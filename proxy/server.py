@@ -274,6 +274,9 @@ class Proxy:
             "workers": self.link.role.count if self.link else 1,
             "overloaded": self._overloaded(),
             "counters": self._counters().as_dict(),
+            # this worker's: named trunks and NAT-pinged phones
+            "dns": self.dns.view(),
+            "nat_flows": len(self.natping) if self.natping is not None else None,
         }
 
     def _counters(self) -> Counters:

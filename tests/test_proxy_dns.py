@@ -13,6 +13,7 @@ import pytest
 
 from sipcore.bekey import ROUTE_HEADER
 from sipcore.message import parse_message
+from sipha.cluster import admin_get
 from sipha.sipp import free_port
 
 from clusterkit import run, uac
@@ -37,8 +38,9 @@ class Trunk:
         self.node_port = self.node.getsockname()[1]
         self.servers = [udp_socket(), udp_socket()]
         self.ports = [s.getsockname()[1] for s in self.servers]
+        self.admin = free_port()
         self.proxy, self.addr = procs.proxy(
-            {"node1": self.node.getsockname()}, "--no-probe",
+            {"node1": self.node.getsockname()}, "--no-probe", "--admin", f"127.0.0.1:{self.admin}",
             env={"SIPHA_PROXY_DNS_SERVERS": dns.spec, "SIPHA_PROXY_DNS_FAILOVER": str(failover)})
 
     def request(self, uri: str, call_id: str, method: str = "INVITE", branch: str = "z9hG4bKnode1") -> None:
@@ -104,6 +106,11 @@ def test_srv_servers_in_priority_order_and_a_silent_one_is_left_for_the_next(tru
     assert "event=dns_failover" in log and f'failed=127.0.0.1:{trunk.ports[0]}/udp' in log
     assert "event=dns_resolved host=trunk.test service=_sip._udp" in log
     assert dns.asked[("_sip._udp.trunk.test.", "SRV")] == 1      # cached for its TTL
+    # what an operator sees: the name's servers, and the silent one set aside
+    view = admin_get(trunk.admin)["dns"]
+    assert sorted(view["names"]["trunk.test"]["servers"]) == sorted(f"127.0.0.1:{p}/udp" for p in trunk.ports)
+    assert view["names"]["trunk.test"]["srv"] is True
+    assert 55 < view["servers_down_s"][f"127.0.0.1:{trunk.ports[0]}/udp"] <= 60
 
 
 def test_srv_weights_spread_calls_and_each_call_keeps_its_server(trunk, dns):

@@ -10,6 +10,7 @@ import pytest
 
 from clusterkit import all_keys, calls_reach, run, uac
 from phone import Phone
+from sipha.cluster import admin_get
 
 pytestmark = pytest.mark.e2e
 
@@ -284,9 +285,11 @@ def test_a_phone_registered_from_behind_nat_is_kept_reachable_by_keepalives(make
         assert nat_register(direct, c.proxy_addr, 300, 1, f"127.0.0.1:{direct.getsockname()[1]}") == 200
         assert keepalives(natted, 1.5) >= 2
         assert keepalives(direct, 0.1) == 0
+        assert admin_get(c.state["proxy"]["admin"])["nat_flows"] == 1
         assert nat_register(natted, c.proxy_addr, 0, 2, "192.168.1.20:5060") == 200
         keepalives(natted, 0.5)                 # one may have been on its way
         assert keepalives(natted, 1.2) == 0
+        assert admin_get(c.state["proxy"]["admin"])["nat_flows"] == 0
     finally:
         natted.close()
         direct.close()
