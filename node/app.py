@@ -281,6 +281,9 @@ class Node:
                 raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
             self.upstreams.append(uri)
         self.upstream_timeout = cfg["node.upstream_timeout"]
+        # trunks that failed lately (no answer, 408, 503 with Retry-After):
+        # (host, port) -> until when they are tried last
+        self.upstream_down: dict[tuple[str, int | None], float] = {}
         # a call's INVITE while it is being set up, for its next upstream
         self.setup_reqs: dict[str, SipRequest] = {}
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
@@ -738,11 +741,34 @@ class Node:
         return self.upstream_target(req), False, earlier
 
     def upstream_target(self, req: SipRequest) -> list[tuple[str, list[str]]]:
-        """[each node.upstream with the request URI's user], in order."""
+        """[each node.upstream with the request URI's user], in order, the
+        ones set aside after a failure last."""
         ruri = req.ruri
         user = f"{ruri.user}@" if ruri.is_sip and ruri.user else ""
+        ups = self.upstreams
+        if self.upstream_down:
+            now = time.monotonic()
+            ups = sorted(ups, key=lambda up: self.upstream_down.get((up.host.lower(), up.port), 0) > now)
         return [(f"{up.scheme}:{user}{up.host if up.port is None else f'{up.host}:{up.port}'}"
-                 f"{format_params(up.params)}", []) for up in self.upstreams]
+                 f"{format_params(up.params)}", []) for up in ups]
+
+    def set_aside(self, ruri: str, resp: SipResponse | None) -> float:
+        """A trunk of several failed a call: no answer or 408 sets it aside
+        (tried last) for 60 s, a 503 for its Retry-After (RFC 3261
+        §21.5.4: no request to it meanwhile), so the next calls go
+        straight to the next trunk instead of each waiting. -> seconds."""
+        if resp is None or resp.status == 408:
+            seconds = 60.0
+        elif resp.status == 503 and (after := (resp.get("Retry-After") or "").split(";")[0].strip()).isdigit():
+            seconds = float(min(int(after), 3600))
+        else:
+            return 0.0
+        try:
+            uri = parse_uri(ruri)
+        except SipParseError:
+            return 0.0
+        self.upstream_down[(uri.host.lower(), uri.port)] = time.monotonic() + seconds
+        return seconds
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
         targets, registered, earlier = await self.find_targets(req, bekey)
@@ -1257,9 +1283,10 @@ class Node:
                 fork["st"], fork["reason"] = resp.status, resp.reason
                 if said := carried(resp):
                     fork["h"] = said
+            aside = self.set_aside(fork["ruri"], resp) if "nx" in record and not fork.get("tc") else 0.0
             if (record.get("nx") and setup_req is not None and record["st"] == "early" and not record.get("cancel")
                     and not fork.get("tc") and (fork["st"] == 408 or 500 <= fork["st"] < 600)):
-                await self.next_upstream(bekey, record, setup_req, fork)
+                await self.next_upstream(bekey, record, setup_req, fork, aside)
                 return
             await self._forks_done(bekey, record)
             return
@@ -1276,7 +1303,7 @@ class Node:
         # a second fork answered, or the caller cancelled meanwhile
         await self._ack_and_bye_orphan(resp)
 
-    async def next_upstream(self, bekey: str, record: dict, req: SipRequest, failed: dict) -> None:
+    async def next_upstream(self, bekey: str, record: dict, req: SipRequest, failed: dict, aside: float) -> None:
         """The trunk this call went to failed it (408, 5xx, or no answer in
         node.upstream_timeout): the call goes to the next node.upstream,
         a new fork of the same B-leg, as Kamailio's dispatcher fails over
@@ -1289,7 +1316,7 @@ class Node:
         await self.save_held(bekey, record)
         self.stats.inc("dialogs", "upstream_failover")
         event(log, "upstream_failover", logging.WARNING, bekey=bekey, call_id=record["a"]["cid"],
-              failed=failed["ruri"], status=failed["st"], next=uri)
+              failed=failed["ruri"], status=failed["st"], next=uri, set_aside_s=int(aside) or None)
         invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=req.get("Content-Type"),
                             branch=fork["br"], ruri=uri, routes=[], hops=b_leg_hops(req),
                             extra=b_leg_extra(req, record))

@@ -463,25 +463,31 @@ def test_a_session_timer_is_agreed_and_refreshed_end_to_end(make_cluster, transp
 
 def test_calls_go_to_the_next_upstream_when_one_is_silent_or_unavailable(make_cluster, procs, monkeypatch):
     """node.upstream lists three trunks: the first does not answer at all
-    (nothing listens), the second answers 503, the third takes the call.
-    Each call goes on to the next after node.upstream_timeout (1 s here)
-    and after the 503, as Kamailio's dispatcher fails over; the caller
-    waits but loses nothing."""
+    (nothing listens), the second answers 503 (Retry-After: 30), the third
+    takes the call. A call goes on to the next after node.upstream_timeout
+    (1 s here) and after the 503, as Kamailio's dispatcher fails over;
+    the caller waits but loses nothing. A node then sets the two aside (60
+    s, 30 s), so its later calls go straight to the third (one node here,
+    so that which calls wait is known: those of the first second)."""
     silent, unavailable, good = free_port(), free_port(), free_port()
     procs.sipp_uas("unavailable", unavailable, scenario="uas_unavailable")
     procs.sipp_uas("good", good)
     monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:127.0.0.1:{silent}, sip:127.0.0.1:{unavailable},"
                                               f"sip:127.0.0.1:{good}")
     monkeypatch.setenv("SIPHA_NODE_UPSTREAM_TIMEOUT", "1.0")
-    c = make_cluster(nodes=2, trunk=None)
-    result = run(uac(c, "uac", calls=6, rate=3, hold_ms=200).run(60))
-    assert result.ok == 6 and result.failed == 0, result.log_tail
+    c = make_cluster(nodes=1, trunk=None)
+    result = run(uac(c, "uac", calls=8, rate=2, hold_ms=200).run(60))
+    assert result.ok == 8 and result.failed == 0, result.log_tail
     assert result.retransmissions == 0
-    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
-    assert logs.count("event=upstream_failover") == 12
-    assert logs.count(f"failed=sip:service@127.0.0.1:{silent} status=408") == 6
-    assert logs.count(f"failed=sip:service@127.0.0.1:{unavailable} status=503") == 6
-    assert [r["callee"].split(";")[0] for r in cdrs(c)] == [f"sip:127.0.0.1:{good}"] * 6
+    log = (c.dir / "logs" / "node1.log").read_text()
+    # the calls of the first second (at 0 and 0.5 s, and maybe the one at
+    # 1 s) wait for the silent one and get the 503; the later ones do not
+    assert 2 <= log.count(f"failed=sip:service@127.0.0.1:{silent} status=408 ") <= 3
+    assert 2 <= log.count(f"failed=sip:service@127.0.0.1:{unavailable} status=503 ") <= 3
+    assert "set_aside_s=60" in log and "set_aside_s=30" in log
+    records = sorted(cdrs(c), key=lambda r: r["started"])
+    assert [r["callee"].split(";")[0] for r in records] == [f"sip:127.0.0.1:{good}"] * 8
+    assert all(float(r["setup_s"]) < 0.5 for r in records[3:])        # straight to the good one
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
 
 
