@@ -52,6 +52,15 @@ async def drive(cluster: Cluster, calls: int, rate: float, hold: float, transpor
     return result, done.get("killed")
 
 
+def call_records(cluster: Cluster) -> str:
+    """How many calls the nodes wrote a call record (event=cdr) for."""
+    ids = [parse_logfmt(line).get("call_id") for nid in cluster.state["nodes"]
+           for line in (cluster.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
+           if "event=cdr " in line]
+    return (f"call records (event=cdr in the node logs): {len(ids)}, for {len(set(ids))} calls "
+            f"(one per call, whichever node ended it)")
+
+
 def summary(cluster: Cluster, result, victim: str | None) -> str:
     st = cluster.status()
     promoted = sum(r["promoted"] or 0 for r in st["nodes"])
@@ -60,7 +69,8 @@ def summary(cluster: Cluster, result, victim: str | None) -> str:
              f"calls attempted {result.created}, succeeded {result.ok}, failed {result.failed} "
              f"(SIPp retransmissions {result.retransmissions})",
              f"killed and restarted: {victim}",
-             f"dialogs promoted from replicas: {promoted}; dialogs migrated between nodes: {migrated}"]
+             f"dialogs promoted from replicas: {promoted}; dialogs migrated between nodes: {migrated}",
+             call_records(cluster)]
     rows = [("node", "health", "load", "active", "replica", "promoted", "migrated")]
     for r in st["nodes"]:
         rows.append((r["node"], r["health"], r["load_factor"], r["active"], r["replica"], r["promoted"], r["migrated"]))

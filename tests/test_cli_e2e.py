@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from sipha.cluster import Cluster
 from sipha.sipp import free_port
 
 pytestmark = pytest.mark.e2e
@@ -117,3 +118,21 @@ def _parent(pid: int) -> int | None:
 def _zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat", "rb") as fh:
         return fh.read().rpartition(b")")[2].split()[0] == b"Z"
+
+
+def test_the_demo_kills_and_restarts_a_node_and_no_call_fails(tmp_path):
+    """The main job, shorter: a node killed half-way and started again,
+    every call completed, one call record each, nothing left running."""
+    d = tmp_path / "demo"
+    r = sipha("demo", "--dir", str(d), "--port", str(free_port()), "--calls", "60", "--rate", "20",
+              "--hold", "3", "--ramp", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "calls attempted 60, succeeded 60, failed 0" in r.stdout
+    assert "killed and restarted: node" in r.stdout and "event=node_down" in r.stdout
+    assert "call records (event=cdr in the node logs): 60, for 60 calls" in r.stdout
+    demo = Cluster(str(d))
+    assert len(demo.procs()) >= 6                      # 2 Redis and 2 nodes at least, the proxy, the trunk
+    deadline = time.monotonic() + 10                   # nothing left running (a node may drain a moment)
+    while time.monotonic() < deadline and any(demo.running(name) for name in demo.procs()):
+        time.sleep(0.2)
+    assert not [name for name in demo.procs() if demo.running(name)]
