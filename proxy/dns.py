@@ -136,9 +136,12 @@ class DnsResolver:
                 del self.pending[key]
                 fut.set_result(entry.hops)
             if len(self.cache) > 10_000:
+                # bounded: names come from the Contacts and Routes of
+                # dialogs, which the far side chooses
                 now = time.monotonic()
-                for k in [k for k, e in self.cache.items() if e.expires < now]:
-                    del self.cache[k]
+                self.cache = {k: e for k, e in self.cache.items() if e.expires >= now}
+                if len(self.cache) > 10_000:
+                    self.cache.clear()
         return await asyncio.shield(fut)
 
     async def _lookup(self, target: Target) -> _Entry:
@@ -236,7 +239,7 @@ class DnsResolver:
                               "srv": entry.srv, "expires_in_s": round(entry.expires - now, 1)}
         down = {f"{host}:{port}/{transport}": round(until - now, 1)
                 for (host, port, transport), until in self.down.items() if until > now}
-        return {"names": names, "servers_down_s": down}
+        return {"names": names, "servers_down_s": down, **self.stats}
 
     def failed(self, hop: Hop) -> None:
         self.down[(hop.host, hop.port, hop.transport)] = time.monotonic() + DOWN_SECONDS
