@@ -107,6 +107,8 @@ class Proxy:
         self.nodes = {n.id: n for n in cfg.nodes}
         self.listen = cfg.listen
         self.listen_streams: dict[str, list[tuple[str, int]]] = {}   # tls / ws / wss -> bound addresses
+        # what the proxy can send over: UDP, TCP and the kinds it listens for
+        self.sendable = ("udp", "tcp", *(kind for kind in STREAM_KINDS if cfg.stream_listen(kind)))
         # Dual stack: phones and trunks over IPv4 or IPv6, the nodes over
         # IPv4. What goes to an address is sent from a socket of its
         # family, and the Via, Record-Route or Path on it names the proxy
@@ -128,7 +130,7 @@ class Proxy:
             else self.tls_server
         # named trunks (RFC 3263): their servers, and where each request
         # to one went, for failover
-        self.dns = DnsResolver(cfg.dns_servers, frozenset(("udp", "tcp", *(("tls",) if cfg.stream_listen("tls") else ()))))
+        self.dns = DnsResolver(cfg.dns_servers, frozenset(self.sendable))
         self.dns_failover = cfg["proxy.dns_failover"]
         self.named_tx: dict[str, NamedTx] = {}
         self._named_sweep = 0.0
@@ -221,7 +223,7 @@ class Proxy:
                 self.our_addrs.update((bound, ours))
         # how every Via we write begins, up to the branch prefix (fast_response)
         self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i, v6=v6).encode("latin-1")
-                                    for t in ("udp", "tcp", *self.listen_streams)
+                                    for t in self.sendable
                                     for i in (False, True) for v6 in (False, self.advertise6 is not None)})
         await self.health.start()
         if self.natping is not None:
@@ -690,11 +692,11 @@ class Proxy:
         self._forward_out(req, dest, out_transport, flow, node, initial, src, transport)
 
     def _forward_out(self, req: SipRequest, dest, out_transport: str, flow: str | None, node: str,
-                     initial: bool, src, transport: str) -> None:
+                     initial: bool, src, transport: str, branch: str | None = None) -> None:
         # an IPv6 destination needs a socket of IPv6
         v6 = ":" in dest[0]
         missing = ("IPv6" if self.transport_for(dest[0]) is None
-                   else out_transport.upper() if out_transport not in ("udp", "tcp", *self.listen_streams) else None)
+                   else out_transport.upper() if out_transport not in self.sendable else None)
         if missing:
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,
                   dest=f"{hostport(dest)}/{out_transport}", reason="outbound", status=503,
@@ -706,7 +708,7 @@ class Proxy:
             # dialog's requests to that phone then take its connection or
             # NAT binding, not its Contact (a browser's is *.invalid)
             req.add_top("Record-Route", self.our_uri(out_transport, flow, v6=v6))
-        req.add_top("Via", self.our_via(out_transport, self.branch_for(req), v6=v6))
+        req.add_top("Via", self.our_via(out_transport, branch or self.branch_for(req), v6=v6))
         self._log_outbound(req.method, req.call_id, req.from_.tag, node, dest, out_transport, initial)
         self.stats.inc("requests", req.method, "outbound")
         # (a TLS peer's name is resolved when connecting, and verified; a
@@ -763,7 +765,7 @@ class Proxy:
             if req.method == tx.method and now - tx.sent >= self.dns_failover and tx.index + 1 < len(tx.hops):
                 self._next_hop(tx, req.method, req.call_id, f"no answer in {now - tx.sent:.1f} s")
             hop = tx.hops[tx.index]
-        self._forward_out(req, hop.dest, hop.transport, None, node, initial, src, transport)
+        self._forward_out(req, hop.dest, hop.transport, None, node, initial, src, transport, branch)
 
     def _track_named(self, branch: str, method: str, hops: list[Hop]) -> None:
         now = time.monotonic()
@@ -1078,9 +1080,10 @@ class Proxy:
             out_transport = "tcp"
         node = self.node_by_addr.get(dest)
         if node is None:
-            if (self.natping is not None and out_transport == "udp" and resp.cseq[1] == "REGISTER"
-                    and 200 <= resp.status < 300 and src in self.node_by_addr and nxt.behind_nat):
+            if (self.natping is not None and resp.cseq[1] == "REGISTER" and 200 <= resp.status < 300
+                    and src in self.node_by_addr):
                 # the registrar says how long the phone's flow has a binding
+                # (only for one behind NAT over UDP: node/registrar.py)
                 left = re.search(r"flow_expires=(\d+)", resp.get(ROUTE_HEADER) or "")
                 if left:
                     self.natping.note(dest, int(left.group(1)))

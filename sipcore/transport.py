@@ -198,8 +198,7 @@ class _TcpConnection(asyncio.Protocol):
             if message.strip(b"\r\n"):       # a frame of CRLFs is a keep-alive, not a message
                 self.owner._received(message, self.peer, self.kind, datagram=False, framed=True)
         if fed.close:
-            refused = "not allowed" in (fed.error or "")     # a page of a site not in proxy.ws_origins
-            event(log, "ws_refused" if refused else "ws_closed", logging.INFO if refused else logging.DEBUG,
+            event(log, "ws_refused" if fed.refused else "ws_closed", logging.INFO if fed.refused else logging.DEBUG,
                   peer=hostport(self.peer), reason=fed.error)
             self.transport.close()
         pending = self.ws.buffered or not self.ws.upgraded

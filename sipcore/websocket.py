@@ -33,6 +33,7 @@ class Fed:
     messages: list[bytes] = field(default_factory=list)
     close: bool = False
     error: str | None = None     # why it closes, for the log
+    refused: bool = False        # a page of an origin not let in
 
 
 def _http_error(status: str, why: str, extra: str = "") -> bytes:
@@ -132,6 +133,7 @@ class WsServer:
             # hijacking would use the victim browser's session)
             self._refuse(fed, "403 Forbidden", "origin not allowed")
             fed.error = f"handshake: origin {fields['origin'][:100]!r} not allowed"
+            fed.refused = True
         else:
             accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
             fed.out.append(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

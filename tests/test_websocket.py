@@ -151,7 +151,7 @@ def test_any_bytes_after_the_handshake_never_raise(junk, step):
 def test_an_origin_list_lets_in_only_its_pages(origin, status):
     ws = WsServer(65535, frozenset({"https://phone.example.com"}))
     fed = ws.feed(upgrade().replace(b"Origin: https://phone.example.com", f"Origin: {origin}".encode()))
-    assert fed.out[0].startswith(b"HTTP/1.1 " + status) and fed.close == (status == b"403")
+    assert fed.out[0].startswith(b"HTTP/1.1 " + status) and fed.close == fed.refused == (status == b"403")
 
 
 def test_without_an_origin_list_any_page_and_no_origin_get_in():
