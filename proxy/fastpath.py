@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from sipcore.bekey import ROUTE_HEADER
 from sipcore.errors import SipParseError
+from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, parse_cseq, parse_max_forwards, parse_name_addr, parse_uri, parse_via
 from sipcore.message import _TOKEN_CHARS, Limits
 
@@ -159,44 +160,42 @@ class RequestScan:
     user_agent: str | None       # lower-cased
 
 
-# the fields scan_request reads, each found by a search of the lower-cased
-# header for the line that starts with its name
-_NEEDLES = {name: b"\r\n" + name + b":" for name in (b"via", *_READ[2:])}
-_REQUIRED = (b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards")
-_UNIQUE = (b"max-forwards", b"route")
+# the fields scan_request reads: the lines of the lower-cased header that
+# start with their names, found in one pass
+_FIELD_LINES = re.compile(rb"\r\n(" + b"|".join(map(re.escape, (b"via", *_READ[2:]))) + rb"):[^\r]*")
+_REQUIRED = frozenset((b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards"))
+_UNIQUE = frozenset((b"max-forwards", b"route"))
 # Request-URIs parsed (the requests of a call, and all calls of one phone
 # or trunk, share theirs); bounded, forgotten all at once when full, short
 # URIs only
 _URIS: dict[bytes, SipUri] = {}
-_MEMO_SIZE = 4096
-_MEMO_LEN = 256
 
 
 def _lines(head: bytes) -> dict[bytes, tuple[int, int]] | None:
     """-> {name: (start, end) of its first line} for the fields read here,
     or None when one required is missing, a unique one repeats, or the
     internal routing header is there (the full path strips it)."""
-    lines = {}
-    for name, needle in _NEEDLES.items():
-        at = head.find(needle)
-        if at < 0:
-            if name in _REQUIRED:
+    lines: dict[bytes, tuple[int, int]] = {}
+    for m in _FIELD_LINES.finditer(head):
+        name = m.group(1)
+        if name in lines:
+            if name in _UNIQUE:
                 return None
             continue
-        if name in _UNIQUE and head.find(needle, at + 2) >= 0:
-            return None
-        lines[name] = (at + 2, head.find(b"\r\n", at + 2) + 2)
-    return None if _ROUTE_KEY in lines else lines
+        lines[name] = (m.start() + 2, m.end() + 2)
+    return None if _ROUTE_KEY in lines or not _REQUIRED.issubset(lines) else lines
 
 
-def remember(memo: dict, key, value) -> None:
-    """Keep `value` for `key` in a memo of what the byte paths parse:
-    short keys only (long ones are rare and would fill memory), at most
-    _MEMO_SIZE of them, forgotten all at once when full."""
-    if len(key) <= _MEMO_LEN:
-        if len(memo) >= _MEMO_SIZE:
-            memo.clear()
-        memo[key] = value
+# From and To values -> their tags: a call's requests repeat them
+_TAGS: dict[str, str | None] = {}
+
+
+def _tag(value: str) -> str | None:
+    if value in _TAGS:
+        return _TAGS[value]
+    tag = parse_name_addr(value).tag
+    remember(_TAGS, value, tag)
+    return tag
 
 
 def _parsed_uri(uri: bytes) -> SipUri:
@@ -232,8 +231,8 @@ def scan_request(data: bytes, limits: Limits) -> RequestScan | None:
         ruri = _parsed_uri(m.group(2))
         max_forwards = parse_max_forwards(_value(data, mf_line, b"max-forwards"))
         via = parse_via(via_text)
-        from_tag = parse_name_addr(_required(data, lines[b"from"], b"from")).tag
-        to_tag = parse_name_addr(_required(data, lines[b"to"], b"to")).tag
+        from_tag = _tag(_required(data, lines[b"from"], b"from"))
+        to_tag = _tag(_required(data, lines[b"to"], b"to"))
         if parse_cseq(_required(data, lines[b"cseq"], b"cseq"))[1] != method:
             return None
     except SipParseError:

@@ -38,6 +38,12 @@ from sipcore.message import SipResponse, parse_message
 log = logging.getLogger("proxy.health")
 
 
+# Bumped whenever a node's `up` or `load_factor` changes: what the router
+# remembered of the ring (Proxy._owner) holds until then.
+VIEW_CHANGES = [0]
+_VIEW_FIELDS = frozenset(("up", "load_factor"))
+
+
 @dataclass
 class NodeHealth:
     node: NodeConfig
@@ -52,6 +58,11 @@ class NodeHealth:
     addr: tuple[str, int] | None = None  # resolved SIP address
     last_status: int | None = None        # of the last probe (None: it went unanswered or refused)
     warm: bool = False                    # came back with its dialogs in its own Redis
+
+    def __setattr__(self, name, value) -> None:
+        if name in _VIEW_FIELDS and getattr(self, name, None) != value:
+            VIEW_CHANGES[0] += 1
+        object.__setattr__(self, name, value)
 
     @property
     def reachable(self) -> bool:

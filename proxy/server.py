@@ -37,6 +37,7 @@ from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, STREAM_KINDS, Config
 from sipcore.errors import SipParseError
+from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
@@ -45,8 +46,8 @@ from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .dns import DnsResolver, Hop, Target
-from .fastpath import RequestScan, first_value, refuse_new_request, remember, scan_request, strip_top_via
-from .health import HealthMonitor
+from .fastpath import RequestScan, first_value, refuse_new_request, scan_request, strip_top_via
+from .health import VIEW_CHANGES, HealthMonitor
 from .limits import SourceLimiter
 from .natping import NatPinger
 from .relay import NodeRelay, Pending
@@ -105,6 +106,8 @@ class Proxy:
         self.secret = cfg.secret
         self.node_ids = [n.id for n in cfg.nodes]
         self.nodes = {n.id: n for n in cfg.nodes}
+        self._owners: dict[str, tuple[str | None, str | None, str]] = {}   # _owner's, for this view
+        self._owners_view = -1
         self.listen = cfg.listen
         self.listen_streams: dict[str, list[tuple[str, int]]] = {}   # tls / ws / wss -> bound addresses
         # what the proxy can send over: UDP, TCP and the kinds it listens for
@@ -581,12 +584,19 @@ class Proxy:
 
     def _owner(self, bekey: str) -> tuple[str | None, str | None, str]:
         """-> (owner, partner, why: owner / failover / ramp); owner None
-        when no node is up."""
-        order = rank(bekey, self.node_ids)
-        owner, partner, ramp_skipped = choose(bekey, self.node_ids, self.health.healthy(), order=order)
-        if ramp_skipped:
-            return owner, partner, "ramp"
-        return owner, partner, "owner" if owner == order[0] else "failover"
+        when no node is up. Remembered until the health view changes
+        (every message of a call asks)."""
+        if self._owners_view != VIEW_CHANGES[0]:
+            self._owners.clear()
+            self._owners_view = VIEW_CHANGES[0]
+        known = self._owners.get(bekey)
+        if known is None:
+            order = rank(bekey, self.node_ids)
+            owner, partner, ramp_skipped = choose(bekey, self.node_ids, self.health.healthy(), order=order)
+            why = "ramp" if ramp_skipped else "owner" if owner == order[0] else "failover"
+            known = (owner, partner, why)
+            remember(self._owners, bekey, known)
+        return known
 
     def _log_route(self, method: str, call_id: str, bekey: str, src, transport: str, owner: str,
                    partner: str | None, reason: str, how: str, initial: bool) -> None:

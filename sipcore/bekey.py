@@ -31,6 +31,8 @@ import hmac
 import re
 from typing import Iterable, Mapping
 
+from .expiring import remember
+
 STAMP_PREFIX = "sph"
 # The header the proxy adds to tell the node the BEKey, owner and partner;
 # stripped from anything arriving from or leaving for outside the cluster.
@@ -52,9 +54,20 @@ def _h64(*parts: str) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+# what the byte paths ask for every message of a call, remembered
+_MEMO_SIZE = 16384
+_BEKEYS: dict[str, str] = {}
+_STAMPS: dict[str, tuple[bytes, str | None]] = {}     # text -> (secret, BEKey)
+
+
 def bekey_of(text: str) -> str:
-    """BEKey of a Call-ID or an address of record."""
-    return f"{_h64('bekey', text):016x}"
+    """BEKey of a Call-ID or an address of record (remembered: the
+    requests of a call ask for their Call-ID's one after another)."""
+    key = _BEKEYS.get(text)
+    if key is None:
+        key = f"{_h64('bekey', text):016x}"
+        remember(_BEKEYS, text, key, _MEMO_SIZE)
+    return key
 
 
 def _mac(secret: bytes, bekey: str) -> str:
@@ -69,11 +82,17 @@ def read_stamp(secret: bytes, text: str | None) -> str | None:
     """The BEKey stamped into a tag or Call-ID, if one verifies."""
     if not text or STAMP_PREFIX not in text:
         return None
+    known = _STAMPS.get(text)            # a dialog's tag, seen in each of its messages
+    if known is not None and known[0] == secret:
+        return known[1]
+    found = None
     for m in _STAMP_RE.finditer(text):
         bekey, mac = m.group(1), m.group(2)
         if hmac.compare_digest(mac, _mac(secret, bekey)):
-            return bekey
-    return None
+            found = bekey
+            break
+    remember(_STAMPS, text, (secret, found), _MEMO_SIZE)
+    return found
 
 
 _RANKS: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
@@ -87,9 +106,7 @@ def rank(bekey: str, nodes: Iterable[str]) -> list[str]:
     order = _RANKS.get(key)
     if order is None:
         order = tuple(sorted(key[1], key=lambda n: (-_h64("rank", n, bekey), n)))
-        if len(_RANKS) >= 16384:
-            _RANKS.clear()
-        _RANKS[key] = order
+        remember(_RANKS, key, order, _MEMO_SIZE)
     return list(order)
 
 

@@ -34,3 +34,14 @@ class Expiring:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def remember(memo: dict, key, value, size: int = 4096, longest: int = 256) -> None:
+    """Keep `value` for `key` in a memo of what is parsed or hashed again
+    and again (the messages of a call, the calls of a phone): keys of
+    `longest` at most (long ones are rare and would fill memory), `size`
+    entries at most, forgotten all at once when full."""
+    if len(key) <= longest:
+        if len(memo) >= size:
+            memo.clear()
+        memo[key] = value

@@ -36,6 +36,24 @@ def test_forged_or_foreign_stamps_are_ignored():
     assert read_stamp(SECRET, None) is None
 
 
+def test_a_remembered_stamp_is_only_ever_read_with_its_own_secret():
+    """read_stamp remembers what it found in a tag (a dialog's messages
+    repeat it): the same tag read with another secret is checked again,
+    not answered from memory, and the memory stays bounded."""
+    from sipcore import bekey
+    key = bekey_of("call-2")
+    tag = make_stamp(SECRET, key)
+    for _ in range(2):
+        assert read_stamp(SECRET, tag) == key
+        assert read_stamp(b"other-secret", tag) is None
+    assert read_stamp(SECRET, tag) == key
+    for i in range(bekey._MEMO_SIZE + 10):
+        read_stamp(SECRET, f"sph{i:024x}")
+        bekey_of(f"call-{i}")
+    assert len(bekey._STAMPS) <= bekey._MEMO_SIZE and len(bekey._BEKEYS) <= bekey._MEMO_SIZE
+    assert bekey_of("call-1") == bekey._h64("bekey", "call-1").to_bytes(8, "big").hex()
+
+
 def test_ring_balance_with_four_nodes_and_100k_keys():
     owners = Counter(rank(f"{i:016x}", NODES)[0] for i in range(100_000))
     mean = 100_000 / len(NODES)

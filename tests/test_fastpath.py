@@ -278,6 +278,37 @@ def test_new_invites_leave_as_the_full_path_sends_them_with_our_record_route(dat
     run(go)
 
 
+def test_the_owner_remembered_for_a_key_follows_the_health_view():
+    """_owner remembers each key's node until a node goes down, comes
+    back or changes its load factor: the next message of the call then
+    goes where the ring says now, on both paths alike."""
+    async def go():
+        async with Pair() as pair:
+            fast = pair.proxies[0]
+
+            def routed():
+                route = parse_message(fast.sent[-1][0]).get(ROUTE_HEADER)
+                return dict(p.split("=", 1) for p in route.split(";"))
+
+            assert pair.feed(in_dialog("BYE"))
+            first = routed()
+            assert first["reason"] == "owner"
+            for p in pair.proxies:
+                p.health.nodes[first["owner"]].up = False
+            assert pair.feed(in_dialog("BYE"))
+            assert routed()["owner"] == first["partner"] and routed()["reason"] == "failover"
+            for p in pair.proxies:
+                p.health.nodes[first["owner"]].up = True
+                p.health.nodes[first["owner"]].load_factor = 0.0     # back, ramping up: not its keys yet
+            assert pair.feed(in_dialog("BYE"))
+            assert routed()["owner"] == first["partner"] and routed()["reason"] == "ramp"
+            for p in pair.proxies:
+                p.health.nodes[first["owner"]].load_factor = 1.0
+            assert pair.feed(in_dialog("BYE"))
+            assert routed() == first
+    run(go)
+
+
 def test_a_stamped_dialog_goes_to_its_owner_and_is_counted_alike():
     async def go():
         async with Pair() as pair:
@@ -520,7 +551,7 @@ def test_remembered_request_uris_stay_short_and_bounded():
     long_user = "u" * 300
     scan = fastpath.scan_request(in_dialog("BYE").replace(b"sip:bob@", f"sip:{long_user}@".encode()), DEFAULT_LIMITS)
     assert scan.ruri.user == long_user and not any(long_user.encode() in k for k in fastpath._URIS)
-    for i in range(fastpath._MEMO_SIZE + 10):
+    for i in range(4096 + 10):
         data = in_dialog("BYE").replace(b"sip:bob@192.0.2.80", f"sip:b{i}@192.0.2.80".encode())
         assert fastpath.scan_request(data, DEFAULT_LIMITS).ruri.user == f"b{i}"
-    assert 0 < len(fastpath._URIS) <= fastpath._MEMO_SIZE
+    assert 0 < len(fastpath._URIS) <= 4096
