@@ -998,9 +998,14 @@ class Node:
             await self.new_call(req, bekey, resume=False)     # gone meanwhile: then it is new
             return
         if record["st"] != "early":
-            # answered: the callee sends its 2xx until it is ACKed, and it
-            # reaches the caller from here (stray_2xx)
-            self.reply(req, 100, "Trying")
+            # Answered: the callee sends its 2xx until it is ACKed, and it
+            # reaches the caller from here (stray_2xx). The INVITE is
+            # absorbed, as an INVITE server transaction does once it has
+            # sent a 2xx (RFC 6026 §7.1): it may be a copy that waited in
+            # the queue of a node that hung while the call went on at its
+            # partner, and a 100 Trying after the caller's 200 and ACK is
+            # a stray answer (SIPp aborts the call on it).
+            event(log, "invite_absorbed", logging.DEBUG, bekey=bekey, call_id=req.call_id, state=record["st"])
             return
         if record.get("cancel"):
             self.answer_a(bekey, record, 487, "Request Terminated")

@@ -257,6 +257,38 @@ def test_the_callers_invite_again_at_the_partner_resumes_the_call(tmp_path):
     assert a_tag.startswith("sph") and left[0] is None and left[1] is not None   # one call, now the partner's
 
 
+def test_a_stale_copy_of_the_callers_invite_after_the_answer_gets_no_reply(tmp_path):
+    """Seen in a chaos run (a node SIGSTOPped for 4 s under 40 calls/s):
+    the caller's INVITE waited in the hung owner's queue while its copy
+    made the call at the partner; resumed, the owner found the answered
+    call and told the caller 100 Trying, after its 200 and ACK, and SIPp
+    aborted 5 calls of 2400 on that stray answer. A copy of the INVITE of
+    an answered call at a node that did not take it is now absorbed: no
+    answer, nothing to the callee. (At the node that took it, the copy
+    is its transaction's: the 200 goes again, which SIPp ACKs again.)"""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
+            b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
+        assert of_status(sent[owner], 200)
+        before = {n: len(sent[n]) for n in nodes}
+        copy = caller_invite(bekey, sdp=SDP)
+        owner.on_message(parse_message(copy), ("127.0.0.1", 5999), "udp")
+        # the copy that waited in the queue of the owner the ring names, hung
+        partner.on_message(parse_message(copy.replace(b"owner=node1;partner=node2", b"owner=node2;partner=")),
+                           ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        await settled(partner)
+        return [sent[n][before[n]:] for n in nodes]
+
+    at_owner, at_partner = with_nodes(tmp_path, 2, scenario)
+    assert [m.status for m in at_owner] == [200]
+    assert at_partner == []
+
+
 def test_after_a_takeover_a_delayed_offer_is_answered_by_the_callers_ack(tmp_path):
     """The caller's INVITE had no SDP: the callee's 2xx carries the offer
     and the caller's ACK the answer. The partner that relays a dead
