@@ -1598,6 +1598,14 @@ class Node:
         far = other(leg)
         q = record.get("q")
         again = q and (q["l"], q["c"], q["m"], q["o"]) == (leg, req.cseq[0], req.method, record[far]["lc"])
+        if again and req.method == "INVITE" and record.get("ack", {}).get(leg) == q["o"]:
+            # Its 2xx came back and was relayed (the record waits for the
+            # sender's ACK of it): a copy that waited in the queue of a
+            # node that hung while the node that relayed it finished it.
+            # Absorbed, as the call's first INVITE is (resume_call): a 100
+            # Trying after the 200 would be a stray answer.
+            event(log, "invite_absorbed", logging.DEBUG, bekey=bekey, call_id=req.call_id, cseq=req.cseq[0])
+            return
         if again:
             # Relayed by a node that died before the answer came back (this
             # node would have answered a retransmission of its own from its

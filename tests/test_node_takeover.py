@@ -169,6 +169,32 @@ def test_the_partner_relays_the_answer_to_a_re_invite_the_dead_owner_sent(tmp_pa
     assert (ack.call_id, ack.cseq) == (CALL_ID, relayed.cseq[:1] + ("ACK",))
 
 
+def test_a_stale_copy_of_an_answered_re_invite_gets_no_reply(tmp_path):
+    """Seen in a chaos run with re-INVITEs: the caller's re-INVITE waited
+    in the queue of a hung node while its copy went through the partner,
+    200 and ACK; resumed, the hung node sent it to the callee again and
+    told the caller 100 Trying, on which SIPp aborted the call. A copy of
+    a re-INVITE whose 2xx came back is now absorbed; one whose answer
+    never came still goes on (the test above and the INFO one)."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        hold = in_dialog("INVITE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKhold2")
+        owner.on_message(hold, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        relayed = [m for m in of_method(sent[owner], "INVITE") if m.call_id == b_invite.call_id][-1]
+        owner.on_message(make_response(relayed, 200, "OK", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]),
+                         ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        assert [m.cseq for m in of_status(sent[owner], 200)][-1] == (2, "INVITE")
+        before = len(sent[partner])
+        partner.on_message(in_dialog("INVITE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKhold2"), ("127.0.0.1", 5999), "udp")
+        await settled(partner)
+        return sent[partner][before:]
+
+    assert with_nodes(tmp_path, 2, scenario) == []
+
+
 def test_an_ack_goes_on_once_for_each_2xx_the_callee_sent(tmp_path):
     """Seen in a kill-and-restart run: the ramp brought the caller's ACK to
     the node the call belongs home to (it took the call over), while the
