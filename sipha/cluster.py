@@ -362,6 +362,18 @@ class Cluster:
             self._signal(nid, signal.SIGKILL)
             self._wait_gone([nid], 2)
 
+    def pause(self, nid: str) -> None:
+        """SIGSTOP the node's process: a hang (a stalled VM, a swap
+        storm), which nothing reports; resume() wakes it."""
+        self._known(nid)
+        if not self._signal(nid, signal.SIGSTOP):
+            raise ClusterError(f"{nid} is not running")
+
+    def resume(self, nid: str) -> None:
+        self._known(nid)
+        if not self._signal(nid, signal.SIGCONT):
+            raise ClusterError(f"{nid} is not running")
+
     def kill_redis(self, nid: str) -> None:
         """SIGKILL only the node's Redis (the node keeps running)."""
         if not self._signal(f"redis-{nid}", signal.SIGKILL):

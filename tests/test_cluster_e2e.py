@@ -87,6 +87,33 @@ def test_nodes_crashing_and_restarting_at_random_under_reinvite_load_cost_no_cal
     assert "event=dialog_promoted" in logs or "event=dialog_migrated" in logs
 
 
+def test_a_node_hung_for_seconds_under_load_costs_no_call(make_cluster):
+    """A node that hangs (SIGSTOP: a stalled VM, a long GC, a swap storm)
+    is out of the ring within a second, and its calls go on at their
+    partners; when it wakes, the requests that waited in its queue for
+    all that time are copies of what the partners have finished. They
+    must cost nothing: a chaos run lost 5 calls of 2400 to them (a 100
+    Trying after the 200, which SIPp takes for a broken call in the hold
+    that follows the ACK; tests/test_node_takeover.py pins it down, and
+    its re-INVITE twin)."""
+    c = make_cluster(nodes=3, ramp=1.5)
+
+    async def scenario():
+        s = uac(c, "uac", calls=1000, rate=40, hold_ms=6000)
+        await s.start()
+        for victim in ("node1", "node2"):
+            await asyncio.sleep(6)
+            c.pause(victim)
+            await asyncio.sleep(4)
+            c.resume(victim)
+        return await s.wait(120)
+
+    result = run(scenario())
+    assert result.ok == 1000 and result.failed == 0, result.log_tail
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert proxy_log.count("event=node_down") >= 2          # both hangs were seen as such
+
+
 def test_two_hosts_lost_one_after_the_other_cost_no_call(make_cluster):
     """Three nodes; the host holding the most replicas dies (node and
     Redis), then, a second later, the one holding the most calls. Each
