@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import random
 import time
@@ -104,6 +105,7 @@ SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer"))
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
+DIALOG_TTL_REASON = 'SIP;cause=408;text="no request in the dialog for node.dialog_ttl"'
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 
 
@@ -248,8 +250,8 @@ def log_cdr(bekey: str, record: dict, status: int, ended_by: str) -> None:
     Kamailio's acc module writes: who called whom, when, how long it rang
     and talked, how it ended. The node that ends the call writes it, the
     partner after a failover (the times are in the record), so a call
-    has one line, whichever nodes served it. A call whose record expired
-    (node.dialog_ttl: no BYE ever came) has none."""
+    has one line, whichever nodes served it; a call ended because no
+    request came for node.dialog_ttl (Node.expire_idle) has ended_by=timeout."""
     now = time.time()
     created = record.get("ct", now)
     answered = record.get("at")
@@ -343,6 +345,7 @@ class Node:
             self._tasks.append(loop.create_task(self._watch_overload()))
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
+        self._tasks.append(loop.create_task(self._expire_dialogs()))
         if self.warm:
             # restarted with its Redis: its calls still ringing lost their
             # Timer C with the process that ran it
@@ -1174,6 +1177,67 @@ class Node:
         self.send_cancel(record, fork)
         self.stats.inc("ring_timeouts")
         event(log, "fork_timeout", bekey=bekey, call_id=record["a"]["cid"], target=fork["ruri"])
+
+    # ---- node.dialog_ttl ------------------------------------------------
+    async def _expire_dialogs(self) -> None:
+        while True:
+            await asyncio.sleep(self.store.grace / 3)
+            if not self.healthy:
+                continue
+            try:
+                await self.expire_idle()
+            except Exception as exc:    # a bug must not end the sweeps
+                log.exception("expiry sweep")
+                event(log, "internal_error", logging.ERROR, op="expire", error=repr(exc))
+
+    async def expire_idle(self) -> int:
+        """End the calls in our Redis that no request has saved for
+        node.dialog_ttl, as Kamailio's dialog module does at its
+        default_timeout: a BYE to each side, the call record (ended_by=
+        timeout), the record gone. Before, the record just expired: the
+        phone still in the call had its BYE answered 481 and not relayed,
+        and the call had no call record. Our own calls first; a replica
+        of a partner's from grace/2 later (it ends them itself, replica
+        and all, unless it is dead). -> how many were ended."""
+        due = []
+        for space, within in (("active", self.store.grace), ("replica", self.store.grace / 2)):
+            try:
+                found = await self.store.idle(space, within)
+            except (RedisError, OSError) as exc:
+                event(log, "redis_error", logging.WARNING, op="expire", keyspace=space, error=str(exc))
+                continue
+            for bekey, raw in found:
+                if raw.startswith(b'{"k":"call"') and bekey not in self.in_setup:
+                    record = json.loads(raw)
+                    if not record.get("ttl"):          # a subscription: it expires by itself
+                        due.append((bekey, space, raw, record))
+        ended = [False] * len(due)
+
+        async def end(i: int, bekey: str, space: str, raw: bytes, record: dict) -> None:
+            ended[i] = await self.end_idle(bekey, space, raw, record)
+
+        for i in range(0, len(due), 100):
+            await asyncio.gather(*(self._locked(d[0], end(i + j, *d), None) for j, d in enumerate(due[i:i + 100])))
+        return sum(ended)
+
+    async def end_idle(self, bekey: str, space: str, raw: bytes, record: dict) -> bool:
+        if not await self.store.take_if_unchanged(space, bekey, raw):
+            return False                # a request saved it meanwhile: the call goes on
+        if space == "active":
+            await self.store.delete(bekey, record)                    # its replica
+        else:
+            await self.store.retire_old_owner(bekey, record.get("o"))
+        answered = record["st"] != "early"
+        if answered:
+            for leg in ("a", "b"):
+                record[leg]["lc"] += 1
+                bye = self.build(record, leg, "BYE", record[leg]["lc"], extra=[("Reason", DIALOG_TTL_REASON)])
+                self.tx.request(bye, lambda r: None)
+        self.stats.inc("dialogs", "expired")
+        event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="node.dialog_ttl",
+              idle_s=round(time.time() - record.get("ut", time.time())), keyspace=space)
+        log_cdr(bekey, record, 200 if answered else 408, "timeout")
+        return True
 
     def fork_via(self, sent: dict) -> tuple[str, int]:
         """The Via sent-by of a fork's INVITE, or of the relayed request in

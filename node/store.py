@@ -18,6 +18,13 @@ refreshes, so an abandoned record disappears by itself.
      replica -> migration: GETDEL there (atomic, so two nodes can never both
      take it), then stored as own active.
   The caller mirrors a promoted or migrated record to its partner.
+- Expiry: a call's record outlives its `node.dialog_ttl` by `grace`
+  seconds in Redis, so the node can end the call when no request has
+  refreshed it for dialog_ttl (Node.expire_idle): it finds those by
+  their TTL (idle) and takes one only if unchanged since it read it
+  (take_if_unchanged), so a call saved meanwhile goes on, and a record
+  is taken once. Registrations and
+  subscriptions carry their own `ttl` and simply expire.
 - Redis is spoken to through node.resp (one pipelined connection per
   server). Redis unreachable (own): StoreUnavailable, which the node turns into a
   500 with a reason; other nodes' Redis being down is only logged.
@@ -63,6 +70,10 @@ class DialogStore:
         self.node_id = node_id
         self.prefix = prefix
         self.ttl = ttl
+        # seconds a call's record stays in Redis past its dialog_ttl: time
+        # for the owner's expiry sweeps (every grace/3), then its partner's
+        # (on the replica, from grace/2 on), to end the call
+        self.grace = max(3, min(60, ttl // 10))
         self.urls = urls
         self.clients = {nid: _client(nid, url) for nid, url in urls.items() if url}
         if node_id not in self.clients:
@@ -152,7 +163,7 @@ class DialogStore:
                     if raw is not None:
                         self.stats["promotions"] += 1
                         record = json.loads(raw)
-                        await self._retire_old_owner(bekey, record.get("o"))
+                        await self.retire_old_owner(bekey, record.get("o"))
                         return record, "promoted"
                 else:
                     # someone wrote active between our GET and RENAMENX
@@ -186,11 +197,11 @@ class DialogStore:
                     continue
                 record = json.loads(raw)
                 try:
-                    await self.own.set(active, raw, ex=self.ttl)
+                    await self.own.set(active, raw, ex=self.expiry(record))
                 except (RedisError, OSError) as exc:
                     # put it back where it was, so it is not lost
                     try:
-                        await client.set(self.key(space, bekey), raw, ex=self.ttl)
+                        await client.set(self.key(space, bekey), raw, ex=self.expiry(record))
                     except (RedisError, OSError):
                         pass
                     raise StoreUnavailable(str(exc)) from exc
@@ -198,7 +209,7 @@ class DialogStore:
                 return record, f"migrated:{nid}:{space}"
         return None, "missing"
 
-    async def _retire_old_owner(self, bekey: str, old_owner: str | None) -> None:
+    async def retire_old_owner(self, bekey: str, old_owner: str | None) -> None:
         """After a promotion: if the old owner's Redis is still there (its
         process crashed, its Redis did not), remove its active copy, so that
         when it comes back it cannot serve a stale version of the call."""
@@ -249,7 +260,7 @@ class DialogStore:
         record["v"] = record.get("v", 0) + 1
         record["ut"] = round(time.time(), 3)
         record["o"] = self.node_id
-        ttl = int(record.get("ttl") or self.ttl)
+        ttl = self.expiry(record)
         own_key = self.key("active", bekey)
         while True:
             t0 = time.perf_counter()
@@ -290,6 +301,45 @@ class DialogStore:
                 except (RedisError, OSError):
                     if old_partner != self.node_id:
                         self.peer_failed(old_partner)
+
+    def expiry(self, record: dict) -> int:
+        """Seconds a record lives in Redis from its last save."""
+        return int(record.get("ttl") or self.ttl + self.grace)
+
+    async def idle(self, space: str, within: float) -> list[tuple[str, bytes]]:
+        """(BEKey, raw record) of the keys of a keyspace of our own Redis
+        that expire within `within` seconds: for a call's record, those
+        not saved for dialog_ttl + grace - `within` (a save sets the TTL
+        afresh; a promotion keeps it). Asks each key's TTL, then reads
+        only those."""
+        due: list[bytes] = []
+        keys: list[bytes] = []
+
+        async def look() -> None:
+            ttls = await asyncio.gather(*(self.own.execute("PTTL", k) for k in keys))
+            due.extend(k for k, left in zip(keys, ttls) if 0 <= left <= within * 1000)
+            keys.clear()
+
+        async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
+            keys.append(key)
+            if len(keys) >= 500:
+                await look()
+        if keys:
+            await look()
+        out: list[tuple[str, bytes]] = []
+        for i in range(0, len(due), 500):
+            out.extend(_named(due[i:i + 500], await self.own.mget(due[i:i + 500])))
+        return out
+
+    async def take_if_unchanged(self, space: str, bekey: str, raw: bytes) -> bool:
+        """Delete our own copy of a record if it still is `raw` (no save
+        since it was read), atomically: True when this call took it."""
+        try:
+            return bool(await self.own.execute("EVAL", _TAKE_IF_UNCHANGED, 1, self.key(space, bekey), raw))
+        except (RedisError, OSError) as exc:
+            self.stats["redis_errors"] += 1
+            event(log, "redis_error", logging.WARNING, op="expire", bekey=bekey, error=str(exc))
+            return False
 
     async def delete(self, bekey: str, record: dict | None) -> None:
         tasks = [self.own.delete(self.key("active", bekey))]
@@ -342,6 +392,10 @@ class DialogStore:
         if keys:
             for item in _named(keys, await self.own.mget(keys)):
                 yield item
+
+
+_TAKE_IF_UNCHANGED = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+                      "else return 0 end")
 
 
 def _named(keys: list[bytes], values: list):

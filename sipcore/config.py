@@ -130,7 +130,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
     "node.max_contacts": (int, 10, "most contacts one address of record may have bound (a phone's own, each desk phone's, each softphone's): a REGISTER that would bind more gets 403 and binds nothing (refreshing or removing is always accepted); 0: no limit"),
     "node.invite_timeout": (float, 180.0, "seconds a callee may ring, from its last provisional answer, before the node CANCELs it and the caller gets 408 (RFC 3261 Timer C; Kamailio's fr_inv_timer)"),
-    "node.dialog_ttl": (int, 43200, "seconds a dialog lives in Redis without in-dialog traffic (past that its BYE gets 481 and is not relayed: 12 h, Kamailio's and OpenSIPS's dialog default_timeout)"),
+    "node.dialog_ttl": (int, 43200, "seconds a call may go without a request in its dialog (a re-INVITE or UPDATE session refresh counts; the ACK does not): past that the node sends each side a BYE and writes its call record with ended_by=timeout (12 h: Kamailio's and OpenSIPS's dialog default_timeout)"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
     "log.level": (str, "info", "debug, info, warning or error"),
     "log.format": (str, "logfmt", "logfmt or json"),
@@ -384,6 +384,8 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError("health.interval: must be positive")
     if values["node.invite_timeout"] < 1:
         raise ConfigError(f"node.invite_timeout: expected at least 1 s, got {values['node.invite_timeout']}")
+    if values["node.dialog_ttl"] < 2:
+        raise ConfigError(f"node.dialog_ttl: expected at least 2 s, got {values['node.dialog_ttl']}")
     if values["health.down_after"] < 1 or values["health.up_after"] < 1:
         raise ConfigError("health.down_after / health.up_after: must be at least 1")
     return cfg

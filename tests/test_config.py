@@ -39,6 +39,7 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\ninternal = \"[::1]:5060\"\n", "proxy.internal"),
     ("[proxy]\ndns_servers = \"ns1.example\"\n", "proxy.dns_servers"),
     ("[proxy]\nws_origins = \"phone.example.com\"\n", "proxy.ws_origins"),
+    ("[node]\ndialog_ttl = 0\n", "node.dialog_ttl"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):

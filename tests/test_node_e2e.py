@@ -280,6 +280,20 @@ def test_busy_callee_486_reaches_the_caller_and_the_dialog_is_gone(make_cluster)
     assert [(r["status"], r["ended_by"]) for r in cdrs(c)] == [("486", "callee")] * 5
 
 
+def test_a_call_with_no_request_for_the_dialog_ttl_is_hung_up_on_both_sides(make_cluster, monkeypatch):
+    """node.dialog_ttl (3 s here, 12 h by default): two phones that say
+    nothing after the ACK (no BYE, no session refresh) each get a BYE from
+    the node, and the call gets one call record, ended_by=timeout."""
+    monkeypatch.setenv("SIPHA_NODE_DIALOG_TTL", "3")
+    c = make_cluster(nodes=2)
+    result = run(uac(c, "uac_wait_bye", calls=5, rate=10).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert callee_counts(c, "uas", 5) == ("5", "0")
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+    assert [(r["status"], r["ended_by"]) for r in cdrs(c)] == [("200", "timeout")] * 5
+    assert all(3 <= float(r["duration_s"]) < 6 for r in cdrs(c))
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypatch, transport):
     """A phone that rings and is never picked up: after node.invite_timeout

@@ -6,11 +6,12 @@ is shortened here so the tests take seconds, not half a minute."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 import node.sip
-from nodekit import CALL_ID, SDP, UDP, caller_invite, of_method, of_status, probe, settled, with_nodes
+from nodekit import CALL_ID, SDP, UDP, answered_call, caller_invite, of_method, of_status, probe, settled, with_nodes
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
@@ -270,3 +271,74 @@ def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path
 
     b_invite, cancels = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1})
     assert [c.top_via.branch for c in cancels] == [b_invite.top_via.branch]
+
+
+# ---- node.dialog_ttl ---------------------------------------------------------
+
+async def aged(n, space: str, bekey: str, left: float) -> None:
+    """Make a call's record in node `n`'s Redis look saved long ago: `left`
+    seconds before Redis would expire it (a save sets dialog_ttl + grace)."""
+    await n.store.own.execute("PEXPIRE", n.store.key(space, bekey), int(left * 1000))
+
+
+def test_a_call_idle_for_the_dialog_ttl_is_ended_on_both_sides_with_a_call_record(tmp_path, caplog):
+    """Kamailio's dialog default_timeout: no request in the dialog for
+    node.dialog_ttl (a phone that crashed mid-call, a BYE lost for good)
+    and the node ends the call: a BYE to each side, a call record with
+    ended_by=timeout, the record and its replica gone. Before, the record
+    just expired: the other phone stayed in the call, its BYE got 481,
+    and the call had no call record. Exactly once: the partner, which
+    holds the replica, finds nothing left to end."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        assert await owner.expire_idle() == 0                      # fresh: left alone
+        for n, space in ((owner, "active"), (partner, "replica")):
+            await aged(n, space, bekey, n.store.grace - 1)
+        ended = await owner.expire_idle()
+        await settled(owner)
+        left = [await owner.store.own.get(owner.store.key("active", bekey)),
+                await partner.store.own.get(partner.store.key("replica", bekey))]
+        return ended, await partner.expire_idle(), of_method(sent[owner], "BYE"), left, b_invite
+
+    with caplog.at_level("INFO", logger="node"):
+        ended, by_partner, byes, left, b_invite = with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 3600})
+    assert (ended, by_partner, left) == (1, 0, [None, None])
+    assert sorted(b.call_id for b in byes) == sorted([CALL_ID, b_invite.call_id])
+    assert all("dialog_ttl" in b.get("Reason") for b in byes)
+    cdrs = [r.fields for r in caplog.records if getattr(r, "event", "") == "cdr"]
+    assert [(c["status"], c["ended_by"]) for c in cdrs] == [(200, "timeout")]
+
+
+def test_a_call_saved_while_the_sweep_looked_goes_on(tmp_path):
+    """The sweep takes a record only as it read it: a request that saved
+    the call in between (a session refresh) keeps it going."""
+    async def scenario(nodes, sent):
+        owner, _ = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        await aged(owner, "active", bekey, owner.store.grace - 1)
+        key = owner.store.key("active", bekey)
+        raw = await owner.store.own.get(key)
+        record = json.loads(raw)
+        await owner.save_held(bekey, json.loads(raw))              # the refresh, after the sweep read it
+        ended = await owner.end_idle(bekey, "active", raw, record)
+        return ended, await owner.store.own.get(key), of_method(sent[owner], "BYE")
+
+    ended, still, byes = with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 3600})
+    assert (ended, byes) == (False, []) and still is not None
+
+
+def test_the_partner_ends_an_idle_call_of_a_dead_owner(tmp_path):
+    """The owner died with the call: its replica is ended by the partner,
+    once past the owner's turn."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        await owner.store.own.delete(owner.store.key("active", bekey))    # the owner's host is gone
+        await aged(partner, "replica", bekey, partner.store.grace * 0.75)
+        early = await partner.expire_idle()                               # still the owner's turn
+        await aged(partner, "replica", bekey, partner.store.grace * 0.4)
+        return early, await partner.expire_idle(), of_method(sent[partner], "BYE")
+
+    early, ended, byes = with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 3600})
+    assert (early, ended, len(byes)) == (0, 1, 2)
