@@ -1,6 +1,8 @@
 """sipha benchmark: SIPp at stepped call rates over UDP, two paths, and
 the registrar.
 
+    floor     SIPp UAC -> bench/null_relay.py (forwards datagrams, no SIP) -> SIPp UAS:
+              the cost of Python's datagram I/O alone, under the proxy path
     proxy     SIPp UAC -> proxy -> two SIPp UAS as backends
     ha        SIPp UAC -> proxy -> nodes (B2BUA, Redis mirror) -> proxy -> SIPp UAS trunk,
               with 4 nodes and with 2 (--ha-nodes)
@@ -183,6 +185,26 @@ async def proxy_path(rates, seconds, workdir, workers: int = 1, uacs: int = 1,
             await b.stop(0.5)
 
 
+async def floor_path(rates, seconds, workdir) -> list[dict]:
+    """SIPp UAC -> bench/null_relay.py (forwards datagrams, no SIP) -> SIPp
+    UAS: what Python's datagram I/O costs on this box, under the proxy."""
+    uas = Sipp("uas", local=("127.0.0.1", free_port()), auto_answer=True, workdir=workdir, extra=BUFFERS)
+    proc = None
+    try:
+        await uas.start()
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "bench" / "null_relay.py"), str(port),
+                                                    str(uas.local[1]))
+        await asyncio.sleep(1.0)
+        watch = {"relay": [proc.pid], "sipp_uas": [uas.proc.pid]}
+        return await run_steps("floor", ("127.0.0.1", port), rates, seconds, workdir, watch)
+    finally:
+        if proc and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await uas.stop(0.5)
+
+
 def child_pids(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as fh:
@@ -337,6 +359,8 @@ async def main_async(args) -> dict:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "step_seconds": args.seconds, "proxy_path_log_level": args.proxy_log_level, "paths": {}}
     if args.only in (None, "proxy"):
+        print(f"floor (1 SIPp UAC -> a relay that only forwards datagrams -> 1 SIPp UAS), {args.seconds:g} s per step")
+        results["paths"]["floor"] = await floor_path(args.proxy_rates, args.seconds, workdir)
         for n in args.workers:
             for uacs in sorted({1, args.uacs if n > 1 else 1}):
                 name = ("proxy" if n == 1 else f"proxy_{n}_workers") + (f"_{uacs}_uacs" if uacs > 1 else "")

@@ -30,6 +30,8 @@ def test_quick_benchmark_writes_results_and_plot(tmp_path):
         assert res["headline_cps_zero_failed"][path] == step["offered_cps"]
         assert step["cpu_ms_per_call"]["proxy"] > 0 and step["cpu_ms_per_call"]["sipp_uac"] > 0
     assert res["paths"]["ha"][0]["cpu_ms_per_call"]["nodes"] > 0
+    floor = res["paths"]["floor"][0]       # the relay that does no SIP, under the proxy path
+    assert floor["ok"] == floor["calls"] and floor["cpu_ms_per_call"]["relay"] > 0
     assert 200 < res["redis_per_dialog"]["memory_usage_bytes_mean"] <= 2048
     assert res["held_calls"]["failed"] == 0
     for how in ("crash_sigkill", "hang_sigstop"):
