@@ -72,8 +72,10 @@ class DialogStore:
         self.ttl = ttl
         # seconds a call's record stays in Redis past its dialog_ttl: time
         # for the owner's expiry sweeps (every grace/3), then its partner's
-        # (on the replica, from grace/2 on), to end the call
-        self.grace = max(3, min(60, ttl // 10))
+        # (on the replica, from grace/2 on), to end the call. A sweep asks
+        # every key's TTL: at 12 h, every 100 s (100,000 records: 1000
+        # commands a second)
+        self.grace = max(3, min(300, ttl // 10))
         self.urls = urls
         self.clients = {nid: _client(nid, url) for nid, url in urls.items() if url}
         if node_id not in self.clients:
