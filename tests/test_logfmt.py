@@ -5,7 +5,8 @@ import json
 import logging
 import sys
 
-from sipcore.logfmt import EventFormatter, RateLimitedLog, event, logfmt_value, parse_logfmt
+from sipcore import logfmt
+from sipcore.logfmt import EventFormatter, RateLimitedLog, event, logfmt_value, parse_logfmt, setup_logging
 
 
 def record(fields, fmt="logfmt"):
@@ -88,3 +89,36 @@ def test_an_exception_logged_says_what_and_where_on_its_line():
     assert back["trace"].endswith("test_logfmt.py:{} deepest".format(deepest.__code__.co_firstlineno + 1))
     obj = json.loads(EventFormatter("proxy", "json").format(rec))
     assert obj["error"] == "KeyError: 'peer'" and obj["trace"] == back["trace"]
+
+
+def test_an_event_written_straight_to_the_file_reads_as_the_record_would(tmp_path):
+    """event() writes its line straight to the handler setup_logging
+    installed when nothing else would see it; with another handler (a
+    filter, pytest's caplog) on the way, the record goes through logging
+    as before. Both lines are the same, but for the time."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logfmt._DIRECT[0])
+    path = tmp_path / "x.log"
+    fields = {"call_id": 'a b"c', "node": None, "n": 3}
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, rec):
+            seen.append(rec)
+    try:
+        setup_logging("proxy", level="info", path=str(path))
+        log = logging.getLogger("proxy.t")
+        event(log, "route", **fields)
+        event(log, "quiet", logging.DEBUG, x=1)                       # below the level: nothing
+        root.addHandler(Keep())
+        event(log, "route", logging.WARNING, **fields)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logfmt._DIRECT[0] = saved[2]
+    direct, through_logging = [parse_logfmt(line) for line in path.read_text().splitlines()]
+    assert len(seen) == 1 and seen[0].fields == fields             # the other handler had the record
+    expected = parse_logfmt(record(fields))
+    for got, level in ((direct, "info"), (through_logging, "warning")):
+        assert {k: v for k, v in got.items() if k != "ts"} == {**{k: v for k, v in expected.items() if k != "ts"},
+                                                                "level": level}
