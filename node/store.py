@@ -23,8 +23,8 @@ refreshes, so an abandoned record disappears by itself.
   refreshed it for dialog_ttl (Node.expire_idle): it finds those by
   their TTL (idle) and takes one only if unchanged since it read it
   (take_if_unchanged), so a call saved meanwhile goes on, and a record
-  is taken once. Registrations and
-  subscriptions carry their own `ttl` and simply expire.
+  is taken once. Registrations and subscriptions carry their own `ttl`
+  and simply expire.
 - Redis is spoken to through node.resp (one pipelined connection per
   server). Redis unreachable (own): StoreUnavailable, which the node turns into a
   500 with a reason; other nodes' Redis being down is only logged.
