@@ -382,14 +382,17 @@ class Cluster:
 
     def down(self) -> list[str]:
         names = [n for n in self.procs() if self.running(n)]
-        # front first, so no new traffic reaches what is stopping
-        order = sorted(names, key=lambda n: (n != "proxy", n != "trunk", n.startswith("redis")))
-        for n in order:
-            self._signal(n, signal.SIGTERM)
-        left = self._wait_gone(order, 5)
-        for n in left:
-            self._signal(n, signal.SIGKILL)
-        self._wait_gone(left, 2)
+        # front first, so no new traffic reaches what is stopping; the
+        # Redis servers once the nodes are gone (a node whose Redis went
+        # first logs redis_down, an error, at every `sipha down`)
+        order = sorted(names, key=lambda n: (n != "proxy", n != "trunk"))
+        for stage in ([n for n in order if not n.startswith("redis-")], [n for n in order if n.startswith("redis-")]):
+            for n in stage:
+                self._signal(n, signal.SIGTERM)
+            left = self._wait_gone(stage, 5)
+            for n in left:
+                self._signal(n, signal.SIGKILL)
+            self._wait_gone(left, 2)
         return names
 
     # ---- looking ---------------------------------------------------------------

@@ -65,6 +65,20 @@ def test_up_status_load_kill_start_down(tmp_path):
     assert not st["proxy"]["running"] and all(n["process"] == "stopped" for n in st["nodes"])
 
 
+def test_down_stops_the_nodes_before_their_redis_and_logs_no_error(tmp_path):
+    """`sipha down` used to stop every Redis with the nodes, and each
+    node logged redis_down, an error, at every shutdown: noise in the
+    lines an operator greps for errors."""
+    d = tmp_path / "c"
+    r = sipha("up", "--dir", str(d), "--nodes", "2", "--port", str(free_port()), "--trunk", "sipp", "--ramp", "1")
+    assert r.returncode == 0, r.stderr
+    r = sipha("down", "--dir", str(d))
+    assert r.returncode == 0
+    logs = {p.name: p.read_text() for p in (d / "logs").glob("*.log")}
+    assert "node1.log" in logs and "proxy.log" in logs
+    assert [line for text in logs.values() for line in text.splitlines() if "level=error" in line] == []
+
+
 def test_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
