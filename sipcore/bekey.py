@@ -54,8 +54,10 @@ def _h64(*parts: str) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-# what the byte paths ask for every message of a call, remembered
-_MEMO_SIZE = 16384
+# what the byte paths ask for every message of a call, remembered: the
+# messages of a call's set-up come within a second or two, so a few
+# thousand entries do (4096: ~1 MB each, per process)
+_MEMO_SIZE = 4096
 _BEKEYS: dict[str, str] = {}
 _STAMPS: dict[str, tuple[bytes, str | None]] = {}     # text -> (secret, BEKey)
 
@@ -106,7 +108,7 @@ def rank(bekey: str, nodes: Iterable[str]) -> list[str]:
     order = _RANKS.get(key)
     if order is None:
         order = tuple(sorted(key[1], key=lambda n: (-_h64("rank", n, bekey), n)))
-        remember(_RANKS, key, order, _MEMO_SIZE)
+        remember(_RANKS, key, order, 16384)
     return list(order)
 
 
