@@ -43,3 +43,9 @@ def test_parser_benchmark_runs():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "parse_bench.py"), "--seconds", "0.2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "msg/s" in r.stdout
+
+
+def test_the_chaos_run_names_a_bad_option():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--scenario", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--scenario: no sipp_scenarios/nope.xml" in r.stderr
