@@ -1209,8 +1209,11 @@ class Node:
             for bekey, raw in found:
                 if raw.startswith(b'{"k":"call"') and bekey not in self.in_setup:
                     record = json.loads(raw)
-                    if not record.get("ttl"):          # a subscription: it expires by itself
-                        due.append((bekey, space, raw, record))
+                    if record.get("ttl"):              # a subscription: it expires by itself
+                        continue
+                    if space == "replica" and record["st"] == "early":
+                        continue                        # may ring on at its owner (a dialog_ttl under Timer C)
+                    due.append((bekey, space, raw, record))
         ended = [False] * len(due)
 
         async def end(i: int, bekey: str, space: str, raw: bytes, record: dict) -> None:

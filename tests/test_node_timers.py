@@ -342,3 +342,18 @@ def test_the_partner_ends_an_idle_call_of_a_dead_owner(tmp_path):
 
     early, ended, byes = with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 3600})
     assert (early, ended, len(byes)) == (0, 1, 2)
+
+
+def test_a_call_still_ringing_at_its_owner_is_not_ended_from_its_replica(tmp_path):
+    """With a dialog_ttl shorter than Timer C, a call may ring longer than
+    the dialog_ttl: its owner knows (it is setting the call up), its
+    partner does not, and must not end it from the replica."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        for n, space in ((owner, "active"), (partner, "replica")):
+            await aged(n, space, bekey, 0.4 * n.store.grace)
+        return await owner.expire_idle(), await partner.expire_idle()
+
+    assert with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 60}) == (0, 0)
