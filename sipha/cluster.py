@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 
 from sipcore.headers import hostport
+from sipcore.logfmt import parse_logfmt
 
 from .sipp import Sipp, claim_port, free_port
 
@@ -396,6 +397,12 @@ class Cluster:
         return names
 
     # ---- looking ---------------------------------------------------------------
+    def call_records(self) -> list[dict[str, str]]:
+        """The call records (event=cdr) every node wrote, parsed."""
+        return [parse_logfmt(line) for nid in self.state["nodes"]
+                for line in (self.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
+                if "event=cdr " in line]
+
     def status(self) -> dict:
         live: dict = {"proxy": None, "nodes": {}}
         try:

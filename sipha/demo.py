@@ -54,9 +54,7 @@ async def drive(cluster: Cluster, calls: int, rate: float, hold: float, transpor
 
 def call_records(cluster: Cluster) -> str:
     """How many calls the nodes wrote a call record (event=cdr) for."""
-    ids = [parse_logfmt(line).get("call_id") for nid in cluster.state["nodes"]
-           for line in (cluster.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
-           if "event=cdr " in line]
+    ids = [r.get("call_id") for r in cluster.call_records()]
     return (f"call records (event=cdr in the node logs): {len(ids)}, for {len(set(ids))} calls "
             f"(one per call, whichever node ended it)")
 

@@ -9,7 +9,6 @@ import time
 import redis
 
 from sipcore.bekey import rank
-from sipcore.logfmt import parse_logfmt
 from sipha.sipp import Sipp
 
 
@@ -80,12 +79,6 @@ def calls_reach(cluster, phone, calls: int = 2) -> None:
     while phone.got.count("BYE") < calls and time.monotonic() < deadline:
         time.sleep(0.05)
     assert phone.got.count("INVITE") == calls and phone.got.count("BYE") == calls
-
-
-def cdrs(cluster) -> list[dict[str, str]]:
-    """The call records (event=cdr) all the nodes wrote."""
-    return [parse_logfmt(line) for nid in cluster.state["nodes"]
-            for line in (cluster.dir / "logs" / f"{nid}.log").read_text().splitlines() if "event=cdr " in line]
 
 
 def logged(path, needle: str, seconds: float = 3.0) -> str:
