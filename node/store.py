@@ -315,19 +315,9 @@ class DialogStore:
         afresh; a promotion keeps it). Asks each key's TTL, then reads
         only those."""
         due: list[bytes] = []
-        keys: list[bytes] = []
-
-        async def look() -> None:
+        async for keys in self._key_batches(space):
             ttls = await asyncio.gather(*(self.own.execute("PTTL", k) for k in keys))
             due.extend(k for k, left in zip(keys, ttls) if 0 <= left <= within * 1000)
-            keys.clear()
-
-        async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
-            keys.append(key)
-            if len(keys) >= 500:
-                await look()
-        if keys:
-            await look()
         out: list[tuple[str, bytes]] = []
         for i in range(0, len(due), 500):
             out.extend(_named(due[i:i + 500], await self.own.mget(due[i:i + 500])))
@@ -384,16 +374,20 @@ class DialogStore:
     async def scan(self, space: str):
         """Every (BEKey, raw record) of a keyspace of our own Redis, read
         in batches (not for the call path)."""
+        async for keys in self._key_batches(space):
+            for item in _named(keys, await self.own.mget(keys)):
+                yield item
+
+    async def _key_batches(self, space: str):
+        """The keys of a keyspace of our own Redis, 500 at a time."""
         keys: list[bytes] = []
         async for key in self.own.scan_iter(match=self.key(space, "*"), count=1000):
             keys.append(key)
             if len(keys) >= 500:
-                for item in _named(keys, await self.own.mget(keys)):
-                    yield item
+                yield keys
                 keys = []
         if keys:
-            for item in _named(keys, await self.own.mget(keys)):
-                yield item
+            yield keys
 
 
 _TAKE_IF_UNCHANGED = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
