@@ -294,7 +294,10 @@ async def failover_times(cluster: Cluster, workdir: str) -> dict:
         await sipp.start()
         await asyncio.sleep(1.0)
         t_kill = time.time()
-        os.kill(cluster.procs()[nid]["pid"], sig)
+        if sig == signal.SIGSTOP:
+            cluster.pause(nid)
+        else:
+            cluster.kill(nid, process_only=True)
         res = await sipp.wait(90)
         down = first = None
         for line in log.read_text(errors="replace").splitlines():
@@ -314,7 +317,7 @@ async def failover_times(cluster: Cluster, workdir: str) -> dict:
                     "first_failover_route_s": round(first, 3) if first is not None else None,
                     "calls_ok": res.ok, "calls_failed": res.failed}
         if sig == signal.SIGSTOP:
-            os.kill(cluster.procs()[nid]["pid"], signal.SIGCONT)
+            cluster.resume(nid)
         else:
             # back before the next node is hung: on a 2-node cluster the
             # hang would otherwise leave no node at all
