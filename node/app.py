@@ -61,7 +61,7 @@ from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
-from .registrar import register
+from .registrar import nat_flows, register
 from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
 from .resp import RedisError
 from .store import DialogStore, StoreUnavailable
@@ -353,8 +353,9 @@ class Node:
         setting = self.cfg["node.admin"]
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
-        self.admin, admin_addr = await start_admin(
-            setting, "node.admin", self.addr[1], {"/status": json_handler(self.status), "/metrics": self.metrics})
+        routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
+                  "/nat_flows": json_handler(lambda: nat_flows(self))}
+        self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr[1], routes)
         event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
               proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
               upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,
@@ -1087,7 +1088,7 @@ class Node:
         Redis Cluster replicates again), so that a call or a registration
         also outlives this node dying next, before `dead` is back."""
         mark = f'"p":"{dead}"'.encode()
-        found = [bekey for bekey, _ in await self._scan("active", lambda raw: mark in raw)]
+        found = [bekey for bekey, _ in await self.records("active", lambda raw: mark in raw)]
         await self._each(found, lambda bekey: self._mirror_again(bekey, dead))
         if found:
             self.stats.inc("mirrored_again", n=len(found))
@@ -1118,7 +1119,7 @@ class Node:
         space = "active" if dead is None else "replica"
         owner = f'"o":"{dead}"'.encode()
         ringing, others = [], []
-        for bekey, raw in await self._scan(space, lambda raw: dead is None or owner in raw):
+        for bekey, raw in await self.records(space, lambda raw: dead is None or owner in raw):
             (ringing if raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw else others).append(bekey)
         lost = await self.store.lost_at(dead, others) if dead is not None and others else set()
         found = ringing + [bekey for bekey in others if bekey in lost]
@@ -1138,7 +1139,7 @@ class Node:
             if fork["st"] is None and not fork.get("tc"):
                 self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
 
-    async def _scan(self, space: str, wanted) -> list[tuple[str, bytes]]:
+    async def records(self, space: str, wanted) -> list[tuple[str, bytes]]:
         """(BEKey, raw record) of a keyspace of our Redis, those `wanted`."""
         try:
             return [(bekey, raw) async for bekey, raw in self.store.scan(space) if wanted(raw)]

@@ -19,6 +19,7 @@ registrar does.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -75,6 +76,10 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
                 node.reply(req, 423, "Interval Too Brief", headers=[("Min-Expires", str(min_expires))])
                 return
 
+    phone = req.vias[1] if len(req.vias) > 1 else None      # below the proxy's
+    # over UDP from behind NAT: the proxy keeps the flow open (proxy/natping.py);
+    # marked on the binding so a restarted proxy can learn it again (nat_flows)
+    natted = bool(req.paths and phone is not None and phone.transport == "UDP" and phone.behind_nat)
     record, how = await node.store.load(bekey, node.others(bekey))
     if record is not None and record.get("k") != "reg":
         record = None
@@ -103,6 +108,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
             continue
         binding = {"c": c.uri, "x": round(now + exp, 3), "t": round(now, 3),
                    "path": [p.raw for p in req.paths], "cid": cid, "cseq": cseq}
+        if natted:
+            binding["nat"] = 1
         if instance is not None:
             binding["i"] = instance
             if reg_id is not None:
@@ -137,11 +144,33 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     if req.paths and bindings:
         headers += [("Path", p.raw) for p in req.paths]
     headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
-    phone = req.vias[1] if len(req.vias) > 1 else None      # below the proxy's
-    if req.paths and phone is not None and phone.transport == "UDP" and phone.behind_nat:
+    if natted:
         # for the proxy (which strips it): how long a binding over this
         # request's flow lives yet, so it keeps that flow's NAT binding open
         flow = req.paths[0].raw
         left = max((b["x"] - now for b in bindings if b["path"][:1] == [flow]), default=0)
         headers.append((ROUTE_HEADER, f"flow_expires={int(left)}"))
     node.reply(req, 200, "OK", to_tag=node.new_tag(bekey), headers=headers)
+
+
+async def nat_flows(node: "Node") -> dict:
+    """The flows (first Path entry: the proxy's, naming the phone's
+    address) of the bindings registered over UDP from behind NAT in this
+    node's Redis, its own and its partners' copies -> {path: seconds the
+    longest binding over it lives yet}. A proxy that restarted asks every
+    node for them and pings them again (proxy/natping.py): it would
+    otherwise learn each one only at the phone's next REGISTER, often an
+    hour away, while the routers close their bindings within minutes."""
+    flows: dict[str, int] = {}
+    now = time.time()
+    for space in ("active", "replica"):
+        for _, raw in await node.records(space, lambda raw: b'"nat":1' in raw):
+            try:
+                record = json.loads(raw)
+                for b in record["b"]:
+                    left = int(b["x"] - now)
+                    if b.get("nat") and b["path"] and left > 0:
+                        flows[b["path"][0]] = max(left, flows.get(b["path"][0], 0))
+            except (ValueError, KeyError, TypeError):
+                continue                    # not a registration
+    return {"node": node.id, "flows": flows}

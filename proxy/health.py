@@ -53,6 +53,7 @@ class NodeHealth:
     misses: int = 0
     pending: str | None = None       # branch of the probe awaiting an answer
     ever_probed: bool = False
+    answered: bool = False                # a probe of this proxy's got an answer
     changed_at: float = field(default_factory=time.monotonic)
     ramp_started: float | None = None
     addr: tuple[str, int] | None = None  # resolved SIP address
@@ -106,6 +107,7 @@ class HealthMonitor:
         self._tag = uuid.uuid4().hex[:10]
         self._tasks: list[asyncio.Task] = []
         self.on_change = None   # callback(node_id) when the ring changes
+        self.on_first_answer = None     # callback(node_id) at a node's first answer to our probes
 
     # ---- the view the router reads -------------------------------------
     def healthy(self) -> dict[str, float]:
@@ -225,6 +227,10 @@ class HealthMonitor:
         h.hits += 1
         first = not h.ever_probed
         h.ever_probed = True
+        if not h.answered:
+            h.answered = True
+            if self.on_first_answer:
+                self.on_first_answer(nid)
         if h.up:
             return
         if first or h.hits >= self.cfg["health.up_after"]:

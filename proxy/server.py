@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
-from sipcore.admin import AdminServer, json_handler, start_admin
+from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import SETTINGS, STREAM_KINDS, Config
 from sipcore.errors import SipParseError
@@ -228,9 +228,11 @@ class Proxy:
         self.our_via_heads = tuple({self.our_via(t, BRANCH_PREFIX, internal=i, v6=v6).encode("latin-1")
                                     for t in self.sendable
                                     for i in (False, True) for v6 in (False, self.advertise6 is not None)})
-        await self.health.start()
         if self.natping is not None:
             self.natping.start()
+            if self.primary:
+                self.health.on_first_answer = self._ask_nat_flows
+        await self.health.start()
         for nid, h in self.health.nodes.items():
             if h.addr:
                 self.node_by_addr[h.addr] = nid
@@ -817,6 +819,22 @@ class Proxy:
         out_transport = target.transport if target.transport in TRANSPORTS else "tcp"
         maddr = target.params.get("maddr")
         return ((maddr or target.host).strip("[]"), target.port or 5060), out_transport
+
+    def _ask_nat_flows(self, nid: str) -> None:
+        """A node answers our probes for the first time: learn the flows
+        of the phones behind NAT registered there (proxy/natping.py)."""
+        node = self.health.nodes[nid].node
+        admin = split_hostport(node.admin) if node.admin else (node.host, node.port + AUTO_OFFSET)
+        self.natping.ask(nid, (admin[0].strip("[]"), admin[1]), self._nat_flow_of_path)
+
+    def _nat_flow_of_path(self, path: str) -> tuple[str, int] | None:
+        ours, flow = self._our_route(path)
+        if not ours or not flow or not flow.startswith("udp:"):
+            return None
+        try:
+            return self._flow_hop(flow)[0]
+        except SipParseError:
+            return None
 
     def _keepalive(self, data: bytes, flow) -> None:
         self.stats.inc("events", "nat_ping")

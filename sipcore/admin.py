@@ -95,3 +95,35 @@ class AdminServer:
         writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
                      f"Connection: close\r\n\r\n".encode() + (b"" if head_only else data))
         await writer.drain()
+
+
+class AdminFetchError(Exception):
+    pass
+
+
+async def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> dict:
+    """GET `path` from another process's admin endpoint -> its JSON body
+    (AdminFetchError naming the address and what went wrong)."""
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}{path}"
+
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode("latin-1"))
+            return await reader.read()
+        finally:
+            writer.close()
+    try:
+        data = await asyncio.wait_for(get(), timeout)
+    except asyncio.TimeoutError:
+        raise AdminFetchError(f"{where}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise AdminFetchError(f"{where}: {exc.strerror or exc}") from None
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if status_line.split(" ")[1:2] != ["200"]:
+        raise AdminFetchError(f"{where}: {status_line or 'no answer'}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise AdminFetchError(f"{where}: not JSON") from None

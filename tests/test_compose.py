@@ -56,6 +56,16 @@ def test_each_node_points_at_its_own_redis(compose):
         assert compose["services"][f"node{i}"]["depends_on"] == [f"redis{i}"]
 
 
+def test_the_proxy_can_reach_each_nodes_admin(compose):
+    """A restarted proxy asks each node's admin endpoint for the NAT flows
+    to ping (proxy/natping.py): with no [[nodes]] admin, at the node's
+    host and SIP port + 1000, so a node binds it there, on the network."""
+    parser = build_parser()
+    for i in range(1, 5):
+        args = parser.parse_args(compose["services"][f"node{i}"]["command"])
+        assert args.admin == "0.0.0.0:6070"     # node{i}:5070 + 1000
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_accepts_the_file():
     subprocess.run(["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"], check=True, cwd=ROOT)

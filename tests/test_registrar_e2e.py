@@ -293,3 +293,39 @@ def test_a_phone_registered_from_behind_nat_is_kept_reachable_by_keepalives(make
     finally:
         natted.close()
         direct.close()
+
+
+def test_a_restarted_proxy_pings_again_the_phones_registered_behind_nat(make_cluster, monkeypatch):
+    """The flows to ping live in the proxy's memory; the registrations
+    live on in the nodes' Redis. A proxy restarted (an upgrade, a crash)
+    asks each node for the flows registered from behind NAT as the node
+    first answers it, and pings them again: else each phone would be
+    unreachable from when its router forgets the binding until its next
+    REGISTER, often an hour on."""
+    monkeypatch.setenv("SIPHA_PROXY_NAT_PING", "0.4")
+    c = make_cluster(nodes=2, trunk=None)
+    natted, direct, gone = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3))
+    try:
+        for s in (natted, direct, gone):
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+        assert nat_register(natted, c.proxy_addr, 300, 1, "192.168.1.20:5060") == 200
+        assert nat_register(gone, c.proxy_addr, 300, 1, "192.168.1.21:5060") == 200
+        assert nat_register(gone, c.proxy_addr, 0, 2, "192.168.1.21:5060") == 200     # unregistered
+        assert nat_register(direct, c.proxy_addr, 300, 1, f"127.0.0.1:{direct.getsockname()[1]}") == 200
+        flows = {}
+        for nid, node in c.state["nodes"].items():
+            flows.update(admin_get(node["admin"], "/nat_flows")["flows"])
+        assert len(flows) == 1 and f"flow=udp:127.0.0.1:{natted.getsockname()[1]}" in next(iter(flows))
+        assert 290 <= next(iter(flows.values())) <= 300
+
+        c.kill("proxy")
+        keepalives(natted, 0.3)                 # one may have been on its way
+        c.restart_proxy()
+        assert keepalives(natted, 1.5) >= 2
+        assert keepalives(direct, 0.1) == 0 and keepalives(gone, 0.1) == 0
+        assert admin_get(c.state["proxy"]["admin"])["nat_flows"] == 1
+        assert "event=nat_flows_learned" in open(c.procs()["proxy"]["log"]).read()
+    finally:
+        for s in (natted, direct, gone):
+            s.close()
