@@ -178,14 +178,24 @@ def far_end(resp: SipResponse) -> dict:
     return end
 
 
-def b_leg_extra(req: SipRequest, record: dict) -> list[tuple[str, str]]:
-    """What a call's B-leg INVITE carries of the caller's: carried_request,
-    the Replaces the callee is to get (new_call), with its Require, and
-    the caller's word on reliable provisional answers (record `pr`)."""
+def b_leg_extra(carried: list, record: dict) -> list[tuple[str, str]]:
+    """What a call's B-leg INVITE carries of the caller's: `carried`
+    (carried_request), the Replaces the callee is to get (new_call), with
+    its Require, and the caller's word on reliable provisional answers
+    (record `pr`)."""
     rel = [("Supported", "100rel")] if record.get("pr") else []
     if record.get("pr") == 2:
         rel.append(("Require", "100rel"))
-    return carried_request(req) + [(n, v) for n, v in record.get("rp", ())] + rel
+    return [(n, v) for n, v in carried] + [(n, v) for n, v in record.get("rp", ())] + rel
+
+
+def setup_copy(req: SipRequest) -> dict:
+    """What the next node.upstream's INVITE takes of the caller's (record
+    `inv`, kept while trunks are left to try): saved with the call, so
+    the partner that took it on after its node died fails over as that
+    node would have."""
+    return {"body": req.body.decode("latin-1"), "ct": req.get("Content-Type"), "mf": b_leg_hops(req),
+            "x": carried_request(req)}
 
 
 def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
@@ -286,8 +296,6 @@ class Node:
         # trunks that failed lately (no answer, 408, 503 with Retry-After):
         # (host, port) -> until when they are tried last
         self.upstream_down: dict[tuple[str, int | None], float] = {}
-        # a call's INVITE while it is being set up, for its next upstream
-        self.setup_reqs: dict[str, SipRequest] = {}
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
@@ -820,6 +828,7 @@ class Node:
                 b["ru"] = far["ru"]
         if later:
             record["nx"] = later
+            record["inv"] = setup_copy(req)
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
             self.stats.inc("dialogs", "created")
@@ -829,11 +838,9 @@ class Node:
             for fork in forks:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    hops=b_leg_hops(req), extra=b_leg_extra(req, record))
+                                    hops=b_leg_hops(req), extra=b_leg_extra(carried_request(req), record))
                 self.send_fork_invite(bekey, invite, fork["br"], answer_within=self.upstream_timeout if later else None)
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
-            if later:
-                self.setup_reqs[bekey] = req
         finally:
             trying()
 
@@ -1026,7 +1033,7 @@ class Node:
                 invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
                                     branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
                                     via=self.fork_via(fork), hops=b_leg_hops(req),
-                                    extra=b_leg_extra(req, record))
+                                    extra=b_leg_extra(carried_request(req), record))
                 self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
@@ -1052,7 +1059,6 @@ class Node:
         cancelled; what changes now is read from Redis."""
         self.in_setup.pop(bekey, None)
         self.early.pop(bekey, None)
-        self.setup_reqs.pop(bekey, None)
 
     async def still_ringing(self, bekey: str, branch: str) -> bool:
         """Whether a fork has no answer yet, wherever the call is saved.
@@ -1321,7 +1327,6 @@ class Node:
         provisional = resp is not None and resp.status < 200
         if record is None and provisional:
             record = self.in_setup.get(bekey)
-        setup_req = self.setup_reqs.get(bekey)
         if not provisional:
             # the setup is over (a final answer or a timeout): what changes
             # now is read from Redis, where a partner may have changed it
@@ -1357,9 +1362,9 @@ class Node:
                 if said := carried(resp):
                     fork["h"] = said
             aside = self.set_aside(fork["ruri"], resp) if "nx" in record and not fork.get("tc") else 0.0
-            if (record.get("nx") and setup_req is not None and record["st"] == "early" and not record.get("cancel")
+            if (record.get("nx") and "inv" in record and record["st"] == "early" and not record.get("cancel")
                     and not fork.get("tc") and (fork["st"] == 408 or 500 <= fork["st"] < 600)):
-                await self.next_upstream(bekey, record, setup_req, fork, aside)
+                await self.next_upstream(bekey, record, fork, aside)
                 return
             await self._forks_done(bekey, record)
             return
@@ -1376,27 +1381,28 @@ class Node:
         # a second fork answered, or the caller cancelled meanwhile
         await self._ack_and_bye_orphan(resp)
 
-    async def next_upstream(self, bekey: str, record: dict, req: SipRequest, failed: dict, aside: float) -> None:
+    async def next_upstream(self, bekey: str, record: dict, failed: dict, aside: float) -> None:
         """The trunk this call went to failed it (408, 5xx, or no answer in
         node.upstream_timeout): the call goes to the next node.upstream,
         a new fork of the same B-leg, as Kamailio's dispatcher fails over
         in a failure route. The caller hears nothing of it but the wait.
-        Only the node that sent the INVITE has its body; a partner that
-        took the call on answers the caller the failure."""
+        The INVITE is the one saved with the call (setup_copy), so the
+        partner that took the call on does the same; the copy goes with
+        the last trunk."""
         uri = record["nx"].pop(0)
+        inv = record["inv"] if record["nx"] else record.pop("inv")
         fork = {"ruri": uri, "route": [], "br": new_branch(), "st": None, "by": self.id}
         record["forks"].append(fork)
         await self.save_held(bekey, record)
         self.stats.inc("dialogs", "upstream_failover")
         event(log, "upstream_failover", logging.WARNING, bekey=bekey, call_id=record["a"]["cid"],
               failed=failed["ruri"], status=failed["st"], next=uri, set_aside_s=int(aside) or None)
-        invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=req.get("Content-Type"),
-                            branch=fork["br"], ruri=uri, routes=[], hops=b_leg_hops(req),
-                            extra=b_leg_extra(req, record))
+        invite = self.build(record, "b", "INVITE", 1, body=inv["body"].encode("latin-1"), content_type=inv["ct"],
+                            branch=fork["br"], ruri=uri, routes=[], hops=inv["mf"],
+                            extra=b_leg_extra(inv["x"], record))
         self.send_fork_invite(bekey, invite, fork["br"],
                               answer_within=self.upstream_timeout if record["nx"] else None)
         self.in_setup[bekey] = record
-        self.setup_reqs[bekey] = req
 
     async def relay_provisional(self, bekey: str, record: dict, resp: SipResponse) -> None:
         """The callee's provisional answer, told the caller. A reliable one
@@ -1449,6 +1455,7 @@ class Node:
         record["b"].update(far_end(resp))
         record["st"] = "confirmed"
         record["at"] = round(time.time(), 3)       # answered (the CDR's duration)
+        record.pop("inv", None)                    # no trunk to fail over to any more
         record["ack"]["a"] = resp.cseq[0]   # the caller's ACK is relayed with this CSeq on leg b
         await self.save_held(bekey, record)
         self.answer_a(bekey, record, resp.status, resp.reason, resp)

@@ -517,3 +517,37 @@ def test_a_busy_trunk_is_not_failed_over(make_cluster, procs, monkeypatch):
     assert result.ok == 3 and result.failed == 0, result.log_tail
     assert [(r["status"], r["ended_by"]) for r in c.call_records()] == [("486", "callee")] * 3
     assert "upstream_failover" not in "".join((c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"])
+
+
+def test_the_partner_of_a_node_that_died_fails_the_call_over_to_the_next_trunk(make_cluster, procs, monkeypatch):
+    """The node that sent a call to its first trunk dies (host and Redis)
+    before the trunk says 503. Its partner, holding the call's replica,
+    gets the 503 and sends the call on to the next node.upstream with the
+    caller's offer, saved with the call while trunks are left to try, as
+    the dead node would have: the caller is connected, not told 503."""
+    late, good = free_port(), free_port()
+    procs.sipp_uas("late", late, scenario="uas_unavailable_late")
+    procs.sipp_uas("good", good)
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM", f"sip:127.0.0.1:{late},sip:127.0.0.1:{good}")
+    monkeypatch.setenv("SIPHA_NODE_UPSTREAM_TIMEOUT", "10")
+    c = make_cluster(nodes=2, trunk=None)
+
+    async def scenario():
+        caller = await uac(c, "uac", calls=1, rate=1, hold_ms=500).start()
+        owner, deadline = None, time.monotonic() + 5
+        while owner is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            owner = next((n for n in c.state["nodes"]
+                          if "event=dialog_created" in (c.dir / "logs" / f"{n}.log").read_text()), None)
+        assert owner is not None
+        record = next(iter(all_keys(c)[owner]["active"].values()))
+        assert record["inv"]["body"].startswith("v=0") and record["nx"] == [f"sip:service@127.0.0.1:{good}"]
+        c.kill(owner)
+        return owner, await caller.wait(30)
+
+    owner, result = run(scenario())
+    assert result.ok == 1 and result.failed == 0, result.log_tail
+    partner = next(n for n in c.state["nodes"] if n != owner)
+    log = (c.dir / "logs" / f"{partner}.log").read_text()
+    assert "event=upstream_failover" in log and f"failed=sip:service@127.0.0.1:{late} status=503 " in log
+    assert [r["callee"].split(";")[0] for r in c.call_records()] == [f"sip:127.0.0.1:{good}"]
