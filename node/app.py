@@ -300,12 +300,16 @@ class Node:
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
         self.auth: Authenticator | None = None
+        trusted = cfg.trusted
+        if trusted and not cfg["auth.users_file"]:
+            raise ConfigError("auth.trusted: no auth.users_file, so every source is let in already")
         if cfg["auth.users_file"]:
             try:
                 users = load_users(cfg["auth.users_file"])
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"auth.users_file: {exc}") from None
-            self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store)
+            self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store,
+                                      trusted)
         self.tx = Transactions(self._send, self.proxy_addr, cfg["node.invite_timeout"])
         self.acks = AckGate()       # which ACKs of a 2xx go on to the other leg
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)

@@ -13,12 +13,20 @@ retries without asking its user). A (nonce, nc) pair is accepted once:
 it is recorded in the node's Redis with the nonce's lifetime (SET NX), so
 a replayed request is challenged again. Passwords, digests and the secret
 never reach a log line.
+
+Requests from `auth.trusted` addresses (a carrier's trunk, a PBX: they
+do not answer challenges) need no credentials, as with Kamailio's
+allow_source_address. Where a request came from is the address the
+proxy saw it come from: its Via below the proxy's, whose `received` the
+proxy sets to the source address whenever the sent-by host is another
+(RFC 3261 §18.2.1) or the sender wrote a `received` of its own.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -77,8 +85,22 @@ def digest(algorithm: str, user: str, realm: str, password: str, method: str, ur
     return H(f"{ha1}:{nonce}:{ha2}")
 
 
+def source_address(req: SipRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address the proxy got `req` from (its sender's Via, the second),
+    or None when that is not known."""
+    try:
+        vias = req.vias
+        if len(vias) < 2:
+            return None
+        return ipaddress.ip_address(vias[1].params.get("received") or vias[1].host.strip("[]"))
+    except (SipParseError, ValueError):
+        return None
+
+
 class Authenticator:
-    def __init__(self, users: dict[str, str], realm: str, secret: bytes, nonce_ttl: float, store):
+    def __init__(self, users: dict[str, str], realm: str, secret: bytes, nonce_ttl: float, store,
+                 trusted=()):
+        self.trusted = list(trusted)
         self.users = users
         self.realm = realm
         self.secret = secret
@@ -151,6 +173,10 @@ class Authenticator:
 async def authenticate(node, req: SipRequest) -> bool:
     """True when the request may proceed; else it has been challenged."""
     auth = node.auth
+    if auth.trusted:
+        source = source_address(req)
+        if source is not None and any(source in net for net in auth.trusted):
+            return True
     ok, stale, why = await auth.check(req)
     if ok:
         return True

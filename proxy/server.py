@@ -522,7 +522,8 @@ class Proxy:
         if "rport" in via.params or transport != "udp":
             params["rport"] = str(src[1])
             changed = True
-        if via.host.strip("[]") != src[0] or changed:
+        # a received of the sender's own is not believed (auth.trusted reads it)
+        if via.host.strip("[]") != src[0] or changed or via.params.get("received", src[0]) != src[0]:
             params["received"] = src[0]
             changed = True
         if not changed:

@@ -10,6 +10,7 @@ socket is opened.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -120,6 +121,8 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "auth.users_file": (str, "", "digest users, one user:password a line; empty: no authentication"),
     "auth.realm": (str, "sipha", "digest realm in challenges"),
     "auth.nonce_ttl": (float, 300.0, "seconds a nonce is good for (then stale=true)"),
+    "auth.trusted": (str, "", "addresses and networks whose requests need no digest credentials, comma-separated "
+                     "(e.g. 192.0.2.10, 198.51.100.0/24: the carrier's trunk, a PBX); Kamailio's allow_source_address"),
     "node.admin": (str, "auto", "node admin HTTP: HOST:PORT, off, or auto = the node's [[nodes]] admin, else 127.0.0.1 at SIP port + 1000"),
     "node.upstream": (str, "", "trunk URI(s) for calls to AORs not registered here, comma-separated: tried in "
                       "order, the next when one answers 408 or 5xx or nothing (empty: 404)"),
@@ -201,6 +204,18 @@ class Config:
         for o in found:
             if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", o):
                 raise ConfigError(f"proxy.ws_origins: expected scheme://host[:port], got {o!r}")
+        return found
+
+    @property
+    def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        found = []
+        for text in self.values["auth.trusted"].split(","):
+            if text.strip():
+                try:
+                    found.append(ipaddress.ip_network(text.strip(), strict=False))
+                except ValueError:
+                    raise ConfigError(f"auth.trusted: expected IP addresses or networks (ADDR/BITS), "
+                                      f"got {text.strip()!r}") from None
         return found
 
     @property

@@ -2,6 +2,7 @@
 SHA-256 and MD5), with nonces that expire and cannot be replayed."""
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -72,3 +73,58 @@ def test_wrong_password_replay_and_stale_nonce_are_challenged_again(cluster):
 def test_invite_without_credentials_gets_407(cluster):
     result = run(uac(cluster, "uac", calls=1, rate=1).run(30))
     assert result.failed == 1 and "407 Proxy Authentication Required" in result.log_tail
+
+
+@pytest.fixture
+def trusting(make_cluster, monkeypatch, tmp_path):
+    """Digest users, and one trusted network: the test's phones on 127.0.0.1."""
+    users = tmp_path / "users"
+    users.write_text("alice:wonderland\n")
+    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
+    monkeypatch.setenv("SIPHA_AUTH_TRUSTED", "192.0.2.0/24, 127.0.0.0/8")
+    return make_cluster(nodes=2)
+
+
+def test_a_trusted_source_calls_and_registers_without_credentials(trusting):
+    """A carrier's trunk or a PBX does not answer challenges: calls from
+    auth.trusted addresses go through, as Kamailio's allow_source_address."""
+    result = run(uac(trusting, "uac", calls=3, rate=3).run(30))
+    assert result.ok == 3 and result.failed == 0, result.log_tail
+    p = Phone("alice", trusting.proxy_addr)
+    try:
+        assert p.register(300).status == 200
+    finally:
+        p.stop()
+
+
+def invite_from(sock: socket.socket, proxy, via: str) -> int:
+    """A new INVITE whose top Via is `via` -> the status of its final answer."""
+    tag = uuid.uuid4().hex[:8]
+    sock.sendto((f"INVITE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK{tag}\r\n"
+                 f"Max-Forwards: 70\r\nFrom: <sip:mallory@127.0.0.1>;tag={tag}\r\nTo: <sip:bob@127.0.0.1>\r\n"
+                 f"Call-ID: forged-{tag}\r\nCSeq: 1 INVITE\r\nContact: <sip:mallory@127.0.0.1>\r\n"
+                 f"Content-Length: 0\r\n\r\n").encode(), proxy)
+    while True:
+        status = int(sock.recv(65535).split(b" ", 2)[1])
+        if status >= 200:
+            return status
+
+
+def test_a_sender_cannot_claim_a_trusted_address_in_its_via(make_cluster, monkeypatch, tmp_path):
+    """Where a request came from is what the proxy saw, not what its Via
+    says: a Via naming a trusted host gets a received= of the real source,
+    and a received= the sender wrote itself is replaced. (The trusted
+    address is another loopback one: should the proxy believe the Via,
+    its answer would go there, not off this machine.)"""
+    users = tmp_path / "users"
+    users.write_text("alice:wonderland\n")
+    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
+    monkeypatch.setenv("SIPHA_AUTH_TRUSTED", "127.0.0.2")
+    c = make_cluster(nodes=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        port = s.getsockname()[1]
+        assert invite_from(s, c.proxy_addr, "127.0.0.2:5060;rport") == 407
+        assert invite_from(s, c.proxy_addr, f"127.0.0.1:{port};received=127.0.0.2") == 407
+        assert invite_from(s, c.proxy_addr, f"127.0.0.1:{port};received=127.0.0.2;rport") == 407

@@ -1,6 +1,7 @@
 """sipcore.config: file, environment and flags; bad settings name their key."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -82,10 +83,19 @@ def test_a_bad_upstream_is_a_cli_error_not_a_traceback(upstream, said):
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, said", [
-    (["node", "--id", "n1", "--node", "n1=127.0.0.1:5071"], "nodes: node n1 has no Redis URL"),
-    (["load", "--target", "127.0.0.1:9", "--hold", "-1"], "--hold: must not be negative"),
+NODE = ["node", "--id", "n1", "--node", "n1=127.0.0.1:5071,redis://127.0.0.1:6379/0"]
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (["node", "--id", "n1", "--node", "n1=127.0.0.1:5071"], {}, "nodes: node n1 has no Redis URL"),
+    (["load", "--target", "127.0.0.1:9", "--hold", "-1"], {}, "--hold: must not be negative"),
+    (NODE, {"SIPHA_AUTH_TRUSTED": "10.1.2.0/33", "SIPHA_AUTH_USERS_FILE": "/dev/null"},
+     "auth.trusted: expected IP addresses or networks (ADDR/BITS), got '10.1.2.0/33'"),
+    (NODE, {"SIPHA_AUTH_TRUSTED": "trunk.example"},
+     "auth.trusted: expected IP addresses or networks (ADDR/BITS), got 'trunk.example'"),
+    (NODE, {"SIPHA_AUTH_TRUSTED": "10.0.0.1"}, "auth.trusted: no auth.users_file"),
 ])
-def test_other_bad_options_are_cli_errors_not_tracebacks(args, said):
-    r = subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True, timeout=20)
+def test_other_bad_options_are_cli_errors_not_tracebacks(args, env, said):
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True, timeout=20,
+                       env={**os.environ, **env})
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
