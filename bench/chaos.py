@@ -65,12 +65,13 @@ def above_info(logs: Path) -> collections.Counter:
 async def run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="sipha-chaos-"))
     c = Cluster(str(work / "cluster"))
-    c.up(nodes=4, port=free_port(), trunk="sipp", ramp=3.0, log_level="info")
+    c.up(nodes=4, port=free_port(), trunk="sipp", trunk_scenario=args.trunk_scenario, ramp=3.0, log_level="info")
     try:
         await asyncio.sleep(1.5)
         sipp = Sipp(args.scenario, target=c.proxy_addr, calls=args.calls, rate=args.rate, hold_ms=args.hold,
                     transport=args.transport, workdir=str(work), extra=["-recv_timeout", "40000"])
-        print(f"{args.calls} calls ({args.scenario}, {args.transport}) at {args.rate:g}/s, held {args.hold} ms")
+        print(f"{args.calls} calls ({args.scenario} to {args.trunk_scenario}, {args.transport}) at {args.rate:g}/s, "
+              f"held {args.hold} ms")
         await sipp.start()
         await failures(c)
         result = await sipp.wait(args.calls / args.rate + 120)
@@ -89,12 +90,15 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40.0, help="calls per second")
     ap.add_argument("--hold", type=int, default=6000, help="ms each call is held (the scenario's pause)")
     ap.add_argument("--scenario", default="uac", help="a SIPp scenario of sipp_scenarios/ (uac, reinvite, indialog)")
+    ap.add_argument("--trunk-scenario", default="uas",
+                    help="the SIPp trunk's scenario (uas; uas_hangup with uac_wait_bye, uas_prack with uac_prack...)")
     ap.add_argument("--transport", choices=["udp", "tcp"], default="udp")
     args = ap.parse_args()
     if args.calls < 1 or args.rate <= 0 or args.hold < 0:
         ap.error("--calls, --rate and --hold must be positive")
-    if not (ROOT / "sipp_scenarios" / f"{args.scenario}.xml").exists():
-        ap.error(f"--scenario: no sipp_scenarios/{args.scenario}.xml")
+    for option, name in (("--scenario", args.scenario), ("--trunk-scenario", args.trunk_scenario)):
+        if not (ROOT / "sipp_scenarios" / f"{name}.xml").exists():
+            ap.error(f"{option}: no sipp_scenarios/{name}.xml")
     return asyncio.run(run(args))
 
 

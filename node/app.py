@@ -107,6 +107,8 @@ SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer"))
 MAX_INFLIGHT = 400
 DIALOG_TTL_REASON = 'SIP;cause=408;text="no request in the dialog for node.dialog_ttl"'
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
+TICK = 0.1             # s: how often the event loop says it runs (Node.stalled)
+STALL = 0.5            # s: a longer silence of it, and what this node kept in memory may be stale
 
 
 # What a failure says to whoever sent the request, handed from one leg to
@@ -318,6 +320,10 @@ class Node:
         self.in_setup: dict[str, dict] = {}
         # ... and the early dialog of the callee's last provisional answer
         self.early: dict[str, dict] = {}
+        # when the event loop last ran its timers (Node.stalled)
+        self.loop_seen = time.monotonic()
+        self._ticker: asyncio.TimerHandle | None = None
+        self.closed = False
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
@@ -352,6 +358,7 @@ class Node:
         await self._resolve_peers()
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
+        self._tick()
         if self.cfg["limits.overload_delay"] > 0 and self.transport.measure_wait():
             self.guard = OverloadGuard(self.cfg["limits.overload_delay"])
             self._tasks.append(loop.create_task(self._watch_overload()))
@@ -437,6 +444,9 @@ class Node:
               probes_refused=self.probes_refused, left_inflight=self.inflight or None)
 
     async def close(self) -> None:
+        self.closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self.admin:
             await self.admin.close()
         for t in [*self._tasks, *self._sweeps]:
@@ -476,7 +486,9 @@ class Node:
         try:
             self.transport.send(data, dest, "udp")
         except OSError as exc:
-            event(log, "send_error", logging.WARNING, dest=f"{dest[0]}:{dest[1]}", error=str(exc))
+            # closing: what is still being handled has nowhere to go, as expected
+            event(log, "send_error", logging.DEBUG if self.closed else logging.WARNING,
+                  dest=f"{dest[0]}:{dest[1]}", error=str(exc))
 
     # ---- input -----------------------------------------------------------
     def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
@@ -489,7 +501,35 @@ class Node:
                 pass
         event(log, "parse_rejected", src=f"{src[0]}:{src[1]}/{transport}", reason=exc.reason)
 
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now - self.loop_seen > STALL and self._ticker is not None:
+            self.stalled(now)
+        self.loop_seen = now
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def stalled(self, now: float) -> None:
+        """This node's event loop did not run for a while (the process was
+        stopped, its VM paused, its host swapping): the messages it finds
+        now waited in its queue while the proxy took it out of the ring,
+        and its partners went on with its calls. What it kept in memory of
+        their setup (in_setup, early) is forgotten, so their answers are
+        read against the records wherever they are now: else a callee's
+        183 sent again, queued here, reaches the caller after the 200 the
+        partner relayed, and SIPp aborts the call (seen in chaos runs).
+        Noticed by whichever comes first on waking, the loop's timer
+        (_tick) or a message (on_message): which it is depends on how the
+        kernel wakes the loop's poll."""
+        event(log, "node_stalled", logging.WARNING, node=self.id, seconds=round(now - self.loop_seen, 1),
+              calls_in_setup=len(self.in_setup))
+        self.in_setup.clear()
+        self.early.clear()
+        self.loop_seen = now
+
     def on_message(self, msg: SipMessage, src, transport: str) -> None:
+        now = time.monotonic()
+        if now - self.loop_seen > STALL and self._ticker is not None:
+            self.stalled(now)
         try:
             msg.check()
         except SipParseError as exc:
@@ -1329,7 +1369,9 @@ class Node:
                                  record: dict | None = None) -> None:
         """`record`: the call as just loaded, if the caller has it."""
         provisional = resp is not None and resp.status < 200
-        if record is None and provisional:
+        if record is None and provisional and not self.draining:
+            # (draining, the partner took the call's record on at the
+            # proxy's probe: this copy may be stale)
             record = self.in_setup.get(bekey)
         if not provisional:
             # the setup is over (a final answer or a timeout): what changes

@@ -468,3 +468,47 @@ def test_a_node_whose_redis_died_hands_requests_to_the_partner(tmp_path):
     assert [(m.status, m.cseq) for m in out if getattr(m, "status", 0)] == [(200, (2, "BYE"))]
     assert [m.call_id for m in of_method(out, "BYE")] == [b_invite.call_id]     # on to the callee
     assert left == [(None, "missing")]
+
+
+def woken_owner_scenario(stall: bool, drain: bool):
+    """The owner sends the B-leg INVITE, then stands still (or drains); the
+    callee's 180 and 200 reach the partner, which relays them and takes
+    the call; then the owner finds a copy of the 180 in its queue."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        ringing = make_response(b_invite, 180, "Ringing", to_tag="callee-1",
+                                headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
+                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        for resp in (ringing, answer):                      # what the proxy brought the partner
+            partner.on_message(parse_message(resp.to_bytes()), ("127.0.0.1", 5999), "udp")
+            await settled(partner)
+        assert [m.status for m in sent[partner] if m.call_id == CALL_ID] == [180, 200]
+        owner._tick()
+        if stall:
+            owner.loop_seen -= 5.0                          # its loop did not run for 5 s
+        owner.draining = drain
+        before = len(sent[owner])
+        owner.on_message(parse_message(ringing.to_bytes()), ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        owner._ticker.cancel()
+        return [m for m in sent[owner][before:] if m.call_id == CALL_ID]
+    return scenario
+
+
+@pytest.mark.parametrize("stall, drain", [(True, False), (False, True)])
+def test_a_woken_or_draining_owner_tells_the_caller_no_ringing_after_the_answer(tmp_path, stall, drain):
+    """Seen in a chaos run with reliable provisional answers (100rel): a
+    node SIGSTOPped for 4 s found copies of the callee's 183 in its queue
+    when woken, and relayed them from what it kept in memory of the call's
+    setup, after the 200 the partner had relayed; SIPp aborted 7 calls of
+    2400 on them. A draining node did the same, and saved the 183's RSeq
+    where the partner, which took its ringing calls at the proxy's probe,
+    did not look: the caller's PRACK got 481 (4 calls). A stalled node now
+    forgets that memory at the first message it finds, and a draining one
+    does not use it: the 180 is read against the answered call."""
+    to_caller = with_nodes(tmp_path, 2, woken_owner_scenario(stall, drain))
+    assert [m.status for m in to_caller] == []
