@@ -316,16 +316,17 @@ class SipTransport:
                 raise
             port = sock.getsockname()[1]
             udp_transport, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+            # at once: a datagram may come, and be answered, while TCP binds
+            before, self.udp = self.udp, proto
         if tcp:
             try:
                 server = await loop.create_server(lambda: _TcpConnection(self), host, port, reuse_address=True)
             except OSError:
                 if udp_transport is not None:
                     udp_transport.close()
+                    self.udp = before
                 raise
             self.tcp_servers.append(server)
-        if udp:
-            self.udp = proto
 
     async def close(self) -> None:
         if self._reaper:

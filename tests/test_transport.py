@@ -75,3 +75,44 @@ def test_a_datagram_for_the_other_address_family_is_an_oserror():
         loop.run_until_complete(go())
     finally:
         loop.close()
+
+
+def test_a_datagram_that_comes_while_tcp_binds_can_be_answered():
+    """Seen at a node's start under traffic: the proxy's probe came in
+    while the TCP side was still being bound, and its answer failed with
+    "no UDP socket". The UDP side answers from the moment it reads."""
+    answered, failures = [], []
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        client.setblocking(False)
+
+        def on_message(msg, src, transport):
+            try:
+                t.send(b"SIP/2.0 200 OK\r\n\r\n", src)
+                answered.append(src)
+            except OSError as exc:
+                failures.append(str(exc))
+
+        t = SipTransport(on_message)
+        create_server = loop.create_server
+
+        async def slow_create_server(*args, **kwargs):
+            # the probe arrives between the UDP bind and the TCP one
+            port = kwargs.get("port") or args[2]
+            client.sendto(b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK1\r\n"
+                          b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: c1\r\n"
+                          b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n", ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            return await create_server(*args, **kwargs)
+        loop.create_server = slow_create_server
+        try:
+            await t.listen("127.0.0.1", 0)
+        finally:
+            loop.create_server = create_server
+            await t.close()
+            client.close()
+    asyncio.run(go())
+    assert failures == [] and len(answered) == 1
