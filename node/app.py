@@ -92,6 +92,7 @@ NODE_COUNTERS = {
     "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
     "taken_over": ("what",),        # records of a node seen down taken on here: ringing / lost
     "mirrored_again": (),           # records saved again, their partner seen down
+    "stale_requests": (),           # queued through a stall, not handled (Node.stalled)
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
@@ -359,7 +360,9 @@ class Node:
         self.tx.proxy = self.proxy_addr
         await self.transport.listen(*self.addr)
         self._tick()
-        if self.cfg["limits.overload_delay"] > 0 and self.transport.measure_wait():
+        # arrival stamps: for the overload guard, and to know what waited through a stall
+        stamped = self.transport.measure_wait()
+        if self.cfg["limits.overload_delay"] > 0 and stamped:
             self.guard = OverloadGuard(self.cfg["limits.overload_delay"])
             self._tasks.append(loop.create_task(self._watch_overload()))
         self.tx.start()
@@ -517,19 +520,28 @@ class Node:
         read against the records wherever they are now: else a callee's
         183 sent again, queued here, reaches the caller after the 200 the
         partner relayed, and SIPp aborts the call (seen in chaos runs).
-        Noticed by whichever comes first on waking, the loop's timer
-        (_tick) or a message (on_message): which it is depends on how the
-        kernel wakes the loop's poll."""
+        And the requests that waited in the socket meanwhile are not
+        handled (on_message): their copies reached the partners, and
+        their senders, if they still wait, send them again. Replayed, a
+        caller's INVITE whose call the partner had set up and ended
+        started a second call to the callee (seen in a chaos run), a BYE
+        got a stray 481, a REGISTER could bring back a binding removed
+        since. (An ACK is handled: nobody sends it again.) Noticed by
+        whichever comes first on waking, the loop's timer (_tick) or a
+        message (on_message): which it is depends on how the kernel wakes
+        the loop's poll."""
         event(log, "node_stalled", logging.WARNING, node=self.id, seconds=round(now - self.loop_seen, 1),
               calls_in_setup=len(self.in_setup))
         self.in_setup.clear()
         self.early.clear()
+        self.transport.mark_backlog()
         self.loop_seen = now
 
     def on_message(self, msg: SipMessage, src, transport: str) -> None:
         now = time.monotonic()
         if now - self.loop_seen > STALL and self._ticker is not None:
             self.stalled(now)
+            msg.stale = True        # read from the backlog, before the stamps say so
         try:
             msg.check()
         except SipParseError as exc:
@@ -555,6 +567,11 @@ class Node:
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
+            return
+        if msg.stale and msg.method != "ACK":
+            self.stats.inc("stale_requests")
+            event(log, "request_dropped", logging.DEBUG, method=msg.method, call_id=msg.call_id,
+                  reason="waited through a stall")
             return
         if msg.method == "OPTIONS" and msg.to.tag is None and not msg.has(ROUTE_HEADER):
             # the proxy's health probe: answered at once, outside any lock.

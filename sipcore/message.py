@@ -82,7 +82,7 @@ class HeaderField:
 
 
 class SipMessage:
-    __slots__ = ("fields", "body", "source", "_raw", "_start_raw", "_blank", "_dirty", "_cache")
+    __slots__ = ("fields", "body", "source", "stale", "_raw", "_start_raw", "_blank", "_dirty", "_cache")
 
     is_request = False
 
@@ -90,6 +90,7 @@ class SipMessage:
         self.fields: list[HeaderField] = []
         self.body: bytes = b""
         self.source: tuple[str, int] | None = None   # set by the transport that received it
+        self.stale = False      # it waited in the socket through a stall (SipTransport.mark_backlog)
         self._raw: bytes | None = None
         self._start_raw: str | None = None
         self._blank = "\r\n"

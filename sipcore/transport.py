@@ -267,6 +267,8 @@ class SipTransport:
         self.wait_wanted = False                 # measure the next datagram's queue wait
         self.last_wait: float | None = None      # ... seconds it waited (measure_wait)
         self._stamp_fd = -1
+        # wall clock: a datagram that arrived before it is marked stale (mark_backlog)
+        self.backlog_before: float | None = None
 
     # ---- lifecycle ---------------------------------------------------
     async def listen(self, host: str, port: int, *, udp: bool = True, tcp: bool = True,
@@ -343,9 +345,12 @@ class SipTransport:
                   framed: bool = False) -> None:
         """`framed`: a whole message as its transport delimited it (a
         WebSocket frame): read as a datagram is, but not by the UDP fast path."""
+        stale = False
         if datagram:
             if self.wait_wanted:
                 self._measure()
+            if self.backlog_before is not None:
+                stale = self._from_backlog()
             if self.fast_datagram is not None and self.fast_datagram(data, source, self):
                 return
             if data.strip(b"\r\n") == b"":
@@ -356,6 +361,7 @@ class SipTransport:
             self._bad_input(exc, data, source, transport)
             return
         msg.source = source
+        msg.stale = stale
         self.on_message(msg, source, transport)
 
     def measure_wait(self) -> bool:
@@ -372,13 +378,36 @@ class SipTransport:
         self._stamp_fd = fd
         return True
 
-    def _measure(self) -> None:
-        self.wait_wanted = False
+    def mark_backlog(self) -> bool:
+        """The datagrams waiting in the UDP socket now are read as stale
+        (msg.stale): those that arrived while this process stood still.
+        Needs measure_wait() on since before they came (their arrival
+        time); False where there is none."""
+        if self._stamp_fd < 0:
+            return False
+        self.backlog_before = time.time()
+        return True
+
+    def _arrival(self) -> float | None:
+        """When the datagram just read arrived (wall clock), if known."""
         try:
             sec, usec = _TIMEVAL.unpack(fcntl.ioctl(self._stamp_fd, SIOCGSTAMP, bytes(_TIMEVAL.size)))
         except OSError:
-            return
-        self.last_wait = max(0.0, time.time() - sec - usec / 1e6)
+            return None
+        return sec + usec / 1e6
+
+    def _from_backlog(self) -> bool:
+        arrival = self._arrival()
+        if arrival is not None and arrival < self.backlog_before:
+            return True
+        self.backlog_before = None          # through it: this one came after
+        return False
+
+    def _measure(self) -> None:
+        self.wait_wanted = False
+        arrival = self._arrival()
+        if arrival is not None:
+            self.last_wait = max(0.0, time.time() - arrival)
 
     def _bad_input(self, exc: SipParseError, data: bytes, source: Addr, transport: str) -> None:
         if self.on_bad_input is not None:

@@ -512,3 +512,35 @@ def test_a_woken_or_draining_owner_tells_the_caller_no_ringing_after_the_answer(
     does not use it: the 180 is read against the answered call."""
     to_caller = with_nodes(tmp_path, 2, woken_owner_scenario(stall, drain))
     assert [m.status for m in to_caller] == []
+
+
+def test_requests_that_waited_through_a_stall_are_not_handled(tmp_path):
+    """Seen in a chaos run (cancel.xml, a node SIGSTOPped for 4 s): the
+    caller's INVITE waited in the hung owner's queue, its retransmission
+    made the call at the partner, and the caller cancelled it there; woken,
+    the owner found no call, started a second one to the callee and told
+    the caller 100 Trying after its 487 (SIPp aborted 2 calls of 2400). A
+    request read from a stalled node's backlog (msg.stale, as the
+    transport marks it) is dropped: a sender that still waits sends it
+    again. An ACK is handled, as nobody sends it again."""
+    async def scenario(nodes, sent):
+        owner, _ = nodes
+        bekey = bekey_of(CALL_ID)
+        for data in (caller_invite(bekey, sdp=SDP), register("alice", ["<sip:alice@192.0.2.9:5060>"]).to_bytes(),
+                     in_dialog("BYE", 2, CALL_ID, "caller-1", "gone-1", "z9hG4bKbye7").to_bytes()):
+            msg = parse_message(data)
+            msg.stale = True
+            owner.on_message(msg, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        dropped = owner.stats.as_dict().get("stale_requests")
+        before = len(sent[owner])
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        ack = in_dialog("ACK", 1, CALL_ID, ok.from_.tag, ok.to.tag, "z9hG4bKack7")
+        ack.stale = True
+        owner.on_message(ack, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        return sent[owner][:before], dropped, of_method(sent[owner][before:], "ACK")
+
+    early, dropped, acks = with_nodes(tmp_path, 2, scenario)
+    assert early == [] and dropped == 3
+    assert len(acks) == 1 and acks[0].call_id != CALL_ID          # the ACK went on to the callee

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -116,3 +117,35 @@ def test_a_datagram_that_comes_while_tcp_binds_can_be_answered():
             client.close()
     asyncio.run(go())
     assert failures == [] and len(answered) == 1
+
+
+def test_datagrams_that_waited_through_a_stall_are_marked_stale():
+    """What waited in the socket while the process stood still is read
+    with msg.stale (the node does not handle such requests); what comes
+    after is not."""
+    got = []
+
+    async def go():
+        t = SipTransport(lambda msg, src, transport: got.append((msg.call_id, msg.stale)))
+        await t.listen("127.0.0.1", 0, tcp=False)
+        assert t.measure_wait()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            def options(call_id: str) -> bytes:
+                return (f"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK{call_id}\r\n"
+                        f"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: {call_id}\r\n"
+                        f"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+            client.sendto(options("before"), t.local)
+            await asyncio.sleep(0.1)
+            for call_id in ("queued-1", "queued-2"):
+                client.sendto(options(call_id), t.local)
+            time.sleep(0.3)                      # the loop stands still: they wait in the socket
+            assert t.mark_backlog()
+            await asyncio.sleep(0.1)
+            client.sendto(options("after"), t.local)
+            await asyncio.sleep(0.1)
+        finally:
+            client.close()
+            await t.close()
+    asyncio.run(go())
+    assert got == [("before", False), ("queued-1", True), ("queued-2", True), ("after", False)]
