@@ -1641,8 +1641,14 @@ class Node:
               content_type: str | None = None, branch: str | None = None, ruri: str | None = None,
               routes: list[str] | None = None, extra: list[tuple[str, str]] = (),
               via: tuple[str, int] | None = None, hops: int = 70) -> SipRequest:
+        """A request on leg `leg` of a call. `via`: the sent-by of the
+        node that sent it first (fork_via), whose Contact it also takes: a
+        copy another node sends again is then the same request, byte for
+        byte, as a retransmission must be (a SIPp UAS, which tells one by
+        its bytes, aborted the call on a copy with another Contact)."""
         L = record[leg]
         via = via or self.addr
+        contact = self.contact if via == self.addr else f"<sip:{via[0]}:{via[1]}>"
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
         lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
@@ -1654,7 +1660,7 @@ class Node:
                  f"CSeq: {cseq} {method}"]
         lines += [f"Route: {r}" for r in routes]
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
-            lines.append(f"Contact: {self.contact}")
+            lines.append(f"Contact: {contact}")
         if method == "INVITE":
             # one Supported: ours and any `extra` names (SIPp reads only a first one)
             supported = [SUPPORTED_IN_DIALOG] + [v for n, v in extra if n.lower() == "supported"]

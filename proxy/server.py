@@ -500,7 +500,10 @@ class Proxy:
             return
         from_node = self.node_by_addr.get(src) if transport == "udp" else None
         req.set("Max-Forwards", str(mf - 1))
-        self._stamp_incoming_via(req, src, transport)
+        if from_node is None:
+            # (a node's Via names its own SIP address: nothing to record;
+            # and a copy another node sends again stays the same request)
+            self._stamp_incoming_via(req, src, transport)
         if from_node is not None:
             self.outbound(req, src, transport, from_node)
         else:
@@ -1005,7 +1008,7 @@ class Proxy:
             return True                     # the ACK to our own final response
         self.stats.inc("requests", scan.method, "outbound")
         ours_via = self.our_via("udp", self._branch(scan.via, scan.call_id), v6=v6)
-        out = self._edit_request(data, scan, src, ours_via, b"", record_route)
+        out = self._edit_request(data, scan, src, ours_via, b"", record_route, from_node=True)
         self._log_outbound(scan.method, scan.call_id, scan.from_tag, node, dest, "udp", initial)
         self.send_data(out, dest, "udp")
         self.routing_latency.observe(time.perf_counter() - t0)
@@ -1026,12 +1029,13 @@ class Proxy:
         return known
 
     def _edit_request(self, data: bytes, scan: RequestScan, src, our_via: str, internal: bytes,
-                      record_route: tuple[int, int, bytes] | None = None) -> bytes:
+                      record_route: tuple[int, int, bytes] | None = None, from_node: bool = False) -> bytes:
         """The datagram as inbound() or outbound() would serialize the
         parsed request, with `our_via` on top, `internal` last and the
-        Record-Route line `record_route` (where, rank, what) when there is one."""
+        Record-Route line `record_route` (where, rank, what) when there is
+        one; the sender's Via stamped unless it is a node's (on_request)."""
         ours = f"Via: {our_via}\r\n"
-        stamped = self._stamped_via(scan.via, src, "udp")
+        stamped = None if from_node else self._stamped_via(scan.via, src, "udp")
         via_start, via_end = scan.via_line
         # (start, end, rank among insertions at one place, text)
         edits = [(scan.mf_line[0], scan.mf_line[1], 1, scan.mf_name + b": %d\r\n" % (scan.max_forwards - 1)),

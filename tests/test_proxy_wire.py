@@ -152,6 +152,26 @@ def test_request_from_a_node_goes_out_over_the_callers_flow(wire):
     assert msg.vias[0].branch.startswith("z9hG4bKsph") and msg.vias[1].branch == "z9hG4bKnode1"
 
 
+@pytest.mark.parametrize("internal", [False, True])     # fast path; full path (the internal header)
+def test_a_nodes_via_goes_out_as_the_node_wrote_it(wire, internal):
+    """A node's Via names its SIP address: nothing for the proxy to
+    record in it. Left as it is, an INVITE a partner sends again for a
+    node that died (with that node's Via) is the same request, byte for
+    byte, as the callee had first: a SIPp UAS tells a retransmission by
+    its bytes, and aborted the call on a copy stamped with another rport."""
+    node = wire.nodes["node2"]
+    other = wire.nodes["node1"].getsockname()[1]          # the node that sent it first
+    extra = f"{ROUTE_HEADER}: bekey=1;owner=node2\r\n" if internal else ""
+    invite = (f"INVITE sip:bob@127.0.0.1:{wire.phone_port} SIP/2.0\r\n"
+              f"Via: SIP/2.0/UDP 127.0.0.1:{other};branch=z9hG4bKfork1;rport\r\n"
+              f"Max-Forwards: 69\r\nFrom: <sip:alice@example.com>;tag=sph1\r\nTo: <sip:bob@example.com>\r\n"
+              f"Call-ID: sph-b1\r\nCSeq: 1 INVITE\r\nContact: <sip:127.0.0.1:{other}>\r\n{extra}"
+              f"Content-Length: 0\r\n\r\n")
+    node.sendto(invite.encode(), wire.addr)
+    msg = wire.phone_recv()
+    assert msg.method == "INVITE" and msg.vias[1].raw.endswith(f"127.0.0.1:{other};branch=z9hG4bKfork1;rport")
+
+
 def test_malformed_input_gets_400_or_is_dropped_and_the_proxy_keeps_serving(wire):
     bad_cl = invite(uuid.uuid4().hex, wire.phone_port).replace(b"Content-Length: 0", b"Content-Length: 99")
     wire.phone.sendto(bad_cl, wire.addr)
