@@ -35,6 +35,7 @@ import time
 from typing import Callable
 
 from sipcore.admin import AdminFetchError, fetch_json
+from sipcore.headers import hostport
 from sipcore.logfmt import event
 
 log = logging.getLogger("proxy")
@@ -80,11 +81,11 @@ class NatPinger:
         for pause in (*ASK_TRIES, None):
             try:
                 answer = await fetch_json(*admin, "/nat_flows")
-                flows = answer["flows"]
+                flows = answer.get("flows") if isinstance(answer, dict) else None
                 if not isinstance(flows, dict):
-                    raise AdminFetchError(f"{admin[0]}:{admin[1]}/nat_flows: no flows in the answer")
+                    raise AdminFetchError(f"http://{hostport(admin)}/nat_flows: no flows in the answer")
                 break
-            except (AdminFetchError, KeyError, TypeError) as exc:
+            except AdminFetchError as exc:
                 if pause is None:
                     event(log, "nat_flows_unknown", logging.WARNING, node=node, error=str(exc),
                           msg="phones behind NAT registered there are pinged again at their next REGISTER")

@@ -11,6 +11,8 @@ import json
 import logging
 from typing import Awaitable, Callable
 
+from .headers import hostport
+
 log = logging.getLogger("sipcore.admin")
 
 Handler = Callable[[], Awaitable[tuple[str, str]]]
@@ -104,7 +106,7 @@ class AdminFetchError(Exception):
 async def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> dict:
     """GET `path` from another process's admin endpoint -> its JSON body
     (AdminFetchError naming the address and what went wrong)."""
-    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}{path}"
+    where = f"http://{hostport((host, port))}{path}"
 
     async def get() -> bytes:
         reader, writer = await asyncio.open_connection(host, port)

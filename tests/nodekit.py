@@ -103,13 +103,18 @@ def in_dialog(method: str, cseq: int, call_id: str, from_tag: str, to_tag: str, 
         f"Content-Length: 0\r\n\r\n").encode())
 
 
+def callee_says(b_invite: SipMessage, status: int, reason: str) -> SipMessage:
+    """The callee's answer to a node's B-leg INVITE (its tag callee-1)."""
+    return make_response(b_invite, status, reason, to_tag="callee-1",
+                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+
+
 async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]:
     """A call set up on `owner` -> (bekey, its 200 to the caller, its B-leg INVITE)."""
     bekey = bekey_of(CALL_ID)
     await owner.new_call(parse_message(caller_invite(bekey)), bekey)
     b_invite, = of_method(sent[owner], "INVITE")
-    await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
-        b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
+    await owner.on_invite_response(bekey, b_invite.top_via.branch, callee_says(b_invite, 200, "OK"))
     ok, = of_status(sent[owner], 200)
     return bekey, ok, b_invite
 

@@ -15,13 +15,20 @@ from phone import Phone
 pytestmark = pytest.mark.e2e
 
 
+def with_users(make_cluster, monkeypatch, tmp_path, users: str, **settings: str):
+    """A 2-node cluster with the digest `users` file and auth.* `settings`."""
+    path = tmp_path / "users"
+    path.write_text(users)
+    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(path))
+    for name, value in settings.items():
+        monkeypatch.setenv(f"SIPHA_AUTH_{name.upper()}", value)
+    return make_cluster(nodes=2)
+
+
 @pytest.fixture
 def cluster(make_cluster, monkeypatch, tmp_path):
-    users = tmp_path / "users"
-    users.write_text("# test users\nalice:wonderland\nbob:builder\n")
-    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
-    monkeypatch.setenv("SIPHA_AUTH_NONCE_TTL", "3")
-    return make_cluster(nodes=2)
+    return with_users(make_cluster, monkeypatch, tmp_path, "# test users\nalice:wonderland\nbob:builder\n",
+                      nonce_ttl="3")
 
 
 def answer(challenge: str, user: str, password: str, method: str, uri: str, nc: str = "00000001") -> str:
@@ -78,11 +85,7 @@ def test_invite_without_credentials_gets_407(cluster):
 @pytest.fixture
 def trusting(make_cluster, monkeypatch, tmp_path):
     """Digest users, and one trusted network: the test's phones on 127.0.0.1."""
-    users = tmp_path / "users"
-    users.write_text("alice:wonderland\n")
-    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
-    monkeypatch.setenv("SIPHA_AUTH_TRUSTED", "192.0.2.0/24, 127.0.0.0/8")
-    return make_cluster(nodes=2)
+    return with_users(make_cluster, monkeypatch, tmp_path, "alice:wonderland\n", trusted="192.0.2.0/24, 127.0.0.0/8")
 
 
 def test_a_trusted_source_calls_and_registers_without_credentials(trusting):
@@ -116,11 +119,7 @@ def test_a_sender_cannot_claim_a_trusted_address_in_its_via(make_cluster, monkey
     and a received= the sender wrote itself is replaced. (The trusted
     address is another loopback one: should the proxy believe the Via,
     its answer would go there, not off this machine.)"""
-    users = tmp_path / "users"
-    users.write_text("alice:wonderland\n")
-    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
-    monkeypatch.setenv("SIPHA_AUTH_TRUSTED", "127.0.0.2")
-    c = make_cluster(nodes=2)
+    c = with_users(make_cluster, monkeypatch, tmp_path, "alice:wonderland\n", trusted="127.0.0.2")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         s.settimeout(5)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, probe, register,
-                     settled, with_headers, with_nodes)
+from nodekit import (CALL_ID, SDP, UDP, answered_call, callee_says, caller_invite, in_dialog, of_method, of_status,
+                     probe, register, settled, with_headers, with_nodes)
 from node.resp import Redis
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
@@ -28,8 +28,7 @@ def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_
         bekey = bekey_of(CALL_ID)
         await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
         b_invite, = of_method(sent[owner], "INVITE")
-        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
-                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        answer = callee_says(b_invite, 200, "OK")
         await owner.on_invite_response(bekey, b_invite.top_via.branch, answer)   # saved, then relayed...
         assert of_status(sent[owner], 200)
         # ... or not: the owner dies here, and the caller never had it.
@@ -212,8 +211,7 @@ def test_an_ack_goes_on_once_for_each_2xx_the_callee_sent(tmp_path):
             await settled(home)
             acked.append(len(of_method(sent[home], "ACK")))
         # the callee had no ACK after all and sends its 2xx again: home relays it, and the next ACK
-        home.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
-                                      headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), ("127.0.0.1", 5999), "udp")
+        home.on_message(callee_says(b_invite, 200, "OK"), ("127.0.0.1", 5999), "udp")
         await settled(home)
         again = [m for m in of_status(sent[home], 200) if m.call_id == CALL_ID]
         home.on_message(in_dialog("ACK", 1, CALL_ID, "a1", ok.to.tag, "z9hG4bKack9"), ("127.0.0.1", 5999), "udp")
@@ -268,8 +266,7 @@ def test_the_callers_invite_again_at_the_partner_resumes_the_call(tmp_path):
         await settled(partner)
         resent = of_method(sent[partner], "INVITE")
         assert of_status(sent[partner], 100)
-        partner.on_message(make_response(resent[0], 200, "OK", to_tag="callee-1",
-                                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), ("127.0.0.1", 5999), "udp")
+        partner.on_message(callee_says(resent[0], 200, "OK"), ("127.0.0.1", 5999), "udp")
         await settled(partner)
         a_tag = (await partner.store.load(bekey, []))[0]["a"]["lt"]
         left = [await n.store.own.get(n.store.key("active", bekey)) for n in nodes]
@@ -298,8 +295,7 @@ def test_a_stale_copy_of_the_callers_invite_after_the_answer_gets_no_reply(tmp_p
         bekey = bekey_of(CALL_ID)
         await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
         b_invite, = of_method(sent[owner], "INVITE")
-        await owner.on_invite_response(bekey, b_invite.top_via.branch, make_response(
-            b_invite, 200, "OK", to_tag="callee-1", headers=[("Contact", "<sip:service@127.0.0.1:5998>")]))
+        await owner.on_invite_response(bekey, b_invite.top_via.branch, callee_says(b_invite, 200, "OK"))
         assert of_status(sent[owner], 200)
         before = {n: len(sent[n]) for n in nodes}
         copy = caller_invite(bekey, sdp=SDP)
@@ -357,8 +353,7 @@ def test_a_2xx_after_the_caller_cancelled_is_hung_up_by_the_partner(tmp_path):
         cancel = parse_message(caller_invite(bekey).replace(b"INVITE sip", b"CANCEL sip")
                                .replace(b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL"))
         await owner.cancel(cancel, bekey)
-        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
-                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        answer = callee_says(b_invite, 200, "OK")
         partner.on_message(answer, ("127.0.0.1", 5999), "udp")    # the owner died
         await settled(partner)
         return [(getattr(m, "method", None), m.call_id, m.to.tag) for m in sent[partner]]
@@ -480,10 +475,8 @@ def woken_owner_scenario(stall: bool, drain: bool):
         bekey = bekey_of(CALL_ID)
         await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
         b_invite, = of_method(sent[owner], "INVITE")
-        ringing = make_response(b_invite, 180, "Ringing", to_tag="callee-1",
-                                headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
-        answer = make_response(b_invite, 200, "OK", to_tag="callee-1",
-                               headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
+        ringing = callee_says(b_invite, 180, "Ringing")
+        answer = callee_says(b_invite, 200, "OK")
         for resp in (ringing, answer):                      # what the proxy brought the partner
             partner.on_message(parse_message(resp.to_bytes()), ("127.0.0.1", 5999), "udp")
             await settled(partner)
