@@ -109,6 +109,15 @@ def callee_says(b_invite: SipMessage, status: int, reason: str) -> SipMessage:
                          headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
 
 
+async def calling(owner: Node, sent) -> tuple[str, SipMessage]:
+    """The caller's INVITE (with an offer) taken by `owner` -> (bekey, the
+    B-leg INVITE it sent the callee)."""
+    bekey = bekey_of(CALL_ID)
+    await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+    b_invite, = of_method(sent[owner], "INVITE")
+    return bekey, b_invite
+
+
 async def answered_call(owner: Node, sent) -> tuple[str, SipMessage, SipMessage]:
     """A call set up on `owner` -> (bekey, its 200 to the caller, its B-leg INVITE)."""
     bekey = bekey_of(CALL_ID)

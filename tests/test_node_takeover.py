@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from nodekit import (CALL_ID, SDP, UDP, answered_call, callee_says, caller_invite, in_dialog, of_method, of_status,
-                     probe, register, settled, with_headers, with_nodes)
+from nodekit import (CALL_ID, SDP, UDP, answered_call, callee_says, caller_invite, calling, in_dialog, of_method,
+                     of_status, probe, register, settled, with_headers, with_nodes)
 from node.resp import Redis
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
@@ -25,9 +25,7 @@ def test_the_partner_relays_a_saved_answer_the_dead_owner_may_not_have_sent(tmp_
     ACKed the callee's 2xx retransmission and relayed nothing."""
     async def scenario(nodes, sent):
         owner, partner = nodes
-        bekey = bekey_of(CALL_ID)
-        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
-        b_invite, = of_method(sent[owner], "INVITE")
+        bekey, b_invite = await calling(owner, sent)
         answer = callee_says(b_invite, 200, "OK")
         await owner.on_invite_response(bekey, b_invite.top_via.branch, answer)   # saved, then relayed...
         assert of_status(sent[owner], 200)
@@ -292,9 +290,7 @@ def test_a_stale_copy_of_the_callers_invite_after_the_answer_gets_no_reply(tmp_p
     is its transaction's: the 200 goes again, which SIPp ACKs again.)"""
     async def scenario(nodes, sent):
         owner, partner = nodes
-        bekey = bekey_of(CALL_ID)
-        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
-        b_invite, = of_method(sent[owner], "INVITE")
+        bekey, b_invite = await calling(owner, sent)
         await owner.on_invite_response(bekey, b_invite.top_via.branch, callee_says(b_invite, 200, "OK"))
         assert of_status(sent[owner], 200)
         before = {n: len(sent[n]) for n in nodes}
@@ -347,9 +343,7 @@ def test_a_2xx_after_the_caller_cancelled_is_hung_up_by_the_partner(tmp_path):
     the callee in a call nobody has. It now ACKs and hangs up (BYE)."""
     async def scenario(nodes, sent):
         owner, partner = nodes
-        bekey = bekey_of(CALL_ID)
-        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
-        b_invite, = of_method(sent[owner], "INVITE")
+        bekey, b_invite = await calling(owner, sent)
         cancel = parse_message(caller_invite(bekey).replace(b"INVITE sip", b"CANCEL sip")
                                .replace(b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL"))
         await owner.cancel(cancel, bekey)
@@ -472,9 +466,7 @@ def woken_owner_scenario(stall: bool, drain: bool):
     the call; then the owner finds a copy of the 180 in its queue."""
     async def scenario(nodes, sent):
         owner, partner = nodes
-        bekey = bekey_of(CALL_ID)
-        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
-        b_invite, = of_method(sent[owner], "INVITE")
+        bekey, b_invite = await calling(owner, sent)
         ringing = callee_says(b_invite, 180, "Ringing")
         answer = callee_says(b_invite, 200, "OK")
         for resp in (ringing, answer):                      # what the proxy brought the partner
