@@ -1,14 +1,14 @@
 """Calls through a local cluster while its parts fail one after another:
 SIPp's own counts, and every warning and error the cluster logged.
 
-    .venv/bin/python bench/chaos.py                         # 2400 calls, 40/s, held 6 s, UDP
+    .venv/bin/python bench/chaos.py                         # 3200 calls, 40/s, held 6 s, UDP
     .venv/bin/python bench/chaos.py --scenario reinvite --hold 2500 --transport tcp
 
-Over about a minute of calls, 8 s apart: a node killed with its Redis (a
-host lost) and started again, a node hung (SIGSTOP, 4 s) and woken, a
-node stopped for an upgrade (it drains) and started again, a node's
-process killed with its Redis left and started again, a node's Redis
-killed and started again (empty). A run ends with SIPp's successful and
+Over 80 s of calls, 8 s apart: a node killed with its Redis (a host
+lost) and started again, a node hung (SIGSTOP, 4 s) and woken, a node
+stopped for an upgrade (it drains) and started again, a node's process
+killed with its Redis left and started again, a node's Redis killed and
+started again (empty), the proxy killed and started again 2 s later. A run ends with SIPp's successful and
 failed calls and the log lines above info, counted by process, level
 and event; the exit status is 1 when a call failed. Runs like this found
 the windows tests/test_node_takeover.py pins down (a hung node's queue
@@ -45,9 +45,12 @@ async def failures(c: Cluster) -> None:
         ("start node1", lambda: c.start_node("node1", redis=False)),
         ("kill node3's Redis", lambda: c.kill_redis("node3")),
         ("start node3's Redis (empty)", lambda: c.start_redis("node3")),
+        ("kill the proxy", lambda: c.kill("proxy")),
+        ("start the proxy", c.restart_proxy),
     ]
+    pause = {"wake node3": 4.0, "start the proxy": 2.0}
     for i, (what, do) in enumerate(steps):
-        await asyncio.sleep(4.0 if what.startswith("wake") else GAP if i % 2 == 0 else 6.0)
+        await asyncio.sleep(pause.get(what, GAP if i % 2 == 0 else 6.0))
         print(f"  {what}", flush=True)
         await asyncio.to_thread(do)
 
@@ -86,7 +89,7 @@ async def run(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=2400)
+    ap.add_argument("--calls", type=int, default=3200)
     ap.add_argument("--rate", type=float, default=40.0, help="calls per second")
     ap.add_argument("--hold", type=int, default=6000, help="ms each call is held (the scenario's pause)")
     ap.add_argument("--scenario", default="uac", help="a SIPp scenario of sipp_scenarios/ (uac, reinvite, indialog)")

@@ -276,6 +276,11 @@ class DialogStore:
             if isinstance(results[0], BaseException):
                 self.stats["redis_errors"] += 1
                 event(log, "redis_error", logging.ERROR, op="save", bekey=bekey, error=str(results[0]))
+                if record["v"] == 1 and target is not None and not isinstance(results[1], BaseException):
+                    # a record that never was: its replica alone would pass
+                    # at the partner (which gets the request handed over)
+                    # for a call this node had set up
+                    await self._forget_replica(target, bekey)
                 raise StoreUnavailable(str(results[0]))
             if target is None or not isinstance(results[1], BaseException):
                 break
@@ -296,13 +301,17 @@ class DialogStore:
         # the previous replica is stale now (it may be in our own replica
         # keyspace, when we took the record over from the node we mirrored)
         if old_partner and old_partner != target:
-            stale = self.own if old_partner == self.node_id else self.peer(old_partner)
-            if stale is not None:
-                try:
-                    await stale.delete(self.key("replica", bekey))
-                except (RedisError, OSError):
-                    if old_partner != self.node_id:
-                        self.peer_failed(old_partner)
+            await self._forget_replica(old_partner, bekey)
+
+    async def _forget_replica(self, nid: str, bekey: str) -> None:
+        """Delete the replica of `bekey` in node `nid`'s Redis (ours too), if it answers."""
+        client = self.own if nid == self.node_id else self.peer(nid)
+        try:
+            if client is not None:
+                await client.delete(self.key("replica", bekey))
+        except (RedisError, OSError):
+            if nid != self.node_id:
+                self.peer_failed(nid)
 
     def expiry(self, record: dict) -> int:
         """Seconds a record lives in Redis from its last save."""

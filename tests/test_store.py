@@ -9,7 +9,7 @@ import logging
 import pytest
 import redis
 
-from node.store import DialogStore
+from node.store import DialogStore, StoreUnavailable
 from procs import start_redis
 from sipha.sipp import free_port
 
@@ -119,3 +119,30 @@ def test_a_record_nowhere_costs_one_look_at_each_node_at_once(three_redis):
     for nid in ("n2", "n3"):
         stats = redis.Redis(port=ports[nid]).info("commandstats")
         assert stats["cmdstat_mget"]["calls"] == 1 and "cmdstat_getdel" not in stats, (nid, stats)
+
+
+def test_a_first_save_that_fails_here_leaves_no_replica_behind(three_redis):
+    """Seen in a chaos run (a node's Redis killed under load): the new
+    call's save failed on the node's own Redis but reached the partner's,
+    and the INVITE handed over to that partner found the replica, took it
+    for a call already sent to the callee and only sent the INVITE again
+    with the first node's Via, so the callee's answers went to the node
+    without a Redis, and 7 callers waited 40 s. A record saved for the
+    first time is not left as a replica when its own write fails; an
+    update's replica stays (it is the freshest copy there is)."""
+    procs, ports = three_redis
+    procs["n1"].kill()
+    procs["n1"].wait()
+
+    async def go():
+        s = stores(ports)
+        for record in ({"k": "call"}, {"k": "call", "v": 4}):
+            try:
+                await s["n1"].save(KEY + str(record.get("v", 0)), record, "n2", ["n2", "n3"])
+            except StoreUnavailable:
+                pass
+            else:
+                raise AssertionError("saved without its own Redis")
+    asyncio.run(go())
+    assert raw(ports, "n2", "replica", KEY + "0") is None
+    assert raw(ports, "n2", "replica", KEY + "4")["v"] == 5
