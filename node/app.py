@@ -50,7 +50,7 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
-from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
+from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
 from sipcore.config import Config, ConfigError
 from sipcore.errors import SipParseError
 from sipcore.headers import format_params, is_digits, is_ip, parse_name_addr, parse_uri, split_commas, split_params
@@ -476,6 +476,11 @@ class Node:
             ok = await self.store.ping()
             if ok != self.healthy:
                 self.healthy = ok
+                if not ok:
+                    # its calls being set up go on at their partners: what
+                    # this node kept of them in memory may soon be stale
+                    self.in_setup.clear()
+                    self.early.clear()
                 event(log, "redis_up" if ok else "redis_down", logging.INFO if ok else logging.ERROR,
                       node=self.id)
 
@@ -584,8 +589,10 @@ class Node:
                 self.probes_refused += 1
                 self.reply(msg, 503, "Service Unavailable (shutting down)")
                 return
-            self.reply(msg, 200 if self.healthy else 503,
-                       "OK" if self.healthy else "Service Unavailable (Redis down)", headers=warm)
+            if self.healthy:
+                self.reply(msg, 200, "OK", headers=warm)
+            else:       # the proxy then brings the answers for our calls to their partners
+                self.reply(msg, 503, "Service Unavailable (Redis down)", headers=[(STORE_DOWN_HEADER, "1")])
             return
         if msg.method != "ACK" and self.tx.cached(msg):
             return

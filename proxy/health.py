@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sipcore.bekey import DOWN_HEADER, WARM_HEADER
+from sipcore.bekey import DOWN_HEADER, STORE_DOWN_HEADER, WARM_HEADER
 from sipcore.config import Config, NodeConfig
 from sipcore.errors import SipParseError
 from sipcore.logfmt import event
@@ -59,6 +59,7 @@ class NodeHealth:
     addr: tuple[str, int] | None = None  # resolved SIP address
     last_status: int | None = None        # of the last probe (None: it went unanswered or refused)
     warm: bool = False                    # came back with its dialogs in its own Redis
+    store_down: bool = False              # its last probe said its Redis does not answer
 
     def __setattr__(self, name, value) -> None:
         if name in _VIEW_FIELDS and getattr(self, name, None) != value:
@@ -70,8 +71,10 @@ class NodeHealth:
         """In the ring, or out of it but answering its probes: a node
         draining for a stop (503) still finishes what it has in hand, so
         the answers to the requests it sent are its own, not its
-        partner's (as they are once it is dead or hung)."""
-        return self.up or self.last_status is not None
+        partner's (as they are once it is dead or hung). Not one whose
+        Redis is down: it can finish nothing (it would drop the callee's
+        answer to a call ringing there, and the caller wait for ever)."""
+        return self.up or (self.last_status is not None and not self.store_down)
 
 
 class _ProbeSocket(asyncio.DatagramProtocol):
@@ -208,6 +211,7 @@ class HealthMonitor:
         h.pending = None
         h.last_status = resp.status
         h.warm = resp.has(WARM_HEADER)
+        h.store_down = resp.status == 503 and resp.has(STORE_DOWN_HEADER)
         if 200 <= resp.status < 300:
             self._hit(nid)
         elif resp.status >= 300:

@@ -43,6 +43,10 @@ WARM_HEADER = "X-Sipha-Warm"
 # In the proxy's health probe: the nodes it sees down, so that the others
 # take on what died with them and mirror again what was mirrored there.
 DOWN_HEADER = "X-Sipha-Down"
+# In a node's 503 to the probe: its own Redis does not answer, so it can
+# finish nothing it has in hand; the answers to the requests it sent go to
+# the calls' partners, which hold the replicas.
+STORE_DOWN_HEADER = "X-Sipha-Store-Down"
 _STAMP_RE = re.compile(r"sph([0-9a-f]{16})([0-9a-f]{8})")
 
 

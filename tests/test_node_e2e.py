@@ -551,3 +551,30 @@ def test_the_partner_of_a_node_that_died_fails_the_call_over_to_the_next_trunk(m
     log = (c.dir / "logs" / f"{partner}.log").read_text()
     assert "event=upstream_failover" in log and f"failed=sip:service@127.0.0.1:{late} status=503 " in log
     assert [r["callee"].split(";")[0] for r in c.call_records()] == [f"sip:127.0.0.1:{good}"]
+
+
+def test_the_callees_answer_to_a_node_whose_redis_died_reaches_the_partner(make_cluster):
+    """A node's own Redis dies while its calls ring (the callee says 486
+    at ~3 s). Its requests were handed to the partners, but the callee's
+    answers followed the Via back to it: it answers the proxy's probes
+    (503), so it counted as able to finish what it had in hand, and could
+    not (no Redis): the 486 was dropped and the callers waited. It now
+    says so in its 503 (X-Sipha-Store-Down), and the proxy brings those
+    answers to the calls' partners, as for a node that died."""
+    c = make_cluster(nodes=3, trunk_scenario="uas_busy_late")
+
+    async def scenario():
+        s = uac(c, "uac_busy", calls=6, rate=6)
+        await s.start()
+        await asyncio.sleep(1.5)                 # every call waits for the callee
+        before = all_keys(c)
+        victim = busiest(before)
+        c.kill_redis(victim)
+        return await s.wait(30), victim, set(before[victim]["active"])
+
+    result, victim, waiting = run(scenario())
+    assert waiting, "the node held no call"
+    assert result.ok == 6 and result.failed == 0, result.log_tail
+    alive = [n for n in c.state["nodes"] if n != victim]
+    logs = "".join((c.dir / "logs" / f"{n}.log").read_text() for n in alive)
+    assert logs.count('reason="callee 486"') >= len(waiting)
