@@ -308,6 +308,21 @@ def test_a_callee_that_only_rings_is_cancelled_at_timer_c(make_cluster, monkeypa
     assert logs.count("event=fork_timeout") == 4 and logs.count('reason="callee 408"') == 4
 
 
+def fail_busiest_while_calls_wait(c, caller: str, fail, after: float, hold_ms=None):
+    """Six SIPp calls of `caller`; `after` seconds in (every call waits
+    for the callee), `fail(node)` on the node that holds the most ->
+    (SIPp's result, that node, the BEKeys it held)."""
+    async def scenario():
+        s = uac(c, caller, calls=6, rate=6, hold_ms=hold_ms)
+        await s.start()
+        await asyncio.sleep(after)
+        before = all_keys(c)
+        victim = busiest(before)
+        fail(victim)
+        return await s.wait(30), victim, set(before[victim]["active"])
+    return run(scenario())
+
+
 @pytest.mark.parametrize("caller, callee, hold_ms, ending, kill_at, timer_c", [
     ("uac_busy", "uas_busy_late", None, 'reason="callee 486"', 1.5, None),   # the callee says 486 at ~3 s
     ("cancel", "uas_ring", 2500, "reason=cancelled", 1.5, None),              # the caller cancels at ~2.5 s
@@ -334,17 +349,7 @@ def test_a_transaction_open_when_its_node_dies_ends_on_the_partner(make_cluster,
     if timer_c:
         monkeypatch.setenv("SIPHA_NODE_INVITE_TIMEOUT", timer_c)
     c = make_cluster(nodes=3, trunk_scenario=callee)
-
-    async def scenario():
-        s = uac(c, caller, calls=6, rate=6, hold_ms=hold_ms)
-        await s.start()
-        await asyncio.sleep(kill_at)             # every call waits for the callee
-        before = all_keys(c)
-        victim = busiest(before)
-        c.kill(victim)
-        return await s.wait(30), victim, set(before[victim]["active"])
-
-    result, victim, waiting = run(scenario())
+    result, victim, waiting = fail_busiest_while_calls_wait(c, caller, c.kill, kill_at, hold_ms)
     assert waiting, "the killed node held no call"
     assert result.ok == 6 and result.failed == 0, result.log_tail
     alive = [n for n in c.state["nodes"] if n != victim]
@@ -562,17 +567,7 @@ def test_the_callees_answer_to_a_node_whose_redis_died_reaches_the_partner(make_
     says so in its 503 (X-Sipha-Store-Down), and the proxy brings those
     answers to the calls' partners, as for a node that died."""
     c = make_cluster(nodes=3, trunk_scenario="uas_busy_late")
-
-    async def scenario():
-        s = uac(c, "uac_busy", calls=6, rate=6)
-        await s.start()
-        await asyncio.sleep(1.5)                 # every call waits for the callee
-        before = all_keys(c)
-        victim = busiest(before)
-        c.kill_redis(victim)
-        return await s.wait(30), victim, set(before[victim]["active"])
-
-    result, victim, waiting = run(scenario())
+    result, victim, waiting = fail_busiest_while_calls_wait(c, "uac_busy", c.kill_redis, 1.5)
     assert waiting, "the node held no call"
     assert result.ok == 6 and result.failed == 0, result.log_tail
     alive = [n for n in c.state["nodes"] if n != victim]
