@@ -21,7 +21,8 @@ The flows live in this process only; the registrations live on. So when a
 node first answers the proxy's probes (the proxy started, or restarted
 for an upgrade), the proxy asks that node's admin endpoint for the flows
 of the bindings registered from behind NAT in its Redis (`/nat_flows`,
-node/registrar.py) and pings them too. Without that, a restart would leave
+node/registrar.py) and pings them too; a proxy that does not probe
+(`--no-probe`) asks every node when it starts. Without that, a restart would leave
 each phone unreachable from the moment its router forgets the binding
 until its next REGISTER. A node's admin endpoint is its `[[nodes]]`
 admin, else its SIP host at its SIP port + 1000 (what `node.admin =

@@ -233,6 +233,9 @@ class Proxy:
             if self.primary:
                 self.health.on_first_answer = self._ask_nat_flows
         await self.health.start()
+        if self.natping is not None and self.primary and not self.health.probing:
+            for nid in self.health.nodes:   # no first answer to wait for: they count as up now
+                self._ask_nat_flows(nid)
         for nid, h in self.health.nodes.items():
             if h.addr:
                 self.node_by_addr[h.addr] = nid

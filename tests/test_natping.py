@@ -10,7 +10,9 @@ import logging
 
 from proxy import natping
 from proxy.natping import NatPinger
+from proxy.server import Proxy
 from sipcore.admin import AdminFetchError, AdminServer, fetch_json
+from sipcore.config import load_config
 from sipha.sipp import free_port
 
 OURS = "<sip:127.0.0.1:5060;lr;flow=udp:127.0.0.1:{}>"
@@ -23,11 +25,11 @@ def flow_of(path: str):
     return "127.0.0.1", int(path.split("flow=udp:127.0.0.1:")[1].rstrip(">"))
 
 
-async def serve(body: str, status_ok: bool = True) -> tuple[AdminServer, tuple[str, int]]:
+async def serve(body: str, status_ok: bool = True, port: int = 0) -> tuple[AdminServer, tuple[str, int]]:
     async def handler():
         return "application/json", body
     server = AdminServer({"/nat_flows": handler} if status_ok else {})
-    return server, await server.start("127.0.0.1", 0)
+    return server, await server.start("127.0.0.1", port)
 
 
 async def ask_and_wait(pinger: NatPinger, addr) -> None:
@@ -93,5 +95,30 @@ def test_fetch_json_names_the_address_and_what_went_wrong():
         try:
             assert await fetch_json(*addr, "/nat_flows") == {"flows": {}}
         finally:
+            await server.close()
+    asyncio.run(go())
+
+
+def test_a_proxy_that_does_not_probe_asks_every_node_at_start():
+    """With `--no-probe` no node ever answers a first probe, so the proxy
+    asks each one for its flows when it starts (at the node's SIP port +
+    1000, where `node.admin = auto` binds)."""
+    async def go():
+        proxy_port = free_port()
+        path = f"<sip:127.0.0.1:{proxy_port};lr;flow=udp:127.0.0.1:7009>"
+        admin_port = free_port()
+        while admin_port < 2024:
+            admin_port = free_port()
+        server, _ = await serve(json.dumps({"node": "node1", "flows": {path: 300}}), port=admin_port)
+        cfg = load_config(None, overrides={"proxy.listen": f"127.0.0.1:{proxy_port}", "proxy.admin": "off",
+                                           "health.probe": False, "proxy.nat_ping": 10},
+                          nodes=[f"node1=127.0.0.1:{admin_port - 1000}"])
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            await asyncio.gather(*proxy.natping._asking)
+            assert flows(proxy.natping) == {("127.0.0.1", 7009)}
+        finally:
+            await proxy.close()
             await server.close()
     asyncio.run(go())
