@@ -1,16 +1,26 @@
-"""Where a request for a host name goes (RFC 3263 §4, without NAPTR).
+"""Where a request for a host name goes (RFC 3263 §4).
 
 A trunk is often named, not numbered (`sip:carrier.example`): its
-operator publishes SRV records saying which servers take SIP, over which
-transport, in which order. For a URI with a host name:
+operator publishes NAPTR and SRV records saying which servers take SIP,
+over which transport, in which order. For a URI with a host name:
 
-- a port in the URI: that port on each IPv4 address of the name (A);
-- no port: SRV records `_sip._udp`, `_sip._tcp` and `_sips._tcp` of the
-  name (only the URI's transport, when it names one; only `_sips._tcp`
-  for a sips: URI); the first of those the proxy can send over that has
-  records wins, UDP before TCP before TLS, as Kamailio prefers them;
-  each record's target is then resolved to its IPv4 addresses;
-- no SRV records: the name's A records, port 5060 (5061 for TLS).
+- a port in the URI: that port on each address of the name;
+- no port and no `transport=`: the name's NAPTR records first (§4.1):
+  those for a transport the proxy can send over (`SIP+D2U` UDP,
+  `SIP+D2T` TCP, `SIPS+D2T` TLS; only `SIPS+D2T` for a sips: URI) with
+  the "s" flag, by order and then preference; the first whose SRV
+  name (its replacement) has records wins;
+- no port, no usable NAPTR (or none whose SRV name has records), or a
+  `transport=`: SRV records `_sip._udp`, `_sip._tcp` and `_sips._tcp` of
+  the name (only the URI's transport, when it names one; only
+  `_sips._tcp` for a sips: URI); the first of those the proxy can send
+  over that has records wins, UDP before TCP before TLS, as Kamailio
+  prefers them; each record's target is then resolved to its addresses;
+- no SRV records: the name's addresses, port 5060 (5061 for TLS).
+
+A name's addresses are its IPv4 ones, then, when the proxy listens on
+IPv6 as well, its IPv6 ones (A, then AAAA), so a server with both is
+reached over IPv4 first and over IPv6 when that fails.
 
 SRV records are ordered as RFC 2782 asks: by priority, and among one
 priority by a draw weighted by their weights. The draw is seeded with the
@@ -20,18 +30,22 @@ over the servers by weight. A server that failed (no answer in
 `proxy.dns_failover` seconds, or a TCP/TLS connection refused) goes last
 for `DOWN_SECONDS`, as in Kamailio's destination blacklist.
 
-SRV answers are cached for their TTL; A answers come from the system's
-resolver (getaddrinfo: /etc/hosts counts, unlike Kamailio's own DNS
-cache) and are kept `A_TTL` seconds. A failed lookup is kept
-`NEGATIVE_TTL` seconds, so a flood of calls to a bad name does not
-become a flood of queries. Concurrent lookups of one name share a query.
-For TLS a target stays a name: the connection verifies it.
+NAPTR and SRV answers are cached for their TTL. Addresses come from the
+system's resolver (getaddrinfo: /etc/hosts counts, unlike Kamailio's own
+DNS cache), or when `proxy.dns_servers` names servers, from /etc/hosts
+and else those servers (A and AAAA), never from /etc/resolv.conf's;
+they are kept `A_TTL` seconds. A
+failed lookup is kept `NEGATIVE_TTL` seconds, so a flood of calls to a
+bad name does not become a flood of queries. Concurrent lookups of one
+name share a query. For TLS a target stays a name: the connection
+verifies it.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import os
 import random
 import socket
 import time
@@ -42,6 +56,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from sipcore.headers import hostport, is_ip
 from sipcore.logfmt import event
 
 log = logging.getLogger("proxy")
@@ -51,12 +66,13 @@ NEGATIVE_TTL = 5.0      # seconds a name that did not resolve is not asked again
 MAX_TTL = 3600.0
 DOWN_SECONDS = 60.0     # a server that failed is tried last for this long
 SRV_SERVICE = {"udp": "_sip._udp", "tcp": "_sip._tcp", "tls": "_sips._tcp"}
+NAPTR_SERVICE = {b"SIP+D2U": "udp", b"SIP+D2T": "tcp", b"SIPS+D2T": "tls"}     # RFC 3263 §4.1
 DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
 @dataclass(frozen=True)
 class Hop:
-    """One server a request may go to: an IPv4 address (a name for TLS),
+    """One server a request may go to: an IPv4 or IPv6 address (a name for TLS),
     port and transport; priority and weight from its SRV record."""
     host: str
     port: int
@@ -92,9 +108,14 @@ class _Entry:
 
 class DnsResolver:
     def __init__(self, servers: list[tuple[str, int]], usable: frozenset[str]):
-        """`servers`: DNS servers to ask for SRV records (empty: those of
-        /etc/resolv.conf); `usable`: transports the proxy can send over."""
+        """`servers`: DNS servers to ask for NAPTR and SRV records and for
+        the addresses of names /etc/hosts does not list (empty: those of
+        /etc/resolv.conf, and addresses from the system's resolver);
+        `usable`: transports the proxy can send over."""
         self.usable = usable
+        self.ipv6 = False            # the proxy can send to IPv6 addresses (set once it listens)
+        self._ask_addresses = bool(servers)
+        self.hosts = HostsFile()
         self.cache: dict[tuple, _Entry] = {}
         self.pending: dict[tuple, asyncio.Future] = {}
         self.down: dict[tuple[str, int, str], float] = {}
@@ -148,15 +169,20 @@ class DnsResolver:
         self.stats["lookups"] += 1
         now = time.monotonic()
         if target.port is None:
-            transports = [target.transport] if target.transport else (
-                ["tls"] if target.sips else ["udp", "tcp", "tls"])
-            transports = [t for t in transports if t in self.usable]
-            found = await asyncio.gather(*(self._srv_hops(target.name, t) for t in transports))
-            for t, (hops, ttl) in zip(transports, found):
-                if hops:
-                    event(log, "dns_resolved", logging.INFO, host=target.name, service=SRV_SERVICE[t],
-                          hops=" ".join(f"{h.host}:{h.port}" for h in hops), ttl=int(ttl))
-                    return _Entry(hops, now + ttl, srv=True)
+            found = await self._naptr_hops(target) if target.transport is None else None
+            if found is None:
+                transports = [target.transport] if target.transport else (
+                    ["tls"] if target.sips else ["udp", "tcp", "tls"])
+                transports = [t for t in transports if t in self.usable]
+                srvs = await asyncio.gather(*(self._srv_hops(self._srv_name(target.name, t), t)
+                                              for t in transports))
+                found = next(((self._srv_name(target.name, t), hops, ttl, {})
+                              for t, (hops, ttl) in zip(transports, srvs) if hops), None)
+            if found is not None:
+                qname, hops, ttl, naptr = found
+                event(log, "dns_resolved", logging.INFO, host=target.name, **naptr, service=qname.rstrip("."),
+                      hops=" ".join(f"{hostport((h.host, h.port))}/{h.transport}" for h in hops), ttl=int(ttl))
+                return _Entry(hops, now + ttl, srv=True)
         transport = target.transport or ("tls" if target.sips else "udp")
         port = target.port or DEFAULT_PORT.get(transport, 5060)
         if transport == "tls":
@@ -165,38 +191,81 @@ class DnsResolver:
         if not addrs:
             self.stats["failures"] += 1
             event(log, "dns_failed", logging.WARNING, host=target.name,
-                  why="no SRV and no IPv4 address" if target.port is None else "no IPv4 address")
+                  why="no SRV and no address" if target.port is None else "no address")
             return _Entry([], now + NEGATIVE_TTL)
         return _Entry([Hop(a, port, transport) for a in addrs], now + A_TTL)
 
-    async def _srv_hops(self, name: str, transport: str) -> tuple[list[Hop], float]:
-        """The servers `_service._proto.name` lists, each target resolved
-        ([] when there are none, or the DNS did not answer)."""
-        qname = f"{SRV_SERVICE[transport]}.{name.rstrip('.')}."
+    @staticmethod
+    def _srv_name(name: str, transport: str) -> str:
+        return f"{SRV_SERVICE[transport]}.{name.rstrip('.')}."
+
+    async def _naptr_hops(self, target: Target) -> tuple[str, list[Hop], float, dict] | None:
+        """RFC 3263 §4.1: the servers of the first NAPTR record, by order
+        and preference, for a transport we can send over and whose SRV
+        name has records -> (that SRV name, its hops, the shorter TTL, the
+        record's service for the log); None: no such record (the caller
+        asks the SRV names itself)."""
+        answer = await self._query(target.name.rstrip(".") + ".", "NAPTR")
+        if answer is None:
+            return None
+        wanted = [r for r in answer
+                  if r.flags.lower() == b"s" and NAPTR_SERVICE.get(r.service.upper()) in self.usable
+                  and (not target.sips or r.service.upper() == b"SIPS+D2T")]
+        ttl = _ttl(answer)
+        for r in sorted(wanted, key=lambda r: (r.order, r.preference)):
+            qname = r.replacement.to_text()
+            hops, srv_ttl = await self._srv_hops(qname, NAPTR_SERVICE[r.service.upper()])
+            if hops:
+                return qname, hops, min(ttl, srv_ttl), {"naptr": r.service.decode("latin-1")}
+        return None
+
+    async def _query(self, qname: str, rtype: str):
+        """The answer of the DNS servers, or None (no such name or record,
+        or they did not answer: logged)."""
         try:
-            answer = await self._srv.resolve(qname, "SRV", search=False)
+            return await self._srv.resolve(qname, rtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return [], 0.0
+            return None
         except dns.exception.DNSException as exc:
-            event(log, "dns_error", logging.WARNING, host=qname, error=type(exc).__name__)
+            event(log, "dns_error", logging.WARNING, host=qname, type=rtype, error=type(exc).__name__)
+            return None
+
+    async def _srv_hops(self, qname: str, transport: str) -> tuple[list[Hop], float]:
+        """The servers the SRV records of `qname` list, each target resolved
+        ([] when there are none, or the DNS did not answer)."""
+        answer = await self._query(qname, "SRV")
+        if answer is None:
             return [], 0.0
         records = [r for r in answer if str(r.target) != "."]     # "." : no such service here
-        ttl = min(max(float(answer.rrset.ttl), 1.0), MAX_TTL)
         hops: list[Hop] = []
         for r in records:
             target = str(r.target).rstrip(".")
             hosts = [target] if transport == "tls" else await self._addresses(target)
             hops.extend(Hop(h, r.port, transport, r.priority, r.weight) for h in hosts)
-        return hops, ttl
+        return hops, _ttl(answer)
 
-    @staticmethod
-    async def _addresses(name: str) -> list[str]:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(name, None, family=socket.AF_INET,
-                                                                 type=socket.SOCK_DGRAM)
-        except OSError:
-            return []
-        return list(dict.fromkeys(info[4][0] for info in infos))
+    async def _addresses(self, name: str) -> list[str]:
+        """IPv4 addresses first, then IPv6 ones when we can send to them:
+        the system resolver's (getaddrinfo), or with proxy.dns_servers
+        set, /etc/hosts' and else those servers' (A, AAAA): the system's
+        DNS servers are then never asked."""
+        families = (socket.AF_INET, socket.AF_INET6) if self.ipv6 else (socket.AF_INET,)
+        found: list[str] = []
+        if self._ask_addresses:
+            known = self.hosts.get(name.rstrip(".").lower())
+            found = [a for family in families for a in known or () if (":" in a) == (family == socket.AF_INET6)]
+            for rtype in () if found else ("A", "AAAA")[:len(families)]:
+                answer = await self._query(name.rstrip(".") + ".", rtype)
+                found.extend(r.address for r in answer or ())
+            return list(dict.fromkeys(found))
+        loop = asyncio.get_running_loop()
+        for family in families:
+            try:
+                infos = await loop.getaddrinfo(name, None, family=family, type=socket.SOCK_DGRAM)
+            except OSError:
+                continue
+            found.extend(info[4][0] for info in infos if info[0] == family)
+        return list(dict.fromkeys(found))
 
     # ---- choosing -----------------------------------------------------
     def ordered(self, hops: list[Hop], call_id: str) -> list[Hop]:
@@ -246,3 +315,34 @@ class DnsResolver:
         if len(self.down) > 1000:
             now = time.monotonic()
             self.down = {k: t for k, t in self.down.items() if t > now}
+
+
+def _ttl(answer) -> float:
+    return min(max(float(answer.rrset.ttl), 1.0), MAX_TTL)
+
+
+class HostsFile:
+    """The addresses /etc/hosts gives each name, read again when it changes."""
+
+    def __init__(self, path: str = "/etc/hosts"):
+        self.path = path
+        self._mtime: float | None = None
+        self._names: dict[str, list[str]] = {}
+
+    def get(self, name: str) -> list[str] | None:
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            return None
+        if mtime != self._mtime:
+            self._mtime, self._names = mtime, {}
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        fields = line.split("#", 1)[0].split()
+                        if len(fields) >= 2 and is_ip(fields[0].split("%", 1)[0]):
+                            for alias in fields[1:]:
+                                self._names.setdefault(alias.lower(), []).append(fields[0])
+            except OSError:
+                return None
+        return self._names.get(name)

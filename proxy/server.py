@@ -210,6 +210,7 @@ class Proxy:
         self.our_addrs = {self.advertise, self.internal, *self.listen}
         if self.advertise6 is not None:
             self.our_addrs.add(self.advertise6)
+        self.dns.ipv6 = self.transport6 is not None
         for t in self.transports:
             t.tls_client = self.tls_client
             t.ws_origins = self.cfg.ws_origins

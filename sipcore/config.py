@@ -195,8 +195,12 @@ class Config:
     @property
     def listen(self) -> list[tuple[str, int]]:
         """The proxy's listen addresses, IPv6 ones without brackets."""
-        return [parse_hostport(p, "proxy.listen", ipv6=True)
-                for p in self.values["proxy.listen"].split(",") if p.strip()]
+        found = [parse_hostport(p, "proxy.listen", ipv6=True)
+                 for p in self.values["proxy.listen"].split(",") if p.strip()]
+        for i, addr in enumerate(found):
+            if addr in found[:i] and addr[1] != 0:
+                raise ConfigError(f"proxy.listen: {hostport(addr)} is given twice")
+        return found
 
     @property
     def ws_origins(self) -> frozenset[str]:

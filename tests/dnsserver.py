@@ -33,8 +33,18 @@ class DnsServer:
     def srv(self, name: str, *records: tuple[int, int, int, str]) -> None:
         """SRV records of `name` (`_sip._udp.trunk.test`): (priority,
         weight, port, target) each."""
-        self.records[(name.rstrip(".") + ".", "SRV")] = [
-            f"{prio} {weight} {port} {target.rstrip('.')}." for prio, weight, port, target in records]
+        self.add(name, "SRV", *(f"{prio} {weight} {port} {target.rstrip('.')}."
+                                for prio, weight, port, target in records))
+
+    def naptr(self, name: str, *records: tuple[int, int, str, str]) -> None:
+        """NAPTR records of `name`: (order, preference, service, SRV name)
+        each, with the "s" flag and no regexp (RFC 3263 §4.1)."""
+        self.add(name, "NAPTR", *(f'{order} {pref} "s" "{service}" "" {srv.rstrip(".")}.'
+                                  for order, pref, service, srv in records))
+
+    def add(self, name: str, rtype: str, *rdata: str) -> None:
+        """Records of any type (`"AAAA", "::1"`), as zone-file rdata."""
+        self.records[(name.rstrip(".") + ".", rtype)] = list(rdata)
 
     def _serve(self) -> None:
         while not self._stop:

@@ -12,6 +12,15 @@ from pathlib import Path
 from sipha.sipp import free_port
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 class Proc:
     def __init__(self, name: str, popen: subprocess.Popen, log: Path):
         self.name, self.popen, self.log = name, popen, log

@@ -32,6 +32,7 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[health]\ninterval = \"fast\"\n", "health.interval"),
     ("[health]\nbogus = 1\n", "health.bogus"),
     ("[proxy]\nlisten = \"nohost:\"\n", "proxy.listen"),
+    ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060,127.0.0.1:5060\"\n", "proxy.listen: 127.0.0.1:5060 is given twice"),
     ("[[nodes]]\nid = \"n1\"\n", "nodes[0]"),
     ("[log]\nformat = \"xml\"\n", "log.format"),
     ("[limits]\noverload_delay = 0.5\n", "limits.overload_delay"),

@@ -2,7 +2,6 @@
 proxy, the nodes on IPv4 behind it, with SIPp and a scripted phone."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,21 +10,13 @@ import pytest
 
 from clusterkit import all_keys, calls_reach, run, uac
 from phone import Phone
+from procs import has_ipv6_loopback
 from sipha.sipp import Sipp, read_stats
 
 pytestmark = pytest.mark.e2e
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-if not _has_ipv6_loopback():
+if not has_ipv6_loopback():
     pytest.skip("this host has no IPv6 loopback (::1)", allow_module_level=True)
 
 

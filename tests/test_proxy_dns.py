@@ -18,6 +18,7 @@ from sipha.sipp import free_port
 
 from clusterkit import run, uac
 from dnsserver import DnsServer
+from procs import has_ipv6_loopback
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,9 @@ class Trunk:
     """A proxy whose node (a test socket) sends requests to named trunks,
     whose servers are test sockets too."""
 
-    def __init__(self, procs, dns: DnsServer, failover: float = 0.5):
+    def __init__(self, procs, dns: DnsServer, failover: float = 0.5, port6: int | None = None):
+        """`port6`: the proxy listens on [::1] too, at this port (and on
+        127.0.0.1 at the same one)."""
         self.dns = dns
         self.node = udp_socket()
         self.node_port = self.node.getsockname()[1]
@@ -41,6 +44,7 @@ class Trunk:
         self.admin = free_port()
         self.proxy, self.addr = procs.proxy(
             {"node1": self.node.getsockname()}, "--no-probe", "--admin", f"127.0.0.1:{self.admin}",
+            *(("--listen", f"[::1]:{port6}") if port6 else ()), port=port6,
             env={"SIPHA_PROXY_DNS_SERVERS": dns.spec, "SIPHA_PROXY_DNS_FAILOVER": str(failover)})
 
     def request(self, uri: str, call_id: str, method: str = "INVITE", branch: str = "z9hG4bKnode1") -> None:
@@ -133,7 +137,7 @@ def test_a_name_that_does_not_resolve_gets_478_at_once_and_is_not_asked_again(tr
         assert resp.status == 478 and resp.reason == "Unresolvable Destination"
     assert dns.asked[("_sip._udp.nosuch.invalid.", "SRV")] == 1
     assert trunk.nothing_reached()
-    assert "status=478" in trunk.proxy.text() and 'why="no SRV and no IPv4 address"' in trunk.proxy.text()
+    assert "status=478" in trunk.proxy.text() and 'why="no SRV and no address"' in trunk.proxy.text()
 
 
 def test_a_port_in_the_uri_means_no_srv_lookup(trunk, dns):
@@ -180,14 +184,16 @@ def test_over_tcp_a_server_that_refuses_is_passed_over_at_once(procs, dns):
 
 
 def test_calls_to_a_named_trunk_get_past_its_dead_first_server(make_cluster, dns, monkeypatch):
-    """The whole path: the nodes' upstream is `sip:trunk.test`, whose SRV
-    records name first a server that is down (nothing on its port), then
-    the SIPp trunk. Every call completes; the first ones wait a second on
-    the dead server, the later ones skip it."""
+    """The whole path: the nodes' upstream is `sip:trunk.test`, whose
+    NAPTR record names its SRV records, which name first a server that is
+    down (nothing on its port), then the SIPp trunk. Every call completes;
+    the first ones wait a second on the dead server, the later ones skip
+    it."""
     monkeypatch.setenv("SIPHA_NODE_UPSTREAM", "sip:trunk.test")
     monkeypatch.setenv("SIPHA_PROXY_DNS_SERVERS", dns.spec)
     monkeypatch.setenv("SIPHA_PROXY_DNS_FAILOVER", "1.0")
     c = make_cluster(nodes=2)
+    dns.naptr("trunk.test", (10, 10, "SIP+D2U", "_sip._udp.trunk.test"))
     dns.srv("_sip._udp.trunk.test", (10, 0, free_port(), "localhost"),
             (20, 0, c.state["trunk"]["port"], "localhost"))
     result = run(uac(c, "uac", calls=30, rate=10, hold_ms=200).run(60))
@@ -196,3 +202,65 @@ def test_calls_to_a_named_trunk_get_past_its_dead_first_server(make_cluster, dns
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
     assert 1 <= proxy_log.count("event=dns_failover") < 30
     assert dns.asked[("_sip._udp.trunk.test.", "SRV")] == 1
+    assert "naptr=SIP+D2U service=_sip._udp.trunk.test" in proxy_log
+
+
+def test_naptr_records_choose_the_srv_name_by_order_and_skip_what_cannot_be_used(trunk, dns):
+    """RFC 3263 §4.1: the first NAPTR record, by order then preference,
+    for a transport the proxy sends over and whose SRV name has records.
+    Before it: TLS (the proxy has no TLS listener), a record whose SRV name
+    has none. The name's own `_sip._udp` SRV records are not used."""
+    dns.naptr("trunk.test", (5, 10, "SIPS+D2T", "_sips._tcp.trunk.test"),
+              (10, 10, "SIP+D2U", "_sip._udp.empty.test"),
+              (20, 20, "SIP+D2U", "_sip._udp.first.test"),
+              (20, 10, "SIP+D2U", "_sip._udp.carrier.test"))
+    dns.srv("_sips._tcp.trunk.test", (10, 0, trunk.ports[0], "localhost"))
+    dns.srv("_sip._udp.carrier.test", (10, 0, trunk.ports[1], "localhost"))
+    dns.srv("_sip._udp.first.test", (10, 0, trunk.ports[0], "localhost"))
+    dns.srv("_sip._udp.trunk.test", (10, 0, trunk.ports[0], "localhost"))
+    trunk.request("sip:bob@trunk.test", uuid.uuid4().hex)
+    where, invite = trunk.reached()
+    assert where == 1 and invite.uri == "sip:bob@trunk.test"
+    assert trunk.nothing_reached()
+    assert (f"event=dns_resolved host=trunk.test naptr=SIP+D2U service=_sip._udp.carrier.test "
+            f'hops=127.0.0.1:{trunk.ports[1]}/udp') in trunk.proxy.text()
+    assert dns.asked[("trunk.test.", "NAPTR")] == 1 and not dns.asked[("_sips._tcp.trunk.test.", "SRV")]
+    assert dns.asked[("_sip._udp.empty.test.", "SRV")] == 1 and not dns.asked[("_sip._udp.first.test.", "SRV")]
+    assert not dns.asked[("localhost.", "A")]           # /etc/hosts names it
+    # a transport in the URI: its SRV name straight away (§4.1), no NAPTR
+    trunk.request("sip:bob@other.test;transport=udp", uuid.uuid4().hex, branch="z9hG4bKnode2")
+    deadline = time.monotonic() + 3
+    while not dns.asked[("_sip._udp.other.test.", "SRV")] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dns.asked[("_sip._udp.other.test.", "SRV")] == 1 and not dns.asked[("other.test.", "NAPTR")]
+
+
+def test_naptr_with_no_usable_record_falls_back_to_the_srv_names(trunk, dns):
+    dns.naptr("trunk.test", (10, 10, "SIP+D2U", "_sip._udp.gone.test"), (20, 10, "E2U+sip", "x.trunk.test"))
+    dns.srv("_sip._udp.trunk.test", (10, 0, trunk.ports[0], "localhost"))
+    trunk.request("sip:bob@trunk.test", uuid.uuid4().hex)
+    assert trunk.reached()[0] == 0
+    assert "event=dns_resolved host=trunk.test service=_sip._udp.trunk.test" in trunk.proxy.text()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")
+def test_a_server_with_only_an_ipv6_address_is_reached_when_the_proxy_listens_on_ipv6(procs, dns):
+    """AAAA: the SRV target has no IPv4 address; the proxy, listening on
+    [::1] as well, sends over IPv6. Addresses of a name the system's
+    resolver does not know come from proxy.dns_servers."""
+    server6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    server6.bind(("::1", 0))
+    port = free_port()
+    t = Trunk(procs, dns, port6=port)
+    try:
+        dns.srv("_sip._udp.trunk.test", (10, 0, server6.getsockname()[1], "v6only.trunk.test"))
+        dns.add("v6only.trunk.test", "AAAA", "::1")
+        t.request("sip:bob@trunk.test", uuid.uuid4().hex)
+        server6.settimeout(3)
+        invite = parse_message(server6.recv(65535))
+        assert invite.uri == "sip:bob@trunk.test" and invite.top_via.host == "[::1]"
+        assert f"hops=[::1]:{server6.getsockname()[1]}/udp" in t.proxy.text()
+        assert dns.asked[("v6only.trunk.test.", "A")] == 1
+    finally:
+        server6.close()
+        t.close()
