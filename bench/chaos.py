@@ -8,7 +8,9 @@ Over 80 s of calls, 8 s apart: a node killed with its Redis (a host
 lost) and started again, a node hung (SIGSTOP, 4 s) and woken, a node
 stopped for an upgrade (it drains) and started again, a node's process
 killed with its Redis left and started again, a node's Redis killed and
-started again (empty), the proxy killed and started again 2 s later. A run ends with SIPp's successful and
+started again (empty), the proxy killed and started again 2 s later
+(over TCP SIPp connects again 3.5 s after its connection closed, as a
+phone would, and keeps its calls). A run ends with SIPp's successful and
 failed calls and the log lines above info, counted by process, level
 and event; the exit status is 1 when a call failed. Runs like this found
 the windows tests/test_node_takeover.py pins down (a hung node's queue
@@ -71,8 +73,12 @@ async def run(args) -> int:
     c.up(nodes=4, port=free_port(), trunk="sipp", trunk_scenario=args.trunk_scenario, ramp=3.0, log_level="info")
     try:
         await asyncio.sleep(1.5)
+        # over TCP the proxy's restart closes SIPp's connection: SIPp
+        # connects again, as a phone would, and keeps its calls
+        reconnect = ["-max_reconnect", "20", "-reconnect_sleep", "3500", "-reconnect_close", "false"] \
+            if args.transport == "tcp" else []
         sipp = Sipp(args.scenario, target=c.proxy_addr, calls=args.calls, rate=args.rate, hold_ms=args.hold,
-                    transport=args.transport, workdir=str(work), extra=["-recv_timeout", "40000"])
+                    transport=args.transport, workdir=str(work), extra=["-recv_timeout", "40000", *reconnect])
         print(f"{args.calls} calls ({args.scenario} to {args.trunk_scenario}, {args.transport}) at {args.rate:g}/s, "
               f"held {args.hold} ms")
         await sipp.start()

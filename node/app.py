@@ -93,6 +93,7 @@ NODE_COUNTERS = {
     "taken_over": ("what",),        # records of a node seen down taken on here: ringing / lost
     "mirrored_again": (),           # records saved again, their partner seen down
     "stale_requests": (),           # queued through a stall, not handled (Node.stalled)
+    "stale_responses": (),
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
@@ -553,6 +554,15 @@ class Node:
             self.on_bad_input(exc, msg.to_bytes(), src, transport)
             return
         if isinstance(msg, SipResponse):
+            if msg.stale:
+                # the partner may have taken the call meanwhile and relayed
+                # its fresh copy; whoever still needs this one gets it again
+                # (a final answer until it is ACKed, a 100rel provisional
+                # until PRACKed, an answer to our request when we resend it)
+                self.stats.inc("stale_responses")
+                event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
+                      reason="waited through a stall")
+                return
             if msg.status == 430:
                 # the proxy's word that a phone's connection is gone (RFC
                 # 5626 §5.3), meant for its registrar: the caller hears

@@ -494,8 +494,9 @@ def test_a_woken_or_draining_owner_tells_the_caller_no_ringing_after_the_answer(
     2400 on them. A draining node did the same, and saved the 183's RSeq
     where the partner, which took its ringing calls at the proxy's probe,
     did not look: the caller's PRACK got 481 (4 calls). A stalled node now
-    forgets that memory at the first message it finds, and a draining one
-    does not use it: the 180 is read against the answered call."""
+    forgets that memory at the first message it finds (and drops that
+    message, read from its backlog), and a draining one does not use it:
+    the 180 is read against the answered call."""
     to_caller = with_nodes(tmp_path, 2, woken_owner_scenario(stall, drain))
     assert [m.status for m in to_caller] == []
 
@@ -530,3 +531,32 @@ def test_requests_that_waited_through_a_stall_are_not_handled(tmp_path):
     early, dropped, acks = with_nodes(tmp_path, 2, scenario)
     assert early == [] and dropped == 3
     assert len(acks) == 1 and acks[0].call_id != CALL_ID          # the ACK went on to the callee
+
+
+def test_a_response_that_waited_through_a_stall_is_not_relayed(tmp_path):
+    """Seen in a chaos run (uac_prack over TCP, a node SIGSTOPped for 4
+    s): the callee's reliable 183 waited in the hung owner's queue while
+    the partner relayed its retransmission, took the PRACK and the answer;
+    woken, the owner relayed its copy from the B-leg transaction it still
+    held, and the caller, already answered, aborted the call on it. A
+    response read from a stalled node's backlog is dropped, as a request
+    is: the callee sends it again while it matters (a 100rel 183 until its
+    PRACK), and that fresh copy is relayed."""
+    async def scenario(nodes, sent):
+        owner, _ = nodes
+        _, b_invite = await calling(owner, sent)
+        reliable = with_headers(callee_says(b_invite, 183, "Session Progress"),
+                                [("Require", "100rel"), ("RSeq", "1")], SDP, "application/sdp").to_bytes()
+        before = len(sent[owner])
+        stale = parse_message(reliable)
+        stale.stale = True
+        owner.on_message(stale, ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        dropped = sent[owner][before:], owner.stats.as_dict().get("stale_responses")
+        owner.on_message(parse_message(reliable), ("127.0.0.1", 5999), "udp")
+        await settled(owner)
+        return dropped, [m.status for m in sent[owner][before:] if m.call_id == CALL_ID]
+
+    (relayed, counted), fresh = with_nodes(tmp_path, 2, scenario)
+    assert relayed == [] and counted == 1
+    assert fresh == [183]
