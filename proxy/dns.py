@@ -34,11 +34,10 @@ NAPTR and SRV answers are cached for their TTL. Addresses come from the
 system's resolver (getaddrinfo: /etc/hosts counts, unlike Kamailio's own
 DNS cache), or when `proxy.dns_servers` names servers, from /etc/hosts
 and else those servers (A and AAAA), never from /etc/resolv.conf's;
-they are kept `A_TTL` seconds. A
-failed lookup is kept `NEGATIVE_TTL` seconds, so a flood of calls to a
-bad name does not become a flood of queries. Concurrent lookups of one
-name share a query. For TLS a target stays a name: the connection
-verifies it.
+they are kept `A_TTL` seconds. A failed lookup is kept `NEGATIVE_TTL`
+seconds, so a flood of calls to a bad name does not become a flood of
+queries. Concurrent lookups of one name share a query. For TLS a target
+stays a name: the connection verifies it.
 """
 from __future__ import annotations
 
