@@ -50,10 +50,13 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore.admin import AdminServer, json_handler, start_admin
-from sipcore.bekey import DOWN_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of, make_stamp, rank, read_stamp
+from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
+                           make_stamp, rank, read_stamp)
 from sipcore.config import Config, ConfigError
 from sipcore.errors import SipParseError
-from sipcore.headers import format_params, is_digits, is_ip, parse_name_addr, parse_uri, split_commas, split_params
+from sipcore.expiring import remember
+from sipcore.headers import (format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri, split_commas,
+                             split_params)
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -345,6 +348,7 @@ class Node:
         self.draining = False        # stopping: probes get 503 (drain)
         self.probes_refused = 0
         self.last_probe = 0.0
+        self.probers: dict[tuple[str, int], float] = {}     # where probes came from -> when last
         # the other nodes' SIP addresses, resolved (hand_over)
         self.peer_addrs: dict[str, tuple[str, int]] = {
             n.id: n.sip for n in cfg.nodes if n.id != node_id and is_ip(n.sip[0])}
@@ -426,7 +430,8 @@ class Node:
         hold the replicas, after `health.down_after` of them; meanwhile
         and until then this node serves all that comes, then what it has
         in hand (requests being handled, requests it sent on, 2xx awaiting
-        their ACK), for up to two seconds more. A kill loses the messages
+        their ACK), for up to two seconds more; then it tells the proxies
+        it is gone (say_leaving). A kill loses the messages
         of the proxy's detection window (retransmitted, or answered by the
         partner from its replica); a drain loses none of them. Calls still
         ringing here are the partner's at the proxy's next probe
@@ -444,8 +449,27 @@ class Node:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and (self.inflight or self.tx.busy()):
             await asyncio.sleep(0.05)
+        self.say_leaving(interval)
         event(log, "node_drained", node=self.id, after_s=round(time.monotonic() - started, 2),
               probes_refused=self.probes_refused, left_inflight=self.inflight or None)
+
+    def say_leaving(self, interval: float) -> None:
+        """Tell each proxy that probed lately that this node is gone now.
+        A node that answers its probes, even 503, gets the answers to the
+        requests it sent (proxy/health.py NodeHealth.reachable); from its
+        exit until a probe finds it gone they would reach nobody, and the
+        partner that took a call on waits for their retransmissions (seen
+        in a chaos run: the callee's 200 to a CANCEL the partner sent for
+        a re-INVITE relayed here, and its 487)."""
+        now = time.monotonic()
+        host, port = self.transport.local
+        for n, prober in enumerate(p for p, seen in self.probers.items() if now - seen < 2 * interval + 0.2):
+            self._send((f"OPTIONS sip:{hostport(prober)} SIP/2.0\r\n"
+                        f"Via: SIP/2.0/UDP {hostport((host, port))};branch=z9hG4bKleaving{n}{random_hex(6)}\r\n"
+                        f"Max-Forwards: 0\r\nFrom: <sip:{self.id}@{hostport((host, port))}>;tag={random_hex(8)}\r\n"
+                        f"To: <sip:{hostport(prober)}>\r\nCall-ID: leaving-{self.id}-{random_hex(8)}@sipha\r\n"
+                        f"CSeq: 1 OPTIONS\r\n{LEAVING_HEADER}: {self.id}\r\nContent-Length: 0\r\n\r\n").encode(),
+                       prober)
 
     async def close(self) -> None:
         self.closed = True
@@ -595,6 +619,7 @@ class Node:
             warm = [(WARM_HEADER, str(self.warm))] if self.warm and time.monotonic() < self.warm_until else []
             self.peers_seen_down(frozenset(split_commas(msg.get(DOWN_HEADER) or "")) - {self.id})
             self.last_probe = time.monotonic()
+            remember(self.probers, src, self.last_probe, size=64)
             if self.draining:
                 self.probes_refused += 1
                 self.reply(msg, 503, "Service Unavailable (shutting down)")

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sipcore.bekey import DOWN_HEADER, STORE_DOWN_HEADER, WARM_HEADER
+from sipcore.bekey import DOWN_HEADER, LEAVING_HEADER, STORE_DOWN_HEADER, WARM_HEADER
 from sipcore.config import Config, NodeConfig
 from sipcore.errors import SipParseError
 from sipcore.logfmt import event
@@ -93,6 +93,8 @@ class _ProbeSocket(asyncio.DatagramProtocol):
             return
         if isinstance(msg, SipResponse):
             self.health.probe_answered(self.node_id, msg)
+        elif msg.has(LEAVING_HEADER) and addr[:2] == self.health.nodes[self.node_id].addr:
+            self.health.node_left(self.node_id)
 
     def error_received(self, exc):
         if isinstance(exc, ConnectionRefusedError):
@@ -216,6 +218,16 @@ class HealthMonitor:
             self._hit(nid)
         elif resp.status >= 300:
             self._miss(nid, f"status {resp.status}")
+
+    def node_left(self, nid: str) -> None:
+        """The node drained and exits now (node/app.py say_leaving): the
+        answers to what it sent go to its partners from now on."""
+        h = self.nodes[nid]
+        h.pending = None
+        h.last_status = None
+        if h.up:
+            self._set_down(nid, "left")
+        event(log, "node_left", node=nid)
 
     def probe_refused(self, nid: str) -> None:
         h = self.nodes[nid]

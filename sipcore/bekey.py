@@ -47,6 +47,10 @@ DOWN_HEADER = "X-Sipha-Down"
 # finish nothing it has in hand; the answers to the requests it sent go to
 # the calls' partners, which hold the replicas.
 STORE_DOWN_HEADER = "X-Sipha-Store-Down"
+# In the request a drained node sends each proxy's probe socket as it
+# exits: the answers to what it sent go to the partners from now on, not
+# once a probe has gone unanswered.
+LEAVING_HEADER = "X-Sipha-Leaving"
 _STAMP_RE = re.compile(r"sph([0-9a-f]{16})([0-9a-f]{8})")
 
 

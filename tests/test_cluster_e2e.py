@@ -222,3 +222,27 @@ def test_a_draining_node_gets_the_answers_to_what_it_sent(make_cluster):
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
     assert f"event=node_down node={victim}" in proxy_log and "event=response_rerouted" not in proxy_log
     assert "left_inflight" not in (c.dir / "logs" / f"{victim}.log").read_text()
+
+
+def test_a_drained_node_says_it_is_gone_so_the_answers_to_what_it_sent_reach_the_partner(make_cluster):
+    """Seen in a chaos run (reinvite_cancel.xml, a node stopped for an
+    upgrade): callers cancelled re-INVITEs the draining node had relayed;
+    their CANCELs went to the partners (the node was out of the ring), and
+    the callee's 200 and 487, addressed to the node's Via, reached the
+    node's address after it had exited, until a probe found it gone. The
+    partners sent their CANCELs again, on which SIPp aborted 4 calls of
+    3200. A drained node now tells the proxy it leaves as it goes."""
+    c = make_cluster(nodes=3, trunk_scenario="uas_reinvite_cancel")
+
+    async def scenario():
+        s = uac(c, "reinvite_cancel", calls=120, rate=40, hold_ms=1000)
+        await s.start()
+        await asyncio.sleep(2.5)
+        victim = busiest(all_keys(c))
+        await asyncio.to_thread(c.stop, victim)
+        return await s.wait(30), victim
+
+    result, victim = run(scenario())
+    assert result.ok == 120 and result.failed == 0, result.log_tail
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert f"event=node_left node={victim}" in proxy_log
