@@ -173,6 +173,20 @@ def test_the_proxy_killed_and_restarted_costs_no_call(make_cluster):
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
 
 
+def stop_busiest_under_load(c, scenario: str, *, calls: int, rate: int, wait: float = 60):
+    """SIPp calls of `scenario` (held 1 s); 2.5 s in, the node holding the
+    most dialogs is stopped for an upgrade (it drains) -> (SIPp's result,
+    that node)."""
+    async def go():
+        s = uac(c, scenario, calls=calls, rate=rate, hold_ms=1000)
+        await s.start()
+        await asyncio.sleep(2.5)
+        victim = busiest(all_keys(c))
+        await asyncio.to_thread(c.stop, victim)
+        return await s.wait(wait), victim
+    return run(go())
+
+
 def test_a_node_stopped_for_an_upgrade_drains_first(make_cluster):
     """SIGTERM (systemctl stop, an upgrade) closed a node at once, like a
     crash: the calls went on at the partners, but what reached the node
@@ -181,17 +195,7 @@ def test_a_node_stopped_for_an_upgrade_drains_first(make_cluster):
     serves on until the proxy has routed its calls elsewhere: nothing is
     lost, nothing is retransmitted."""
     c = make_cluster(nodes=3)
-
-    async def scenario():
-        s = uac(c, "reinvite", calls=150, rate=30, hold_ms=1000)
-        await s.start()
-        await asyncio.sleep(2.5)
-        before = all_keys(c)
-        victim = busiest(before)
-        await asyncio.to_thread(c.stop, victim)
-        return await s.wait(60), victim
-
-    result, victim = run(scenario())
+    result, victim = stop_busiest_under_load(c, "reinvite", calls=150, rate=30)
     assert result.ok == 150 and result.failed == 0, result.log_tail
     assert result.retransmissions == 0
     node_log = (c.dir / "logs" / f"{victim}.log").read_text()
@@ -207,16 +211,7 @@ def test_a_draining_node_gets_the_answers_to_what_it_sent(make_cluster):
     reach it. They went to its partner, as if it were dead, which then
     had to finish transactions the draining node was finishing too."""
     c = make_cluster(nodes=3, trunk_scenario="uas_late_reinvite")
-
-    async def scenario():
-        s = uac(c, "reinvite", calls=60, rate=20, hold_ms=1000)
-        await s.start()
-        await asyncio.sleep(2.5)
-        victim = busiest(all_keys(c))
-        await asyncio.to_thread(c.stop, victim)
-        return await s.wait(60), victim
-
-    result, victim = run(scenario())
+    result, victim = stop_busiest_under_load(c, "reinvite", calls=60, rate=20)
     assert result.ok == 60 and result.failed == 0, result.log_tail
     assert result.retransmissions == 0
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
@@ -233,16 +228,7 @@ def test_a_drained_node_says_it_is_gone_so_the_answers_to_what_it_sent_reach_the
     partners sent their CANCELs again, on which SIPp aborted 4 calls of
     3200. A drained node now tells the proxy it leaves as it goes."""
     c = make_cluster(nodes=3, trunk_scenario="uas_reinvite_cancel")
-
-    async def scenario():
-        s = uac(c, "reinvite_cancel", calls=120, rate=40, hold_ms=1000)
-        await s.start()
-        await asyncio.sleep(2.5)
-        victim = busiest(all_keys(c))
-        await asyncio.to_thread(c.stop, victim)
-        return await s.wait(30), victim
-
-    result, victim = run(scenario())
+    result, victim = stop_busiest_under_load(c, "reinvite_cancel", calls=120, rate=40, wait=30)
     assert result.ok == 120 and result.failed == 0, result.log_tail
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
     assert f"event=node_left node={victim}" in proxy_log
