@@ -333,7 +333,7 @@ class Node:
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
         self._tasks: list[asyncio.Task] = []
-        self.contact = f"<sip:{self.addr[0]}:{self.addr[1]}>"
+        self.contact = f"<sip:{hostport(self.addr)}>"
         self.started = time.time()
         self.warm = 0            # active records found in our Redis at start
         # new work (NEW_WORK) refused while messages wait too long in our UDP queue
@@ -383,10 +383,10 @@ class Node:
         routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
                   "/nat_flows": json_handler(lambda: nat_flows(self))}
         self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr[1], routes)
-        event(log, "node_started", node=self.id, sip=f"{self.addr[0]}:{self.addr[1]}",
-              proxy=f"{self.proxy_addr[0]}:{self.proxy_addr[1]}", redis_ok=self.healthy,
+        event(log, "node_started", node=self.id, sip=hostport(self.addr),
+              proxy=hostport(self.proxy_addr), redis_ok=self.healthy,
               upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,
-              admin=f"{admin_addr[0]}:{admin_addr[1]}" if admin_addr else None)
+              admin=hostport(admin_addr) if admin_addr else None)
 
     async def _resolve(self, addr):
         infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
@@ -396,7 +396,7 @@ class Node:
         kinds = await self.store.kinds()
         counts = {space: (-1 if by is None else sum(by.values())) for space, by in kinds.items()}
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
-                "sip": f"{self.addr[0]}:{self.addr[1]}", "redis_ok": self.healthy,
+                "sip": hostport(self.addr), "redis_ok": self.healthy,
                 "keys": counts,
                 "dialogs": {space: by and by["call"] for space, by in kinds.items()},
                 "registrations": {space: by and by["reg"] for space, by in kinds.items()}, "calls_in_memory_locks": len(self.locks),
@@ -521,7 +521,7 @@ class Node:
         except OSError as exc:
             # closing: what is still being handled has nowhere to go, as expected
             event(log, "send_error", logging.DEBUG if self.closed else logging.WARNING,
-                  dest=f"{dest[0]}:{dest[1]}", error=str(exc))
+                  dest=hostport(dest), error=str(exc))
 
     # ---- input -----------------------------------------------------------
     def on_bad_input(self, exc: SipParseError, data: bytes, src, transport: str) -> None:
@@ -532,7 +532,7 @@ class Node:
                 self.tx.respond(msg, make_response(msg, 400, reason_phrase_safe(f"Bad Request ({exc.reason})")))
             except SipParseError:
                 pass
-        event(log, "parse_rejected", src=f"{src[0]}:{src[1]}/{transport}", reason=exc.reason)
+        event(log, "parse_rejected", src=f"{hostport(src)}/{transport}", reason=exc.reason)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -1670,7 +1670,7 @@ class Node:
         routes = [r.raw for r in reversed(resp.record_routes)]
         base = (f"Max-Forwards: 70\r\nFrom: {resp.get('From')}\r\nTo: {resp.get('To')}\r\n"
                 f"Call-ID: {resp.call_id}\r\n" + "".join(f"Route: {r}\r\n" for r in routes))
-        via = f"SIP/2.0/UDP {self.addr[0]}:{self.addr[1]}"
+        via = f"SIP/2.0/UDP {hostport(self.addr)}"
         ack = parse_request(f"ACK {contact} SIP/2.0\r\nVia: {via};branch={new_branch()};rport\r\n{base}"
                             f"CSeq: {resp.cseq[0]} ACK\r\nContent-Length: 0\r\n\r\n")
         self.tx.request(ack, lambda r: None)
@@ -1690,11 +1690,11 @@ class Node:
         its bytes, aborted the call on a copy with another Contact)."""
         L = record[leg]
         via = via or self.addr
-        contact = self.contact if via == self.addr else f"<sip:{via[0]}:{via[1]}>"
+        contact = self.contact if via == self.addr else f"<sip:{hostport(via)}>"
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
         lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
-                 f"Via: SIP/2.0/UDP {via[0]}:{via[1]};branch={branch or new_branch()};rport",
+                 f"Via: SIP/2.0/UDP {hostport(via)};branch={branch or new_branch()};rport",
                  f"Max-Forwards: {hops}",
                  f"From: {L['lu']};tag={L['lt']}",
                  f"To: {to}",

@@ -303,9 +303,9 @@ class DnsResolver:
             if entry.expires > now:
                 key = name + (f":{port}" if port else "") + (f";transport={transport}" if transport else "") + \
                     (" (sips)" if sips else "")
-                names[key] = {"servers": [f"{h.host}:{h.port}/{h.transport}" for h in entry.hops],
+                names[key] = {"servers": [f"{hostport((h.host, h.port))}/{h.transport}" for h in entry.hops],
                               "srv": entry.srv, "expires_in_s": round(entry.expires - now, 1)}
-        down = {f"{host}:{port}/{transport}": round(until - now, 1)
+        down = {f"{hostport((host, port))}/{transport}": round(until - now, 1)
                 for (host, port, transport), until in self.down.items() if until > now}
         return {"names": names, "servers_down_s": down, **self.stats}
 

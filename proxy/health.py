@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from sipcore.bekey import DOWN_HEADER, LEAVING_HEADER, STORE_DOWN_HEADER, WARM_HEADER
 from sipcore.config import Config, NodeConfig
 from sipcore.errors import SipParseError
+from sipcore.headers import hostport
 from sipcore.logfmt import event
 from sipcore.message import SipResponse, parse_message
 
@@ -138,8 +139,9 @@ class HealthMonitor:
 
     async def _resolve(self, node: NodeConfig) -> tuple[str, int] | None:
         try:
+            family = socket.AF_INET6 if ":" in self.local_host else socket.AF_INET    # the nodes' side
             infos = await asyncio.get_running_loop().getaddrinfo(
-                node.host, node.port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+                node.host, node.port, family=family, type=socket.SOCK_DGRAM)
             return infos[0][4][0], node.port
         except OSError as exc:
             event(log, "node_unresolved", logging.WARNING, node=node.id, host=node.host, error=str(exc))
@@ -169,11 +171,11 @@ class HealthMonitor:
         host, port = h.addr
         down = [other for other, oh in self.nodes.items() if not oh.up and other != nid]
         told = f"{DOWN_HEADER}: {', '.join(down)}\r\n" if down else ""
-        text = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {lhost}:{lport};branch={branch};rport\r\n"
+        text = (f"OPTIONS sip:{hostport((host, port))} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {hostport((lhost, lport))};branch={branch};rport\r\n"
                 f"Max-Forwards: 70\r\n"
-                f"From: <sip:sipha-proxy@{lhost}>;tag={self._tag}\r\n"
-                f"To: <sip:{host}:{port}>\r\n"
+                f"From: <sip:sipha-proxy@{hostport((lhost, lport))}>;tag={self._tag}\r\n"
+                f"To: <sip:{hostport((host, port))}>\r\n"
                 f"Call-ID: probe-{nid}-{self._tag}@sipha\r\n"
                 f"CSeq: {seq} OPTIONS\r\n"
                 f"User-Agent: sipha-proxy\r\n{told}"
@@ -266,7 +268,7 @@ class HealthMonitor:
         h.hits = 0
         h.ramp_started = None
         h.changed_at = time.monotonic()
-        event(log, "node_down", logging.WARNING, node=nid, addr=f"{h.node.host}:{h.node.port}", reason=why)
+        event(log, "node_down", logging.WARNING, node=nid, addr=hostport((h.node.host, h.node.port)), reason=why)
         if self.on_change:
             self.on_change(nid)
 
@@ -280,7 +282,7 @@ class HealthMonitor:
             h.ramp_started = time.monotonic()
         else:
             h.load_factor = 1.0
-        event(log, "node_up", node=nid, addr=f"{h.node.host}:{h.node.port}",
+        event(log, "node_up", node=nid, addr=hostport((h.node.host, h.node.port)),
               load_factor=round(h.load_factor, 3), warm=h.warm or None)
         if self.on_change:
             self.on_change(nid)

@@ -113,9 +113,10 @@ class Proxy:
         # what the proxy can send over: UDP, TCP and the kinds it listens for
         self.sendable = ("udp", "tcp", *(kind for kind in STREAM_KINDS if cfg.stream_listen(kind)))
         # Dual stack: phones and trunks over IPv4 or IPv6, the nodes over
-        # IPv4. What goes to an address is sent from a socket of its
-        # family, and the Via, Record-Route or Path on it names the proxy
-        # in that family (advertise6), as the peer will send to it.
+        # the family of proxy.internal. What goes to an address is sent
+        # from a socket of its family, and the Via, Record-Route or Path
+        # on it names the proxy in that family (advertise6), as the peer
+        # will send to it.
         self.internal = cfg.internal
         adv = cfg.advertise
         first_v4 = next(a for a in self.listen if ":" not in a[0])
@@ -141,7 +142,9 @@ class Proxy:
         self.natping = (NatPinger(cfg["proxy.nat_ping"], self._keepalive) if cfg["proxy.nat_ping"] > 0
                         else None)
         self.stream_advertise: dict[tuple[str, bool], tuple[str, int]] = {}    # (kind, IPv6) -> address
-        self.health = HealthMonitor(cfg, first_v4[0])
+        # the probes go from a listen address of the nodes' family
+        v6_nodes = ":" in self.internal[0]
+        self.health = HealthMonitor(cfg, next(h for h, _ in self.listen if (":" in h) == v6_nodes))
         self.node_by_addr: dict[tuple[str, int], str] = {}
         self.our_addrs: set[tuple[str, int]] = set()
         self.bad_input_log = RateLimitedLog()
@@ -255,7 +258,7 @@ class Proxy:
         event(log, "proxy_started", listen=",".join(hostport(a) for a in self.listen),
               **{kind: ",".join(map(hostport, addrs)) for kind, addrs in self.listen_streams.items()},
               admin=hostport(self.admin_addr) if self.admin_addr else None,
-              nodes=",".join(f"{n.id}={n.host}:{n.port}" for n in self.cfg.nodes),
+              nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
               probe=self.health.probing)
 
     async def close(self) -> None:
@@ -279,7 +282,7 @@ class Proxy:
             "listen": [hostport(a) for a in self.listen],
             **{kind: [hostport(a) for a in addrs] for kind, addrs in self.listen_streams.items()},
             "probe": self.health.probing,
-            "nodes": [{"id": nid, "sip": f"{h.node.host}:{h.node.port}", "up": h.up,
+            "nodes": [{"id": nid, "sip": hostport((h.node.host, h.node.port)), "up": h.up,
                        "load_factor": round(h.load_factor, 3), "last_probe_status": h.last_status}
                       for nid, h in self.health.nodes.items()],
             "workers": self.link.role.count if self.link else 1,
@@ -327,7 +330,7 @@ class Proxy:
     # ---- helpers -----------------------------------------------------
     @property
     def transport(self) -> SipTransport:
-        """The first IPv4 one: the nodes' side."""
+        """The first IPv4 one."""
         return self.transports[0]
 
     def transport_for(self, host: str) -> SipTransport | None:

@@ -71,8 +71,8 @@ class NodeConfig:
 SETTINGS: dict[str, tuple[type, Any, str]] = {
     "cluster.secret": (str, "sipha-change-me", "key of the BEKey stamp MAC; the same on proxy and nodes"),
     "proxy.listen": (str, "127.0.0.1:5060", "proxy SIP address(es), comma-separated, UDP and TCP on each; "
-                     "IPv4 and IPv6 ([::1]:5060), at least one IPv4 (the nodes' side)"),
-    "proxy.internal": (str, "", "proxy address the nodes send to, IPv4 (default: the first IPv4 listen address)"),
+                     "IPv4 and IPv6 ([::1]:5060), at least one IPv4"),
+    "proxy.internal": (str, "", "proxy address the nodes send to, of their family: IPv4, or IPv6 with an IPv6 listen address (default: the first IPv4 listen address)"),
     "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path, one per address family, "
                         "comma-separated (default: the first listen address of each family)"),
     "proxy.tls_listen": (str, "", "proxy SIP-over-TLS address(es), comma-separated, e.g. 0.0.0.0:5061 "
@@ -176,7 +176,7 @@ def parse_node(text: str, key: str = "nodes") -> NodeConfig:
     if not sep or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", ident):
         raise ConfigError(f"{key}: expected ID=HOST:PORT[,REDIS_URL], got {text!r}")
     addr, _, redis_url = rest.partition(",")
-    host, port = parse_hostport(addr, key)
+    host, port = parse_hostport(addr, key, ipv6=True)
     return NodeConfig(ident, host, port, redis_url.strip())
 
 
@@ -233,15 +233,24 @@ class Config:
 
     @property
     def internal(self) -> tuple[str, int]:
-        """The proxy's address for the nodes (IPv4): proxy.internal, else
-        its first IPv4 listen address."""
+        """The proxy's address for the nodes: proxy.internal (IPv4, or
+        IPv6 when proxy.listen has an IPv6 address too), else its first
+        IPv4 listen address. The nodes' addresses are of its family."""
         v4 = [(host, port) for host, port in self.listen if ":" not in host]
         if not v4:
-            raise ConfigError("proxy.listen: needs an IPv4 address too, for the nodes "
+            raise ConfigError("proxy.listen: needs an IPv4 address too "
                               f"(got {self.values['proxy.listen']!r})")
+        found = v4[0]
         if self.values["proxy.internal"]:
-            return parse_hostport(self.values["proxy.internal"], "proxy.internal", 5060)
-        return v4[0]
+            found = parse_hostport(self.values["proxy.internal"], "proxy.internal", 5060, ipv6=True)
+            if ":" in found[0] and all(":" not in h for h, _ in self.listen):
+                raise ConfigError(f"proxy.internal: {hostport(found)} is IPv6, and proxy.listen has no "
+                                  f"IPv6 address to take the nodes' messages on")
+        for n in self.nodes:
+            if is_ip(n.host) and (":" in n.host) != (":" in found[0]):
+                raise ConfigError(f"nodes: {n.id} is at {hostport((n.host, n.port))}, and the proxy's address "
+                                  f"for the nodes (proxy.internal) is {hostport(found)}: use one family for both")
+        return found
 
     @property
     def advertise(self) -> dict[bool, tuple[str, int]]:

@@ -117,6 +117,11 @@ class Cluster:
     def trunk_host(self) -> str:
         return "::1" if self.state["proxy"].get("ipv6") else "127.0.0.1"
 
+    @property
+    def node_host(self) -> str:
+        """Where the nodes take SIP: [::1] with `up --ipv6-nodes`."""
+        return "::1" if self.state["proxy"].get("ipv6_nodes") else "127.0.0.1"
+
     # ---- starting ----------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], log: Path) -> None:
         fh = open(log, "ab")
@@ -156,15 +161,18 @@ class Cluster:
 
     def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
            trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False,
-           tls: bool = False) -> None:
+           ipv6_nodes: bool = False, tls: bool = False) -> None:
         """`ipv6`: the proxy listens on [::1] as well (same port) and the
-        SIPp trunk on [::1] only; the nodes stay on IPv4. `tls`: the proxy
+        SIPp trunk on [::1] only; the nodes stay on IPv4, unless
+        `ipv6_nodes` (which implies `ipv6`): the nodes take SIP on [::1],
+        and the proxy's address for them is [::1] too. `tls`: the proxy
         takes SIP over TLS too, on port + 1 where it is free (`tls/cert.pem`,
         made here, is a self-signed certificate for localhost, 127.0.0.1 and ::1)."""
         if any(self.running(n) for n in self.procs()):
             raise ClusterError(f"a cluster already runs from {self.dir} (sipha down --dir {self.dir} first)")
         if nodes < 1 or nodes > 64:
             raise ClusterError(f"--nodes: expected 1..64, got {nodes}")
+        ipv6 = ipv6 or ipv6_nodes
         if trunk not in (None, "sipp"):
             raise ClusterError(f"--trunk: only 'sipp' is supported, got {trunk!r}")
         for host in ("127.0.0.1", "::1") if ipv6 else ("127.0.0.1",):
@@ -179,14 +187,14 @@ class Cluster:
                 raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6,
-                                                          "tls": None}}
+                                                          "ipv6_nodes": ipv6_nodes, "tls": None}}
         if tls:     # SIP's TLS port is the SIP port + 1 (5061), where that is free
             free = port < 65535 and not port_in_use("127.0.0.1", port + 1)
             self.state["proxy"]["tls"] = claim_port(port + 1) if free else free_port()
             self.make_certificate()
         for i in range(1, nodes + 1):
             nid = f"node{i}"
-            self.state["nodes"][nid] = {"sip": free_port(), "redis": free_port(), "admin": free_port()}
+            self.state["nodes"][nid] = {"sip": free_port(self.node_host), "redis": free_port(), "admin": free_port()}
         if trunk:
             self.state["trunk"] = {"port": free_port("::1" if ipv6 else "127.0.0.1"), "scenario": trunk_scenario}
         self.write_config(ramp=ramp, log_level=log_level)
@@ -209,6 +217,8 @@ class Cluster:
             "# written by sipha up; every key can also be set by SIPHA_* variables",
             "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
             "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"',
+            *([f'internal = "{hostport((self.node_host, st["proxy"]["port"]))}"'] if st["proxy"].get("ipv6_nodes")
+              else []),
             *([f'tls_listen = "{self._listen(st["proxy"]["tls"])}"', f'tls_cert = "{self.dir / "tls" / "cert.pem"}"',
                f'tls_key = "{self.dir / "tls" / "key.pem"}"'] if st["proxy"].get("tls") else []), "",
             "[health]", "interval = 0.3", "down_after = 2", "up_after = 2", "",
@@ -220,7 +230,7 @@ class Cluster:
             lines.append(f'upstream = "sip:{hostport((self.trunk_host, st["trunk"]["port"]))}"')
         lines.append("")
         for nid, n in st["nodes"].items():
-            lines += ["[[nodes]]", f'id = "{nid}"', f'sip = "127.0.0.1:{n["sip"]}"',
+            lines += ["[[nodes]]", f'id = "{nid}"', f'sip = "{hostport((self.node_host, n["sip"]))}"',
                       f'redis = "redis://127.0.0.1:{n["redis"]}/0"', f'admin = "127.0.0.1:{n["admin"]}"', ""]
         (self.dir / "cluster.toml").write_text("\n".join(lines))
 
@@ -420,7 +430,7 @@ class Cluster:
             st = live["nodes"].get(nid) or {}
             pv = proxy_view.get(nid, {})
             rows.append({"node": nid, "process": "running" if self.running(nid) else "stopped",
-                         "sip": f"127.0.0.1:{n['sip']}", "redis": f"redis://127.0.0.1:{n['redis']}/0",
+                         "sip": hostport((self.node_host, n['sip'])), "redis": f"redis://127.0.0.1:{n['redis']}/0",
                          "health": ("up" if pv.get("up") else "down") if pv else "unknown",
                          "load_factor": pv.get("load_factor"),
                          "active": (st.get("keys") or {}).get("active"),
@@ -438,7 +448,7 @@ class Cluster:
                      f"admin http://127.0.0.1:{self.state['proxy']['admin']}/status",
                      self.procs().get("proxy", {}).get("log", "")))
         for nid, n in self.state["nodes"].items():
-            rows.append((nid, f"127.0.0.1:{n['sip']}", f"redis://127.0.0.1:{n['redis']}/0",
+            rows.append((nid, hostport((self.node_host, n['sip'])), f"redis://127.0.0.1:{n['redis']}/0",
                          str(self.dir / "logs" / f"{nid}.log")))
         if "trunk" in self.state:
             rows.append(("trunk", f"{hostport((self.trunk_host, self.state['trunk']['port']))} "
@@ -456,7 +466,7 @@ def render(rows: list[tuple]) -> str:
 def cmd_up(args) -> int:
     c = Cluster(args.dir)
     c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level,
-         ipv6=args.ipv6, tls=args.tls)
+         ipv6=args.ipv6, ipv6_nodes=args.ipv6_nodes, tls=args.tls)
     print(c.table())
     print(f"config: {c.dir / 'cluster.toml'}   stop with: sipha down --dir {args.dir}")
     return 0
@@ -579,6 +589,8 @@ def add_commands(sub) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--ipv6", action="store_true",
                    help="the proxy listens on [::1] too (same port), the trunk on [::1]; nodes stay IPv4")
+    p.add_argument("--ipv6-nodes", action="store_true",
+                   help="--ipv6, and the nodes on [::1] too: the proxy speaks to them over IPv6")
     p.add_argument("--tls", action="store_true",
                    help="the proxy takes SIP over TLS too, with a self-signed certificate made in DIR/tls")
     p.set_defaults(func=cmd_up)

@@ -38,7 +38,9 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[limits]\noverload_delay = 0.5\n", "limits.overload_delay"),
     ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\nadvertise = \"[::1]:5060,[::2]:5060\"\n", "proxy.advertise"),
     ("[proxy]\nadvertise = \"[2001:db8::1]:5060\"\n", "proxy.advertise"),
-    ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\ninternal = \"[::1]:5060\"\n", "proxy.internal"),
+    ("[proxy]\ninternal = \"[::1]:5060\"\n", "proxy.internal: [::1]:5060 is IPv6, and proxy.listen has no"),
+    ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\ninternal = \"[::1]:5060\"\n"
+     "[[nodes]]\nid = \"n1\"\nsip = \"127.0.0.1:5070\"\n", "nodes: n1 is at 127.0.0.1:5070, and the proxy's"),
     ("[proxy]\ndns_servers = \"ns1.example\"\n", "proxy.dns_servers"),
     ("[proxy]\nws_origins = \"phone.example.com\"\n", "proxy.ws_origins"),
     ("[node]\ndialog_ttl = 0\n", "node.dialog_ttl"),
@@ -58,13 +60,13 @@ def test_cli_error_names_bad_option_and_opens_no_socket():
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert "proxy.listen" in r.stderr and "out of range" in r.stderr
-    # the nodes are reached over IPv4: a clear refusal, not a proxy that cannot answer
+    # a clear refusal, not a proxy that cannot answer
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", "[::1]:5060",
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 2 and "proxy.listen: needs an IPv4 address too, for the nodes" in r.stderr
+    assert r.returncode == 2 and "proxy.listen: needs an IPv4 address too" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "node1=[::1]:5070"],
                        capture_output=True, text=True, timeout=20)
-    assert r.returncode == 2 and "IPv6 addresses are not supported here" in r.stderr
+    assert r.returncode == 2 and "nodes: node1 is at [::1]:5070, and the proxy's address for the nodes" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "bad"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--node" in r.stderr
@@ -100,3 +102,9 @@ def test_other_bad_options_are_cli_errors_not_tracebacks(args, env, said):
     r = subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True, timeout=20,
                        env={**os.environ, **env})
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_nodes_may_be_on_ipv6_with_the_proxys_address_for_them(tmp_path):
+    cfg = load_config(write(tmp_path, '[proxy]\nlisten = "127.0.0.1:5060,[::1]:5060"\ninternal = "[::1]:5060"\n'
+                                      '[[nodes]]\nid = "n1"\nsip = "[::1]:5070"\n'), env={})
+    assert cfg.internal == ("::1", 5060) and cfg.nodes[0].sip == ("::1", 5070)

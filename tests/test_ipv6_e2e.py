@@ -2,13 +2,14 @@
 proxy, the nodes on IPv4 behind it, with SIPp and a scripted phone."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 
 import pytest
 
-from clusterkit import all_keys, calls_reach, run, uac
+from clusterkit import all_keys, busiest, calls_reach, run, uac
 from phone import Phone
 from procs import has_ipv6_loopback
 from sipha.sipp import Sipp, read_stats
@@ -79,3 +80,33 @@ def test_sipha_load_calls_through_the_ipv6_address(make_cluster):
                         "--calls", "5", "--rate", "10"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded 5, failed 0" in r.stdout
+
+
+def test_nodes_on_ipv6_carry_calls_through_a_node_killed_and_one_stopped(make_cluster):
+    """`proxy.internal` and the nodes on [::1] (an IPv6-only back end):
+    the probes, the calls, a node killed under load (its partner takes
+    its calls on) and another stopped for an upgrade (it drains and says
+    it leaves), all over IPv6 behind the proxy."""
+    c = make_cluster(nodes=3, ipv6_nodes=True)
+
+    async def scenario():
+        s = uac(c, "reinvite", calls=120, rate=30, hold_ms=1500)
+        await s.start()
+        await asyncio.sleep(1.5)
+        snapshot = all_keys(c)
+        killed = busiest(snapshot)
+        stopped = busiest({n: k for n, k in snapshot.items() if n != killed})
+        await asyncio.to_thread(c.kill, killed)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(c.stop, stopped)
+        return await s.wait(60), killed, stopped
+
+    result, killed, stopped = run(scenario())
+    assert result.ok == 120 and result.failed == 0, result.log_tail
+    proxy_log = (c.dir / "logs" / "proxy.log").read_text()
+    assert f"event=node_down node={killed} addr=[::1]:" in proxy_log
+    assert f"event=node_left node={stopped}" in proxy_log
+    assert "level=error" not in proxy_log and "send_error" not in proxy_log
+    for nid in c.state["nodes"]:
+        node_log = (c.dir / "logs" / f"{nid}.log").read_text()
+        assert "level=error" not in node_log and f"sip=[::1]:{c.state['nodes'][nid]['sip']}" in node_log
