@@ -186,18 +186,21 @@ class Proxy:
 
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
-        for host, port in self.listen:
-            t = SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_datagram,
-                             idle_timeout=self.cfg["limits.tcp_idle"],
-                             max_connections=self.cfg["limits.tcp_connections"],
-                             max_per_source=self.cfg["limits.tcp_per_source"],
-                             header_timeout=self.cfg["limits.tcp_message_timeout"],
-                             on_send_failed=self._send_failed)
+        made = [(host, port, SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_datagram,
+                                          idle_timeout=self.cfg["limits.tcp_idle"],
+                                          max_connections=self.cfg["limits.tcp_connections"],
+                                          max_per_source=self.cfg["limits.tcp_per_source"],
+                                          header_timeout=self.cfg["limits.tcp_message_timeout"],
+                                          on_send_failed=self._send_failed))
+                for host, port in self.listen]
+        # in place before the sockets bind: a datagram read while the next
+        # one binds (a restart under load) is handled, and what it sends
+        # leaves from a socket already bound (else: send_error, no crash)
+        self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
+        self.transport6 = next((t for host, _, t in made if ":" in host), None)
+        for host, port, t in made:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
-            self.transports.append(t)
-        self.listen = [t.local for t in self.transports]
-        self.transports.sort(key=lambda t: ":" in t.local[0])
-        self.transport6 = next((t for t in self.transports if ":" in t.local[0]), None)
+        self.listen = [t.local for _, _, t in made]
         if self.cfg["limits.overload_delay"] > 0:
             self.guards = [(t, OverloadGuard(self.cfg["limits.overload_delay"]))
                            for t in self.transports if t.measure_wait()]

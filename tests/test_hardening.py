@@ -83,6 +83,37 @@ def test_proxy_handles_any_mutated_message_without_raising(data):
 
 # ---- real processes -------------------------------------------------------
 
+def test_a_request_that_comes_while_the_proxy_binds_is_routed_not_a_crash(monkeypatch):
+    """Seen in a chaos run (the proxy restarted under load, two workers):
+    a datagram read on worker 0's UDP socket while its TCP side was still
+    binding was handled, and sending it on found no transport yet
+    (IndexError, a stack trace in the log; the call's sender had to
+    retransmit). The transports are in place before they bind."""
+    node = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    node.bind(("127.0.0.1", 0))
+    node.settimeout(3)
+
+    async def go():
+        cfg = load_config(None, overrides={"proxy.listen": "127.0.0.1:0", "proxy.admin": "off",
+                                           "health.probe": False},
+                          nodes=[f"node1=127.0.0.1:{node.getsockname()[1]}"], env={})
+        proxy = Proxy(cfg)
+        loop = asyncio.get_running_loop()
+        real = type(loop).create_server
+
+        async def slow_tcp_bind(self, *args, **kw):
+            # the UDP socket is bound and its datagrams are read: one comes now
+            proxy.on_message(parse_message(INVITE), ("192.0.2.9", 5060), "udp")
+            return await real(self, *args, **kw)
+        monkeypatch.setattr(type(loop), "create_server", slow_tcp_bind)
+        await proxy.start()
+        await proxy.close()
+    asyncio.run(go())
+    routed = parse_message(node.recv(65535))
+    node.close()
+    assert routed.method == "INVITE" and routed.call_id == parse_message(INVITE).call_id
+
+
 pytest_e2e = pytest.mark.e2e
 
 
