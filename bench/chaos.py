@@ -9,9 +9,10 @@ lost) and started again, a node hung (SIGSTOP, 4 s) and woken, a node
 stopped for an upgrade (it drains) and started again, a node's process
 killed with its Redis left and started again, a node's Redis killed and
 started again (empty), the proxy killed and started again 2 s later
-(over UDP only: SIPp's TCP connection ends with the proxy). A run ends with SIPp's successful and
-failed calls and the log lines above info, counted by process, level
-and event; the exit status is 1 when a call failed. Runs like this found
+(over UDP only: SIPp's TCP connection ends with the proxy). A run ends
+with SIPp's successful and failed calls and the log lines above info,
+counted by process, level and event; the exit status is 1 when a call
+failed. Runs like this found
 the windows tests/test_node_takeover.py pins down (a hung node's queue
 replayed after its partner finished the calls). Loopback only.
 """
