@@ -173,13 +173,12 @@ class DnsResolver:
                 transports = [target.transport] if target.transport else (
                     ["tls"] if target.sips else ["udp", "tcp", "tls"])
                 transports = [t for t in transports if t in self.usable]
-                srvs = await asyncio.gather(*(self._srv_hops(self._srv_name(target.name, t), t)
-                                              for t in transports))
-                found = next(((self._srv_name(target.name, t), hops, ttl, {})
-                              for t, (hops, ttl) in zip(transports, srvs) if hops), None)
+                qnames = [self._srv_name(target.name, t) for t in transports]
+                srvs = await asyncio.gather(*(self._srv_hops(q, t) for q, t in zip(qnames, transports)))
+                found = next(((q, hops, ttl, None) for q, (hops, ttl) in zip(qnames, srvs) if hops), None)
             if found is not None:
                 qname, hops, ttl, naptr = found
-                event(log, "dns_resolved", logging.INFO, host=target.name, **naptr, service=qname.rstrip("."),
+                event(log, "dns_resolved", logging.INFO, host=target.name, naptr=naptr, service=qname.rstrip("."),
                       hops=" ".join(f"{hostport((h.host, h.port))}/{h.transport}" for h in hops), ttl=int(ttl))
                 return _Entry(hops, now + ttl, srv=True)
         transport = target.transport or ("tls" if target.sips else "udp")
@@ -198,7 +197,7 @@ class DnsResolver:
     def _srv_name(name: str, transport: str) -> str:
         return f"{SRV_SERVICE[transport]}.{name.rstrip('.')}."
 
-    async def _naptr_hops(self, target: Target) -> tuple[str, list[Hop], float, dict] | None:
+    async def _naptr_hops(self, target: Target) -> tuple[str, list[Hop], float, str] | None:
         """RFC 3263 §4.1: the servers of the first NAPTR record, by order
         and preference, for a transport we can send over and whose SRV
         name has records -> (that SRV name, its hops, the shorter TTL, the
@@ -215,7 +214,7 @@ class DnsResolver:
             qname = r.replacement.to_text()
             hops, srv_ttl = await self._srv_hops(qname, NAPTR_SERVICE[r.service.upper()])
             if hops:
-                return qname, hops, min(ttl, srv_ttl), {"naptr": r.service.decode("latin-1")}
+                return qname, hops, min(ttl, srv_ttl), r.service.decode("latin-1")
         return None
 
     async def _query(self, qname: str, rtype: str):
@@ -248,17 +247,17 @@ class DnsResolver:
         the system resolver's (getaddrinfo), or with proxy.dns_servers
         set, /etc/hosts' and else those servers' (A, AAAA): the system's
         DNS servers are then never asked."""
-        families = (socket.AF_INET, socket.AF_INET6) if self.ipv6 else (socket.AF_INET,)
         found: list[str] = []
         if self._ask_addresses:
-            known = self.hosts.get(name.rstrip(".").lower())
-            found = [a for family in families for a in known or () if (":" in a) == (family == socket.AF_INET6)]
-            for rtype in () if found else ("A", "AAAA")[:len(families)]:
-                answer = await self._query(name.rstrip(".") + ".", rtype)
-                found.extend(r.address for r in answer or ())
+            known = self.hosts.get(name.rstrip(".").lower()) or []
+            found = [a for a in known if ":" not in a] + ([a for a in known if ":" in a] if self.ipv6 else [])
+            if not found:
+                for rtype in ("A", "AAAA") if self.ipv6 else ("A",):
+                    answer = await self._query(name.rstrip(".") + ".", rtype)
+                    found.extend(r.address for r in answer or ())
             return list(dict.fromkeys(found))
         loop = asyncio.get_running_loop()
-        for family in families:
+        for family in (socket.AF_INET, socket.AF_INET6) if self.ipv6 else (socket.AF_INET,):
             try:
                 infos = await loop.getaddrinfo(name, None, family=family, type=socket.SOCK_DGRAM)
             except OSError:
