@@ -510,13 +510,12 @@ class Proxy:
             return
         from_node = self.node_by_addr.get(src) if transport == "udp" else None
         req.set("Max-Forwards", str(mf - 1))
-        if from_node is None:
-            # (a node's Via names its own SIP address: nothing to record;
-            # and a copy another node sends again stays the same request)
-            self._stamp_incoming_via(req, src, transport)
         if from_node is not None:
+            # a node's Via is left as it is: it names the node's own SIP
+            # address, and a copy another node sends again stays the same request
             self.outbound(req, src, transport, from_node)
         else:
+            self._stamp_incoming_via(req, src, transport)
             self.inbound(req, src, transport)
 
     def _stamp_incoming_via(self, req: SipRequest, src, transport: str) -> None:
