@@ -577,16 +577,17 @@ class Node:
         except SipParseError as exc:
             self.on_bad_input(exc, msg.to_bytes(), src, transport)
             return
+        if msg.stale and not (msg.is_request and msg.method == "ACK"):
+            # its partners may have gone on with the call meanwhile; whoever
+            # still needs this message sends it again (a request unanswered,
+            # a final answer until it is ACKed, a 100rel provisional until
+            # PRACKed, an answer to our request when we resend it). Not an
+            # ACK: nobody sends it again.
+            kind, what = ("request", {"method": msg.method}) if msg.is_request else ("response", {"status": msg.status})
+            self.stats.inc(f"stale_{kind}s")
+            event(log, f"{kind}_dropped", logging.DEBUG, **what, call_id=msg.call_id, reason="waited through a stall")
+            return
         if isinstance(msg, SipResponse):
-            if msg.stale:
-                # the partner may have taken the call meanwhile and relayed
-                # its fresh copy; whoever still needs this one gets it again
-                # (a final answer until it is ACKed, a 100rel provisional
-                # until PRACKed, an answer to our request when we resend it)
-                self.stats.inc("stale_responses")
-                event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
-                      reason="waited through a stall")
-                return
             if msg.status == 430:
                 # the proxy's word that a phone's connection is gone (RFC
                 # 5626 §5.3), meant for its registrar: the caller hears
@@ -606,11 +607,6 @@ class Node:
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
-            return
-        if msg.stale and msg.method != "ACK":
-            self.stats.inc("stale_requests")
-            event(log, "request_dropped", logging.DEBUG, method=msg.method, call_id=msg.call_id,
-                  reason="waited through a stall")
             return
         if msg.method == "OPTIONS" and msg.to.tag is None and not msg.has(ROUTE_HEADER):
             # the proxy's health probe: answered at once, outside any lock.
