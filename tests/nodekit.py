@@ -109,12 +109,14 @@ def callee_says(b_invite: SipMessage, status: int, reason: str) -> SipMessage:
                          headers=[("Contact", "<sip:service@127.0.0.1:5998>")])
 
 
-async def calling(owner: Node, sent) -> tuple[str, SipMessage]:
+async def calling(owner: Node, sent, call_id: str = CALL_ID) -> tuple[str, SipMessage]:
     """The caller's INVITE (with an offer) taken by `owner` -> (bekey, the
-    B-leg INVITE it sent the callee)."""
-    bekey = bekey_of(CALL_ID)
-    await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
-    b_invite, = of_method(sent[owner], "INVITE")
+    B-leg INVITE it sent the callee: the one whose Call-ID carries that
+    BEKey, whatever else `owner` sent)."""
+    bekey = bekey_of(call_id)
+    await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP).replace(CALL_ID.encode(), call_id.encode())),
+                         bekey)
+    b_invite, = [m for m in of_method(sent[owner], "INVITE") if m.call_id.startswith("sph" + bekey)]
     return bekey, b_invite
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import random
 
-from nodekit import (CALL_ID, PROXY, SDP, UDP, callee_says, caller_invite, in_dialog, of_method, of_status, settled,
-                     with_nodes)
+from nodekit import PROXY, SDP, UDP, callee_says, calling, in_dialog, of_status, settled, with_nodes
 from sipcore.bekey import ROUTE_HEADER, bekey_of
 from sipcore.errors import SipParseError
 from sipcore.message import SipMessage, parse_message
@@ -65,10 +64,7 @@ async def fresh_call(owner, sent, n: int, answered: bool = True) -> tuple[str, s
     """A call on `owner`, its own Call-ID, answered or still ringing ->
     (that Call-ID, the To-tag the caller got, the B-leg INVITE)."""
     call_id = f"fuzz-{n}@192.0.2.50"
-    bekey = bekey_of(call_id)
-    await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP).replace(CALL_ID.encode(), call_id.encode())),
-                         bekey)
-    b_invite = of_method(sent[owner], "INVITE")[-1]
+    bekey, b_invite = await calling(owner, sent, call_id)
     if not answered:
         return call_id, None, b_invite
     await owner.on_invite_response(bekey, b_invite.top_via.branch, callee_says(b_invite, 200, "OK"))
