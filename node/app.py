@@ -382,7 +382,7 @@ class Node:
             setting = self.cfg.node(self.id).admin
         routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
                   "/nat_flows": json_handler(lambda: nat_flows(self))}
-        self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr[1], routes)
+        self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr, routes)
         event(log, "node_started", node=self.id, sip=hostport(self.addr),
               proxy=hostport(self.proxy_addr), redis_ok=self.healthy,
               upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,

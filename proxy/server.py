@@ -253,7 +253,7 @@ class Proxy:
             event(log, "worker_started", listen=",".join(hostport(a) for a in self.listen))
             return
         self.admin, self.admin_addr = await start_admin(
-            self.cfg["proxy.admin"], "proxy.admin", self.listen[0][1],
+            self.cfg["proxy.admin"], "proxy.admin", self.listen[0],
             {"/status": json_handler(self.status), "/metrics": self.metrics})
         if self.cfg["cluster.secret"] == SETTINGS["cluster.secret"][1]:
             event(log, "default_secret", logging.WARNING,

@@ -21,24 +21,25 @@ Handler = Callable[[], Awaitable[tuple[str, str]]]
 AUTO_OFFSET = 1000
 
 
-async def start_admin(setting: str, key: str, sip_port: int, routes: dict[str, Handler]):
+async def start_admin(setting: str, key: str, sip_addr: tuple[str, int], routes: dict[str, Handler]):
     """Start the admin endpoint as configured: 'auto' (the default) is
-    127.0.0.1 at the SIP port + 1000, skipped with a warning when that port
-    is taken; '' or 'off' disables it; an explicit HOST:PORT must bind.
-    -> (server, (host, port)) or (None, None)."""
+    loopback at the SIP port + 1000, 127.0.0.1 or, for a SIP address on
+    IPv6, ::1 (where the proxy looks for an IPv6 node's), skipped with a
+    warning when that port is taken; '' or 'off' disables it; an explicit
+    HOST:PORT must bind. -> (server, (host, port)) or (None, None)."""
     from .config import parse_hostport
     from .logfmt import event
     if setting in ("", "off"):
         return None, None
     server = AdminServer(routes)
     if setting == "auto":
-        port = sip_port + AUTO_OFFSET
+        host, port = ("::1" if ":" in sip_addr[0] else "127.0.0.1"), sip_addr[1] + AUTO_OFFSET
         if not 0 < port < 65536:
             return None, None
         try:
-            return server, await server.start("127.0.0.1", port)
+            return server, await server.start(host, port)
         except OSError as exc:
-            event(log, "admin_unavailable", logging.WARNING, key=key, addr=f"127.0.0.1:{port}", error=str(exc))
+            event(log, "admin_unavailable", logging.WARNING, key=key, addr=hostport((host, port)), error=str(exc))
             return None, None
     host, port = parse_hostport(setting, key, ipv6=True)
     return server, await server.start(host, port)

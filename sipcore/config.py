@@ -123,7 +123,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "auth.nonce_ttl": (float, 300.0, "seconds a nonce is good for (then stale=true)"),
     "auth.trusted": (str, "", "addresses and networks whose requests need no digest credentials, comma-separated "
                      "(e.g. 192.0.2.10, 198.51.100.0/24: the carrier's trunk, a PBX); Kamailio's allow_source_address"),
-    "node.admin": (str, "auto", "node admin HTTP: HOST:PORT, off, or auto = the node's [[nodes]] admin, else 127.0.0.1 at SIP port + 1000"),
+    "node.admin": (str, "auto", "node admin HTTP: HOST:PORT, off, or auto = the node's [[nodes]] admin, else loopback (::1 for a node on IPv6) at SIP port + 1000"),
     "node.upstream": (str, "", "trunk URI(s) for calls to AORs not registered here, comma-separated: tried in "
                       "order, the next when one answers 408 or 5xx or nothing (empty: 404)"),
     "node.upstream_timeout": (float, 3.0, "seconds a trunk with another after it in node.upstream may leave an "

@@ -11,6 +11,8 @@ import urllib.request
 import pytest
 
 from clusterkit import run, uac
+from procs import has_ipv6_loopback
+from sipcore.admin import fetch_json, json_handler, start_admin
 from sipcore.logfmt import parse_logfmt
 from sipha.sipp import free_port
 
@@ -158,3 +160,24 @@ def test_admin_is_on_by_default_on_loopback_at_sip_port_plus_1000(procs):
     status = json.loads(get(port + 1000, "/status"))
     assert status["role"] == "proxy" and status["listen"] == [f"127.0.0.1:{port}"]
     node.close()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_auto_admin_of_an_ipv6_sip_address_is_on_ipv6_loopback():
+    """The proxy asks a node without an admin address at its SIP host and
+    port + 1000: for a node on [::1], that is where auto must bind."""
+    async def main():
+        port = free_port("::1")
+        while port + 1000 >= 32768:
+            port = free_port("::1")
+        server, addr = await start_admin("auto", "node.admin", ("::1", port),
+                                         {"/status": json_handler(lambda: _status())})
+        try:
+            assert addr[:2] == ("::1", port + 1000)
+            assert await fetch_json("::1", port + 1000, "/status") == {"role": "node"}
+        finally:
+            await server.close()
+
+    async def _status():
+        return {"role": "node"}
+    asyncio.run(main())
