@@ -75,7 +75,7 @@ async def run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="sipha-chaos-"))
     c = Cluster(str(work / "cluster"))
     c.up(nodes=4, port=free_port(), trunk="sipp", trunk_scenario=args.trunk_scenario, ramp=3.0, log_level="info",
-         ipv6_nodes=args.ipv6_nodes)
+         ipv6_nodes=args.ipv6_nodes, ipv6_only=args.ipv6_only)
     try:
         await asyncio.sleep(1.5)
         sipp = Sipp(args.scenario, target=c.proxy_addr, calls=args.calls, rate=args.rate, hold_ms=args.hold,
@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--trunk-scenario", default="uas",
                     help="the SIPp trunk's scenario (uas; uas_hangup with uac_wait_bye, uas_prack with uac_prack...)")
     ap.add_argument("--ipv6-nodes", action="store_true", help="the nodes on [::1], the proxy reaching them over IPv6")
+    ap.add_argument("--ipv6-only", action="store_true", help="--ipv6-nodes, and the proxy on [::1] only")
     ap.add_argument("--transport", choices=["udp", "tcp"], default="udp")
     args = ap.parse_args()
     if args.calls < 1 or args.rate <= 0 or args.hold < 0:

@@ -113,6 +113,7 @@ class DnsResolver:
         `usable`: transports the proxy can send over."""
         self.usable = usable
         self.ipv6 = False            # the proxy can send to IPv6 addresses (set once it listens)
+        self.ipv4 = True             # ... and to IPv4 ones (not when it listens on IPv6 only)
         self._ask_addresses = bool(servers)
         self.hosts = HostsFile()
         self.cache: dict[tuple, _Entry] = {}
@@ -243,21 +244,22 @@ class DnsResolver:
         return hops, _ttl(answer)
 
     async def _addresses(self, name: str) -> list[str]:
-        """IPv4 addresses first, then IPv6 ones when we can send to them:
+        """IPv4 addresses first, then IPv6 ones, each family when we can send to it:
         the system resolver's (getaddrinfo), or with proxy.dns_servers
         set, /etc/hosts' and else those servers' (A, AAAA): the system's
         DNS servers are then never asked."""
         found: list[str] = []
+        v6s = [v6 for v6, sendable in ((False, self.ipv4), (True, self.ipv6)) if sendable]
         if self._ask_addresses:
             known = self.hosts.get(name.rstrip(".").lower()) or []
-            found = [a for a in known if ":" not in a] + ([a for a in known if ":" in a] if self.ipv6 else [])
+            found = [a for v6 in v6s for a in known if (":" in a) == v6]
             if not found:
-                for rtype in ("A", "AAAA") if self.ipv6 else ("A",):
-                    answer = await self._query(name.rstrip(".") + ".", rtype)
+                for v6 in v6s:
+                    answer = await self._query(name.rstrip(".") + ".", "AAAA" if v6 else "A")
                     found.extend(r.address for r in answer or ())
             return list(dict.fromkeys(found))
         loop = asyncio.get_running_loop()
-        for family in (socket.AF_INET, socket.AF_INET6) if self.ipv6 else (socket.AF_INET,):
+        for family in (socket.AF_INET6 if v6 else socket.AF_INET for v6 in v6s):
             try:
                 infos = await loop.getaddrinfo(name, None, family=family, type=socket.SOCK_DGRAM)
             except OSError:

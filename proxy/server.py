@@ -119,10 +119,13 @@ class Proxy:
         # will send to it.
         self.internal = cfg.internal
         adv = cfg.advertise
-        first_v4 = next(a for a in self.listen if ":" not in a[0])
-        self.advertise = adv.get(False, first_v4)
+        first = min(self.listen, key=lambda a: ":" in a[0])    # an IPv4 one if any
         self.advertise6: tuple[str, int] | None = adv.get(True)
+        # on IPv6 only: the IPv6 one, which whatever names us in no family
+        # (the Via heads, a stream's address) then takes
+        self.advertise = adv.get(False, first) if ":" not in first[0] else self.advertise6 or first
         self.transports: list[SipTransport] = []     # IPv4 ones first
+        self.transport4: SipTransport | None = None
         self.transport6: SipTransport | None = None
         # TLS and WebSocket: servers on the transport of their family; our
         # address over one of them, by family, is the advertised host at
@@ -197,6 +200,7 @@ class Proxy:
         # one binds (a restart under load) is handled, and what it sends
         # leaves from a socket already bound (else: send_error, no crash)
         self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
+        self.transport4 = next((t for host, _, t in made if ":" not in host), None)
         self.transport6 = next((t for host, _, t in made if ":" in host), None)
         for host, port, t in made:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
@@ -210,13 +214,14 @@ class Proxy:
         if not self.cfg["proxy.internal"]:
             self.internal = self.transport.local
         adv = self.cfg.advertise
-        self.advertise = adv.get(False, self.transport.local)
         if self.transport6 is not None:
             self.advertise6 = adv.get(True, self.transport6.local)
+        self.advertise = adv.get(False, self.transport4.local) if self.transport4 is not None else self.advertise6
         self.our_addrs = {self.advertise, self.internal, *self.listen}
         if self.advertise6 is not None:
             self.our_addrs.add(self.advertise6)
         self.dns.ipv6 = self.transport6 is not None
+        self.dns.ipv4 = self.transport4 is not None
         for t in self.transports:
             t.tls_client = self.tls_client
             t.ws_origins = self.cfg.ws_origins
@@ -333,12 +338,12 @@ class Proxy:
     # ---- helpers -----------------------------------------------------
     @property
     def transport(self) -> SipTransport:
-        """The first IPv4 one."""
+        """The first IPv4 one, else (on IPv6 only) the first one."""
         return self.transports[0]
 
     def transport_for(self, host: str) -> SipTransport | None:
-        """What sends to an address (None: an IPv6 one, and no IPv6 listen address)."""
-        return self.transport6 if ":" in host else self.transport
+        """What sends to an address (None: no listen address of its family)."""
+        return self.transport6 if ":" in host else self.transport4
 
     def is_us(self, uri: SipUri) -> bool:
         if not uri.is_sip:
@@ -401,7 +406,7 @@ class Proxy:
         t = self.transport_for(dest[0])
         try:
             if t is None:
-                raise OSError("an IPv6 address, and proxy.listen has none")
+                raise OSError(f"an {'IPv6' if ':' in dest[0] else 'IPv4'} address, and proxy.listen has none")
             t.send(data, dest, transport)
         except OSError as exc:
             event(log, "send_error", logging.WARNING, dest=f"{hostport(dest)}/{transport}", error=str(exc))
@@ -718,9 +723,9 @@ class Proxy:
 
     def _forward_out(self, req: SipRequest, dest, out_transport: str, flow: str | None, node: str,
                      initial: bool, src, transport: str, branch: str | None = None) -> None:
-        # an IPv6 destination needs a socket of IPv6
+        # a destination needs a socket of its family
         v6 = ":" in dest[0]
-        missing = ("IPv6" if self.transport_for(dest[0]) is None
+        missing = (("IPv6" if v6 else "IPv4") if self.transport_for(dest[0]) is None
                    else out_transport.upper() if out_transport not in self.sendable else None)
         if missing:
             event(log, "route", logging.WARNING, method=req.method, call_id=req.call_id, node=node,

@@ -185,7 +185,7 @@ class WorkerLink:
                         self.proxy.relay.answered(branch, int(status), method)
                     t = self.proxy.transport_for(host)
                     if t is None:
-                        raise OSError(f"no IPv6 listen address for {host}")
+                        raise OSError(f"no listen address of the family of {host}")
                     t.send(payload, (host, int(port)), transport)
                 elif parts[0] == "S" and len(parts) == 2:
                     self.role.snapshots[int(parts[1])] = json.loads(payload)

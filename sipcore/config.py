@@ -71,8 +71,8 @@ class NodeConfig:
 SETTINGS: dict[str, tuple[type, Any, str]] = {
     "cluster.secret": (str, "sipha-change-me", "key of the BEKey stamp MAC; the same on proxy and nodes"),
     "proxy.listen": (str, "127.0.0.1:5060", "proxy SIP address(es), comma-separated, UDP and TCP on each; "
-                     "IPv4 and IPv6 ([::1]:5060), at least one IPv4"),
-    "proxy.internal": (str, "", "proxy address the nodes send to, of their family: IPv4, or IPv6 with an IPv6 listen address (default: the first IPv4 listen address)"),
+                     "IPv4 and IPv6 ([::1]:5060)"),
+    "proxy.internal": (str, "", "proxy address the nodes send to, of a family proxy.listen has (default: the first IPv4 listen address, else the first one)"),
     "proxy.advertise": (str, "", "host:port written into Via/Record-Route/Path, one per address family, "
                         "comma-separated (default: the first listen address of each family)"),
     "proxy.tls_listen": (str, "", "proxy SIP-over-TLS address(es), comma-separated, e.g. 0.0.0.0:5061 "
@@ -233,19 +233,18 @@ class Config:
 
     @property
     def internal(self) -> tuple[str, int]:
-        """The proxy's address for the nodes: proxy.internal (IPv4, or
-        IPv6 when proxy.listen has an IPv6 address too), else its first
-        IPv4 listen address. The nodes' addresses are of its family."""
-        v4 = [(host, port) for host, port in self.listen if ":" not in host]
-        if not v4:
-            raise ConfigError("proxy.listen: needs an IPv4 address too "
-                              f"(got {self.values['proxy.listen']!r})")
-        found = v4[0]
+        """The proxy's address for the nodes: proxy.internal (of a family
+        proxy.listen has), else its first IPv4 listen address, else (on
+        IPv6 only) its first one. The nodes' addresses are of its family."""
+        listen = self.listen
+        if not listen:
+            raise ConfigError("proxy.listen: no address given")
+        found = min(listen, key=lambda a: ":" in a[0])
         if self.values["proxy.internal"]:
             found = parse_hostport(self.values["proxy.internal"], "proxy.internal", 5060, ipv6=True)
-            if ":" in found[0] and all(":" not in h for h, _ in self.listen):
-                raise ConfigError(f"proxy.internal: {hostport(found)} is IPv6, and proxy.listen has no "
-                                  f"IPv6 address to take the nodes' messages on")
+            if all((":" in h) != (":" in found[0]) for h, _ in listen):
+                raise ConfigError(f"proxy.internal: {hostport(found)} is {'IPv6' if ':' in found[0] else 'IPv4'}, "
+                                  f"and proxy.listen has no address of that family to take the nodes' messages on")
         for n in self.nodes:
             if is_ip(n.host) and (":" in n.host) != (":" in found[0]):
                 raise ConfigError(f"nodes: {n.id} is at {hostport((n.host, n.port))}, and the proxy's address "
@@ -264,9 +263,10 @@ class Config:
                     raise ConfigError(f"proxy.advertise: two {'IPv6' if v6 else 'IPv4'} addresses "
                                       f"(one of each family at most), got {self.values['proxy.advertise']!r}")
                 found[v6] = (host, port)
-        if True in found and all(":" not in h for h, _ in self.listen):
-            raise ConfigError(f"proxy.advertise: an IPv6 address, but proxy.listen has none, "
-                              f"got {self.values['proxy.advertise']!r}")
+        for v6 in found:
+            if all((":" in h) != v6 for h, _ in self.listen):
+                raise ConfigError(f"proxy.advertise: an {'IPv6' if v6 else 'IPv4'} address, but proxy.listen "
+                                  f"has none, got {self.values['proxy.advertise']!r}")
         return found
 
     def stream_listen(self, kind: str) -> list[tuple[str, int]]:

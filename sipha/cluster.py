@@ -100,7 +100,12 @@ class Cluster:
 
     @property
     def proxy_addr(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.state["proxy"]["port"])
+        """Where a caller reaches the proxy: on 127.0.0.1, or [::1] with `up --ipv6-only`."""
+        return (self.proxy_host, self.state["proxy"]["port"])
+
+    @property
+    def proxy_host(self) -> str:
+        return "::1" if self.state["proxy"].get("ipv6_only") else "127.0.0.1"
 
     @property
     def proxy_addr6(self) -> tuple[str, int] | None:
@@ -111,7 +116,7 @@ class Cluster:
     def proxy_tls_addr(self) -> tuple[str, int] | None:
         """The proxy's TLS address (`up --tls`), else None."""
         port = self.state["proxy"].get("tls")
-        return ("127.0.0.1", port) if port else None
+        return (self.proxy_host, port) if port else None
 
     @property
     def trunk_host(self) -> str:
@@ -161,21 +166,23 @@ class Cluster:
 
     def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
            trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False,
-           ipv6_nodes: bool = False, tls: bool = False) -> None:
+           ipv6_nodes: bool = False, ipv6_only: bool = False, tls: bool = False) -> None:
         """`ipv6`: the proxy listens on [::1] as well (same port) and the
         SIPp trunk on [::1] only; the nodes stay on IPv4, unless
         `ipv6_nodes` (which implies `ipv6`): the nodes take SIP on [::1],
-        and the proxy's address for them is [::1] too. `tls`: the proxy
+        and the proxy's address for them is [::1] too; `ipv6_only` (which
+        implies both): the proxy listens on [::1] only. `tls`: the proxy
         takes SIP over TLS too, on port + 1 where it is free (`tls/cert.pem`,
         made here, is a self-signed certificate for localhost, 127.0.0.1 and ::1)."""
         if any(self.running(n) for n in self.procs()):
             raise ClusterError(f"a cluster already runs from {self.dir} (sipha down --dir {self.dir} first)")
         if nodes < 1 or nodes > 64:
             raise ClusterError(f"--nodes: expected 1..64, got {nodes}")
+        ipv6_nodes = ipv6_nodes or ipv6_only
         ipv6 = ipv6 or ipv6_nodes
         if trunk not in (None, "sipp"):
             raise ClusterError(f"--trunk: only 'sipp' is supported, got {trunk!r}")
-        for host in ("127.0.0.1", "::1") if ipv6 else ("127.0.0.1",):
+        for host in ("::1",) if ipv6_only else ("127.0.0.1", "::1") if ipv6 else ("127.0.0.1",):
             try:
                 busy = port_in_use(host, port)
             except OSError as exc:      # no IPv6 on this host
@@ -187,9 +194,9 @@ class Cluster:
                 raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6,
-                                                          "ipv6_nodes": ipv6_nodes, "tls": None}}
+                                                          "ipv6_nodes": ipv6_nodes, "ipv6_only": ipv6_only, "tls": None}}
         if tls:     # SIP's TLS port is the SIP port + 1 (5061), where that is free
-            free = port < 65535 and not port_in_use("127.0.0.1", port + 1)
+            free = port < 65535 and not port_in_use(self.proxy_host, port + 1)
             self.state["proxy"]["tls"] = claim_port(port + 1) if free else free_port()
             self.make_certificate()
         for i in range(1, nodes + 1):
@@ -248,6 +255,8 @@ class Cluster:
 
     def _listen(self, port: int | None = None) -> str:
         port = port or self.state["proxy"]["port"]
+        if self.state["proxy"].get("ipv6_only"):
+            return f"[::1]:{port}"
         return f"127.0.0.1:{port},[::1]:{port}" if self.state["proxy"].get("ipv6") else f"127.0.0.1:{port}"
 
     def start_redis(self, nid: str) -> None:
@@ -437,7 +446,7 @@ class Cluster:
                          "replica": (st.get("keys") or {}).get("replica"),
                          "promoted": (st.get("store") or {}).get("promotions"),
                          "migrated": (st.get("store") or {}).get("migrations")})
-        return {"proxy": {"sip": f"127.0.0.1:{self.state['proxy']['port']}", "running": self.running("proxy"),
+        return {"proxy": {"sip": hostport(self.proxy_addr), "running": self.running("proxy"),
                           "counters": (live["proxy"] or {}).get("counters", {})},
                 "nodes": rows}
 
@@ -466,7 +475,7 @@ def render(rows: list[tuple]) -> str:
 def cmd_up(args) -> int:
     c = Cluster(args.dir)
     c.up(nodes=args.nodes, port=args.port, trunk=args.trunk, ramp=args.ramp, log_level=args.log_level,
-         ipv6=args.ipv6, ipv6_nodes=args.ipv6_nodes, tls=args.tls)
+         ipv6=args.ipv6, ipv6_nodes=args.ipv6_nodes, ipv6_only=args.ipv6_only, tls=args.tls)
     print(c.table())
     print(f"config: {c.dir / 'cluster.toml'}   stop with: sipha down --dir {args.dir}")
     return 0
@@ -591,6 +600,8 @@ def add_commands(sub) -> None:
                    help="the proxy listens on [::1] too (same port), the trunk on [::1]; nodes stay IPv4")
     p.add_argument("--ipv6-nodes", action="store_true",
                    help="--ipv6, and the nodes on [::1] too: the proxy speaks to them over IPv6")
+    p.add_argument("--ipv6-only", action="store_true",
+                   help="--ipv6-nodes, and the proxy listens on [::1] only: an IPv6-only network")
     p.add_argument("--tls", action="store_true",
                    help="the proxy takes SIP over TLS too, with a self-signed certificate made in DIR/tls")
     p.set_defaults(func=cmd_up)

@@ -62,12 +62,13 @@ def make_cluster(tmp_path, request):
     started = []
     request.node.sipha_clusters = []
 
-    def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp", ipv6=False, ipv6_nodes=False, tls=False):
+    def make(nodes=3, trunk_scenario="uas", ramp=2.0, trunk="sipp", ipv6=False, ipv6_nodes=False, ipv6_only=False,
+             tls=False):
         c = Cluster(str(tmp_path / f"cluster{len(started)}"))
         started.append(c)
         request.node.sipha_clusters.append(c.dir)
         c.up(nodes=nodes, port=free_port(), trunk=trunk, trunk_scenario=trunk_scenario, ramp=ramp,
-             log_level="debug", ipv6=ipv6, ipv6_nodes=ipv6_nodes, tls=tls)
+             log_level="debug", ipv6=ipv6, ipv6_nodes=ipv6_nodes, ipv6_only=ipv6_only, tls=tls)
         return c
     yield make
     for c in started:

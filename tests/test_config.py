@@ -39,6 +39,10 @@ def test_file_then_environment_then_flags(tmp_path):
     ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\nadvertise = \"[::1]:5060,[::2]:5060\"\n", "proxy.advertise"),
     ("[proxy]\nadvertise = \"[2001:db8::1]:5060\"\n", "proxy.advertise"),
     ("[proxy]\ninternal = \"[::1]:5060\"\n", "proxy.internal: [::1]:5060 is IPv6, and proxy.listen has no"),
+    ("[proxy]\nlisten = \"[::1]:5060\"\ninternal = \"127.0.0.1:5060\"\n",
+     "proxy.internal: 127.0.0.1:5060 is IPv4, and proxy.listen has no"),
+    ("[proxy]\nlisten = \"[::1]:5060\"\nadvertise = \"198.51.100.5:5060\"\n",
+     "proxy.advertise: an IPv4 address, but proxy.listen has none"),
     ("[proxy]\nlisten = \"127.0.0.1:5060,[::1]:5060\"\ninternal = \"[::1]:5060\"\n"
      "[[nodes]]\nid = \"n1\"\nsip = \"127.0.0.1:5070\"\n", "nodes: n1 is at 127.0.0.1:5070, and the proxy's"),
     ("[proxy]\ndns_servers = \"ns1.example\"\n", "proxy.dns_servers"),
@@ -60,10 +64,11 @@ def test_cli_error_names_bad_option_and_opens_no_socket():
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert "proxy.listen" in r.stderr and "out of range" in r.stderr
-    # a clear refusal, not a proxy that cannot answer
+    # a clear refusal, not a proxy that cannot reach its nodes
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--listen", "[::1]:5060",
                         "--node", "node1=127.0.0.1:5070"], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 2 and "proxy.listen: needs an IPv4 address too" in r.stderr
+    assert r.returncode == 2 and ("nodes: node1 is at 127.0.0.1:5070, and the proxy's address for the nodes "
+                                  "(proxy.internal) is [::1]:5060") in r.stderr
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "proxy", "--node", "node1=[::1]:5070"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "nodes: node1 is at [::1]:5070, and the proxy's address for the nodes" in r.stderr
@@ -108,3 +113,8 @@ def test_the_nodes_may_be_on_ipv6_with_the_proxys_address_for_them(tmp_path):
     cfg = load_config(write(tmp_path, '[proxy]\nlisten = "127.0.0.1:5060,[::1]:5060"\ninternal = "[::1]:5060"\n'
                                       '[[nodes]]\nid = "n1"\nsip = "[::1]:5070"\n'), env={})
     assert cfg.internal == ("::1", 5060) and cfg.nodes[0].sip == ("::1", 5070)
+    # on an IPv6-only network the proxy listens on IPv6 only: its address
+    # for the nodes is then its first listen address
+    cfg = load_config(write(tmp_path, '[proxy]\nlisten = "[::1]:5060,[2001:db8::5]:5060"\n'
+                                      '[[nodes]]\nid = "n1"\nsip = "[::1]:5070"\n'), env={})
+    assert cfg.internal == ("::1", 5060) and cfg.advertise == {}

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from procs import has_ipv6_loopback
 from proxy.fastpath import strip_top_via
 from proxy.server import Proxy
 from sipcore.bekey import ROUTE_HEADER, make_stamp
@@ -137,8 +138,9 @@ OUR_ROUTE = f"<sip:{PROXY};lr;flow=udp:{PHONE[0]}:{PHONE[1]}>"
 
 
 class Pair:
-    def __init__(self, env=None):
+    def __init__(self, env=None, nodes=("node1=127.0.0.1:7001", "node2=127.0.0.1:7002")):
         self.env = env or {}
+        self.nodes = list(nodes)
 
     async def __aenter__(self):
         self.proxies = []
@@ -146,7 +148,7 @@ class Pair:
             cfg = load_config(None, overrides={"proxy.listen": "127.0.0.1:0", "proxy.admin": "off",
                                                "proxy.advertise": PROXY, "proxy.internal": PROXY,
                                                "health.probe": False, **self.env},
-                              nodes=["node1=127.0.0.1:7001", "node2=127.0.0.1:7002"])
+                              nodes=self.nodes)
             p = Proxy(cfg)
             await p.start()
             p.sent = []
@@ -420,6 +422,30 @@ def test_an_ipv6_destination_without_an_ipv6_address_gets_503():
             sent, to, _ = pair.proxies[0].sent[0]
             resp = parse_message(sent)
             assert to == NODE1 and resp.status == 503 and "no IPv6" in resp.reason
+    run(go)
+
+
+V6_ONLY = {"proxy.listen": "[::1]:0", "proxy.advertise": PROXY6, "proxy.internal": PROXY6}
+NODE6 = ("::1", 7001)
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_a_proxy_on_ipv6_only_routes_over_ipv6_and_refuses_an_ipv4_destination():
+    """On an IPv6-only network (proxy.listen has no IPv4 address): a
+    phone's INVITE reaches an IPv6 node with our IPv6 Via and
+    Record-Route; a node's request for an IPv4 address gets 503 at once."""
+    async def go():
+        async with Pair(V6_ONLY, nodes=("node1=[::1]:7001", "node2=[::1]:7002")) as pair:
+            assert pair.feed(in_dialog("INVITE", via=VIA6, to_tag="", route=None), PHONE6)
+            sent, to, _ = pair.proxies[0].sent[0]
+            msg = parse_message(sent)
+            assert to in (NODE6, ("::1", 7002)) and msg.top_via.host == "[2001:db8::9]"
+            assert msg.record_routes[0].raw == f"<sip:{PROXY6};lr;flow=udp:[{PHONE6[0]}]:{PHONE6[1]}>"
+            data = from_node("INVITE", to_tag="", route=None, uri="sip:service@192.0.2.80:5062",
+                             via="SIP/2.0/UDP [::1]:7001;branch=z9hG4bKn1-9;rport")
+            assert not pair.feed(data, NODE6)
+            resp = parse_message(pair.proxies[0].sent[1][0])
+            assert pair.proxies[0].sent[1][1] == NODE6 and resp.status == 503 and "no IPv4" in resp.reason
     run(go)
 
 

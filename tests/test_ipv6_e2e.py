@@ -82,12 +82,15 @@ def test_sipha_load_calls_through_the_ipv6_address(make_cluster):
     assert "succeeded 5, failed 0" in r.stdout
 
 
-def test_nodes_on_ipv6_carry_calls_through_a_node_killed_and_one_stopped(make_cluster):
+@pytest.mark.parametrize("only", [False, True], ids=["dual-stack-proxy", "ipv6-only"])
+def test_nodes_on_ipv6_carry_calls_through_a_node_killed_and_one_stopped(make_cluster, only):
     """`proxy.internal` and the nodes on [::1] (an IPv6-only back end):
     the probes, the calls, a node killed under load (its partner takes
     its calls on) and another stopped for an upgrade (it drains and says
-    it leaves), all over IPv6 behind the proxy."""
-    c = make_cluster(nodes=3, ipv6_nodes=True)
+    it leaves), all over IPv6 behind the proxy; the callers come over
+    IPv4, or, with the proxy on [::1] only (an IPv6-only network), over
+    IPv6 too."""
+    c = make_cluster(nodes=3, ipv6_nodes=True, ipv6_only=only)
 
     async def scenario():
         s = uac(c, "reinvite", calls=120, rate=30, hold_ms=1500)
@@ -107,6 +110,7 @@ def test_nodes_on_ipv6_carry_calls_through_a_node_killed_and_one_stopped(make_cl
     assert f"event=node_down node={killed} addr=[::1]:" in proxy_log
     assert f"event=node_left node={stopped}" in proxy_log
     assert "level=error" not in proxy_log and "send_error" not in proxy_log
+    assert (f"listen=[::1]:{c.proxy_addr[1]} " if only else f"listen=127.0.0.1:{c.proxy_addr[1]},[::1]:") in proxy_log
     for nid in c.state["nodes"]:
         node_log = (c.dir / "logs" / f"{nid}.log").read_text()
         assert "level=error" not in node_log and f"sip=[::1]:{c.state['nodes'][nid]['sip']}" in node_log

@@ -4,6 +4,7 @@ node addresses to `sip:bob@trunk.test` reach, and what if that server is
 silent or refuses?"""
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import time
@@ -11,6 +12,7 @@ import uuid
 
 import pytest
 
+from proxy.dns import DnsResolver, Target
 from sipcore.bekey import ROUTE_HEADER
 from sipcore.message import parse_message
 from sipha.cluster import admin_get
@@ -264,3 +266,18 @@ def test_a_server_with_only_an_ipv6_address_is_reached_when_the_proxy_listens_on
     finally:
         server6.close()
         t.close()
+
+
+@pytest.mark.parametrize("ipv4, ipv6, hosts, asked", [
+    (True, False, ["192.0.2.7"], ["A"]),
+    (True, True, ["192.0.2.7", "2001:db8::7"], ["A", "AAAA"]),
+    (False, True, ["2001:db8::7"], ["AAAA"]),       # a proxy listening on IPv6 only
+])
+def test_addresses_are_asked_for_the_families_the_proxy_can_send_to(dns, ipv4, ipv6, hosts, asked):
+    dns.add("both.trunk.test", "A", "192.0.2.7")
+    dns.add("both.trunk.test", "AAAA", "2001:db8::7")
+    resolver = DnsResolver([dns.addr], frozenset({"udp"}))
+    resolver.ipv4, resolver.ipv6 = ipv4, ipv6
+    hops = asyncio.run(resolver.lookup(Target("both.trunk.test", 5060, "udp")))
+    assert [h.host for h in hops] == hosts and all(h.port == 5060 for h in hops)
+    assert sorted(rtype for (name, rtype) in dns.asked if name == "both.trunk.test.") == asked
