@@ -1023,7 +1023,9 @@ class Node:
         callee knows the dialog, that leg); the INVITE then goes to that
         leg's party whatever its request URI says (a transferor's
         Refer-To may name our Contact, or an AOR with several phones of
-        which one has the dialog). A dialog not of ours (no stamp of ours
+        which one has the dialog). A pickup names a ringing phone's early
+        dialog, and so reaches the caller, who originated its own early
+        dialog with us and may replace it (§7.1). A dialog not of ours (no stamp of ours
         in its tags or Call-ID) may be beyond us: -> (the Replaces as it
         came, None). None: answered here, 400 for a Replaces that names
         no dialog, 481 when the one it names is over (§3)."""
@@ -1043,10 +1045,14 @@ class Node:
         if key is None:
             return value, None
         record = await self.store.peek(key, rank(key, self.node_ids))
-        # our tag is the sender's remote one: to-tag (§6.1)
+        # our tag is the sender's remote one: to-tag (§6.1). A call still
+        # ringing has no callee tag saved (each phone rings with its own,
+        # which only its answer makes ours): a pickup names one of those
+        # early dialogs, and our stamped tag with its Call-ID is what
+        # only the callee's side could have told the picker.
         leg = record and record.get("k") == "call" and next(
             (side for side in ("a", "b") if record[side]["cid"] == call_id and record[side]["lt"] == to_tag
-             and record[side]["rt"] == from_tag), None)
+             and (record[side]["rt"] == from_tag or (side == "b" and record[side]["rt"] is None))), None)
         far = leg and record[other(leg)]
         if not far or not far["rt"]:
             self.reply(req, 481, "Call/Transaction Does Not Exist (the dialog to replace)",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import (CALL_ID, PROXY, UDP, answered_call, caller_invite, in_dialog, of_method, of_status, settled,
-                     with_headers, with_nodes)
+from nodekit import (CALL_ID, PROXY, UDP, answered_call, callee_says, caller_invite, calling, in_dialog, of_method,
+                     of_status, settled, with_headers, with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import parse_message
 
@@ -18,10 +18,11 @@ pytestmark = pytest.mark.e2e
 XFER = "xfer-3@192.0.2.51"
 
 
-def transferee_invite(replaces: str, ruri: str = "sip:carol@example.com", require: bool = False):
+def transferee_invite(replaces: str, ruri: str = "sip:carol@example.com", require: bool = False,
+                      call_id: str = XFER):
     """-> (BEKey, the transferee's INVITE with `replaces`) as the proxy hands it on."""
-    bekey = bekey_of(XFER)
-    data = caller_invite(bekey, ruri=ruri).replace(CALL_ID.encode(), XFER.encode()).replace(b"tag=a1", b"tag=t3")
+    bekey = bekey_of(call_id)
+    data = caller_invite(bekey, ruri=ruri).replace(CALL_ID.encode(), call_id.encode()).replace(b"tag=a1", b"tag=t3")
     return bekey, with_headers(data, [("Replaces", replaces)] + ([("Require", "replaces")] if require else []))
 
 
@@ -63,6 +64,37 @@ def test_the_callees_leg_named_reaches_the_caller_through_its_route(tmp_path):
     assert invite.values("Route") == [f"<sip:{PROXY};lr;flow=udp:192.0.2.50:5070>"]
     assert invite.get("Replaces") == f"{CALL_ID};to-tag=a1;from-tag={ok.to.tag};early-only"
     assert not invite.has("Require")
+
+
+def test_a_ringing_call_is_picked_up_through_the_caller(tmp_path):
+    """Call pickup (RFC 3891 §7.1): a phone that saw the callee ringing
+    (its dialog event package) names the callee's early dialog, ours to
+    it, whose callee tag the node does not save before the answer. The
+    caller originated the early dialog it has with us, so it is the one
+    that can honour the Replaces: it gets the INVITE at its Contact,
+    through its route, naming its own early dialog (answering it, it
+    cancels its first INVITE, and the callee's phones stop ringing)."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, b_invite = await calling(n, sent)
+        await n.on_invite_response(bekey, b_invite.top_via.branch, callee_says(b_invite, 180, "Ringing"))
+        ringing, = of_status(sent[n], 180)
+        sent[n].clear()
+        _, invite = transferee_invite(f"{b_invite.call_id};to-tag={b_invite.from_.tag};from-tag=callee-1;early-only")
+        n.on_message(invite, *UDP)
+        await settled(n)
+        wrong = f"{b_invite.call_id};to-tag={b_invite.from_.tag}x;from-tag=callee-1"
+        n.on_message(transferee_invite(wrong, call_id="pickup-2@192.0.2.52")[1], *UDP)
+        await settled(n)
+        return ringing, sent[n]
+
+    ringing, out = with_nodes(tmp_path, 1, scenario)
+    invite, = of_method(out, "INVITE")
+    assert invite.uri == "sip:alice@192.0.2.50:5070"
+    assert invite.values("Route") == [f"<sip:{PROXY};lr;flow=udp:192.0.2.50:5070>"]
+    assert invite.get("Replaces") == f"{CALL_ID};to-tag=a1;from-tag={ringing.to.tag};early-only"
+    # a tag not ours for that Call-ID: no such dialog
+    assert [m.status for m in out if getattr(m, "status", 0) >= 300] == [481]
 
 
 @pytest.mark.parametrize("replaces, status", [
