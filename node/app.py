@@ -105,8 +105,12 @@ NODE_COUNTERS = {
 # answers and PRACKs go end to end, the callee's RSeq numbered again for
 # the caller (relay_provisional); timer (RFC 4028), whose session timer
 # the two ends agree on through the node (carried_request,
-# session_timer). Anything else gets 420 Bad Extension.
-SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer"))
+# session_timer); precondition (RFC 3312: IMS, VoLTE), whose QoS the two
+# ends negotiate in the SDP of the reliable 183, the PRACK and the UPDATE
+# before the answer, which the node relays with their bodies, the tag
+# carried to the callee and back on its provisional answers
+# (relay_provisional). Anything else gets 420 Bad Extension.
+SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer", "precondition"))
 
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
@@ -137,7 +141,7 @@ CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event",
                                 "allow-events", "info-package", "recv-info", "reason", "subject",
                                 "priority", "expires", "accept", "session-expires", "min-se"))
 # ... and the option tags of its Supported and Require that go with them
-CARRIED_OPTIONS = ("timer",)
+CARRIED_OPTIONS = ("timer", "precondition")
 
 
 def option_tags(msg: SipMessage, name: str) -> set[str]:
@@ -1521,6 +1525,8 @@ class Node:
         own, one up from the last (the first as the callee's); which
         callee answer each stands for is saved before the caller has it,
         so that whichever node the PRACK reaches can relay it."""
+        # the callee uses preconditions (RFC 3312 §11: its answer says so)
+        required = ["precondition"] if "precondition" in option_tags(resp, "Require") else []
         headers = []
         value = (resp.get("RSeq") or "").strip()
         rseq = int(value) if is_digits(value) and len(value) <= 10 else 0
@@ -1532,7 +1538,10 @@ class Node:
                 rel.append([mine, rseq, far_end(resp)])
                 del rel[:-8]             # each is PRACKed before the next: a few are plenty
                 await self.save_held(bekey, record)
-            headers = [("Require", "100rel"), ("RSeq", str(mine))]
+            required.insert(0, "100rel")
+            headers = [("RSeq", str(mine))]
+        if required:
+            headers.insert(0, ("Require", ", ".join(required)))     # one line: some phones read only the first
         self.answer_a(bekey, record, resp.status, resp.reason, resp, headers)
 
     async def _forks_done(self, bekey: str, record: dict) -> None:
@@ -1705,12 +1714,16 @@ class Node:
         lines += [f"Route: {r}" for r in routes]
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
             lines.append(f"Contact: {contact}")
+        # one Supported (ours and any `extra` names) and one Require: SIPp,
+        # and some phones, read only a first one
+        required = [v for n, v in extra if n.lower() == "require"]
         if method == "INVITE":
-            # one Supported: ours and any `extra` names (SIPp reads only a first one)
             supported = [SUPPORTED_IN_DIALOG] + [v for n, v in extra if n.lower() == "supported"]
             extra = [(n, v) for n, v in extra if n.lower() != "supported"]
             lines += [f"Allow: {ALLOW_IN_DIALOG}", f"Supported: {', '.join(supported)}"]
-        lines += [f"{n}: {v}" for n, v in extra]
+        if required:
+            lines.append(f"Require: {', '.join(required)}")
+        lines += [f"{n}: {v}" for n, v in extra if n.lower() != "require"]
         if body and content_type:
             lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")

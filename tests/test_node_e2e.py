@@ -454,6 +454,20 @@ def test_reliable_early_media_and_its_prack_go_end_to_end(make_cluster, transpor
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
 
 
+def test_resource_preconditions_go_end_to_end(make_cluster):
+    """A caller that requires preconditions (RFC 3312: IMS, VoLTE) got 420
+    from the node. Now its Require reaches the callee, whose reliable 183
+    says precondition to the caller; the PRACK, the UPDATE in the early
+    dialog once the caller reserved its resources, and the 200 with the
+    callee's answer go end to end (each side's SIPp checks what it gets),
+    and the call is answered and ended."""
+    c = make_cluster(nodes=2, trunk_scenario="uas_precondition")
+    result = run(uac(c, "uac_precondition", calls=5, rate=10).run(60))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    assert callee_counts(c, "uas_precondition", 5) == ("5", "0")
+    assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_a_cancelled_reinvite_is_cancelled_at_the_callee_and_the_call_goes_on(make_cluster, transport):
     """A re-INVITE given up (RFC 3261 §9): the node answered the CANCEL and
