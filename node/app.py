@@ -55,6 +55,7 @@ from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN
 from sipcore.config import Config, ConfigError
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
+from sipcore.hep import HepMirror
 from sipcore.headers import (format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri, split_commas,
                              split_params)
 from sipcore.logfmt import event
@@ -310,6 +311,8 @@ class Node:
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
+        server = cfg.hep_server
+        self.transport.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"]) if server else None
         self.auth: Authenticator | None = None
         trusted = cfg.trusted
         if trusted and not cfg["auth.users_file"]:
@@ -390,6 +393,7 @@ class Node:
         event(log, "node_started", node=self.id, sip=hostport(self.addr),
               proxy=hostport(self.proxy_addr), redis_ok=self.healthy,
               upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,
+              hep=hostport(self.transport.hep.server) if self.transport.hep else None,
               admin=hostport(admin_addr) if admin_addr else None)
 
     async def _resolve(self, addr):
@@ -407,7 +411,8 @@ class Node:
                 "replication": self.store.replication,
                 "overloaded": self.guard is not None and self.guard.active,
                 "peers_down": sorted(self.peers_down),
-                "counters": self.stats.as_dict(), "store": self.store.stats}
+                "counters": self.stats.as_dict(), "store": self.store.stats,
+                "hep": self.transport.hep.view() if self.transport.hep is not None else None}
 
     async def metrics(self) -> tuple[str, str]:
         kinds = await self.store.kinds()
@@ -485,6 +490,8 @@ class Node:
             t.cancel()
         self.tx.close()
         await self.transport.close()
+        if self.transport.hep is not None:
+            self.transport.hep.close()
         await self.store.close()
 
     async def _resolve_peers(self) -> None:

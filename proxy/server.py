@@ -43,6 +43,7 @@ from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
+from sipcore.hep import HepMirror
 from sipcore.transport import SipTransport
 
 from .dns import DnsResolver, Hop, Target
@@ -165,6 +166,8 @@ class Proxy:
         self.admin: AdminServer | None = None
         self.admin_addr = None
         self.relay = NodeRelay(self._resend_to_node)
+        server = cfg.hep_server
+        self.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"]) if server else None
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()
@@ -199,6 +202,8 @@ class Proxy:
         # in place before the sockets bind: a datagram read while the next
         # one binds (a restart under load) is handled, and what it sends
         # leaves from a socket already bound (else: send_error, no crash)
+        for _, _, t in made:
+            t.hep = self.hep
         self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
         self.transport4 = next((t for host, _, t in made if ":" not in host), None)
         self.transport6 = next((t for host, _, t in made if ":" in host), None)
@@ -267,7 +272,7 @@ class Proxy:
               **{kind: ",".join(map(hostport, addrs)) for kind, addrs in self.listen_streams.items()},
               admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
-              probe=self.health.probing)
+              probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
 
     async def close(self) -> None:
         if self._overload_timer is not None:
@@ -282,6 +287,8 @@ class Proxy:
         await self.health.close()
         for t in self.transports:
             await t.close()
+        if self.hep is not None:
+            self.hep.close()
 
     async def status(self) -> dict:
         return {
@@ -299,6 +306,7 @@ class Proxy:
             # this worker's: named trunks and NAT-pinged phones
             "dns": self.dns.view(),
             "nat_flows": len(self.natping) if self.natping is not None else None,
+            "hep": self.hep.view() if self.hep is not None else None,
         }
 
     def _counters(self) -> Counters:

@@ -135,6 +135,9 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "node.invite_timeout": (float, 180.0, "seconds a callee may ring, from its last provisional answer, before the node CANCELs it and the caller gets 408 (RFC 3261 Timer C; Kamailio's fr_inv_timer)"),
     "node.dialog_ttl": (int, 43200, "seconds a call may go without a request in its dialog (a re-INVITE or UPDATE session refresh counts; the ACK does not): past that the node sends each side a BYE and writes its call record with ended_by=timeout (12 h: Kamailio's and OpenSIPS's dialog default_timeout)"),
     "node.redis_prefix": (str, "sipha", "prefix of every Redis key"),
+    "hep.server": (str, "", "IP:PORT of a HEP3 capture server (Homer's heplify-server, Kamailio's sipcapture) that gets a copy of every SIP message the process sends or receives, over UDP (Kamailio's siptrace); empty: off"),
+    "hep.capture_id": (int, 2001, "capture agent id written into each copy (HEP chunk 12)"),
+    "hep.password": (str, "", "HEP authentication key written into each copy (chunk 14); empty: none"),
     "log.level": (str, "info", "debug, info, warning or error"),
     "log.format": (str, "logfmt", "logfmt or json"),
     "log.file": (str, "", "log file path (reopened when rotated); empty: stderr"),
@@ -220,6 +223,15 @@ class Config:
                 except ValueError:
                     raise ConfigError(f"auth.trusted: expected IP addresses or networks (ADDR/BITS), "
                                       f"got {text.strip()!r}") from None
+        return found
+
+    @property
+    def hep_server(self) -> tuple[str, int] | None:
+        if not self.values["hep.server"]:
+            return None
+        found = parse_hostport(self.values["hep.server"], "hep.server", 9060, ipv6=True)
+        if not is_ip(found[0]):
+            raise ConfigError(f"hep.server: {found[0]!r} is not an IP address")
         return found
 
     @property
@@ -387,7 +399,7 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise, cfg.dns_servers, cfg.ws_origins  # validate (the listen addresses too)
+    cfg.internal, cfg.advertise, cfg.dns_servers, cfg.ws_origins, cfg.hep_server  # validate (the listen addresses too)
     for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
     if values["proxy.tls_verify_client"] and not (cfg.stream_listen("tls") and values["proxy.tls_ca"]):
@@ -408,6 +420,8 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if not 0 <= values["limits.overload_delay"] <= 0.25:
         # past that, callers are retransmitting before anything is refused
         raise ConfigError(f"limits.overload_delay: expected 0 (off) up to 0.25 s, got {values['limits.overload_delay']}")
+    if values["hep.capture_id"] >= 2 ** 32:
+        raise ConfigError(f"hep.capture_id: expected 0 to {2 ** 32 - 1}, got {values['hep.capture_id']}")
     if values["health.interval"] <= 0:
         raise ConfigError("health.interval: must be positive")
     if values["node.invite_timeout"] < 1:

@@ -48,6 +48,7 @@ from .errors import SipParseError
 from .logfmt import RateLimitedLog, event
 from .framing import PING, PONG, FramingError, StreamFramer
 from .headers import hostport
+from .hep import HepMirror
 from .websocket import WsServer, frame
 from .message import DEFAULT_LIMITS, Limits, SipMessage, parse_message
 
@@ -269,6 +270,7 @@ class SipTransport:
         self._stamp_fd = -1
         # wall clock: a datagram that arrived before it is marked stale (mark_backlog)
         self.backlog_before: float | None = None
+        self.hep: HepMirror | None = None        # a copy of each message to a capture server (hep.server)
 
     # ---- lifecycle ---------------------------------------------------
     async def listen(self, host: str, port: int, *, udp: bool = True, tcp: bool = True,
@@ -346,6 +348,8 @@ class SipTransport:
         """`framed`: a whole message as its transport delimited it (a
         WebSocket frame): read as a datagram is, but not by the UDP fast path."""
         stale = False
+        if self.hep is not None and len(data) > 4:       # not a keep-alive
+            self.hep.copy(data, source, self.local, transport)
         if datagram:
             if self.wait_wanted:
                 self._measure()
@@ -457,6 +461,8 @@ class SipTransport:
 
     # ---- sending -----------------------------------------------------
     def send(self, data: bytes, dest: Addr, transport: str = "udp") -> None:
+        if self.hep is not None and len(data) > 4:
+            self.hep.copy(data, self.local, dest, transport)
         if transport == "udp":
             if self.udp is None or self.udp.transport is None:
                 raise OSError("no UDP socket")
