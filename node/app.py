@@ -1036,10 +1036,11 @@ class Node:
         Refer-To may name our Contact, or an AOR with several phones of
         which one has the dialog). A pickup names a ringing phone's early
         dialog, and so reaches the caller, who originated its own early
-        dialog with us and may replace it (§7.1). A dialog not of ours (no stamp of ours
-        in its tags or Call-ID) may be beyond us: -> (the Replaces as it
-        came, None). None: answered here, 400 for a Replaces that names
-        no dialog, 481 when the one it names is over (§3)."""
+        dialog with us and may replace it (§7.1). A dialog not of ours
+        (no stamp of ours in its tags or Call-ID) may be beyond us: ->
+        (the Replaces as it came, None). None: answered here, 400 for a
+        Replaces that names no dialog, 481 when the one it names is over
+        (§3)."""
         value = req.get("Replaces") or ""
         call_id, _, params = value.partition(";")
         call_id = call_id.strip()
