@@ -384,6 +384,7 @@ class Node:
             # restarted with its Redis: its calls still ringing lost their
             # Timer C with the process that ran it
             self._sweep(self.take_over(None))
+            self._sweep(self.mirror_again(None))
         setting = self.cfg["node.admin"]
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
@@ -1205,21 +1206,35 @@ class Node:
         self._sweeps.add(task)
         task.add_done_callback(self._sweeps.discard)
 
-    async def mirror_again(self, dead: str) -> None:
+    async def mirror_again(self, dead: str | None) -> None:
         """Our records mirrored to `dead` have no other copy now: each is
         saved again, to the partner the ring names among the nodes up (as
         Redis Cluster replicates again), so that a call or a registration
-        also outlives this node dying next, before `dead` is back."""
-        mark = f'"p":"{dead}"'.encode()
-        found = [bekey for bekey, _ in await self.records("active", lambda raw: mark in raw)]
+        also outlives this node dying next, before `dead` is back. `dead`
+        None, at a restart with our Redis: those mirrored to a node no
+        longer in the node list (removed from the cluster), or to none."""
+        if dead is None:
+            marks = [f'"p":"{n}"'.encode() for n in self.node_ids if n != self.id]
+            if not marks:
+                return                          # a single node: nowhere to mirror to
+
+            def wanted(raw: bytes) -> bool:
+                return not any(m in raw for m in marks)
+        else:
+            mark = f'"p":"{dead}"'.encode()
+
+            def wanted(raw: bytes) -> bool:
+                return mark in raw
+        found = [bekey for bekey, _ in await self.records("active", wanted)]
         await self._each(found, lambda bekey: self._mirror_again(bekey, dead))
         if found:
             self.stats.inc("mirrored_again", n=len(found))
-            event(log, "mirrored_again", node=self.id, partner_down=dead, records=len(found))
+            event(log, "mirrored_again", node=self.id, partner_down=dead or "not in the node list",
+                  records=len(found))
 
-    async def _mirror_again(self, bekey: str, dead: str) -> None:
+    async def _mirror_again(self, bekey: str, dead: str | None) -> None:
         record = await self.store.active(bekey)
-        if record is not None and record.get("p") == dead:
+        if record is not None and (record.get("p") == dead if dead else record.get("p") not in self.node_ids):
             await self.store.save(bekey, record, self.partner_for(bekey), self.others(bekey))
 
     async def take_over(self, dead: str | None) -> None:

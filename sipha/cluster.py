@@ -9,6 +9,7 @@ and only while each PID still runs the command line recorded for it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import urllib.error
@@ -218,11 +220,19 @@ class Cluster:
             self.down()
             raise
 
-    def write_config(self, *, ramp: float, log_level: str) -> None:
+    def write_config(self, *, ramp: float | None = None, log_level: str | None = None) -> None:
+        """cluster.toml for the nodes in the state. Written again (a node
+        added or removed), it keeps the secret, the ramp and the log level
+        it had: a new secret would void the stamps of the calls in progress."""
         st = self.state
+        path = self.dir / "cluster.toml"
+        was = tomllib.loads(path.read_text()) if path.exists() else {}
+        secret = was.get("cluster", {}).get("secret") or secrets.token_hex(16)
+        ramp = ramp if ramp is not None else was.get("ramp", {}).get("duration", 30.0)
+        log_level = log_level or was.get("log", {}).get("level", "info")
         lines = [
             "# written by sipha up; every key can also be set by SIPHA_* variables",
-            "[cluster]", f'secret = "{secrets.token_hex(16)}"', "",
+            "[cluster]", f'secret = "{secret}"', "",
             "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"',
             *([f'internal = "{hostport((self.node_host, st["proxy"]["port"]))}"'] if st["proxy"].get("ipv6_nodes")
               else []),
@@ -394,6 +404,67 @@ class Cluster:
         if not self._signal(nid, signal.SIGCONT):
             raise ClusterError(f"{nid} is not running")
 
+    def add_node(self) -> str:
+        """A node more in the running cluster, as an operator adds one: its
+        Redis and process started with the longer node list, the proxy
+        started again with it (it keeps no call state; over UDP the calls
+        go on through it), then every other node stopped (it drains) and
+        started again with it, one after the other, so that each mirrors
+        to and looks in the new one. The ring gives the new node its share
+        of new calls, ramped; a call in progress whose key it now owns
+        moves there at its next request. -> the new node's id."""
+        nid = next(f"node{i}" for i in itertools.count(1) if f"node{i}" not in self.state["nodes"])
+        others = [n for n in self.state["nodes"] if self.running(n)]
+        self.state["nodes"][nid] = {"sip": free_port(self.node_host), "redis": free_port(), "admin": free_port()}
+        self.write_config()
+        self.save()
+        self.start_redis(nid)
+        proxy = self._stop_proxy()
+        self.start_node(nid, redis=False)
+        if proxy:
+            self.restart_proxy()
+        self._roll(others)
+        return nid
+
+    def remove_node(self, nid: str) -> None:
+        """A node out of the running cluster: stopped (it drains: its calls
+        go on at their partners), the proxy started again without it, every
+        other node stopped and started again without it (each mirrors what
+        it had mirrored there to a node of the list), then its Redis
+        stopped."""
+        self._known(nid)
+        if len(self.state["nodes"]) == 1:
+            raise ClusterError(f"{nid} is the last node")
+        if self.running(nid):
+            self.stop(nid)
+        del self.state["nodes"][nid]
+        self.write_config()
+        self.save()
+        if self._stop_proxy():
+            self.restart_proxy()
+        self._roll([n for n in self.state["nodes"] if self.running(n)])
+        self._signal(f"redis-{nid}", signal.SIGTERM)
+        self._wait_gone([f"redis-{nid}"], 5)
+        for name in (nid, f"redis-{nid}"):
+            self.state["procs"].pop(name, None)
+        self.save()
+
+    def _stop_proxy(self) -> bool:
+        """SIGTERM the proxy -> whether it ran."""
+        if not self._signal("proxy", signal.SIGTERM):
+            return False
+        if self._wait_gone(["proxy"], 5):
+            self._signal("proxy", signal.SIGKILL)
+            self._wait_gone(["proxy"], 2)
+        return True
+
+    def _roll(self, nids: list[str]) -> None:
+        """Stop (drain) and start each node, one after the other: it reads
+        the node list again."""
+        for n in nids:
+            self.stop(n)
+            self.start_node(n, redis=False)
+
     def kill_redis(self, nid: str) -> None:
         """SIGKILL only the node's Redis (the node keeps running)."""
         if not self._signal(f"redis-{nid}", signal.SIGKILL):
@@ -534,6 +605,18 @@ def cmd_start(args) -> int:
     return 0
 
 
+def cmd_add_node(args) -> int:
+    nid = _existing(args.dir).add_node()
+    print(f"added {nid}; the proxy and every node run with it in the node list now")
+    return 0
+
+
+def cmd_remove_node(args) -> int:
+    _existing(args.dir).remove_node(args.node)
+    print(f"removed {args.node}: it drained, the proxy and every other node run without it, its Redis is stopped")
+    return 0
+
+
 def cmd_down(args) -> int:
     stopped = _existing(args.dir).down()
     print("stopped: " + (", ".join(stopped) or "nothing was running"))
@@ -619,6 +702,11 @@ def add_commands(sub) -> None:
     p = with_dir(sub.add_parser("start", help="bring a killed node back (it ramps up), or the proxy"))
     p.add_argument("node", help="a node id, or proxy")
     p.set_defaults(func=cmd_start)
+    p = with_dir(sub.add_parser("add-node", help="add a node to the running cluster (no call is lost)"))
+    p.set_defaults(func=cmd_add_node)
+    p = with_dir(sub.add_parser("remove-node", help="take a node out of the running cluster (it drains first)"))
+    p.add_argument("node")
+    p.set_defaults(func=cmd_remove_node)
     p = with_dir(sub.add_parser("down", help="stop everything `up` started"))
     p.set_defaults(func=cmd_down)
     p = with_dir(sub.add_parser("load", help="drive SIPp calls at the proxy"))
