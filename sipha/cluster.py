@@ -206,7 +206,7 @@ class Cluster:
             self.state["nodes"][nid] = {"sip": free_port(self.node_host), "redis": free_port(), "admin": free_port()}
         if trunk:
             self.state["trunk"] = {"port": free_port("::1" if ipv6 else "127.0.0.1"), "scenario": trunk_scenario}
-        self.write_config(ramp=ramp, log_level=log_level)
+        self.write_config(ramp=ramp, log_level=log_level, fresh=True)
         self.save()
         try:
             for nid in self.state["nodes"]:
@@ -220,13 +220,17 @@ class Cluster:
             self.down()
             raise
 
-    def write_config(self, *, ramp: float | None = None, log_level: str | None = None) -> None:
-        """cluster.toml for the nodes in the state. Written again (a node
-        added or removed), it keeps the secret, the ramp and the log level
-        it had: a new secret would void the stamps of the calls in progress."""
+    def write_config(self, *, ramp: float | None = None, log_level: str | None = None, fresh: bool = False) -> None:
+        """cluster.toml for the nodes in the state (`fresh`: a new cluster).
+        Written again (a node added or removed), it keeps the secret, the
+        ramp and the log level it had: a new secret would void the stamps
+        of the calls in progress."""
         st = self.state
         path = self.dir / "cluster.toml"
-        was = tomllib.loads(path.read_text()) if path.exists() else {}
+        try:
+            was = tomllib.loads(path.read_text()) if path.exists() and not fresh else {}
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise ClusterError(f"{path}: {exc}") from None
         secret = was.get("cluster", {}).get("secret") or secrets.token_hex(16)
         ramp = ramp if ramp is not None else was.get("ramp", {}).get("duration", 30.0)
         log_level = log_level or was.get("log", {}).get("level", "info")

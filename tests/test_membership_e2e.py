@@ -12,6 +12,7 @@ import pytest
 from clusterkit import all_keys, run, uac
 from node.store import encode
 from nodekit import with_nodes
+from sipha.cluster import Cluster, ClusterError
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +65,9 @@ def test_a_restarted_node_mirrors_again_what_was_mirrored_to_a_removed_node(tmp_
     (replica_gone, replica_kept), record = with_nodes(tmp_path, 2, scenario)
     assert replica_gone is not None and json.loads(replica_gone)["p"] == "node2" and record["p"] == "node2"
     assert replica_kept is None
+
+
+def test_a_cluster_toml_that_does_not_parse_is_named(tmp_path):
+    (tmp_path / "cluster.toml").write_text("[cluster\nsecret = 1\n")
+    with pytest.raises(ClusterError, match="cluster.toml: "):
+        Cluster(str(tmp_path)).write_config()
