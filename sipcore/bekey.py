@@ -156,6 +156,12 @@ def choose(bekey: str, nodes: Iterable[str], healthy: Mapping[str, float],
         else:
             partner = n
             break
+    if owner is None:
+        # every node up is ramping and turns this key away (nodes started
+        # again one after another, each while the last still ramps): the
+        # ramp moves load while there is somewhere to move it, and a call
+        # on a ramping node is better than a 503
+        owner = next((n for n in order if n in healthy and n not in exclude), None)
     if owner is not None and partner is None:
         # every other node is turning this key away under its load factor
         # or is down: a ramping node still holds a replica better than none

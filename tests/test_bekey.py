@@ -111,3 +111,16 @@ def test_ramping_node_turns_keys_to_their_next_choice():
     kept = [r for r in results if r[0] == "node1"]
     assert 0.03 * len(mine) < len(kept) < 0.2 * len(mine)
     assert all(r[2] for r in results if r[0] != "node1")
+
+
+def test_a_key_every_ramping_node_turns_away_still_gets_an_owner():
+    """Nodes restarted one after another (a rolling upgrade, a node added),
+    each while the one before still ramps: a key none of them admits yet
+    goes to its first in rank, rather than to nobody (a 503 to the caller)."""
+    health = {"node1": 0.2, "node3": 0.3}
+    keys = [bekey_of(f"k{i}") for i in range(2000)]
+    refused = [k for k in keys if not any(admits(n, k, lf) for n, lf in health.items())]
+    assert refused
+    for k in refused:
+        up_in_rank = [n for n in rank(k, NODES) if n in health]
+        assert choose(k, NODES, health) == (up_in_rank[0], up_in_rank[1], True)
