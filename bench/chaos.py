@@ -9,7 +9,9 @@ lost) and started again, a node hung (SIGSTOP, 4 s) and woken, a node
 stopped for an upgrade (it drains) and started again, a node's process
 killed with its Redis left and started again, a node's Redis killed and
 started again (empty), the proxy killed and started again 2 s later
-(over UDP only: SIPp's TCP connection ends with the proxy). A run ends
+(over UDP only: SIPp's TCP connection ends with the proxy); with
+--membership, then a node added and one removed, each restarting the
+proxy and every other node (UDP only too). A run ends
 with SIPp's successful and failed calls and the log lines above info,
 counted by process, level and event; the exit status is 1 when a call
 failed. Runs like this found
@@ -35,7 +37,7 @@ from sipha.sipp import Sipp, free_port  # noqa: E402
 GAP = 8.0       # seconds between one failure and the next step
 
 
-async def failures(c: Cluster, transport: str) -> None:
+async def failures(c: Cluster, transport: str, membership: bool = False) -> None:
     steps = [
         ("kill node2 (and its Redis)", lambda: c.kill("node2")),
         ("start node2", lambda: c.start_node("node2")),
@@ -50,10 +52,13 @@ async def failures(c: Cluster, transport: str) -> None:
         ("kill the proxy", lambda: c.kill("proxy")),
         ("start the proxy", c.restart_proxy),
     ]
+    if membership:
+        # each restarts the proxy, then every other node in turn
+        steps += [("add a node", c.add_node), ("remove node1", lambda: c.remove_node("node1"))]
     if transport == "tcp":
-        # its TCP connections end with it, and SIPp's reconnection
+        # its TCP connections end with the proxy, and SIPp's reconnection
         # (-max_reconnect) is not reliable enough to count calls by
-        steps = steps[:-2]
+        steps = [(what, do) for what, do in steps if "proxy" not in what and what[:3] not in ("add", "rem")]
     pause = {"wake node3": 4.0, "start the proxy": 2.0}
     for i, (what, do) in enumerate(steps):
         await asyncio.sleep(pause.get(what, GAP if i % 2 == 0 else 6.0))
@@ -83,7 +88,7 @@ async def run(args) -> int:
         print(f"{args.calls} calls ({args.scenario} to {args.trunk_scenario}, {args.transport}) at {args.rate:g}/s, "
               f"held {args.hold} ms")
         await sipp.start()
-        await failures(c, args.transport)
+        await failures(c, args.transport, args.membership)
         result = await sipp.wait(args.calls / args.rate + 120)
     finally:
         c.down()
@@ -105,6 +110,9 @@ def main() -> int:
     ap.add_argument("--ipv6-nodes", action="store_true", help="the nodes on [::1], the proxy reaching them over IPv6")
     ap.add_argument("--ipv6-only", action="store_true", help="--ipv6-nodes, and the proxy on [::1] only")
     ap.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    ap.add_argument("--membership", action="store_true",
+                    help="then a node added and one removed (sipha add-node, remove-node; UDP only): "
+                         "give --calls 5600 to keep calls coming through them")
     args = ap.parse_args()
     if args.calls < 1 or args.rate <= 0 or args.hold < 0:
         ap.error("--calls, --rate and --hold must be positive")
