@@ -55,7 +55,7 @@ from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN
 from sipcore.config import Config, ConfigError
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
-from sipcore.hep import HepMirror
+from sipcore.hep import HEP_COUNTER, HepMirror
 from sipcore.headers import (format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri, split_commas,
                              split_params)
 from sipcore.logfmt import event
@@ -98,6 +98,7 @@ NODE_COUNTERS = {
     "mirrored_again": (),           # records saved again, their partner seen down
     "stale_requests": (),           # queued through a stall, not handled (Node.stalled)
     "stale_responses": (),
+    **HEP_COUNTER,
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,
@@ -311,8 +312,6 @@ class Node:
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
-        server = cfg.hep_server
-        self.transport.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"]) if server else None
         self.auth: Authenticator | None = None
         trusted = cfg.trusted
         if trusted and not cfg["auth.users_file"]:
@@ -339,6 +338,9 @@ class Node:
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
+        server = cfg.hep_server
+        self.transport.hep = (HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"], self.stats)
+                              if server else None)
         self._tasks: list[asyncio.Task] = []
         self.contact = f"<sip:{hostport(self.addr)}>"
         self.started = time.time()

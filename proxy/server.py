@@ -43,7 +43,7 @@ from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
-from sipcore.hep import HepMirror
+from sipcore.hep import HEP_COUNTER, HepMirror
 from sipcore.transport import SipTransport
 
 from .dns import DnsResolver, Hop, Target
@@ -96,6 +96,7 @@ PROXY_COUNTERS = {
     "responses": ("class",),
     "parse_rejections": (),
     "events": ("kind",),
+    **HEP_COUNTER,
 }
 
 
@@ -153,6 +154,8 @@ class Proxy:
         self.our_addrs: set[tuple[str, int]] = set()
         self.bad_input_log = RateLimitedLog()
         self.stats = Counters(PROXY_COUNTERS)
+        server = cfg.hep_server
+        self.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"], self.stats) if server else None
         self.routing_latency = Histogram(
             "sipha_proxy_routing_seconds", "time from a message's arrival to its forwarding",
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05))
@@ -166,8 +169,6 @@ class Proxy:
         self.admin: AdminServer | None = None
         self.admin_addr = None
         self.relay = NodeRelay(self._resend_to_node)
-        server = cfg.hep_server
-        self.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"]) if server else None
         self.limiter = SourceLimiter(cfg["limits.rate"], cfg["limits.burst"], cfg["limits.ban"])
         self.drop_scanners = cfg["limits.drop_scanners"]
         self.scanner_log = RateLimitedLog()

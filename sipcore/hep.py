@@ -18,6 +18,7 @@ import struct
 import time
 
 from .headers import hostport, is_ip
+from .stats import Counters
 
 Addr = tuple[str, int]
 
@@ -63,34 +64,42 @@ def encode_hep3(payload: bytes, src: Addr, dst: Addr, transport: str, capture_id
     return b"HEP3" + struct.pack("!H", 6 + len(body)) + body
 
 
+# the counter a process keeps of its copies (with its own, so that
+# /metrics and the workers' sums count them): result sent or dropped
+HEP_COUNTER = {"hep_copies": ("result",)}
+
+
 class HepMirror:
-    """Copies to one capture server over UDP, from a socket of its own."""
+    """Copies to one capture server over UDP, from a socket of its own,
+    counted in `counters` (HEP_COUNTER)."""
 
     MAX_PAYLOAD = 65535 - 200        # the packet's length field is 16 bits
 
-    def __init__(self, server: Addr, capture_id: int, password: str = ""):
+    def __init__(self, server: Addr, capture_id: int, password: str = "", counters: Counters | None = None):
         self.server = server
         self.capture_id = capture_id
         self.password = password
-        self.sent = 0
-        self.dropped = 0
+        self.counters = counters if counters is not None else Counters(HEP_COUNTER)
         self.sock = socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
 
     def copy(self, payload: bytes, src: Addr, dst: Addr, transport: str) -> None:
         if len(payload) > self.MAX_PAYLOAD or not (is_ip(src[0]) and is_ip(dst[0])):
-            self.dropped += 1
+            self.counters.inc("hep_copies", "dropped")
             return
         try:
             self.sock.sendto(encode_hep3(payload, src, dst, transport, self.capture_id, password=self.password),
                              self.server)
-            self.sent += 1
+            self.counters.inc("hep_copies", "sent")
         except OSError:
-            self.dropped += 1       # no route, a full buffer: the call goes on without its copy
+            # no route, a full buffer: the call goes on without its copy
+            self.counters.inc("hep_copies", "dropped")
 
     def view(self) -> dict:
-        """For /status: where the copies go, how many went and how many could not."""
-        return {"server": hostport(self.server), "sent": self.sent, "dropped": self.dropped}
+        """For /status: where the copies go, how many went and how many
+        could not (this process's; the counters sum a proxy's workers)."""
+        return {"server": hostport(self.server), "sent": self.counters.get("hep_copies", "sent"),
+                "dropped": self.counters.get("hep_copies", "dropped")}
 
     def close(self) -> None:
         self.sock.close()

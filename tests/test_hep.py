@@ -3,9 +3,11 @@ the packet format a Homer capture server reads, and a cluster whose
 proxy and nodes copy each hop of real SIPp calls to a capture socket."""
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import time
+import urllib.request
 
 import pytest
 
@@ -13,6 +15,7 @@ from clusterkit import run, uac
 from sipcore.config import ConfigError, load_config
 from sipcore.hep import HepMirror, encode_hep3
 from sipcore.message import parse_message
+from sipha.cluster import admin_get
 
 
 def decode(packet: bytes) -> dict:
@@ -107,3 +110,10 @@ def test_every_hop_of_a_call_reaches_the_capture_server(make_cluster, monkeypatc
     assert len(byes) == 3
     for nid in c.state["nodes"]:
         assert "hep=127.0.0.1:" in (c.dir / "logs" / f"{nid}.log").read_text()
+    # counted where operators alert: /metrics, and /status
+    with urllib.request.urlopen(f"http://127.0.0.1:{c.state['proxy']['admin']}/metrics", timeout=3) as r:
+        metrics = r.read().decode()
+    sent = re.search(r'^sipha_proxy_hep_copies_total\{result="sent"\} ([0-9.]+)$', metrics, re.M)
+    assert sent and float(sent.group(1)) > 0 and 'result="dropped"' not in metrics
+    node_status = admin_get(c.state["nodes"]["node1"]["admin"])
+    assert node_status["hep"]["sent"] > 0 and node_status["hep"]["dropped"] == 0
