@@ -166,18 +166,17 @@ def test_admin_is_on_by_default_on_loopback_at_sip_port_plus_1000(procs):
 def test_auto_admin_of_an_ipv6_sip_address_is_on_ipv6_loopback():
     """The proxy asks a node without an admin address at its SIP host and
     port + 1000: for a node on [::1], that is where auto must bind."""
+    async def status():
+        return {"role": "node"}
+
     async def main():
         port = free_port("::1")
         while port + 1000 >= 32768:
             port = free_port("::1")
-        server, addr = await start_admin("auto", "node.admin", ("::1", port),
-                                         {"/status": json_handler(lambda: _status())})
+        server, addr = await start_admin("auto", "node.admin", ("::1", port), {"/status": json_handler(status)})
         try:
             assert addr[:2] == ("::1", port + 1000)
             assert await fetch_json("::1", port + 1000, "/status") == {"role": "node"}
         finally:
             await server.close()
-
-    async def _status():
-        return {"role": "node"}
     asyncio.run(main())
