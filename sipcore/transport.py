@@ -76,6 +76,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        # the socket's now: a datagram already queued for it (SO_REUSEPORT
+        # hands a new socket its flows at once) may be read, and answered,
+        # before create_datagram_endpoint's caller resumes
+        self.owner.udp = self
 
     def datagram_received(self, data, addr):
         self.owner._received(data, (addr[0], addr[1]), "udp", datagram=True)
@@ -319,9 +323,11 @@ class SipTransport:
                 sock.close()
                 raise
             port = sock.getsockname()[1]
+            before = self.udp
             udp_transport, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
-            # at once: a datagram may come, and be answered, while TCP binds
-            before, self.udp = self.udp, proto
+            # at once (connection_made set it already): a datagram may come,
+            # and be answered, while TCP binds
+            self.udp = proto
         if tcp:
             try:
                 server = await loop.create_server(lambda: _TcpConnection(self), host, port, reuse_address=True)
