@@ -390,11 +390,18 @@ class Cluster:
         (an upgrade); the node drains (its calls go to their partners)
         before it exits."""
         self._known(nid)
-        if not self._signal(nid, signal.SIGTERM):
+        if not self._terminate(nid, 10):
             raise ClusterError(f"{nid} is not running")
-        if self._wait_gone([nid], 10):
-            self._signal(nid, signal.SIGKILL)
-            self._wait_gone([nid], 2)
+
+    def _terminate(self, name: str, grace: float) -> bool:
+        """SIGTERM a process, SIGKILL it if it is still there `grace` s
+        later -> whether it ran."""
+        if not self._signal(name, signal.SIGTERM):
+            return False
+        if self._wait_gone([name], grace):
+            self._signal(name, signal.SIGKILL)
+            self._wait_gone([name], 2)
+        return True
 
     def pause(self, nid: str) -> None:
         """SIGSTOP the node's process: a hang (a stalled VM, a swap
@@ -423,7 +430,7 @@ class Cluster:
         self.write_config()
         self.save()
         self.start_redis(nid)
-        proxy = self._stop_proxy()
+        proxy = self._terminate("proxy", 5)
         self.start_node(nid, redis=False)
         if proxy:
             self.restart_proxy()
@@ -444,7 +451,7 @@ class Cluster:
         del self.state["nodes"][nid]
         self.write_config()
         self.save()
-        if self._stop_proxy():
+        if self._terminate("proxy", 5):
             self.restart_proxy()
         self._roll([n for n in self.state["nodes"] if self.running(n)])
         self._signal(f"redis-{nid}", signal.SIGTERM)
@@ -452,15 +459,6 @@ class Cluster:
         for name in (nid, f"redis-{nid}"):
             self.state["procs"].pop(name, None)
         self.save()
-
-    def _stop_proxy(self) -> bool:
-        """SIGTERM the proxy -> whether it ran."""
-        if not self._signal("proxy", signal.SIGTERM):
-            return False
-        if self._wait_gone(["proxy"], 5):
-            self._signal("proxy", signal.SIGKILL)
-            self._wait_gone(["proxy"], 2)
-        return True
 
     def _roll(self, nids: list[str]) -> None:
         """Stop (drain) and start each node, one after the other: it reads
