@@ -40,6 +40,7 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -52,7 +53,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
-from sipcore.config import Config, ConfigError
+from sipcore.config import Config, ConfigError, node_list_change
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.hep import HEP_COUNTER, HepMirror
@@ -399,6 +400,45 @@ class Node:
               hep=hostport(self.transport.hep.server) if self.transport.hep else None,
               admin=hostport(admin_addr) if admin_addr else None)
 
+    async def reload(self, cfg: Config) -> None:
+        """The node list read again (SIGHUP): partners, the other nodes'
+        Redis servers and addresses follow it in place, with every call,
+        transaction and connection kept. What this node had mirrored to a
+        node gone from the list, or to one whose Redis moved, is mirrored
+        again (`mirrored_again`). Its own entry cannot change without a
+        restart. log.level is applied by the caller; the other settings
+        are read at start only, and those that changed are named in the log. Raises ConfigError (the running list
+        kept) on a list it refuses."""
+        change = node_list_change(self.cfg, cfg)
+        try:
+            me = cfg.node(self.id)
+        except ConfigError:
+            raise ConfigError(f"nodes: {self.id} is not in the new list: stop it (it drains) "
+                              "rather than reloading it") from None
+        if me != self.cfg.node(self.id):
+            raise ConfigError(f"nodes: the entry of {self.id} itself changed: restart it to move it")
+        if change.restart_only:
+            event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only))
+        before = {n.id: n for n in self.cfg.nodes}
+        if change:
+            await self.store.set_urls({n.id: n.redis for n in cfg.nodes})
+            self.cfg = dataclasses.replace(self.cfg, nodes=list(cfg.nodes))   # its other settings kept
+            self.node_ids = [n.id for n in cfg.nodes]
+            for nid in change.removed + change.moved:
+                self.peer_addrs.pop(nid, None)
+            self.peer_addrs.update({n.id: n.sip for n in cfg.nodes
+                                    if n.id != self.id and n.id not in self.peer_addrs and is_ip(n.sip[0])})
+            self.peers_down = self.peers_down & frozenset(self.node_ids)
+            if change.removed:
+                self._sweep(self.mirror_again(None))
+            for nid in change.moved:
+                if before[nid].redis != cfg.node(nid).redis:
+                    self._sweep(self.mirror_again(nid))
+        event(log, "nodes_reloaded", node=self.id, added=",".join(change.added) or None,
+              removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
+              nodes=",".join(self.node_ids))
+        await self._resolve_peers()
+
     async def _resolve(self, addr):
         infos = await asyncio.get_running_loop().getaddrinfo(addr[0], addr[1], type=2)
         return infos[0][4][0], addr[1]
@@ -407,7 +447,7 @@ class Node:
         kinds = await self.store.kinds()
         counts = {space: (-1 if by is None else sum(by.values())) for space, by in kinds.items()}
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
-                "sip": hostport(self.addr), "redis_ok": self.healthy,
+                "sip": hostport(self.addr), "redis_ok": self.healthy, "nodes": self.node_ids,
                 "keys": counts,
                 "dialogs": {space: by and by["call"] for space, by in kinds.items()},
                 "registrations": {space: by and by["reg"] for space, by in kinds.items()}, "calls_in_memory_locks": len(self.locks),

@@ -89,6 +89,19 @@ class DialogStore:
         self.replication = "ok"   # what the last save could do, for /status
         self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 
+    async def set_urls(self, urls: dict[str, str]) -> None:
+        """The other nodes' Redis servers of a new node list (a reload):
+        clients for the new ones, those of nodes gone or moved closed.
+        Ours stays as it is. A bad URL raises ConfigError, nothing changed."""
+        made = {nid: _client(nid, url) for nid, url in urls.items()
+                if url and nid != self.node_id and self.urls.get(nid) != url}
+        for nid in [nid for nid in self.clients if nid != self.node_id
+                    and (nid not in urls or nid in made or not urls[nid])]:
+            await self.clients.pop(nid).aclose()
+            self.peer_down_until.pop(nid, None)
+        self.clients.update(made)
+        self.urls = {**urls, self.node_id: self.urls[self.node_id]}
+
     def peer(self, nid: str | None) -> Redis | None:
         if not nid or nid == self.node_id:
             return None

@@ -88,6 +88,8 @@ class _ProbeSocket(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data, addr):
+        if self.node_id not in self.health.nodes:    # taken out by a reload
+            return
         try:
             msg = parse_message(data)
         except SipParseError:
@@ -98,7 +100,7 @@ class _ProbeSocket(asyncio.DatagramProtocol):
             self.health.node_left(self.node_id)
 
     def error_received(self, exc):
-        if isinstance(exc, ConnectionRefusedError):
+        if isinstance(exc, ConnectionRefusedError) and self.node_id in self.health.nodes:
             self.health.probe_refused(self.node_id)
 
 
@@ -112,6 +114,7 @@ class HealthMonitor:
         self._seq = itertools.count(1)
         self._tag = uuid.uuid4().hex[:10]
         self._tasks: list[asyncio.Task] = []
+        self._probes: dict[str, asyncio.Task] = {}
         self.on_change = None   # callback(node_id) when the ring changes
         self.on_first_answer = None     # callback(node_id) at a node's first answer to our probes
 
@@ -126,16 +129,53 @@ class HealthMonitor:
             h.addr = await self._resolve(h.node)
         if not self.probing:
             return
-        for nid, h in self.nodes.items():
-            self._tasks.append(loop.create_task(self._probe_loop(nid)))
+        for nid in self.nodes:
+            self._probes[nid] = loop.create_task(self._probe_loop(nid))
         self._tasks.append(loop.create_task(self._ramp_loop()))
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._probes.values()]:
             t.cancel()
         for s in self._sockets.values():
             if s.transport:
                 s.transport.close()
+
+    async def set_nodes(self, nodes: list[NodeConfig]) -> None:
+        """A new node list (a reload): a node gone is no longer probed; a
+        node at a new address is probed there, its state kept; a new node
+        starts out of the ring and comes in as a returning one does, after
+        `up_after` answers, ramped (unprobed: up at once, as at start)."""
+        loop = asyncio.get_running_loop()
+        wanted = {n.id: n for n in nodes}
+        for nid in [nid for nid in self.nodes if nid not in wanted]:
+            self._forget(nid)
+            del self.nodes[nid]
+        for nid, n in wanted.items():
+            h = self.nodes.get(nid)
+            if h is not None and h.node == n:
+                continue
+            if h is None:
+                h = self.nodes[nid] = NodeHealth(n)
+                if self.probing:
+                    h.up, h.ever_probed = False, True
+            else:
+                self._forget(nid)
+                h.node = n
+            h.addr = await self._resolve(n)
+            if self.probing:
+                self._probes[nid] = loop.create_task(self._probe_loop(nid))
+        # in the order of the list, as at start
+        self.nodes = {nid: self.nodes[nid] for nid in wanted}
+        VIEW_CHANGES[0] += 1
+
+    def _forget(self, nid: str) -> None:
+        task = self._probes.pop(nid, None)
+        if task is not None:
+            task.cancel()
+        sock = self._sockets.pop(nid, None)
+        if sock is not None and sock.transport is not None:
+            sock.transport.close()
+        self.nodes[nid].pending = None
 
     async def _resolve(self, node: NodeConfig) -> tuple[str, int] | None:
         try:

@@ -24,6 +24,7 @@ branch as the INVITE and reach the same node (RFC 3261 §16.11).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -35,7 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import SETTINGS, STREAM_KINDS, Config
+from sipcore.config import SETTINGS, STREAM_KINDS, Config, node_list_change
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
@@ -254,10 +255,7 @@ class Proxy:
         if self.natping is not None and self.primary and not self.health.probing:
             for nid in self.health.nodes:   # no first answer to wait for: they count as up now
                 self._ask_nat_flows(nid)
-        for nid, h in self.health.nodes.items():
-            if h.addr:
-                self.node_by_addr[h.addr] = nid
-            self.node_by_addr[(h.node.host, h.node.port)] = nid
+        self._index_nodes()
         if self.link is not None:
             self.link.start()
         if not self.primary:
@@ -274,6 +272,32 @@ class Proxy:
               admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
               probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
+
+    def _index_nodes(self) -> None:
+        self.node_by_addr = {}
+        for nid, h in self.health.nodes.items():
+            if h.addr:
+                self.node_by_addr[h.addr] = nid
+            self.node_by_addr[(h.node.host, h.node.port)] = nid
+
+    async def reload(self, cfg: Config) -> None:
+        """The node list read again (SIGHUP, as Kamailio's
+        dispatcher.reload): nodes added, removed or moved in place, every
+        connection, transaction and flow kept. log.level is applied by
+        the caller; the other settings are read at start only, and those
+        that changed are named in the log."""
+        change = node_list_change(self.cfg, cfg)
+        if change.restart_only and self.primary:
+            event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only))
+        if change:
+            self.cfg = dataclasses.replace(self.cfg, nodes=list(cfg.nodes))   # its other settings kept
+            self.node_ids = [n.id for n in cfg.nodes]
+            self.nodes = {n.id: n for n in cfg.nodes}
+            await self.health.set_nodes(cfg.nodes)
+            self._index_nodes()
+        event(log, "nodes_reloaded", added=",".join(change.added) or None,
+              removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
+              nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))
 
     async def close(self) -> None:
         if self._overload_timer is not None:

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sipcore.config import MAX_NODES
 from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram
 
@@ -44,48 +45,53 @@ log = logging.getLogger("proxy")
 
 PUBLISH_EVERY = 0.02
 STATS_EVERY = 1.0
-_NODE = struct.Struct("<BBdi")          # up, warm, load factor, last probe status (-1: none)
-_SEQ = struct.Struct("<Q")
+# id, up, warm, load factor, last probe status (-1: none)
+_NODE = struct.Struct("<32sBBdi")
+_HEAD = struct.Struct("<QI")            # sequence, nodes published
 _HANDOFF_BUFFER = 4 * 1024 * 1024
 
 
 class SharedHealth:
     """The nodes' health in a shared anonymous mapping, created before the
-    workers are forked. One writer (worker 0); a sequence number, odd while
-    a write is under way, lets readers retry a torn read."""
+    workers are forked: a slot per node, named by its id, for as many
+    nodes as a configuration may list (a reload can add some). One writer
+    (worker 0); a sequence number, odd while a write is under way, lets
+    readers retry a torn read. A worker copies the slots of the nodes it
+    knows: after a reload (SIGHUP) the workers may briefly disagree on the
+    list, each routing by its own."""
 
-    def __init__(self, node_ids: list[str]):
-        self.node_ids = list(node_ids)
-        self.mem = mmap.mmap(-1, _SEQ.size + _NODE.size * max(1, len(node_ids)))
-        for i in range(len(node_ids)):
-            _NODE.pack_into(self.mem, _SEQ.size + i * _NODE.size, 1, 0, 1.0, -1)
+    def __init__(self, slots: int = MAX_NODES):
+        self.slots = slots
+        self.mem = mmap.mmap(-1, _HEAD.size + _NODE.size * slots)
 
     def publish(self, nodes: dict) -> None:
-        seq = _SEQ.unpack_from(self.mem, 0)[0]
+        seq = _HEAD.unpack_from(self.mem, 0)[0]
         seq += seq % 2     # odd: a writer died mid-write; that write is void
-        _SEQ.pack_into(self.mem, 0, seq + 1)
-        for i, nid in enumerate(self.node_ids):
-            h = nodes[nid]
+        _HEAD.pack_into(self.mem, 0, seq + 1, 0)
+        listed = list(nodes.items())[:self.slots]
+        for i, (nid, h) in enumerate(listed):
             status = -1 if h.last_status is None else h.last_status
-            _NODE.pack_into(self.mem, _SEQ.size + i * _NODE.size, h.up, h.warm, h.load_factor, status)
-        _SEQ.pack_into(self.mem, 0, seq + 2)
+            _NODE.pack_into(self.mem, _HEAD.size + i * _NODE.size, nid.encode(), h.up, h.warm, h.load_factor, status)
+        _HEAD.pack_into(self.mem, 0, seq + 2, len(listed))
 
-    def read(self) -> list[tuple[bool, bool, float, int | None]]:
+    def read(self) -> dict[str, tuple[bool, bool, float, int | None]]:
+        out: dict[str, tuple[bool, bool, float, int | None]] = {}
         for _ in range(100):   # bounded: the writer may have died mid-write
-            before = _SEQ.unpack_from(self.mem, 0)[0]
-            out = []
-            for i in range(len(self.node_ids)):
-                up, warm, lf, status = _NODE.unpack_from(self.mem, _SEQ.size + i * _NODE.size)
-                out.append((bool(up), bool(warm), lf, None if status < 0 else status))
-            if before % 2 == 0 and _SEQ.unpack_from(self.mem, 0)[0] == before:
+            before, count = _HEAD.unpack_from(self.mem, 0)
+            out = {}
+            for i in range(min(count, self.slots)):
+                nid, up, warm, lf, status = _NODE.unpack_from(self.mem, _HEAD.size + i * _NODE.size)
+                out[nid.rstrip(b"\0").decode()] = (bool(up), bool(warm), lf, None if status < 0 else status)
+            if before % 2 == 0 and _HEAD.unpack_from(self.mem, 0)[0] == before:
                 break
             time.sleep(0)
         return out
 
     def copy_into(self, nodes: dict) -> None:
-        for nid, (up, warm, lf, status) in zip(self.node_ids, self.read()):
-            h = nodes[nid]
-            h.up, h.warm, h.load_factor, h.last_status = up, warm, lf, status
+        for nid, (up, warm, lf, status) in self.read().items():
+            h = nodes.get(nid)
+            if h is not None:
+                h.up, h.warm, h.load_factor, h.last_status = up, warm, lf, status
 
 
 @dataclass
@@ -230,10 +236,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(node_ids: list[str], count: int, run_worker: Callable[[WorkerRole], int]) -> int:
+def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Callable[[], bool] | None = None) -> int:
     """Fork `count` workers running run_worker(role) and keep them running
-    until SIGTERM / SIGINT. -> exit status."""
-    health = SharedHealth(node_ids)
+    until SIGTERM / SIGINT. On SIGHUP, `reload()` (the configuration read
+    again, for workers started from now on): if it is good, each worker
+    gets the SIGHUP and reloads too. -> exit status."""
+    health = SharedHealth()
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count - 1)]
     for a, b in pairs:
         for s in (a, b):
@@ -250,6 +258,7 @@ def supervise(node_ids: list[str], count: int, run_worker: Callable[[WorkerRole]
         if pid == 0:
             code = 1
             try:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until its loop handles it
                 _die_with_parent()
                 if os.getppid() != supervisor:
                     os._exit(1)
@@ -272,8 +281,24 @@ def supervise(node_ids: list[str], count: int, run_worker: Callable[[WorkerRole]
             except ProcessLookupError:
                 pass
 
+    def hangup(_signum, _frame) -> None:
+        if os.getpid() != supervisor or stopping:
+            return
+        try:
+            if reload is not None and not reload():
+                return
+        except Exception as exc:   # noqa: BLE001 - the supervisor outlives a failed reload
+            event(log, "reload_failed", logging.ERROR, error=repr(exc), action="kept the running node list")
+            return
+        for pid in list(pids):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     for i in range(count):
         spawn(i)
     event(log, "workers_started", workers=count, pids=",".join(str(p) for p in pids))

@@ -66,6 +66,9 @@ class NodeConfig:
         return (self.host, self.port)
 
 
+# the proxy's workers share the nodes' health in a page of this many slots
+MAX_NODES = 256
+
 # key -> (type, default, what it changes). The README's configuration table
 # lists the same keys.
 SETTINGS: dict[str, tuple[type, Any, str]] = {
@@ -430,4 +433,32 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
         raise ConfigError(f"node.dialog_ttl: expected at least 2 s, got {values['node.dialog_ttl']}")
     if values["health.down_after"] < 1 or values["health.up_after"] < 1:
         raise ConfigError("health.down_after / health.up_after: must be at least 1")
+    if len(node_list) > MAX_NODES:
+        raise ConfigError(f"nodes: at most {MAX_NODES} nodes, got {len(node_list)}")
     return cfg
+
+
+# applied by a reload (SIGHUP) as well as the node list
+LIVE_SETTINGS = frozenset({"log.level"})
+
+
+@dataclass
+class NodeListChange:
+    """What a reload (SIGHUP) finds in the configuration against what runs."""
+    added: list[str]
+    removed: list[str]
+    moved: list[str]         # the same id at a new SIP address, Redis or admin address
+    restart_only: list[str]  # other settings that differ: read at start only
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.moved)
+
+
+def node_list_change(old: Config, new: Config) -> NodeListChange:
+    before = {n.id: n for n in old.nodes}
+    after = {n.id: n for n in new.nodes}
+    return NodeListChange(
+        added=[nid for nid in after if nid not in before],
+        removed=[nid for nid in before if nid not in after],
+        moved=[nid for nid, n in after.items() if nid in before and before[nid] != n],
+        restart_only=sorted(k for k, v in new.values.items() if old.values.get(k) != v and k not in LIVE_SETTINGS))

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import socket
 import sys
+from typing import Callable
 
-from sipcore.config import ConfigError, load_config
-from sipcore.logfmt import setup_logging
+from sipcore.config import Config, ConfigError, load_config
+from sipcore.logfmt import event, setup_logging
 
 from .cluster import ClusterError
 from .sipp import SippError
+
+
+log = logging.getLogger("sipha")
 
 
 def _install_uvloop() -> None:
@@ -54,11 +59,28 @@ def _overrides(args: argparse.Namespace) -> dict:
     return o
 
 
-async def _serve(app) -> None:
+async def _serve(app, load: Callable[[], Config] | None = None) -> None:
+    """Run `app` until SIGINT / SIGTERM. SIGHUP: `load()` the configuration
+    again and hand it to app.reload; one that does not load, or that the
+    app refuses, is logged (reload_failed) and the running one kept."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if load is not None:
+        lock = asyncio.Lock()
+
+        async def reload() -> None:
+            async with lock:       # one after the other, as the signals came
+                try:
+                    cfg = load()
+                    await app.reload(cfg)
+                except ConfigError as exc:
+                    event(log, "reload_failed", logging.ERROR, error=str(exc), action="kept the running node list")
+                    return
+                _set_log_level(cfg)
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
     await app.start()
     try:
         await stop.wait()
@@ -68,10 +90,28 @@ async def _serve(app) -> None:
         await app.close()
 
 
+def _set_log_level(cfg: Config) -> None:
+    """log.level of a reload (SIGHUP), as kamcmd's debug level: in place."""
+    level = cfg["log.level"].upper()
+    root = logging.getLogger()
+    if logging.getLevelName(root.level) != level:
+        event(log, "log_level", logging.WARNING, was=logging.getLevelName(root.level).lower(), now=level.lower())
+        root.setLevel(level)
+
+
+def _loader(args) -> Callable[[], Config]:
+    """The configuration as the command line gave it, read again."""
+    def load() -> Config:
+        cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
+        if not cfg.nodes:
+            raise ConfigError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]] in --config)")
+        return cfg
+    return load
+
+
 def cmd_proxy(args) -> int:
-    cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
-    if not cfg.nodes:
-        raise ConfigError("nodes: the node list is empty (give --node ID=HOST:PORT or [[nodes]] in --config)")
+    load = _loader(args)
+    cfg = load()
     # files that do not load: an error now, naming the key
     cfg.tls_server_context(verify_clients=cfg["proxy.tls_verify_client"]), cfg.tls_client_context()
     setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
@@ -79,21 +119,32 @@ def cmd_proxy(args) -> int:
     workers = cfg["proxy.workers"]
     if workers == 1:
         _install_uvloop()
-        asyncio.run(_serve(Proxy(cfg)))
+        asyncio.run(_serve(Proxy(cfg), load))
         return 0
     from proxy.workers import supervise
 
     for host, port in cfg.listen:   # a clear error now rather than N failing workers
         _check_bindable(host, port)
 
+    latest = [cfg]      # what a worker (re)started now runs with
+
     def run_worker(role) -> int:
         setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"],
                       worker=role.index)
         _install_uvloop()
-        asyncio.run(_serve(Proxy(cfg, role)))
+        asyncio.run(_serve(Proxy(latest[0], role), load))
         return 0
 
-    return supervise([n.id for n in cfg.nodes], workers, run_worker)
+    def reload() -> bool:
+        try:
+            latest[0] = load()
+        except ConfigError as exc:
+            event(log, "reload_failed", logging.ERROR, error=str(exc), action="kept the running node list")
+            return False
+        _set_log_level(latest[0])
+        return True
+
+    return supervise(workers, run_worker, reload)
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -110,12 +161,13 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def cmd_node(args) -> int:
-    cfg = load_config(args.config, overrides=_overrides(args), nodes=args.node)
+    load = _loader(args)
+    cfg = load()
     node_cfg = cfg.node(args.id)
     setup_logging(args.id, level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"])
     from node.app import Node
     _install_uvloop()
-    asyncio.run(_serve(Node(cfg, node_cfg.id)))
+    asyncio.run(_serve(Node(cfg, node_cfg.id), load))
     return 0
 
 

@@ -289,7 +289,7 @@ class Cluster:
         if nid not in self.state.get("nodes", {}):
             raise ClusterError(f"no node {nid!r} (nodes: {', '.join(self.state.get('nodes', {}))})")
 
-    def start_node(self, nid: str, *, redis: bool = True) -> None:
+    def start_node(self, nid: str, *, redis: bool = True, wait_proxy: bool = True) -> None:
         self._known(nid)
         if self.running(nid):
             raise ClusterError(f"{nid} is already running")
@@ -300,7 +300,7 @@ class Cluster:
         self.state["procs"][nid]["log"] = str(log)
         self.save()
         self._wait_admin(nid, self.state["nodes"][nid]["admin"])
-        if self.running("proxy"):
+        if wait_proxy and self.running("proxy"):
             self._wait_proxy_sees(nid)
 
     def _wait_proxy_sees(self, nid: str, timeout: float = 10.0) -> None:
@@ -417,32 +417,30 @@ class Cluster:
 
     def add_node(self) -> str:
         """A node more in the running cluster, as an operator adds one: its
-        Redis and process started with the longer node list, the proxy
-        started again with it (it keeps no call state; over UDP the calls
-        go on through it), then every other node stopped (it drains) and
-        started again with it, one after the other, so that each mirrors
-        to and looks in the new one. The ring gives the new node its share
-        of new calls, ramped; a call in progress whose key it now owns
-        moves there at its next request. -> the new node's id."""
+        Redis and process started with the longer node list, then the
+        other nodes and the proxy told to read the list again (SIGHUP), in
+        place: every call, transaction and phone connection goes on. The
+        nodes first, so that each already mirrors to and looks in the new
+        one when the proxy brings it into the ring, ramped, with its share
+        of new calls; a call in progress whose key it now owns moves there
+        at its next request. -> the new node's id."""
         nid = next(f"node{i}" for i in itertools.count(1) if f"node{i}" not in self.state["nodes"])
         others = [n for n in self.state["nodes"] if self.running(n)]
         self.state["nodes"][nid] = {"sip": free_port(self.node_host), "redis": free_port(), "admin": free_port()}
         self.write_config()
         self.save()
         self.start_redis(nid)
-        proxy = self._terminate("proxy", 5)
-        self.start_node(nid, redis=False)
-        if proxy:
-            self.restart_proxy()
-        self._roll(others)
+        self.start_node(nid, redis=False, wait_proxy=False)    # the proxy does not know it yet
+        self.reload([*others, "proxy"])
+        if self.running("proxy"):
+            self._wait_proxy_sees(nid, 15)
         return nid
 
     def remove_node(self, nid: str) -> None:
         """A node out of the running cluster: stopped (it drains: its calls
-        go on at their partners), the proxy started again without it, every
-        other node stopped and started again without it (each mirrors what
-        it had mirrored there to a node of the list), then its Redis
-        stopped."""
+        go on at their partners), the proxy and every other node told to
+        read the shorter list again (SIGHUP; each node mirrors what it had
+        mirrored there to a node of the list), then its Redis stopped."""
         self._known(nid)
         if len(self.state["nodes"]) == 1:
             raise ClusterError(f"{nid} is the last node")
@@ -451,21 +449,34 @@ class Cluster:
         del self.state["nodes"][nid]
         self.write_config()
         self.save()
-        if self._terminate("proxy", 5):
-            self.restart_proxy()
-        self._roll([n for n in self.state["nodes"] if self.running(n)])
+        self.reload(["proxy", *(n for n in self.state["nodes"] if self.running(n))])
         self._signal(f"redis-{nid}", signal.SIGTERM)
         self._wait_gone([f"redis-{nid}"], 5)
         for name in (nid, f"redis-{nid}"):
             self.state["procs"].pop(name, None)
         self.save()
 
-    def _roll(self, nids: list[str]) -> None:
-        """Stop (drain) and start each node, one after the other: it reads
-        the node list again."""
-        for n in nids:
-            self.stop(n)
-            self.start_node(n, redis=False)
+    def reload(self, names: list[str], timeout: float = 10.0) -> None:
+        """SIGHUP to each of these processes, in turn, each awaited until its
+        /status lists the nodes of cluster.toml (it logs reload_failed and
+        keeps its list if it refuses the new one)."""
+        want = list(self.state["nodes"])
+        for name in names:
+            if not self._signal(name, signal.SIGHUP):
+                continue
+            port = self.state["proxy"]["admin"] if name == "proxy" else self.state["nodes"][name]["admin"]
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    st = admin_get(port)
+                    if [n["id"] if isinstance(n, dict) else n for n in st["nodes"]] == want:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{name} did not take the new node list within {timeout:g}s "
+                                       f"(see {self.dir / 'logs' / name}.log)")
+                time.sleep(0.05)
 
     def kill_redis(self, nid: str) -> None:
         """SIGKILL only the node's Redis (the node keeps running)."""

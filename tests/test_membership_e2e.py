@@ -1,9 +1,10 @@
 """A node added to, and one taken out of, a running cluster under load
-(`sipha add-node`, `sipha remove-node`): restarts of the proxy and of each
-node with the new node list, the cluster's secret kept."""
+(`sipha add-node`, `sipha remove-node`): the proxy and each node read the
+new node list on SIGHUP, in place, the cluster's secret kept."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -12,17 +13,21 @@ import pytest
 from clusterkit import all_keys, run, uac
 from node.store import encode
 from nodekit import with_nodes
+from sipcore.config import ConfigError
 from sipha.cluster import Cluster, ClusterError
 
 pytestmark = pytest.mark.e2e
 
 
 def test_a_node_added_and_one_removed_under_load_lose_no_call(make_cluster):
+    """Over one TCP connection from SIPp to the proxy, which a restart of
+    the proxy would end (and every call on it)."""
     c = make_cluster(nodes=3)
     secret = next(line for line in (c.dir / "cluster.toml").read_text().splitlines() if line.startswith("secret"))
+    proxy_pid = c.procs()["proxy"]["pid"]
 
     async def scenario():
-        s = uac(c, "uac", calls=300, rate=15, hold_ms=2000)
+        s = uac(c, "uac", calls=300, rate=15, hold_ms=2000, transport="tcp")
         await s.start()
         await asyncio.sleep(2)
         added = await asyncio.to_thread(c.add_node)
@@ -39,9 +44,15 @@ def test_a_node_added_and_one_removed_under_load_lose_no_call(make_cluster):
     logs = {n: (c.dir / "logs" / f"{n}.log").read_text() for n in c.state["nodes"]}
     assert "event=dialog_created" in logs["node4"]          # its share of the new calls
     assert not any("level=error" in text for text in logs.values())
+    assert c.procs()["proxy"]["pid"] == proxy_pid
     proxy_log = (c.dir / "logs" / "proxy.log").read_text()
-    assert any("event=proxy_started" in line and 'nodes="node2=' in line and "node4=" in line
-               for line in proxy_log.splitlines())
+    reloads = [line for line in proxy_log.splitlines() if "event=nodes_reloaded" in line]
+    assert len(reloads) == 2 and "added=node4" in reloads[0] and "removed=node1" in reloads[1], reloads
+    assert 'nodes="node2=' in reloads[1] and "node4=" in reloads[1]
+    assert "event=node_up node=node4" in proxy_log
+    for n in ("node2", "node3"):
+        assert "event=nodes_reloaded node=" + n + " added=node4" in logs[n]
+        assert "removed=node1" in logs[n]
     time.sleep(0.5)                                         # the last ACKs and deletes
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
 
@@ -71,3 +82,42 @@ def test_a_cluster_toml_that_does_not_parse_is_named(tmp_path):
     (tmp_path / "cluster.toml").write_text("[cluster\nsecret = 1\n")
     with pytest.raises(ClusterError, match="cluster.toml: "):
         Cluster(str(tmp_path)).write_config()
+
+
+def test_a_node_reloaded_with_a_new_list_mirrors_to_it_and_refuses_to_drop_itself(tmp_path):
+    """SIGHUP on a node (Node.reload): the Redis of a node gone is no
+    longer asked, a new node's is; what was mirrored to the node gone is
+    mirrored again at once, to a node of the new list. A list without
+    this node, or with its own entry changed, is refused and the running
+    one kept."""
+    bekey = "00000000000000cc"
+
+    async def scenario(nodes, sent):
+        n1, n2, n3 = nodes
+        first = dataclasses.replace(n1.cfg, nodes=n1.cfg.nodes[:2])     # node1 and node2
+        n1.cfg, n1.node_ids = first, ["node1", "node2"]
+        await n1.store.set_urls({n.id: n.redis for n in first.nodes})
+        assert set(n1.store.clients) == {"node1", "node2"}
+        record = {"k": "call", "st": "confirmed", "a": {"cid": f"{bekey}@x"}, "o": "node1", "p": "node2", "v": 3}
+        await n1.store.own.set(n1.store.key("active", bekey), encode(record))
+        swapped = dataclasses.replace(first, nodes=[first.nodes[0], n3.cfg.nodes[2]])    # node2 out, node3 in
+        await n1.reload(swapped)
+        refused = []
+        for bad in (dataclasses.replace(first, nodes=[n3.cfg.nodes[2]]),
+                    dataclasses.replace(first, nodes=[dataclasses.replace(first.nodes[0], port=7999),
+                                                      n3.cfg.nodes[2]])):
+            with pytest.raises(ConfigError) as exc:
+                await n1.reload(bad)
+            refused.append(str(exc.value))
+        for _ in range(50):                       # the mirroring sweep runs in the background
+            replica = await n3.store.own.get(n3.store.key("replica", bekey))
+            if replica is not None:
+                break
+            await asyncio.sleep(0.02)
+        return replica, n1, refused
+
+    replica, n1, refused = with_nodes(tmp_path, 3, scenario)
+    assert replica is not None and json.loads(replica)["p"] == "node3"
+    assert n1.node_ids == ["node1", "node3"] and set(n1.store.clients) == {"node1", "node3"}
+    assert set(n1.peer_addrs) == {"node3"}
+    assert "node1 is not in the new list" in refused[0] and "entry of node1 itself changed" in refused[1]

@@ -148,3 +148,52 @@ def test_port_in_use_is_a_clear_error_with_workers(procs):
                             "--workers", "2", "--listen", f"127.0.0.1:{port}"],
                            capture_output=True, text=True, timeout=20)
     assert r.returncode == 1 and f"cannot bind 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+def test_sighup_reloads_the_node_list_in_every_worker_and_a_bad_file_changes_nothing(procs):
+    """`kill -HUP` on the supervisor: it reads --config again and hands the
+    signal to each worker, which takes the new node list in place (the
+    new node comes in after its probes, ramped); log.level changes at
+    once; other settings are named as needing a restart. A file that no
+    longer parses is logged and the running list kept."""
+    backends = two_backends(procs)
+    port, admin = free_port(), free_port()
+    conf = procs.tmp / "proxy.toml"
+
+    def write(node_ids, extra=""):
+        conf.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nadmin = "127.0.0.1:{admin}"\nworkers = 2\n'
+                        '[health]\ninterval = 0.2\n[ramp]\nduration = 0.5\n' + extra
+                        + "".join(f'[[nodes]]\nid = "{n}"\nsip = "127.0.0.1:{backends[n][1]}"\n' for n in node_ids))
+
+    write(["node1"])
+    proxy = procs.sipha("proxy", "proxy", "--config", str(conf), ready="event=proxy_started")
+    wait_for(lambda: proxy.lines("event=worker_started"), proxy)
+
+    def calls():
+        r = asyncio.run(Sipp("uac", target=("127.0.0.1", port), calls=40, rate=50, workdir=str(procs.tmp)).run(60))
+        assert r.failed == 0 and r.ok == 40, r.log_tail
+
+    calls()
+    write(["node1", "node2"], "[limits]\ntcp_idle = 100\n")
+    os.kill(proxy.popen.pid, signal.SIGHUP)
+    wait_for(lambda: [n["id"] for n in status(admin)["nodes"] if n["up"]] == ["node1", "node2"], proxy)
+    wait_for(lambda: len(proxy.lines("event=nodes_reloaded")) == 2, proxy)
+    assert {parse_logfmt(line)["worker"] for line in proxy.lines("event=nodes_reloaded")} == {"0", "1"}
+    assert all("added=node2" in line for line in proxy.lines("event=nodes_reloaded"))
+    assert "keys=limits.tcp_idle" in proxy.lines("event=reload_restart_needed")[0]
+    before = len(proxy.lines("event=route method=INVITE"))
+    calls()
+    assert [line for line in proxy.lines("event=route method=INVITE")[before:] if "node=node2" in line]
+    write(["node1", "node2"], '[limits]\ntcp_idle = 100\n[log]\nlevel = "warning"\n')
+    os.kill(proxy.popen.pid, signal.SIGHUP)
+    wait_for(lambda: len(proxy.lines("event=log_level")) == 3, proxy)    # the supervisor and each worker
+    time.sleep(0.2)
+    before = len(proxy.lines("event=route"))
+    calls()
+    assert len(proxy.lines("event=route")) == before          # at warning now: no route lines
+    conf.write_text("[proxy\n")
+    os.kill(proxy.popen.pid, signal.SIGHUP)
+    wait_for(lambda: proxy.lines("event=reload_failed"), proxy)
+    time.sleep(0.3)
+    assert len(proxy.lines("event=reload_failed")) == 1 and "--config" in proxy.lines("event=reload_failed")[0]
+    assert proxy.popen.poll() is None and [n["id"] for n in status(admin)["nodes"]] == ["node1", "node2"]

@@ -14,10 +14,10 @@ def nodes(*ids):
 
 
 def test_followers_see_what_worker_0_published_across_fork():
-    shared = SharedHealth(["a", "b"])
-    # before the first publish every node reads up at full load factor,
-    # as a freshly started proxy sees them
-    assert shared.read() == [(True, False, 1.0, None), (True, False, 1.0, None)]
+    shared = SharedHealth()
+    # before the first publish there is nothing to copy: a follower keeps
+    # every node up at full load factor, as a freshly started proxy sees them
+    assert shared.read() == {}
     pid = os.fork()
     if pid == 0:   # worker 0 in a child process
         view = nodes("a", "b")
@@ -33,13 +33,34 @@ def test_followers_see_what_worker_0_published_across_fork():
 
 
 def test_a_writer_that_died_mid_write_neither_hangs_readers_nor_the_next_writer():
-    shared = SharedHealth(["a"])
+    shared = SharedHealth()
     view = nodes("a")
     view["a"].load_factor = 0.5
     shared.publish(view)
     struct.pack_into("<Q", shared.mem, 0, 5)     # sequence left odd: a write under way, forever
-    assert shared.read() == [(True, False, 0.5, None)]   # returns, does not spin
+    assert shared.read() == {"a": (True, False, 0.5, None)}   # returns, does not spin
     view["a"].up = False
     shared.publish(view)                          # the restarted worker 0 writes again
     assert struct.unpack_from("<Q", shared.mem, 0)[0] % 2 == 0
-    assert shared.read() == [(False, False, 0.5, None)]
+    assert shared.read() == {"a": (False, False, 0.5, None)}
+
+
+def test_workers_that_reloaded_at_different_moments_copy_the_nodes_they_both_know():
+    """After a SIGHUP each worker reads the node list itself: worker 0 may
+    publish a node a follower does not know yet, and a follower may list
+    one worker 0 has dropped. Each copies the nodes it knows, by id."""
+    shared = SharedHealth()
+    primary = nodes("a", "longer-node-id-of-32-characters")
+    primary["longer-node-id-of-32-characters"].up = False
+    primary["a"].load_factor = 0.5
+    shared.publish(primary)
+    follower = nodes("a", "gone")
+    follower["gone"].up = False
+    shared.copy_into(follower)
+    assert follower["a"].load_factor == 0.5 and follower["gone"].up is False
+    later = nodes("a", "longer-node-id-of-32-characters")
+    shared.copy_into(later)
+    assert later["longer-node-id-of-32-characters"].up is False
+    del primary["a"]
+    shared.publish(primary)                      # a shorter list: the old slot is not read
+    assert list(shared.read()) == ["longer-node-id-of-32-characters"]
