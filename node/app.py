@@ -407,8 +407,9 @@ class Node:
         node gone from the list, or to one whose Redis moved, is mirrored
         again (`mirrored_again`). Its own entry cannot change without a
         restart. log.level is applied by the caller; the other settings
-        are read at start only, and those that changed are named in the log. Raises ConfigError (the running list
-        kept) on a list it refuses."""
+        are read at start only, and those that changed are named in the
+        log. Raises ConfigError (the running list kept) on a list it
+        refuses."""
         change = node_list_change(self.cfg, cfg)
         try:
             me = cfg.node(self.id)

@@ -144,26 +144,29 @@ class HealthMonitor:
         """A new node list (a reload): a node gone is no longer probed; a
         node at a new address is probed there, its state kept; a new node
         starts out of the ring and comes in as a returning one does, after
-        `up_after` answers, ramped (unprobed: up at once, as at start)."""
+        `up_after` answers, ramped (unprobed: up at once, as at start). The
+        addresses are resolved first: the view changes in one step, with
+        no wait in it, so the caller updates its own view in the same step."""
         loop = asyncio.get_running_loop()
         wanted = {n.id: n for n in nodes}
+        changed = [n for n in nodes if n.id not in self.nodes or self.nodes[n.id].node != n]
+        resolved = {n.id: await self._resolve(n) for n in changed}
         for nid in [nid for nid in self.nodes if nid not in wanted]:
             self._forget(nid)
             del self.nodes[nid]
-        for nid, n in wanted.items():
-            h = self.nodes.get(nid)
-            if h is not None and h.node == n:
-                continue
+        for n in changed:
+            h = self.nodes.get(n.id)
             if h is None:
-                h = self.nodes[nid] = NodeHealth(n)
-                if self.probing:
+                h = self.nodes[n.id] = NodeHealth(n)
+                # worker 0's probes bring it in, for the workers that follow its view too
+                if self.cfg["health.probe"]:
                     h.up, h.ever_probed = False, True
             else:
-                self._forget(nid)
-                h.node = n
-            h.addr = await self._resolve(n)
+                self._forget(n.id)
+                h.node, h.answered = n, False     # its first answer there counts as a first
+            h.addr = resolved[n.id]
             if self.probing:
-                self._probes[nid] = loop.create_task(self._probe_loop(nid))
+                self._probes[n.id] = loop.create_task(self._probe_loop(n.id))
         # in the order of the list, as at start
         self.nodes = {nid: self.nodes[nid] for nid in wanted}
         VIEW_CHANGES[0] += 1

@@ -290,11 +290,15 @@ class Proxy:
         if change.restart_only and self.primary:
             event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only))
         if change:
+            await self.health.set_nodes(cfg.nodes)
+            # from here on in one step with the health view (no await)
             self.cfg = dataclasses.replace(self.cfg, nodes=list(cfg.nodes))   # its other settings kept
             self.node_ids = [n.id for n in cfg.nodes]
             self.nodes = {n.id: n for n in cfg.nodes}
-            await self.health.set_nodes(cfg.nodes)
             self._index_nodes()
+            if self.natping is not None and self.primary and not self.health.probing:
+                for nid in change.added + change.moved:
+                    self._ask_nat_flows(nid)
         event(log, "nodes_reloaded", added=",".join(change.added) or None,
               removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
               nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))

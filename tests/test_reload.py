@@ -1,0 +1,84 @@
+"""A proxy reading its node list again in place (Proxy.reload, on SIGHUP):
+its ring, health view and address index change in one step."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from proxy.server import Proxy
+from sipcore.bekey import rank
+from sipcore.config import load_config, node_list_change
+from sipcore.message import make_response, parse_message
+from sipha.sipp import free_port
+
+
+class Answers(asyncio.DatagramProtocol):
+    """A node as its probes see it: 200 to every OPTIONS."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(make_response(parse_message(data), 200, "OK").to_bytes(), addr)
+
+
+def config(nodes: list[str], **settings):
+    return load_config(None, overrides={"proxy.listen": f"127.0.0.1:{free_port()}", "proxy.admin": "off",
+                                        **settings}, nodes=nodes)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_reload_adds_removes_and_moves_nodes_in_place(probe):
+    """A node gone leaves the ring, the probes and the address index at
+    once, even for a key whose owner the router remembered; a new node
+    waits for its probes (up at once when nothing probes); a moved node
+    keeps its state at its new address."""
+    a, b, c = free_port(), free_port(), free_port()
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        # n1 and n2 answer where they are at first; n2 at its new address
+        # too; nothing answers where n3 comes
+        answering = [(await loop.create_datagram_endpoint(Answers, local_addr=("127.0.0.1", port)))[0]
+                     for port in (a, b, c)]
+        proxy = Proxy(config([f"n1=127.0.0.1:{a}", f"n2=127.0.0.1:{b}"], **{"health.probe": probe}))
+        await proxy.start()
+        try:
+            await asyncio.sleep(0.4)
+            answering[0].close()
+            key = next(k for k in (f"{i:016x}" for i in range(1000)) if rank(k, ["n1", "n2"])[0] == "n1")
+            assert proxy._owner(key)[0] == "n1"           # remembered
+            new = [f"n2=127.0.0.1:{c}", f"n3=127.0.0.1:{a}"]
+            await proxy.reload(config(new, **{"health.probe": probe}))
+            seen = {"ids": proxy.node_ids, "health": list(proxy.health.nodes), "probes": sorted(proxy.health._probes),
+                    "index": dict(proxy.node_by_addr), "owner": proxy._owner(key)[0],
+                    "n2": proxy.health.nodes["n2"].addr, "n3_up": proxy.health.nodes["n3"].up,
+                    "rank": rank(key, ["n2", "n3"])}
+        finally:
+            await proxy.close()
+            for t in answering:
+                t.close()
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen["ids"] == ["n2", "n3"] and seen["health"] == ["n2", "n3"]
+    assert seen["probes"] == (["n2", "n3"] if probe else [])
+    assert seen["index"] == {("127.0.0.1", c): "n2", ("127.0.0.1", a): "n3"}
+    assert seen["n2"] == ("127.0.0.1", c)
+    # probed: n3 is out until it answers (nothing does there), so n2 owns
+    # the key; unprobed, n3 counts as up, and the ring of the new list decides
+    assert seen["n3_up"] is (not probe)
+    assert seen["owner"] == ("n2" if probe else seen["rank"][0])
+
+
+def test_what_a_reload_changes_is_named():
+    old = config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5071"])
+    new = dataclasses.replace(config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5072", "n3=127.0.0.1:5073"],
+                                     **{"limits.rate": 5, "log.level": "debug"}))
+    change = node_list_change(old, new)
+    assert (change.added, change.removed, change.moved) == (["n3"], [], ["n2"])
+    # proxy.listen differs too (a free port each time); log.level is applied live
+    assert change.restart_only == ["limits.rate", "proxy.listen"]
+    assert not node_list_change(old, old)
