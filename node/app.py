@@ -40,7 +40,6 @@ so the proxy brings every later request of the call here, whichever leg.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import logging
@@ -53,7 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
-from sipcore.config import Config, ConfigError, node_list_change
+from sipcore.config import Config, ConfigError, node_list_change, with_live_settings
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.hep import HEP_COUNTER, HepMirror
@@ -313,17 +312,7 @@ class Node:
         self.store = DialogStore(node_id, cfg["node.redis_prefix"],
                                  {n.id: n.redis for n in cfg.nodes}, cfg["node.dialog_ttl"])
         self.transport = SipTransport(self.on_message, self.on_bad_input)
-        self.auth: Authenticator | None = None
-        trusted = cfg.trusted
-        if trusted and not cfg["auth.users_file"]:
-            raise ConfigError("auth.trusted: no auth.users_file, so every source is let in already")
-        if cfg["auth.users_file"]:
-            try:
-                users = load_users(cfg["auth.users_file"])
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"auth.users_file: {exc}") from None
-            self.auth = Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store,
-                                      trusted)
+        self.auth: Authenticator | None = self._authenticator(cfg)
         self.tx = Transactions(self._send, self.proxy_addr, cfg["node.invite_timeout"])
         self.acks = AckGate()       # which ACKs of a 2xx go on to the other leg
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -400,16 +389,31 @@ class Node:
               hep=hostport(self.transport.hep.server) if self.transport.hep else None,
               admin=hostport(admin_addr) if admin_addr else None)
 
+    def _authenticator(self, cfg: Config) -> Authenticator | None:
+        """Digest authentication with the users of auth.users_file (read
+        now), None without one."""
+        trusted = cfg.trusted
+        if trusted and not cfg["auth.users_file"]:
+            raise ConfigError("auth.trusted: no auth.users_file, so every source is let in already")
+        if not cfg["auth.users_file"]:
+            return None
+        try:
+            users = load_users(cfg["auth.users_file"])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"auth.users_file: {exc}") from None
+        return Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store, trusted)
+
     async def reload(self, cfg: Config) -> None:
         """The node list read again (SIGHUP): partners, the other nodes'
         Redis servers and addresses follow it in place, with every call,
         transaction and connection kept. What this node had mirrored to a
         node gone from the list, or to one whose Redis moved, is mirrored
         again (`mirrored_again`). Its own entry cannot change without a
-        restart. log.level is applied by the caller; the other settings
-        are read at start only, and those that changed are named in the
-        log. Raises ConfigError (the running list kept) on a list it
-        refuses."""
+        restart. auth.users_file is read again (a user added or removed,
+        a password changed), with auth.trusted. log.level is applied by
+        the caller; the other settings are read at start only, and those
+        that changed are named in the log. Raises ConfigError before
+        anything changed on what it refuses."""
         change = node_list_change(self.cfg, cfg)
         try:
             me = cfg.node(self.id)
@@ -418,12 +422,13 @@ class Node:
                               "rather than reloading it") from None
         if me != self.cfg.node(self.id):
             raise ConfigError(f"nodes: the entry of {self.id} itself changed: restart it to move it")
+        merged = with_live_settings(self.cfg, cfg)
+        auth = self._authenticator(merged)
         if change.restart_only:
             event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only))
         before = {n.id: n for n in self.cfg.nodes}
         if change:
             await self.store.set_urls({n.id: n.redis for n in cfg.nodes})
-            self.cfg = dataclasses.replace(self.cfg, nodes=list(cfg.nodes))   # its other settings kept
             self.node_ids = [n.id for n in cfg.nodes]
             for nid in change.removed + change.moved:
                 self.peer_addrs.pop(nid, None)
@@ -435,6 +440,12 @@ class Node:
             for nid in change.moved:
                 if before[nid].redis != cfg.node(nid).redis:
                     self._sweep(self.mirror_again(nid))
+        self.cfg = merged       # its other settings kept
+        if self.auth is not None or auth is not None:
+            self.auth = auth
+            event(log, "users_reloaded", node=self.id, file=merged["auth.users_file"] or None,
+                  users=len(auth.users) if auth is not None else None,
+                  auth="on" if auth is not None else "off")
         event(log, "nodes_reloaded", node=self.id, added=",".join(change.added) or None,
               removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
               nodes=",".join(self.node_ids))

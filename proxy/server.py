@@ -24,11 +24,11 @@ branch as the INVITE and reach the same node (RFC 3261 §16.11).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import random
 import re
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import SETTINGS, STREAM_KINDS, Config, node_list_change
+from sipcore.config import SETTINGS, STREAM_KINDS, Config, node_list_change, with_live_settings
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
@@ -133,11 +133,7 @@ class Proxy:
         # TLS and WebSocket: servers on the transport of their family; our
         # address over one of them, by family, is the advertised host at
         # its port
-        self.tls_server = cfg.tls_server_context()
-        self.tls_client = cfg.tls_client_context() if self.tls_server is not None else None
-        # for proxy.tls_listen: the same, or the one asking for the peer's certificate
-        self.tls_mutual = cfg.tls_server_context(verify_clients=True) if cfg["proxy.tls_verify_client"] \
-            else self.tls_server
+        self.tls_server, self.tls_client, self.tls_mutual = self._tls_contexts(cfg)
         # named trunks (RFC 3263): their servers, and where each request
         # to one went, for failover
         self.dns = DnsResolver(cfg.dns_servers, frozenset(self.sendable))
@@ -273,6 +269,17 @@ class Proxy:
               nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
               probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
 
+    @staticmethod
+    def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, ssl.SSLContext | None]:
+        """-> (server side, client side, server side of proxy.tls_listen:
+        the same, or the one asking for the peer's certificate), all None
+        without a TLS or WSS listen address."""
+        server = cfg.tls_server_context()
+        if server is None:
+            return None, None, None
+        mutual = cfg.tls_server_context(verify_clients=True) if cfg["proxy.tls_verify_client"] else server
+        return server, cfg.tls_client_context(), mutual
+
     def _index_nodes(self) -> None:
         self.node_by_addr = {}
         for nid, h in self.health.nodes.items():
@@ -283,25 +290,38 @@ class Proxy:
     async def reload(self, cfg: Config) -> None:
         """The node list read again (SIGHUP, as Kamailio's
         dispatcher.reload): nodes added, removed or moved in place, every
-        connection, transaction and flow kept. log.level is applied by
-        the caller; the other settings are read at start only, and those
-        that changed are named in the log."""
+        connection, transaction and flow kept; and the TLS certificate, key
+        and CAs read again (kamcmd tls.reload: a renewed certificate), for
+        the connections from then on. log.level is applied by the caller;
+        the other settings are read at start only, and those that changed
+        are named in the log. A file that does not load raises ConfigError
+        before anything changed."""
         change = node_list_change(self.cfg, cfg)
+        merged = with_live_settings(self.cfg, cfg)
+        tls = self._tls_contexts(merged) if self.tls_server is not None else None
         if change.restart_only and self.primary:
             event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only))
         if change:
             await self.health.set_nodes(cfg.nodes)
             # from here on in one step with the health view (no await)
-            self.cfg = dataclasses.replace(self.cfg, nodes=list(cfg.nodes))   # its other settings kept
             self.node_ids = [n.id for n in cfg.nodes]
             self.nodes = {n.id: n for n in cfg.nodes}
             self._index_nodes()
             if self.natping is not None and self.primary and not self.health.probing:
                 for nid in change.added + change.moved:
                     self._ask_nat_flows(nid)
+        self.cfg = merged       # its other settings kept
         event(log, "nodes_reloaded", added=",".join(change.added) or None,
               removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
               nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))
+        if tls is not None:
+            self.tls_server, self.tls_client, self.tls_mutual = tls
+            for t in self.transports:
+                t.tls_client = self.tls_client
+                for kind in t.stream_tls:
+                    t.stream_tls[kind] = {"tls": self.tls_mutual, "wss": self.tls_server}.get(kind)
+            if self.primary:
+                event(log, "tls_reloaded", cert=merged["proxy.tls_cert"], ca=merged["proxy.tls_ca"] or None)
 
     async def close(self) -> None:
         if self._overload_timer is not None:

@@ -438,8 +438,16 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     return cfg
 
 
-# applied by a reload (SIGHUP) as well as the node list
-LIVE_SETTINGS = frozenset({"log.level"})
+# applied by a reload (SIGHUP) as well as the node list: the log level,
+# the proxy's TLS files (a renewed certificate), the nodes' users
+LIVE_SETTINGS = frozenset({"log.level", "proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
+                           "auth.users_file", "auth.trusted"})
+
+
+def with_live_settings(running: Config, read: Config) -> Config:
+    """The running configuration with what a reload applies taken from the
+    one just read: the node list and LIVE_SETTINGS."""
+    return Config({**running.values, **{k: read.values[k] for k in LIVE_SETTINGS}}, list(read.nodes))
 
 
 @dataclass

@@ -261,6 +261,9 @@ class SipTransport:
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
         self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
+        # the TLS context each kind of stream server ("tls", "wss") accepts
+        # with, looked up at each accept: a reload swaps it for new ones
+        self.stream_tls: dict[str, ssl.SSLContext | None] = {}
         self.ws_origins: frozenset[str] = frozenset()     # WsServer: the web origins let in (empty: any)
         self.connections: dict[Addr, _TcpConnection] = {}
         # peers whose own connection to us closed lately (a phone's flow,
@@ -302,8 +305,9 @@ class SipTransport:
     async def listen_stream(self, kind: str, host: str, port: int, context: ssl.SSLContext | None = None) -> Addr:
         """A server of kind "tls", "ws" or "wss" on host:port (port 0
         picks one); `context`: the TLS one ("tls", "wss")."""
+        self.stream_tls[kind] = context
         server = await asyncio.get_running_loop().create_server(
-            lambda: _TcpConnection(self, kind, server_tls=context), host, port, reuse_address=True)
+            lambda: _TcpConnection(self, kind, server_tls=self.stream_tls[kind]), host, port, reuse_address=True)
         self.tcp_servers.append(server)
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())

@@ -456,27 +456,38 @@ class Cluster:
             self.state["procs"].pop(name, None)
         self.save()
 
-    def reload(self, names: list[str], timeout: float = 10.0) -> None:
-        """SIGHUP to each of these processes, in turn, each awaited until its
-        /status lists the nodes of cluster.toml (it logs reload_failed and
-        keeps its list if it refuses the new one)."""
-        want = list(self.state["nodes"])
+    def reload(self, names: list[str] | None = None, timeout: float = 10.0) -> list[str]:
+        """SIGHUP to each of these processes (default: the proxy and every
+        node running), in turn, each awaited until its log says it reloaded
+        (nodes_reloaded) or refused (reload_failed: a ClusterError naming
+        why). -> those signalled."""
+        if names is None:
+            names = ["proxy", *self.state["nodes"]]
+        done = []
         for name in names:
+            log = self.dir / "logs" / f"{name}.log"
+
+            def outcomes() -> list[str]:
+                try:
+                    text = log.read_text(errors="replace")
+                except OSError:
+                    return []
+                return [line for line in text.splitlines()
+                        if "event=nodes_reloaded" in line or "event=reload_failed" in line]
+
+            seen = len(outcomes())
             if not self._signal(name, signal.SIGHUP):
                 continue
-            port = self.state["proxy"]["admin"] if name == "proxy" else self.state["nodes"][name]["admin"]
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    st = admin_get(port)
-                    if [n["id"] if isinstance(n, dict) else n for n in st["nodes"]] == want:
-                        break
-                except (OSError, ValueError, KeyError):
-                    pass
+            while len(outcomes()) <= seen:
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"{name} did not take the new node list within {timeout:g}s "
-                                       f"(see {self.dir / 'logs' / name}.log)")
+                    raise ClusterError(f"{name} did not say it reloaded within {timeout:g}s (see {log})")
                 time.sleep(0.05)
+            failed = [line for line in outcomes()[seen:] if "event=reload_failed" in line]
+            if failed:
+                raise ClusterError(f"{name} kept its configuration: {parse_logfmt(failed[0]).get('error')}")
+            done.append(name)
+        return done
 
     def kill_redis(self, nid: str) -> None:
         """SIGKILL only the node's Redis (the node keeps running)."""
@@ -630,6 +641,13 @@ def cmd_remove_node(args) -> int:
     return 0
 
 
+def cmd_reload(args) -> int:
+    done = _existing(args.dir).reload()
+    print("reloaded " + (", ".join(done) or "nothing: nothing is running")
+          + f" from {Path(args.dir) / 'cluster.toml'} (what takes a restart is named in their logs)")
+    return 0
+
+
 def cmd_down(args) -> int:
     stopped = _existing(args.dir).down()
     print("stopped: " + (", ".join(stopped) or "nothing was running"))
@@ -720,6 +738,9 @@ def add_commands(sub) -> None:
     p = with_dir(sub.add_parser("remove-node", help="take a node out of the running cluster (it drains first)"))
     p.add_argument("node")
     p.set_defaults(func=cmd_remove_node)
+    p = with_dir(sub.add_parser("reload", help="SIGHUP the proxy and every node: cluster.toml's node list, "
+                                               "log level, TLS files and users read again in place"))
+    p.set_defaults(func=cmd_reload)
     p = with_dir(sub.add_parser("down", help="stop everything `up` started"))
     p.set_defaults(func=cmd_down)
     p = with_dir(sub.add_parser("load", help="drive SIPp calls at the proxy"))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from clusterkit import all_keys, run, uac
+from clusterkit import all_keys, logged, run, uac
 from node.store import encode
 from nodekit import with_nodes
 from sipcore.config import ConfigError
@@ -55,6 +57,18 @@ def test_a_node_added_and_one_removed_under_load_lose_no_call(make_cluster):
         assert "removed=node1" in logs[n]
     time.sleep(0.5)                                         # the last ACKs and deletes
     assert all(s == {"active": {}, "replica": {}} for s in all_keys(c).values())
+    # `sipha reload` after an edit by hand: the log level changes in place
+    toml = c.dir / "cluster.toml"
+    assert 'level = "debug"' in toml.read_text()
+    toml.write_text(toml.read_text().replace('level = "debug"', 'level = "warning"'))
+    r = subprocess.run([sys.executable, "-m", "sipha.cli", "reload", "--dir", str(c.dir)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "reloaded proxy, node2, node3, node4" in r.stdout, r.stdout + r.stderr
+    assert "was=debug now=warning" in logged(c.dir / "logs" / "node3.log", "now=warning")
+    toml.write_text("[cluster\n")
+    with pytest.raises(ClusterError, match="proxy kept its configuration: --config: "):
+        c.reload()
+    assert c.running("proxy")
 
 
 def test_a_restarted_node_mirrors_again_what_was_mirrored_to_a_removed_node(tmp_path):

@@ -1,16 +1,20 @@
-"""A proxy reading its node list again in place (Proxy.reload, on SIGHUP):
-its ring, health view and address index change in one step."""
+"""What a SIGHUP reads again in place: the node list (the proxy's ring,
+health view and address index change in one step), the proxy's TLS
+files, a node's users."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 
 import pytest
 
 from proxy.server import Proxy
 from sipcore.bekey import rank
-from sipcore.config import load_config, node_list_change
+from nodekit import with_nodes
+from sipcore.config import ConfigError, load_config, node_list_change
 from sipcore.message import make_response, parse_message
+from sipha.cluster import Cluster
 from sipha.sipp import free_port
 
 
@@ -82,3 +86,63 @@ def test_what_a_reload_changes_is_named():
     # proxy.listen differs too (a free port each time); log.level is applied live
     assert change.restart_only == ["limits.rate", "proxy.listen"]
     assert not node_list_change(old, old)
+
+
+def test_a_reload_serves_a_renewed_certificate_and_a_broken_one_changes_nothing(tmp_path):
+    """kamcmd tls.reload: the certificate files read again, for the
+    connections from then on; a key that does not load is refused, with
+    the node list of the same reload left as it was."""
+    Cluster(str(tmp_path)).make_certificate()
+    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+    cfg = config(["n1=127.0.0.1:5070"], **{"proxy.tls_listen": f"127.0.0.1:{free_port()}", "health.probe": False,
+                                           "proxy.tls_cert": str(cert), "proxy.tls_key": str(key)})
+
+    async def served(addr) -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection(*addr, ssl=ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return der
+
+    async def go():
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            addr = proxy.listen_streams["tls"][0]
+            first = await served(addr)
+            Cluster(str(tmp_path)).make_certificate()        # renewed in place
+            await proxy.reload(cfg)
+            renewed = await served(addr)
+            key.write_text("not a key\n")
+            with pytest.raises(ConfigError, match="proxy.tls_cert / proxy.tls_key: cannot load"):
+                await proxy.reload(dataclasses.replace(cfg, nodes=[]))
+            return first, renewed, await served(addr), proxy.node_ids
+        finally:
+            await proxy.close()
+
+    first, renewed, after_refusal, node_ids = asyncio.run(go())
+    assert renewed != first and renewed == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert after_refusal == renewed and node_ids == ["n1"]
+
+
+def test_a_node_reads_its_users_again_and_refuses_a_broken_file_whole(tmp_path):
+    """A user added on a running node (auth.users_file read again on
+    SIGHUP); a file that no longer parses changes nothing, not even the
+    node list of the same reload."""
+    users = tmp_path / "users"
+    users.write_text("alice:secret1\n")
+
+    async def scenario(nodes, sent):
+        n1, n2 = nodes
+        users.write_text("alice:secret1\nbob:secret2\n")
+        await n1.reload(n1.cfg)
+        got = dict(n1.auth.users)
+        users.write_text("no colon here\n")
+        with pytest.raises(ConfigError, match="auth.users_file: line 1"):
+            await n1.reload(dataclasses.replace(n1.cfg, nodes=n1.cfg.nodes[:1]))
+        return got, dict(n1.auth.users), n1.node_ids
+
+    got, kept, node_ids = with_nodes(tmp_path, 2, scenario, {"auth.users_file": str(users)})
+    assert got == {"alice": "secret1", "bob": "secret2"} and kept == got
+    assert node_ids == ["node1", "node2"]
