@@ -52,12 +52,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
-from sipcore.config import Config, ConfigError, node_list_change, with_live_settings
+from sipcore.config import (NODE_LIVE, Config, ConfigError, changed_settings, node_list_change,
+                             with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.hep import HEP_COUNTER, HepMirror
-from sipcore.headers import (format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri, split_commas,
-                             split_params)
+from sipcore.headers import (SipUri, format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri,
+                             split_commas, split_params)
 from sipcore.logfmt import event
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
@@ -294,17 +295,7 @@ class Node:
         self.node_ids = [n.id for n in cfg.nodes]
         self.secret = cfg.secret
         self.proxy_addr = cfg.internal
-        self.upstreams: list = []
-        for up in (u.strip() for u in cfg["node.upstream"].split(",")):
-            if not up:
-                continue
-            try:
-                uri = parse_uri(up)
-            except SipParseError:
-                raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
-            if not uri.is_sip:
-                raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
-            self.upstreams.append(uri)
+        self.upstreams = self._upstreams(cfg)
         self.upstream_timeout = cfg["node.upstream_timeout"]
         # trunks that failed lately (no answer, 408, 503 with Retry-After):
         # (host, port) -> until when they are tried last
@@ -389,6 +380,22 @@ class Node:
               hep=hostport(self.transport.hep.server) if self.transport.hep else None,
               admin=hostport(admin_addr) if admin_addr else None)
 
+    @staticmethod
+    def _upstreams(cfg: Config) -> list[SipUri]:
+        """The trunks of node.upstream, in order."""
+        out = []
+        for up in (u.strip() for u in cfg["node.upstream"].split(",")):
+            if not up:
+                continue
+            try:
+                uri = parse_uri(up)
+            except SipParseError:
+                raise ConfigError(f"node.upstream: not a URI: {up!r}") from None
+            if not uri.is_sip:
+                raise ConfigError(f"node.upstream: not a SIP URI: {up!r}")
+            out.append(uri)
+        return out
+
     def _authenticator(self, cfg: Config) -> Authenticator | None:
         """Digest authentication with the users of auth.users_file (read
         now), None without one."""
@@ -410,7 +417,8 @@ class Node:
         node gone from the list, or to one whose Redis moved, is mirrored
         again (`mirrored_again`). Its own entry cannot change without a
         restart. auth.users_file is read again (a user added or removed,
-        a password changed), with auth.trusted. log.level is applied by
+        a password changed), with auth.trusted; the trunks (NODE_LIVE)
+        apply to the calls from then on. log.level is applied by
         the caller; the other settings are read at start only, and those
         that changed are named in the log. Raises ConfigError before
         anything changed on what it refuses."""
@@ -424,6 +432,7 @@ class Node:
             raise ConfigError(f"nodes: the entry of {self.id} itself changed: restart it to move it")
         merged = with_live_settings(self.cfg, cfg)
         auth = self._authenticator(merged)
+        upstreams = self._upstreams(merged)
         if change.restart_only:
             event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only))
         before = {n.id: n for n in self.cfg.nodes}
@@ -440,7 +449,12 @@ class Node:
             for nid in change.moved:
                 if before[nid].redis != cfg.node(nid).redis:
                     self._sweep(self.mirror_again(nid))
+        applied = changed_settings(self.cfg, merged, NODE_LIVE)
+        # a call already sent to a trunk goes on to the next of its own list
+        self.upstreams, self.upstream_timeout = upstreams, merged["node.upstream_timeout"]
         self.cfg = merged       # its other settings kept
+        if applied:
+            event(log, "settings_applied", node=self.id, **{k: merged[k] for k in applied})
         if self.auth is not None or auth is not None:
             self.auth = auth
             event(log, "users_reloaded", node=self.id, file=merged["auth.users_file"] or None,

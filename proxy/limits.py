@@ -16,12 +16,19 @@ import time
 
 class SourceLimiter:
     def __init__(self, rate: float, burst: int = 0, ban: float = 30.0, max_sources: int = 65536):
-        self.rate = rate
-        self.burst = float(burst or max(1, int(rate * 2)))
-        self.ban = ban
         self.max_sources = max_sources
         self.buckets: dict[str, list[float]] = {}   # ip -> [tokens, last refill]
         self.banned: dict[str, float] = {}           # ip -> banned until
+        self.configure(rate, burst, ban)
+
+    def configure(self, rate: float, burst: int = 0, ban: float = 30.0) -> None:
+        """New limits (a reload): the buckets go on, each capped at the new
+        burst; a source banned now stays banned until its ban ends."""
+        self.rate = rate
+        self.burst = float(burst or max(1, int(rate * 2)))
+        self.ban = ban
+        for b in self.buckets.values():
+            b[0] = min(b[0], self.burst)
 
     @property
     def enabled(self) -> bool:

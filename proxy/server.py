@@ -36,7 +36,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import SETTINGS, STREAM_KINDS, Config, node_list_change, with_live_settings
+from sipcore.config import (PROXY_LIVE, SETTINGS, STREAM_KINDS, Config, changed_settings, node_list_change,
+                             with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
@@ -290,9 +291,9 @@ class Proxy:
     async def reload(self, cfg: Config) -> None:
         """The node list read again (SIGHUP, as Kamailio's
         dispatcher.reload): nodes added, removed or moved in place, every
-        connection, transaction and flow kept; and the TLS certificate, key
+        connection, transaction and flow kept; the TLS certificate, key
         and CAs read again (kamcmd tls.reload: a renewed certificate), for
-        the connections from then on. log.level is applied by the caller;
+        the connections from then on; the flood limits (PROXY_LIVE). log.level is applied by the caller;
         the other settings are read at start only, and those that changed
         are named in the log. A file that does not load raises ConfigError
         before anything changed."""
@@ -310,7 +311,12 @@ class Proxy:
             if self.natping is not None and self.primary and not self.health.probing:
                 for nid in change.added + change.moved:
                     self._ask_nat_flows(nid)
+        applied = changed_settings(self.cfg, merged, PROXY_LIVE)
+        self.limiter.configure(merged["limits.rate"], merged["limits.burst"], merged["limits.ban"])
+        self.drop_scanners = merged["limits.drop_scanners"]
         self.cfg = merged       # its other settings kept
+        if applied and self.primary:
+            event(log, "settings_applied", **{k: merged[k] for k in applied})
         event(log, "nodes_reloaded", added=",".join(change.added) or None,
               removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
               nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))

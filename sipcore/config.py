@@ -438,10 +438,17 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     return cfg
 
 
-# applied by a reload (SIGHUP) as well as the node list: the log level,
-# the proxy's TLS files (a renewed certificate), the nodes' users
+# applied by a reload (SIGHUP) as well as the node list: the log level;
+# the proxy's TLS files (a renewed certificate) and flood limits; the
+# nodes' users and trunks
+PROXY_LIVE = ("limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners")
+NODE_LIVE = ("node.upstream", "node.upstream_timeout")
 LIVE_SETTINGS = frozenset({"log.level", "proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
-                           "auth.users_file", "auth.trusted"})
+                           "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
+
+
+def changed_settings(old: Config, new: Config, keys) -> list[str]:
+    return [k for k in keys if old.values[k] != new.values[k]]
 
 
 def with_live_settings(running: Config, read: Config) -> Config:

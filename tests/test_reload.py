@@ -80,11 +80,12 @@ def test_a_reload_adds_removes_and_moves_nodes_in_place(probe):
 def test_what_a_reload_changes_is_named():
     old = config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5071"])
     new = dataclasses.replace(config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5072", "n3=127.0.0.1:5073"],
-                                     **{"limits.rate": 5, "log.level": "debug"}))
+                                     **{"limits.rate": 5, "log.level": "debug", "limits.tcp_idle": 60}))
     change = node_list_change(old, new)
     assert (change.added, change.removed, change.moved) == (["n3"], [], ["n2"])
-    # proxy.listen differs too (a free port each time); log.level is applied live
-    assert change.restart_only == ["limits.rate", "proxy.listen"]
+    # proxy.listen differs too (a free port each time); log.level and the
+    # flood limits are applied live
+    assert change.restart_only == ["limits.tcp_idle", "proxy.listen"]
     assert not node_list_change(old, old)
 
 
@@ -146,3 +147,37 @@ def test_a_node_reads_its_users_again_and_refuses_a_broken_file_whole(tmp_path):
     got, kept, node_ids = with_nodes(tmp_path, 2, scenario, {"auth.users_file": str(users)})
     assert got == {"alice": "secret1", "bob": "secret2"} and kept == got
     assert node_ids == ["node1", "node2"]
+
+
+def test_a_reload_applies_new_flood_limits_and_keeps_the_bans():
+    async def go():
+        cfg = config(["n1=127.0.0.1:5070"], **{"health.probe": False, "limits.rate": 20})
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            for _ in range(60):                                   # a flood from one source: banned
+                proxy.limiter.allow("192.0.2.7")
+            read = dataclasses.replace(cfg, values={**cfg.values, "limits.rate": 200.0, "limits.ban": 5.0,
+                                                    "limits.drop_scanners": False})
+            await proxy.reload(read)
+            return (proxy.limiter.rate, proxy.limiter.burst, proxy.limiter.ban, proxy.drop_scanners,
+                    proxy.limiter.is_banned("192.0.2.7"), proxy.cfg["limits.rate"])
+        finally:
+            await proxy.close()
+
+    assert asyncio.run(go()) == (200.0, 400.0, 5.0, False, True, 200.0)
+
+
+def test_a_node_takes_new_trunks_on_reload_and_refuses_one_that_is_not_sip(tmp_path):
+    async def scenario(nodes, sent):
+        n1 = nodes[0]
+        values = {**n1.cfg.values, "node.upstream": "sip:a.example.net:5060, sip:b.example.net:5080",
+                  "node.upstream_timeout": 3.0}
+        await n1.reload(dataclasses.replace(n1.cfg, values=values))
+        got = ([str(u) for u in n1.upstreams], n1.upstream_timeout)
+        with pytest.raises(ConfigError, match="node.upstream: not a SIP URI"):
+            await n1.reload(dataclasses.replace(n1.cfg, values={**values, "node.upstream": "mailto:x@example.net"}))
+        return got, [str(u) for u in n1.upstreams]
+
+    got, kept = with_nodes(tmp_path, 1, scenario)
+    assert got == (["sip:a.example.net:5060", "sip:b.example.net:5080"], 3.0) and kept == got[0]
