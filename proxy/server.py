@@ -293,10 +293,11 @@ class Proxy:
         dispatcher.reload): nodes added, removed or moved in place, every
         connection, transaction and flow kept; the TLS certificate, key
         and CAs read again (kamcmd tls.reload: a renewed certificate), for
-        the connections from then on; the flood limits (PROXY_LIVE). log.level is applied by the caller;
-        the other settings are read at start only, and those that changed
-        are named in the log. A file that does not load raises ConfigError
-        before anything changed."""
+        the connections from then on; the flood limits (PROXY_LIVE).
+        log.level is applied by the caller; the other settings are read
+        at start only, and those that changed are named in the log. A
+        file that does not load raises ConfigError before anything
+        changed."""
         change = node_list_change(self.cfg, cfg)
         merged = with_live_settings(self.cfg, cfg)
         tls = self._tls_contexts(merged) if self.tls_server is not None else None

@@ -288,7 +288,7 @@ def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Calla
             if reload is not None and not reload():
                 return
         except Exception as exc:   # noqa: BLE001 - the supervisor outlives a failed reload
-            event(log, "reload_failed", logging.ERROR, error=repr(exc), action="kept the running node list")
+            event(log, "reload_failed", logging.ERROR, error=repr(exc), action="kept the running configuration")
             return
         for pid in list(pids):
             try:

@@ -17,6 +17,7 @@ from .sipp import SippError
 
 
 log = logging.getLogger("sipha")
+KEPT = "kept the running configuration"
 
 
 def _install_uvloop() -> None:
@@ -76,7 +77,10 @@ async def _serve(app, load: Callable[[], Config] | None = None) -> None:
                     cfg = load()
                     await app.reload(cfg)
                 except ConfigError as exc:
-                    event(log, "reload_failed", logging.ERROR, error=str(exc), action="kept the running node list")
+                    event(log, "reload_failed", logging.ERROR, error=str(exc), action=KEPT)
+                    return
+                except Exception as exc:   # noqa: BLE001 - a reload never ends the process
+                    event(log, "reload_failed", logging.ERROR, error=repr(exc), action=KEPT)
                     return
                 _set_log_level(cfg)
 
@@ -139,7 +143,7 @@ def cmd_proxy(args) -> int:
         try:
             latest[0] = load()
         except ConfigError as exc:
-            event(log, "reload_failed", logging.ERROR, error=str(exc), action="kept the running node list")
+            event(log, "reload_failed", logging.ERROR, error=str(exc), action=KEPT)
             return False
         _set_log_level(latest[0])
         return True
