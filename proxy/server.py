@@ -304,6 +304,14 @@ class Proxy:
         if change.restart_only and self.primary:
             event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only))
         if change:
+            if self.primary and self.health.probing:
+                for nid in change.removed:
+                    if self.health.nodes[nid].up:
+                        # its calls go on at their partners, which hold
+                        # their replicas, but what it does meanwhile (a
+                        # timer, a hang-up) reaches no one
+                        event(log, "node_removed_while_up", logging.WARNING, node=nid,
+                              hint="stop a node first (SIGTERM: it drains), then reload without it")
             await self.health.set_nodes(cfg.nodes)
             # from here on in one step with the health view (no await)
             self.node_ids = [n.id for n in cfg.nodes]
