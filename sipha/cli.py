@@ -65,6 +65,7 @@ async def _serve(app, load: Callable[[], Config] | None = None) -> None:
     again and hand it to app.reload; one that does not load, or that the
     app refuses, is logged (reload_failed) and the running one kept."""
     stop = asyncio.Event()
+    started = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -72,6 +73,7 @@ async def _serve(app, load: Callable[[], Config] | None = None) -> None:
         lock = asyncio.Lock()
 
         async def reload() -> None:
+            await started.wait()   # one that comes while starting: once started
             async with lock:       # one after the other, as the signals came
                 try:
                     cfg = load()
@@ -84,8 +86,16 @@ async def _serve(app, load: Callable[[], Config] | None = None) -> None:
                     return
                 _set_log_level(cfg)
 
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        pending: set[asyncio.Task] = set()      # held: the loop keeps only weak references
+
+        def hangup() -> None:
+            task = loop.create_task(reload())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
     await app.start()
+    started.set()
     try:
         await stop.wait()
         if hasattr(app, "drain"):
