@@ -101,6 +101,7 @@ class WorkerRole:
     health: SharedHealth
     channels: list[socket.socket]     # worker 0: one per other worker; worker k: its one to worker 0
     snapshots: dict[int, dict] = field(default_factory=dict)   # worker 0: the others' counters
+    hangup_missed: bool = False     # a SIGHUP came before the worker's loop took them over
 
     @property
     def primary(self) -> bool:
@@ -258,13 +259,15 @@ def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Calla
         if pid == 0:
             code = 1
             try:
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until its loop handles it
+                role = WorkerRole(index, count, health, channels)
+                # until its loop handles them: noted, and applied once started
+                signal.signal(signal.SIGHUP, lambda _s, _f: setattr(role, "hangup_missed", True))
                 _die_with_parent()
                 if os.getppid() != supervisor:
                     os._exit(1)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = run_worker(WorkerRole(index, count, health, channels))
+                code = run_worker(role)
             except BaseException as exc:   # noqa: BLE001 - a worker must never fall back into this loop
                 event(log, "worker_failed", logging.ERROR, worker=index, error=repr(exc))
             finally:

@@ -60,10 +60,11 @@ def _overrides(args: argparse.Namespace) -> dict:
     return o
 
 
-async def _serve(app, load: Callable[[], Config] | None = None) -> None:
+async def _serve(app, load: Callable[[], Config] | None = None, missed: Callable[[], bool] | None = None) -> None:
     """Run `app` until SIGINT / SIGTERM. SIGHUP: `load()` the configuration
     again and hand it to app.reload; one that does not load, or that the
-    app refuses, is logged (reload_failed) and the running one kept."""
+    app refuses, is logged (reload_failed) and the running one kept.
+    `missed()`: whether a SIGHUP came before this loop handled them."""
     stop = asyncio.Event()
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,6 +95,8 @@ async def _serve(app, load: Callable[[], Config] | None = None) -> None:
             task.add_done_callback(pending.discard)
 
         loop.add_signal_handler(signal.SIGHUP, hangup)
+        if missed is not None and missed():
+            hangup()
     await app.start()
     started.set()
     try:
@@ -146,7 +149,7 @@ def cmd_proxy(args) -> int:
         setup_logging("proxy", level=cfg["log.level"], fmt=cfg["log.format"], path=cfg["log.file"],
                       worker=role.index)
         _install_uvloop()
-        asyncio.run(_serve(Proxy(latest[0], role), load))
+        asyncio.run(_serve(Proxy(latest[0], role), load, lambda: role.hangup_missed))
         return 0
 
     def reload() -> bool:
