@@ -52,7 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
-from sipcore.config import (NODE_LIVE, Config, ConfigError, changed_settings, node_list_change,
+from sipcore.config import (NODE_LIVE, RELOAD_COUNTER, Config, ConfigError, changed_settings, node_list_change,
                              with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
@@ -100,6 +100,7 @@ NODE_COUNTERS = {
     "stale_requests": (),           # queued through a stall, not handled (Node.stalled)
     "stale_responses": (),
     **HEP_COUNTER,
+    **RELOAD_COUNTER,
 }
 
 # Option tags a request may Require of a node (RFC 3261 §8.2.2.3): Path,

@@ -36,8 +36,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import (PROXY_LIVE, SETTINGS, STREAM_KINDS, Config, changed_settings, node_list_change,
-                             with_live_settings)
+from sipcore.config import (PROXY_LIVE, RELOAD_COUNTER, SETTINGS, STREAM_KINDS, Config, changed_settings,
+                             node_list_change, with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
@@ -99,6 +99,7 @@ PROXY_COUNTERS = {
     "parse_rejections": (),
     "events": ("kind",),
     **HEP_COUNTER,
+    **RELOAD_COUNTER,
 }
 
 

@@ -237,11 +237,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Callable[[], bool] | None = None) -> int:
+def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Callable[[], None] | None = None) -> int:
     """Fork `count` workers running run_worker(role) and keep them running
     until SIGTERM / SIGINT. On SIGHUP, `reload()` (the configuration read
-    again, for workers started from now on): if it is good, each worker
-    gets the SIGHUP and reloads too. -> exit status."""
+    again, for workers started from now on), then the SIGHUP to each
+    worker, which reloads too. -> exit status."""
     health = SharedHealth()
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count - 1)]
     for a, b in pairs:
@@ -288,8 +288,8 @@ def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Calla
         if os.getpid() != supervisor or stopping:
             return
         try:
-            if reload is not None and not reload():
-                return
+            if reload is not None:
+                reload()
         except Exception as exc:   # noqa: BLE001 - the supervisor outlives a failed reload
             event(log, "reload_failed", logging.ERROR, error=repr(exc), action="kept the running configuration")
             return

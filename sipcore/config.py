@@ -447,6 +447,10 @@ LIVE_SETTINGS = frozenset({"log.level", "proxy.tls_cert", "proxy.tls_key", "prox
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 
 
+# the counter of reloads, by result (ok, failed), in the proxy's and the nodes' metrics
+RELOAD_COUNTER = {"reloads": ("result",)}
+
+
 def changed_settings(old: Config, new: Config, keys) -> list[str]:
     return [k for k in keys if old.values[k] != new.values[k]]
 

@@ -79,12 +79,12 @@ async def _serve(app, load: Callable[[], Config] | None = None, missed: Callable
                 try:
                     cfg = load()
                     await app.reload(cfg)
-                except ConfigError as exc:
-                    event(log, "reload_failed", logging.ERROR, error=str(exc), action=KEPT)
-                    return
                 except Exception as exc:   # noqa: BLE001 - a reload never ends the process
-                    event(log, "reload_failed", logging.ERROR, error=repr(exc), action=KEPT)
+                    app.stats.inc("reloads", "failed")
+                    event(log, "reload_failed", logging.ERROR,
+                          error=str(exc) if isinstance(exc, ConfigError) else repr(exc), action=KEPT)
                     return
+                app.stats.inc("reloads", "ok")
                 _set_log_level(cfg)
 
         pending: set[asyncio.Task] = set()      # held: the loop keeps only weak references
@@ -152,14 +152,15 @@ def cmd_proxy(args) -> int:
         asyncio.run(_serve(Proxy(latest[0], role), load, lambda: role.hangup_missed))
         return 0
 
-    def reload() -> bool:
+    def reload() -> None:
+        """The supervisor's part: the configuration a worker restarted from
+        now on runs with. Each worker reads the file itself, and says
+        (and counts) whether it took it."""
         try:
             latest[0] = load()
-        except ConfigError as exc:
-            event(log, "reload_failed", logging.ERROR, error=str(exc), action=KEPT)
-            return False
+        except ConfigError:
+            return
         _set_log_level(latest[0])
-        return True
 
     return supervise(workers, run_worker, reload)
 

@@ -155,7 +155,8 @@ def test_sighup_reloads_the_node_list_in_every_worker_and_a_bad_file_changes_not
     signal to each worker, which takes the new node list in place (the
     new node comes in after its probes, ramped); log.level changes at
     once; other settings are named as needing a restart. A file that no
-    longer parses is logged and the running list kept."""
+    longer parses is logged and counted by each worker, and the running
+    list kept."""
     backends = two_backends(procs)
     port, admin = free_port(), free_port()
     conf = procs.tmp / "proxy.toml"
@@ -193,7 +194,10 @@ def test_sighup_reloads_the_node_list_in_every_worker_and_a_bad_file_changes_not
     assert len(proxy.lines("event=route")) == before          # at warning now: no route lines
     conf.write_text("[proxy\n")
     os.kill(proxy.popen.pid, signal.SIGHUP)
-    wait_for(lambda: proxy.lines("event=reload_failed"), proxy)
-    time.sleep(0.3)
-    assert len(proxy.lines("event=reload_failed")) == 1 and "--config" in proxy.lines("event=reload_failed")[0]
+    wait_for(lambda: len(proxy.lines("event=reload_failed")) == 2, proxy)        # each worker says so
+    failed = [parse_logfmt(line) for line in proxy.lines("event=reload_failed")]
+    assert {f["worker"] for f in failed} == {"0", "1"} and all(f["error"].startswith("--config: ") for f in failed)
     assert proxy.popen.poll() is None and [n["id"] for n in status(admin)["nodes"]] == ["node1", "node2"]
+    # and counts it, for an alert: two reloads taken by both workers, one refused by both
+    wait_for(lambda: status(admin)["counters"].get("reloads{result=failed}") == 2, proxy)
+    assert status(admin)["counters"]["reloads{result=ok}"] == 4
