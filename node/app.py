@@ -435,7 +435,8 @@ class Node:
         auth = self._authenticator(merged)
         upstreams = self._upstreams(merged)
         if change.restart_only:
-            event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only))
+            event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only),
+                  hint=change.restart_hint)
         before = {n.id: n for n in self.cfg.nodes}
         if change:
             await self.store.set_urls({n.id: n.redis for n in cfg.nodes})

@@ -303,7 +303,8 @@ class Proxy:
         merged = with_live_settings(self.cfg, cfg)
         tls = self._tls_contexts(merged) if self.tls_server is not None else None
         if change.restart_only and self.primary:
-            event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only))
+            event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only),
+                  hint=change.restart_hint)
         if change:
             if self.primary and self.health.probing:
                 for nid in change.removed:

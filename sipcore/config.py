@@ -472,6 +472,14 @@ class NodeListChange:
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.moved)
 
+    @property
+    def restart_hint(self) -> str | None:
+        """What to know before restarting for those settings."""
+        if "cluster.secret" in self.restart_only:
+            return ("cluster.secret signs the stamps of every call in progress: a process restarted with "
+                    "another one, or a cluster that does not share it, loses them")
+        return None
+
 
 def node_list_change(old: Config, new: Config) -> NodeListChange:
     before = {n.id: n for n in old.nodes}

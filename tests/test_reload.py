@@ -88,8 +88,10 @@ def test_what_a_reload_changes_is_named():
     assert (change.added, change.removed, change.moved) == (["n3"], [], ["n2"])
     # proxy.listen differs too (a free port each time); log.level and the
     # flood limits are applied live
-    assert change.restart_only == ["limits.tcp_idle", "proxy.listen"]
+    assert change.restart_only == ["limits.tcp_idle", "proxy.listen"] and change.restart_hint is None
     assert not node_list_change(old, old)
+    rekeyed = node_list_change(old, config(["n1=127.0.0.1:5070"], **{"cluster.secret": "another"}))
+    assert "cluster.secret" in rekeyed.restart_only and "stamps of every call" in rekeyed.restart_hint
 
 
 def test_a_reload_serves_a_renewed_certificate_and_a_broken_one_changes_nothing(tmp_path):
