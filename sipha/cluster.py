@@ -511,11 +511,19 @@ class Cluster:
         return names
 
     # ---- looking ---------------------------------------------------------------
-    def call_records(self) -> list[dict[str, str]]:
-        """The call records (event=cdr) every node wrote, parsed."""
-        return [parse_logfmt(line) for nid in self.state["nodes"]
-                for line in (self.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
-                if "event=cdr " in line]
+    def call_records(self, at_least: int = 0, seconds: float = 3.0) -> list[dict[str, str]]:
+        """The call records (event=cdr) every node wrote, parsed; once
+        there are `at_least` (or as they are after `seconds`): a node
+        answers a BYE before it deletes the call and writes its record, so
+        a caller may be done a moment before the last one is written."""
+        deadline = time.monotonic() + seconds
+        while True:
+            records = [parse_logfmt(line) for nid in self.state["nodes"]
+                       for line in (self.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
+                       if "event=cdr " in line]
+            if len(records) >= at_least or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
     def status(self) -> dict:
         live: dict = {"proxy": None, "nodes": {}}

@@ -52,9 +52,10 @@ async def drive(cluster: Cluster, calls: int, rate: float, hold: float, transpor
     return result, done.get("killed")
 
 
-def call_records(cluster: Cluster) -> str:
-    """How many calls the nodes wrote a call record (event=cdr) for."""
-    ids = [r.get("call_id") for r in cluster.call_records()]
+def call_records(cluster: Cluster, calls: int) -> str:
+    """How many calls the nodes wrote a call record (event=cdr) for (of
+    the `calls` that completed)."""
+    ids = [r.get("call_id") for r in cluster.call_records(calls)]
     return (f"call records (event=cdr in the node logs): {len(ids)}, for {len(set(ids))} calls "
             f"(one per call, whichever node ended it)")
 
@@ -68,7 +69,7 @@ def summary(cluster: Cluster, result, victim: str | None) -> str:
              f"(SIPp retransmissions {result.retransmissions})",
              f"killed and restarted: {victim}",
              f"dialogs promoted from replicas: {promoted}; dialogs migrated between nodes: {migrated}",
-             call_records(cluster)]
+             call_records(cluster, result.ok)]
     rows = [("node", "health", "load", "active", "replica", "promoted", "migrated")]
     for r in st["nodes"]:
         rows.append((r["node"], r["health"], r["load_factor"], r["active"], r["replica"], r["promoted"], r["migrated"]))
