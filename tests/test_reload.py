@@ -96,20 +96,28 @@ def test_what_a_reload_changes_is_named():
 
 def test_a_reload_serves_a_renewed_certificate_and_a_broken_one_changes_nothing(tmp_path):
     """kamcmd tls.reload: the certificate files read again, for the
-    connections from then on; a key that does not load is refused, with
-    the node list of the same reload left as it was."""
+    connections from then on (an open one goes on with its own); a key
+    that does not load is refused, with the node list of the same reload
+    left as it was."""
     Cluster(str(tmp_path)).make_certificate()
     cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
     cfg = config(["n1=127.0.0.1:5070"], **{"proxy.tls_listen": f"127.0.0.1:{free_port()}", "health.probe": False,
                                            "proxy.tls_cert": str(cert), "proxy.tls_key": str(key)})
 
-    async def served(addr) -> bytes:
+    async def connect(addr):
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        _, writer = await asyncio.open_connection(*addr, ssl=ctx)
+        return await asyncio.open_connection(*addr, ssl=ctx)
+
+    async def served(addr) -> bytes:
+        _, writer = await connect(addr)
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         writer.close()
         return der
+
+    async def pong(reader, writer) -> bytes:
+        writer.write(b"\r\n\r\n")          # RFC 5626 keep-alive: a CRLF back
+        return await asyncio.wait_for(reader.read(2), 2)
 
     async def go():
         proxy = Proxy(cfg)
@@ -117,9 +125,12 @@ def test_a_reload_serves_a_renewed_certificate_and_a_broken_one_changes_nothing(
         try:
             addr = proxy.listen_streams["tls"][0]
             first = await served(addr)
+            phone = await connect(addr)                       # a phone's connection, open throughout
             Cluster(str(tmp_path)).make_certificate()        # renewed in place
             await proxy.reload(cfg)
             renewed = await served(addr)
+            assert await pong(*phone) == b"\r\n"           # still up, on its first certificate
+            assert phone[1].get_extra_info("ssl_object").getpeercert(binary_form=True) == first
             key.write_text("not a key\n")
             with pytest.raises(ConfigError, match="proxy.tls_cert / proxy.tls_key: cannot load"):
                 await proxy.reload(dataclasses.replace(cfg, nodes=[]))
