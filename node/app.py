@@ -462,9 +462,7 @@ class Node:
             event(log, "users_reloaded", node=self.id, file=merged["auth.users_file"] or None,
                   users=len(auth.users) if auth is not None else None,
                   auth="on" if auth is not None else "off")
-        event(log, "nodes_reloaded", node=self.id, added=",".join(change.added) or None,
-              removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
-              nodes=",".join(self.node_ids))
+        event(log, "nodes_reloaded", node=self.id, **change.fields(), nodes=",".join(self.node_ids))
         await self._resolve_peers()
 
     async def _resolve(self, addr):

@@ -328,9 +328,7 @@ class Proxy:
         self.cfg = merged       # its other settings kept
         if applied and self.primary:
             event(log, "settings_applied", **{k: merged[k] for k in applied})
-        event(log, "nodes_reloaded", added=",".join(change.added) or None,
-              removed=",".join(change.removed) or None, moved=",".join(change.moved) or None,
-              nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))
+        event(log, "nodes_reloaded", **change.fields(), nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))
         if tls is not None:
             self.tls_server, self.tls_client, self.tls_mutual = tls
             for t in self.transports:

@@ -275,14 +275,17 @@ def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Calla
                 os._exit(code)
         pids[pid] = index
 
+    def signal_all(sig: int) -> None:
+        for pid in list(pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(signum, _frame) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(pids):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_all(signal.SIGTERM)
 
     def hangup(_signum, _frame) -> None:
         if os.getpid() != supervisor or stopping:
@@ -293,11 +296,7 @@ def supervise(count: int, run_worker: Callable[[WorkerRole], int], reload: Calla
         except Exception as exc:   # noqa: BLE001 - the supervisor outlives a failed reload
             event(log, "reload_failed", logging.ERROR, error=repr(exc), action="kept the running configuration")
             return
-        for pid in list(pids):
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+        signal_all(signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

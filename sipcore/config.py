@@ -472,6 +472,11 @@ class NodeListChange:
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.moved)
 
+    def fields(self) -> dict[str, str | None]:
+        """For the log line that says what a reload changed."""
+        return {what: ",".join(ids) or None
+                for what, ids in (("added", self.added), ("removed", self.removed), ("moved", self.moved))}
+
     @property
     def restart_hint(self) -> str | None:
         """What to know before restarting for those settings."""

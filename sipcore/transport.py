@@ -328,10 +328,9 @@ class SipTransport:
                 raise
             port = sock.getsockname()[1]
             before = self.udp
-            udp_transport, proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
-            # at once (connection_made set it already): a datagram may come,
-            # and be answered, while TCP binds
-            self.udp = proto
+            # the new protocol is self.udp from its connection_made on: a
+            # datagram may come, and be answered, while TCP binds
+            udp_transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
         if tcp:
             try:
                 server = await loop.create_server(lambda: _TcpConnection(self), host, port, reuse_address=True)
