@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy import fastpath  # noqa: E402
 from proxy.server import Proxy  # noqa: E402
+from sipcore import bekey  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
 from sipcore.message import parse_message  # noqa: E402
@@ -94,10 +96,19 @@ async def write_calls(port: int, n: int, level: str) -> list[list[tuple[bytes, t
     return calls
 
 
+def forget_memos() -> None:
+    """Empty what the modules remember across proxies (a Call-ID's BEKey,
+    a From's tag, a BEKey's ranking...): a replayed call must cost what a
+    new one does, not what the same call seen in the last replay does."""
+    for memo in (bekey._BEKEYS, bekey._STAMPS, bekey._RANKS, fastpath._URIS, fastpath._TAGS):
+        memo.clear()
+
+
 async def replay(port: int, calls, level: str, profile: cProfile.Profile | None) -> float:
     """CPU seconds a fresh proxy takes for calls[200:], after calls[:200]."""
     await asyncio.sleep(0.2)                    # the last proxy's port is free again
     proxy, sent = await start_proxy(port, level)
+    forget_memos()
     try:
         def play(some):
             for call in some:

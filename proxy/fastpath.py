@@ -47,24 +47,31 @@ from sipcore.message import _TOKEN_CHARS, Limits
 _NAME = "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)).encode()
 _STATUS_LINE = re.compile(rb"SIP/2\.0 ([1-6])[0-9][0-9] [^\r\n\x00]*\r\n")
 _REQUEST_LINE = re.compile(rb"([" + _NAME + rb"]+) ([^ \t\r\n\x00]+) SIP/2\.0\r\n")
-_FIELDS = re.compile(rb"(?:[" + _NAME + rb"]+[ \t]*:[^\r\n\x00]*\r\n)*\r\n")
-# in the lower-cased header: compact forms, or a name read here with space before its colon
+# in the lower-cased header, at the start of a field line: not `token:`
+# (a folded line, junk), or a compact form (`v:`, `l:`, `f:`, `t:`, `i:`),
+# or a name read here with space before its colon
 _READ = (b"via", b"content-length", b"from", b"to", b"call-id", b"cseq", b"max-forwards", b"route",
          b"user-agent", ROUTE_HEADER.lower().encode())
 _ROUTE_KEY = _READ[-1]
-_ODD_NAMES = re.compile(rb"\r\n(?:[vlfti][ \t:]|(?:" + b"|".join(map(re.escape, _READ)) + rb")[ \t])")
+_ODD_LINE = re.compile(rb"\r\n(?:(?![" + _NAME + rb"]+[ \t]*:)|[vlfti][ \t:]|(?:"
+                       + b"|".join(map(re.escape, _READ)) + rb")[ \t])")
 
 
 def _header_block(data: bytes, start_end: int, limits: Limits) -> bytes | None:
     """Check the fields after the start line (ending at start_end) -> the
-    start line and fields lower-cased, up to the last field's CRLF, or None."""
+    start line and fields lower-cased, up to the last field's CRLF, or None.
+    A field line is `token[ \t]*:` and a value without CR, LF or NUL: the
+    CRs and LFs all pair up as line ends, and every line end before the
+    blank line starts a line in that form."""
     if len(data) > limits.max_message:
         return None
     end = data.find(b"\r\n\r\n")
-    if end < 0 or end > limits.max_line or _FIELDS.fullmatch(data, start_end, end + 4) is None:
+    if end < 0 or end > limits.max_line:
         return None
     head = data[:end + 2].lower()
-    if head.count(b"\r\n") > limits.max_headers + 1 or _ODD_NAMES.search(head) is not None:
+    lines = head.count(b"\r\n")
+    if (lines > limits.max_headers + 1 or head.count(b"\r") != lines or head.count(b"\n") != lines
+            or b"\x00" in head or _ODD_LINE.search(head, start_end - 2, end) is not None):
         return None
     body = len(data) - end - 4
     cl = head.find(b"\r\ncontent-length:")
@@ -160,11 +167,12 @@ class RequestScan:
     user_agent: str | None       # lower-cased
 
 
-# the fields scan_request reads: the lines of the lower-cased header that
-# start with their names, found in one pass
-_FIELD_LINES = re.compile(rb"\r\n(" + b"|".join(map(re.escape, (b"via", *_READ[2:]))) + rb"):[^\r]*")
+# the fields scan_request reads, and the line that starts each in the
+# lower-cased header
+_FIELD_LINES = tuple((name, b"\r\n" + name + b":") for name in (b"via", *_READ[2:-1]))
 _REQUIRED = frozenset((b"via", b"from", b"to", b"call-id", b"cseq", b"max-forwards"))
 _UNIQUE = frozenset((b"max-forwards", b"route"))
+_ROUTE_KEY_LINE = b"\r\n" + _ROUTE_KEY + b":"
 # Request-URIs parsed (the requests of a call, and all calls of one phone
 # or trunk, share theirs); bounded, forgotten all at once when full, short
 # URIs only
@@ -174,16 +182,21 @@ _URIS: dict[bytes, SipUri] = {}
 def _lines(head: bytes) -> dict[bytes, tuple[int, int]] | None:
     """-> {name: (start, end) of its first line} for the fields read here,
     or None when one required is missing, a unique one repeats, or the
-    internal routing header is there (the full path strips it)."""
+    internal routing header is there (the full path strips it). `head`
+    passed _header_block: every CR is a line end's."""
+    if _ROUTE_KEY_LINE in head:
+        return None
     lines: dict[bytes, tuple[int, int]] = {}
-    for m in _FIELD_LINES.finditer(head):
-        name = m.group(1)
-        if name in lines:
-            if name in _UNIQUE:
+    for name, start in _FIELD_LINES:
+        at = head.find(start)
+        if at < 0:
+            if name in _REQUIRED:
                 return None
-            continue
-        lines[name] = (m.start() + 2, m.end() + 2)
-    return None if _ROUTE_KEY in lines or not _REQUIRED.issubset(lines) else lines
+        elif name in _UNIQUE and head.find(start, at + 2) >= 0:
+            return None
+        else:
+            lines[name] = (at + 2, head.find(b"\r\n", at + 2) + 2)
+    return lines
 
 
 # From and To values -> their tags: a call's requests repeat them
