@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy import fastpath  # noqa: E402
 from proxy.server import Proxy  # noqa: E402
-from sipcore import bekey  # noqa: E402
+from sipcore import bekey, headers  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
 from sipcore.message import parse_message  # noqa: E402
@@ -100,7 +100,7 @@ def forget_memos() -> None:
     """Empty what the modules remember across proxies (a Call-ID's BEKey,
     a From's tag, a BEKey's ranking...): a replayed call must cost what a
     new one does, not what the same call seen in the last replay does."""
-    for memo in (bekey._BEKEYS, bekey._STAMPS, bekey._RANKS, fastpath._URIS, fastpath._TAGS):
+    for memo in (bekey._BEKEYS, bekey._STAMPS, bekey._RANKS, fastpath._URIS, fastpath._TAGS, headers._HOSTPORTS):
         memo.clear()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from .errors import SipParseError
+from .expiring import remember
 
 _WS = " \t"
 
@@ -177,9 +178,22 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
+# sent-by and URI host parts: every message of a call, and every call of
+# a phone or trunk, repeat theirs (bounded: see remember)
+_HOSTPORTS: dict[str, tuple[str, int | None]] = {}
+
+
 def split_hostport(text: str) -> tuple[str, int | None]:
     """'host', 'host:port', '[v6]', '[v6]:port' -> (host, port). IPv6
     references keep their brackets (RFC 3261 §25.1 IPv6reference)."""
+    known = _HOSTPORTS.get(text)
+    if known is None:
+        known = _split_hostport(text)
+        remember(_HOSTPORTS, text, known)
+    return known
+
+
+def _split_hostport(text: str) -> tuple[str, int | None]:
     text = text.strip()
     if not text:
         raise SipParseError("empty host")

@@ -91,6 +91,22 @@ def test_via_ipv6_rport_received_maddr():
     assert v.response_target() == ("239.1.1.1", 6000)
 
 
+def test_remembered_host_ports_answer_alike_stay_bounded_and_errors_are_not_kept():
+    """split_hostport remembers what it parsed (a phone's every message
+    repeats its sent-by): the remembered answer is the parsed one, a
+    flood of new hosts does not grow the memory, and a bad one is refused
+    every time it comes."""
+    from sipcore import headers
+    assert headers.split_hostport(" 192.0.2.1:5070") == headers.split_hostport(" 192.0.2.1:5070") == ("192.0.2.1", 5070)
+    assert headers.split_hostport("[2001:db8::9]") == ("[2001:db8::9]", None)
+    for _ in range(2):
+        with pytest.raises(SipParseError, match="bad port"):
+            headers.split_hostport("192.0.2.1:99999")
+    for i in range(4096 + 10):
+        assert headers.split_hostport(f"h{i}.example.com:{i % 65535 + 1}") == (f"h{i}.example.com", i % 65535 + 1)
+    assert 0 < len(headers._HOSTPORTS) <= 4096
+
+
 @pytest.mark.parametrize("via, nat", [
     ("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKa", False),                                 # nothing stamped
     ("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKa;rport=5060;received=192.0.2.1", False),  # as it says
