@@ -330,6 +330,7 @@ class Node:
         # new work (NEW_WORK) refused while messages wait too long in our UDP queue
         # (limits.overload_delay, as on the proxy)
         self.guard: OverloadGuard | None = None
+        self.stamped = False            # the kernel stamps our datagrams' arrival (the guard needs it)
         self.admitted = RecentCalls()   # ... but not what continues a Call-ID let in lately
         self.warm_until = 0.0
         self.admin: AdminServer | None = None
@@ -357,10 +358,8 @@ class Node:
         await self.transport.listen(*self.addr)
         self._tick()
         # arrival stamps: for the overload guard, and to know what waited through a stall
-        stamped = self.transport.measure_wait()
-        if self.cfg["limits.overload_delay"] > 0 and stamped:
-            self.guard = OverloadGuard(self.cfg["limits.overload_delay"])
-            self._tasks.append(loop.create_task(self._watch_overload()))
+        self.stamped = self.transport.measure_wait()
+        self._guard_overload(self.cfg["limits.overload_delay"])
         self.tx.start()
         self._tasks.append(loop.create_task(self._watch_redis()))
         self._tasks.append(loop.create_task(self._expire_dialogs()))
@@ -418,8 +417,9 @@ class Node:
         node gone from the list, or to one whose Redis moved, is mirrored
         again (`mirrored_again`). Its own entry cannot change without a
         restart. auth.users_file is read again (a user added or removed,
-        a password changed), with auth.trusted; the trunks (NODE_LIVE)
-        apply to the calls from then on. log.level is applied by
+        a password changed), with auth.trusted, realm and nonce TTL; the
+        trunks, registration limits and timers (NODE_LIVE) apply to the
+        calls and registrations from then on. log.level is applied by
         the caller; the other settings are read at start only, and those
         that changed are named in the log. Raises ConfigError before
         anything changed on what it refuses."""
@@ -454,7 +454,12 @@ class Node:
         applied = changed_settings(self.cfg, merged, NODE_LIVE)
         # a call already sent to a trunk goes on to the next of its own list
         self.upstreams, self.upstream_timeout = upstreams, merged["node.upstream_timeout"]
-        self.cfg = merged       # its other settings kept
+        # Timer C of the INVITEs sent from now on; the TTL of the records saved from now on
+        self.tx.invite_timeout = merged["node.invite_timeout"]
+        self.store.set_ttl(merged["node.dialog_ttl"])
+        if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
+            self._guard_overload(merged["limits.overload_delay"])
+        self.cfg = merged       # its other settings kept (registration limits are read from it)
         if applied:
             event(log, "settings_applied", node=self.id, **{k: merged[k] for k in applied})
         if self.auth is not None or auth is not None:
@@ -589,11 +594,23 @@ class Node:
                 event(log, "redis_up" if ok else "redis_down", logging.INFO if ok else logging.ERROR,
                       node=self.id)
 
-    async def _watch_overload(self) -> None:
+    def _guard_overload(self, delay: float) -> None:
+        """Watch our UDP queue's wait against `delay` (OverloadGuard); 0:
+        stop watching. At start, and at a reload that changes it."""
+        if delay <= 0 or not self.stamped:
+            self.guard = None           # its watch ends with it
+        elif self.guard is not None:
+            self.guard.low = delay
+        else:
+            self.guard = OverloadGuard(delay)
+            self._tasks = [t for t in self._tasks if not t.done()]      # a watch ended by an earlier reload
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_overload(self.guard)))
+
+    async def _watch_overload(self, guard: OverloadGuard) -> None:
         """Every 10 ms: how long did the last datagram read wait (OverloadGuard)?"""
-        while True:
+        while self.guard is guard:
             await asyncio.sleep(0.01)
-            self.guard.poll(self.transport, log, "node", node=self.id)
+            guard.poll(self.transport, log, "node", node=self.id)
 
     def _send(self, data: bytes, dest) -> None:
         try:

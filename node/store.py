@@ -69,13 +69,7 @@ class DialogStore:
     def __init__(self, node_id: str, prefix: str, urls: dict[str, str], ttl: int):
         self.node_id = node_id
         self.prefix = prefix
-        self.ttl = ttl
-        # seconds a call's record stays in Redis past its dialog_ttl: time
-        # for the owner's expiry sweeps (every grace/3), then its partner's
-        # (on the replica, from grace/2 on), to end the call. A sweep asks
-        # every key's TTL: at 12 h, every 100 s (100,000 records: 1000
-        # commands a second)
-        self.grace = max(3, min(300, ttl // 10))
+        self.set_ttl(ttl)
         self.urls = urls
         self.clients = {nid: _client(nid, url) for nid, url in urls.items() if url}
         if node_id not in self.clients:
@@ -88,6 +82,16 @@ class DialogStore:
                                  buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25))
         self.replication = "ok"   # what the last save could do, for /status
         self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
+
+    def set_ttl(self, ttl: int) -> None:
+        """node.dialog_ttl: for the records saved from now on."""
+        self.ttl = ttl
+        # seconds a call's record stays in Redis past its dialog_ttl: time
+        # for the owner's expiry sweeps (every grace/3), then its partner's
+        # (on the replica, from grace/2 on), to end the call. A sweep asks
+        # every key's TTL: at 12 h, every 100 s (100,000 records: 1000
+        # commands a second)
+        self.grace = max(3, min(300, ttl // 10))
 
     async def set_urls(self, urls: dict[str, str]) -> None:
         """The other nodes' Redis servers of a new node list (a reload):

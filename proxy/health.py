@@ -226,10 +226,11 @@ class HealthMonitor:
         return branch, text.encode()
 
     async def _probe_loop(self, nid: str) -> None:
-        interval = self.cfg["health.interval"]
-        timeout = min(self.cfg["health.timeout"], interval)
         h = self.nodes[nid]
         while True:
+            # read every round: a reload may change them
+            interval = self.cfg["health.interval"]
+            timeout = min(self.cfg["health.timeout"], interval)
             started = time.monotonic()
             try:
                 proto = await self._open(nid)
@@ -334,6 +335,8 @@ class HealthMonitor:
         start = self.cfg["ramp.start"]
         steps = max(1, self.cfg["ramp.steps"])
         duration = self.cfg["ramp.duration"]
+        if duration <= 0:
+            return 1.0          # a reload turned ramping off during one
         done = int((now - h.ramp_started) / (duration / steps))
         return min(1.0, start + (1.0 - start) * done / steps)
 

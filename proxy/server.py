@@ -193,10 +193,6 @@ class Proxy:
     # ---- lifecycle ---------------------------------------------------
     async def start(self) -> None:
         made = [(host, port, SipTransport(self.on_message, self.on_bad_input, fast_datagram=self.fast_datagram,
-                                          idle_timeout=self.cfg["limits.tcp_idle"],
-                                          max_connections=self.cfg["limits.tcp_connections"],
-                                          max_per_source=self.cfg["limits.tcp_per_source"],
-                                          header_timeout=self.cfg["limits.tcp_message_timeout"],
                                           on_send_failed=self._send_failed))
                 for host, port in self.listen]
         # in place before the sockets bind: a datagram read while the next
@@ -205,16 +201,13 @@ class Proxy:
         for _, _, t in made:
             t.hep = self.hep
         self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
+        self._limit_connections(self.cfg)
         self.transport4 = next((t for host, _, t in made if ":" not in host), None)
         self.transport6 = next((t for host, _, t in made if ":" in host), None)
         for host, port, t in made:
             await t.listen(host, port, tcp=self.primary, reuse_port=self.link is not None)
         self.listen = [t.local for _, _, t in made]
-        if self.cfg["limits.overload_delay"] > 0:
-            self.guards = [(t, OverloadGuard(self.cfg["limits.overload_delay"]))
-                           for t in self.transports if t.measure_wait()]
-            if self.guards:
-                self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
+        self._guard_overload(self.cfg["limits.overload_delay"])
         # port 0 (tests): what was bound
         if not self.cfg["proxy.internal"]:
             self.internal = self.transport.local
@@ -229,7 +222,6 @@ class Proxy:
         self.dns.ipv4 = self.transport4 is not None
         for t in self.transports:
             t.tls_client = self.tls_client
-            t.ws_origins = self.cfg.ws_origins
         for kind in STREAM_KINDS:
             # worker 0 holds the connections (the others hand it what goes there)
             for host, port in self.cfg.stream_listen(kind):
@@ -271,6 +263,14 @@ class Proxy:
               nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
               probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
 
+    def _limit_connections(self, cfg: Config) -> None:
+        """The TCP connection limits and the WebSocket origins let in, for
+        the connections from then on (and the idle ones' next check)."""
+        for t in self.transports:
+            t.idle_timeout, t.header_timeout = cfg["limits.tcp_idle"], cfg["limits.tcp_message_timeout"]
+            t.max_connections, t.max_per_source = cfg["limits.tcp_connections"], cfg["limits.tcp_per_source"]
+            t.ws_origins = cfg.ws_origins
+
     @staticmethod
     def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, ssl.SSLContext | None]:
         """-> (server side, client side, server side of proxy.tls_listen:
@@ -294,7 +294,8 @@ class Proxy:
         dispatcher.reload): nodes added, removed or moved in place, every
         connection, transaction and flow kept; the TLS certificate, key
         and CAs read again (kamcmd tls.reload: a renewed certificate), for
-        the connections from then on; the flood limits (PROXY_LIVE).
+        the connections from then on; the limits, probe timers and ramp
+        (PROXY_LIVE).
         log.level is applied by the caller; the other settings are read
         at start only, and those that changed are named in the log. A
         file that does not load raises ConfigError before anything
@@ -325,6 +326,11 @@ class Proxy:
         applied = changed_settings(self.cfg, merged, PROXY_LIVE)
         self.limiter.configure(merged["limits.rate"], merged["limits.burst"], merged["limits.ban"])
         self.drop_scanners = merged["limits.drop_scanners"]
+        self.dns_failover = merged["proxy.dns_failover"]
+        if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
+            self._guard_overload(merged["limits.overload_delay"])
+        self._limit_connections(merged)
+        self.health.cfg = merged    # probe timers and ramp, from their next round
         self.cfg = merged       # its other settings kept
         if applied and self.primary:
             event(log, "settings_applied", **{k: merged[k] for k in applied})
@@ -929,6 +935,22 @@ class Proxy:
     def _keepalive(self, data: bytes, flow) -> None:
         self.stats.inc("events", "nat_ping")
         self.send_data(data, flow, "udp")
+
+    def _guard_overload(self, delay: float) -> None:
+        """Watch the UDP queues' wait against `delay` (OverloadGuard); 0:
+        stop watching. At start, and at a reload that changes it."""
+        if delay <= 0:
+            if self._overload_timer is not None:
+                self._overload_timer.cancel()
+                self._overload_timer = None
+            self.guards, self.overloaded, self.refuse_share = [], False, 0.0
+        elif self.guards:
+            for _, g in self.guards:
+                g.low = delay
+        else:
+            self.guards = [(t, OverloadGuard(delay)) for t in self.transports if t.measure_wait()]
+            if self.guards:
+                self._overload_timer = asyncio.get_running_loop().call_later(0.01, self._watch_overload)
 
     def _watch_overload(self) -> None:
         """Every 10 ms: how long did the last datagram read wait in its

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+import time
 
 import pytest
 
 from proxy.server import Proxy
 from sipcore.bekey import rank
-from nodekit import with_nodes
+from nodekit import UDP, register, settled, with_nodes
 from sipcore.config import ConfigError, load_config, node_list_change
 from sipcore.message import make_response, parse_message
 from sipha.cluster import Cluster
@@ -26,6 +27,15 @@ class Answers(asyncio.DatagramProtocol):
 
     def datagram_received(self, data, addr):
         self.transport.sendto(make_response(parse_message(data), 200, "OK").to_bytes(), addr)
+
+
+class Counted(Answers):
+    """... counting the probes."""
+    probes = 0
+
+    def datagram_received(self, data, addr):
+        self.probes += 1
+        super().datagram_received(data, addr)
 
 
 def config(nodes: list[str], **settings):
@@ -83,12 +93,13 @@ def test_a_reload_adds_removes_and_moves_nodes_in_place(probe, caplog):
 def test_what_a_reload_changes_is_named():
     old = config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5071"])
     new = dataclasses.replace(config(["n1=127.0.0.1:5070", "n2=127.0.0.1:5072", "n3=127.0.0.1:5073"],
-                                     **{"limits.rate": 5, "log.level": "debug", "limits.tcp_idle": 60}))
+                                     **{"limits.rate": 5, "log.level": "debug", "limits.tcp_idle": 60,
+                                        "proxy.nat_ping": 10}))
     change = node_list_change(old, new)
     assert (change.added, change.removed, change.moved) == (["n3"], [], ["n2"])
-    # proxy.listen differs too (a free port each time); log.level and the
-    # flood limits are applied live
-    assert change.restart_only == ["limits.tcp_idle", "proxy.listen"] and change.restart_hint is None
+    # proxy.listen differs too (a free port each time); log.level, the
+    # flood and connection limits are applied live
+    assert change.restart_only == ["proxy.listen", "proxy.nat_ping"] and change.restart_hint is None
     assert not node_list_change(old, old)
     rekeyed = node_list_change(old, config(["n1=127.0.0.1:5070"], **{"cluster.secret": "another"}))
     assert "cluster.secret" in rekeyed.restart_only and "stamps of every call" in rekeyed.restart_hint
@@ -197,3 +208,88 @@ def test_a_node_takes_new_trunks_on_reload_and_refuses_one_that_is_not_sip(tmp_p
 
     got, kept = with_nodes(tmp_path, 1, scenario)
     assert got == (["sip:a.example.net:5060", "sip:b.example.net:5080"], 3.0) and kept == got[0]
+
+
+def test_a_reload_applies_probe_timers_ramp_and_connection_limits_to_what_comes_next(caplog):
+    """Probe timers (the next round's), the ramp (a node ramping when
+    ramp.duration goes to 0 is in at once, not a division by zero), the
+    overload guard (its threshold; off and on again), the TCP limits and
+    WebSocket origins (the connections from then on), DNS failover; named
+    in settings_applied, none in reload_restart_needed."""
+    caplog.set_level("INFO")
+    port = free_port()
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        node, answers = await loop.create_datagram_endpoint(Counted, local_addr=("127.0.0.1", port))
+        cfg = config([f"n1=127.0.0.1:{port}"], **{"health.interval": 0.05, "health.timeout": 0.05,
+                                                  "ramp.duration": 60.0, "limits.overload_delay": 0.04})
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            await asyncio.sleep(0.3)
+            h = proxy.health.nodes["n1"]
+            h.load_factor, h.ramp_started = 0.1, loop.time()     # as a node back from a restart
+            assert proxy.health.ramp_factor(h, time.monotonic()) < 1.0
+            guard = proxy.guards[0][1]
+            values = {**cfg.values, "health.interval": 0.5, "health.timeout": 0.2, "health.down_after": 5,
+                      "ramp.duration": 0.0, "limits.overload_delay": 0.1, "limits.tcp_connections": 10,
+                      "limits.tcp_per_source": 2, "limits.tcp_idle": 30.0, "limits.tcp_message_timeout": 4.0,
+                      "proxy.dns_failover": 1.5, "proxy.ws_origins": "https://phone.example.com"}
+            await proxy.reload(dataclasses.replace(cfg, values=values))
+            seen = {"ramp": proxy.health.ramp_factor(h, time.monotonic()), "same_guard": proxy.guards[0][1] is guard,
+                    "low": guard.low, "dns": proxy.dns_failover,
+                    "tcp": [(t.max_connections, t.max_per_source, t.idle_timeout, t.header_timeout, t.ws_origins)
+                            for t in proxy.transports]}
+            await asyncio.sleep(0.05)                   # the round under way ends
+            before = answers.probes
+            await asyncio.sleep(0.6)                    # two rounds at most at 0.5 s (at 0.05: twelve)
+            seen["rounds"] = answers.probes - before
+            await proxy.reload(dataclasses.replace(cfg, values={**values, "limits.overload_delay": 0.0}))
+            seen["off"] = (proxy.guards, proxy._overload_timer, proxy.refuse_share)
+            await proxy.reload(dataclasses.replace(cfg, values={**values, "limits.overload_delay": 0.08}))
+            seen["on"] = [g.low for _, g in proxy.guards]
+            await asyncio.sleep(0.05)
+            seen["watching"] = proxy._overload_timer is not None
+        finally:
+            await proxy.close()
+            node.close()
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen["ramp"] == 1.0 and seen["same_guard"] and seen["low"] == 0.1 and seen["dns"] == 1.5
+    assert seen["tcp"] == [(10, 2, 30.0, 4.0, frozenset({"https://phone.example.com"}))]
+    assert 1 <= seen["rounds"] <= 2
+    assert seen["off"] == ([], None, 0.0) and seen["on"] == [0.08] and seen["watching"]
+    applied = [r for r in caplog.records if getattr(r, "event", None) == "settings_applied"]
+    assert {"health.interval", "ramp.duration", "limits.overload_delay", "proxy.ws_origins"} <= set(applied[0].fields)
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "reload_restart_needed"]
+
+
+def test_a_node_applies_registration_limits_and_timers_on_reload(tmp_path):
+    """node.max_contacts, Timer C, the dialog TTL (of the records saved
+    from then on), the digest realm and the overload guard (off, on), on
+    a running node."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.stamped = True                 # as a started node whose datagrams the kernel stamps
+        n.on_message(register("hal", ["<sip:hal@192.0.2.60:5060>", "<sip:hal@192.0.2.61:5060>"]), *UDP)
+        await settled(n)
+        values = {**n.cfg.values, "node.max_contacts": 1, "node.invite_timeout": 30.0, "node.dialog_ttl": 600,
+                  "auth.realm": "example.com", "limits.overload_delay": 0.1}
+        await n.reload(dataclasses.replace(n.cfg, values=values))
+        n.on_message(register("ida", ["<sip:ida@192.0.2.70:5060>", "<sip:ida@192.0.2.71:5060>"]), *UDP)
+        await settled(n)
+        guard = n.guard
+        seen = {"answers": [(a.status, a.reason) for a in sent[n]], "timer_c": n.tx.invite_timeout,
+                "ttl": (n.store.ttl, n.store.grace), "low": guard and guard.low}
+        await n.reload(dataclasses.replace(n.cfg, values={**values, "limits.overload_delay": 0.0}))
+        await asyncio.sleep(0.05)
+        seen["off"] = n.guard
+        seen["watch_ended"] = all(t.done() for t in n._tasks)
+        return seen
+
+    seen = with_nodes(tmp_path, 1, scenario, {"node.max_contacts": "3"})
+    assert seen["answers"] == [(200, "OK"), (403, "Forbidden (too many registered contacts, at most 1)")]
+    assert seen["timer_c"] == 30.0 and seen["ttl"] == (600, 60) and seen["low"] == 0.1
+    assert seen["off"] is None and seen["watch_ended"]
