@@ -52,11 +52,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
-from sipcore.config import (NODE_LIVE, RELOAD_COUNTER, Config, ConfigError, changed_settings, node_list_change,
-                             with_live_settings)
+from sipcore.config import (NODE_LIVE, RELOAD_COUNTER, Config, ConfigError, applied_fields, changed_settings,
+                             node_list_change, with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
-from sipcore.hep import HEP_COUNTER, HepMirror
+from sipcore.hep import HEP_COUNTER, HEP_SETTINGS, mirror_for
 from sipcore.headers import (SipUri, format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri,
                              split_commas, split_params)
 from sipcore.logfmt import event
@@ -320,9 +320,7 @@ class Node:
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
         self.healthy = False
         self.stats = Counters(NODE_COUNTERS)
-        server = cfg.hep_server
-        self.transport.hep = (HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"], self.stats)
-                              if server else None)
+        self.transport.hep = mirror_for(cfg, self.stats)
         self._tasks: list[asyncio.Task] = []
         self.contact = f"<sip:{hostport(self.addr)}>"
         self.started = time.time()
@@ -459,9 +457,13 @@ class Node:
         self.store.set_ttl(merged["node.dialog_ttl"])
         if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
             self._guard_overload(merged["limits.overload_delay"])
+        if changed_settings(self.cfg, merged, HEP_SETTINGS):
+            old, self.transport.hep = self.transport.hep, mirror_for(merged, self.stats)
+            if old is not None:
+                old.close()
         self.cfg = merged       # its other settings kept (registration limits are read from it)
         if applied:
-            event(log, "settings_applied", node=self.id, **{k: merged[k] for k in applied})
+            event(log, "settings_applied", node=self.id, **applied_fields(merged, applied))
         if self.auth is not None or auth is not None:
             self.auth = auth
             event(log, "users_reloaded", node=self.id, file=merged["auth.users_file"] or None,

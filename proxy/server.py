@@ -36,8 +36,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
-from sipcore.config import (PROXY_LIVE, RELOAD_COUNTER, SETTINGS, STREAM_KINDS, Config, changed_settings,
-                             node_list_change, with_live_settings)
+from sipcore.config import (PROXY_LIVE, RELOAD_COUNTER, SETTINGS, STREAM_KINDS, Config, applied_fields,
+                             changed_settings, node_list_change, with_live_settings)
 from sipcore.errors import SipParseError
 from sipcore.expiring import remember
 from sipcore.headers import SipUri, Via, format_params, hostport, is_ip, parse_name_addr, split_hostport
@@ -45,7 +45,7 @@ from sipcore.logfmt import RateLimitedLog, event
 from sipcore.stats import Counters, Histogram, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, parse_message, reason_phrase_safe
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
-from sipcore.hep import HEP_COUNTER, HepMirror
+from sipcore.hep import HEP_COUNTER, HEP_SETTINGS, mirror_for
 from sipcore.transport import SipTransport
 
 from .dns import DnsResolver, Hop, Target
@@ -153,8 +153,7 @@ class Proxy:
         self.our_addrs: set[tuple[str, int]] = set()
         self.bad_input_log = RateLimitedLog()
         self.stats = Counters(PROXY_COUNTERS)
-        server = cfg.hep_server
-        self.hep = HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"], self.stats) if server else None
+        self.hep = mirror_for(cfg, self.stats)
         self.routing_latency = Histogram(
             "sipha_proxy_routing_seconds", "time from a message's arrival to its forwarding",
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05))
@@ -331,9 +330,15 @@ class Proxy:
             self._guard_overload(merged["limits.overload_delay"])
         self._limit_connections(merged)
         self.health.cfg = merged    # probe timers and ramp, from their next round
+        if changed_settings(self.cfg, merged, HEP_SETTINGS):
+            old, self.hep = self.hep, mirror_for(merged, self.stats)
+            for t in self.transports:
+                t.hep = self.hep
+            if old is not None:
+                old.close()
         self.cfg = merged       # its other settings kept
         if applied and self.primary:
-            event(log, "settings_applied", **{k: merged[k] for k in applied})
+            event(log, "settings_applied", **applied_fields(merged, applied))
         event(log, "nodes_reloaded", **change.fields(), nodes=",".join(f"{n.id}={hostport(n.sip)}" for n in cfg.nodes))
         if tls is not None:
             self.tls_server, self.tls_client, self.tls_mutual = tls

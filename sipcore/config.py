@@ -441,15 +441,17 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
 # applied by a reload (SIGHUP) as well as the node list: the log level;
 # the proxy's TLS files (a renewed certificate), flood and overload
 # limits, TCP connection limits, probe timers and ramp; the nodes' users,
-# trunks, registration and call timers. Each applies from the reload on:
-# to the probes, connections, registrations and calls that come next
+# trunks, registration and call timers; on both, the HEP capture. Each
+# applies from the reload on: to the probes, connections, registrations,
+# calls and messages that come next
 PROXY_LIVE = ("limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners", "limits.overload_delay",
               "limits.tcp_connections", "limits.tcp_per_source", "limits.tcp_message_timeout", "limits.tcp_idle",
               "health.interval", "health.timeout", "health.down_after", "health.up_after",
-              "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins")
+              "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins",
+              "hep.server", "hep.capture_id", "hep.password")
 NODE_LIVE = ("node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires", "node.max_contacts",
              "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl", "limits.overload_delay",
-             "health.interval", "health.down_after")
+             "health.interval", "health.down_after", "hep.server", "hep.capture_id", "hep.password")
 LIVE_SETTINGS = frozenset({"log.level", "proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 
@@ -460,6 +462,12 @@ RELOAD_COUNTER = {"reloads": ("result",)}
 
 def changed_settings(old: Config, new: Config, keys) -> list[str]:
     return [k for k in keys if old.values[k] != new.values[k]]
+
+
+def applied_fields(cfg: Config, keys) -> dict:
+    """The settings `keys` of `cfg` for the settings_applied log line, a
+    password shown as changed only."""
+    return {k: "(changed)" if k.endswith("password") else cfg[k] for k in keys}
 
 
 def with_live_settings(running: Config, read: Config) -> Config:

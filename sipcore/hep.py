@@ -103,3 +103,14 @@ class HepMirror:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# the settings of the copies: changed on a reload (SIGHUP), as Kamailio's
+# siptrace.status turns tracing on and off at run time
+HEP_SETTINGS = ("hep.server", "hep.capture_id", "hep.password")
+
+
+def mirror_for(cfg, counters: Counters) -> HepMirror | None:
+    """The copies `cfg` (a Config) asks for, or None when hep.server is off."""
+    server = cfg.hep_server
+    return HepMirror(server, cfg["hep.capture_id"], cfg["hep.password"], counters) if server else None

@@ -38,6 +38,16 @@ class Counted(Answers):
         super().datagram_received(data, addr)
 
 
+class Captured(asyncio.DatagramProtocol):
+    """A HEP capture server: what it got."""
+
+    def __init__(self):
+        self.got: list[bytes] = []
+
+    def datagram_received(self, data, addr):
+        self.got.append(data)
+
+
 def config(nodes: list[str], **settings):
     return load_config(None, overrides={"proxy.listen": f"127.0.0.1:{free_port()}", "proxy.admin": "off",
                                         **settings}, nodes=nodes)
@@ -268,21 +278,22 @@ def test_a_reload_applies_probe_timers_ramp_and_connection_limits_to_what_comes_
 
 def test_a_node_applies_registration_limits_and_timers_on_reload(tmp_path):
     """node.max_contacts, Timer C, the dialog TTL (of the records saved
-    from then on), the digest realm and the overload guard (off, on), on
-    a running node."""
+    from then on), the digest realm, the overload guard (on, off) and the
+    HEP capture, on a running node."""
     async def scenario(nodes, sent):
         n, = nodes
         n.stamped = True                 # as a started node whose datagrams the kernel stamps
         n.on_message(register("hal", ["<sip:hal@192.0.2.60:5060>", "<sip:hal@192.0.2.61:5060>"]), *UDP)
         await settled(n)
         values = {**n.cfg.values, "node.max_contacts": 1, "node.invite_timeout": 30.0, "node.dialog_ttl": 600,
-                  "auth.realm": "example.com", "limits.overload_delay": 0.1}
+                  "auth.realm": "example.com", "limits.overload_delay": 0.1, "hep.server": "127.0.0.1:9060"}
         await n.reload(dataclasses.replace(n.cfg, values=values))
         n.on_message(register("ida", ["<sip:ida@192.0.2.70:5060>", "<sip:ida@192.0.2.71:5060>"]), *UDP)
         await settled(n)
         guard = n.guard
         seen = {"answers": [(a.status, a.reason) for a in sent[n]], "timer_c": n.tx.invite_timeout,
-                "ttl": (n.store.ttl, n.store.grace), "low": guard and guard.low}
+                "ttl": (n.store.ttl, n.store.grace), "low": guard and guard.low,
+                "hep": n.transport.hep and n.transport.hep.server}
         await n.reload(dataclasses.replace(n.cfg, values={**values, "limits.overload_delay": 0.0}))
         await asyncio.sleep(0.05)
         seen["off"] = n.guard
@@ -292,4 +303,43 @@ def test_a_node_applies_registration_limits_and_timers_on_reload(tmp_path):
     seen = with_nodes(tmp_path, 1, scenario, {"node.max_contacts": "3"})
     assert seen["answers"] == [(200, "OK"), (403, "Forbidden (too many registered contacts, at most 1)")]
     assert seen["timer_c"] == 30.0 and seen["ttl"] == (600, 60) and seen["low"] == 0.1
+    assert seen["hep"] == ("127.0.0.1", 9060)
     assert seen["off"] is None and seen["watch_ended"]
+
+
+def test_a_reload_turns_the_hep_capture_on_and_off(caplog):
+    """As Kamailio's siptrace.status: capture turned on for a while on a
+    running proxy (every message from then on copied to the server, the
+    password never in the log), then off (its socket closed)."""
+    caplog.set_level("INFO")
+    capture_port = free_port()
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        capture, server = await loop.create_datagram_endpoint(Captured, local_addr=("127.0.0.1", capture_port))
+        got = server.got
+        cfg = config(["n1=127.0.0.1:5070"], **{"health.probe": False})
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            assert proxy.hep is None
+            on = {**cfg.values, "hep.server": f"127.0.0.1:{capture_port}", "hep.password": "s3cret"}
+            await proxy.reload(dataclasses.replace(cfg, values=on))
+            mirror = proxy.hep
+            proxy.transport.send(b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\n\r\n", ("127.0.0.1", free_port()))
+            for _ in range(50):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            await proxy.reload(dataclasses.replace(cfg, values={**on, "hep.server": ""}))
+            return (mirror.server, all(t.hep is None for t in proxy.transports), proxy.hep, mirror.sock.fileno(),
+                    [d[:4] for d in got])
+        finally:
+            await proxy.close()
+            capture.close()
+
+    server, off, hep, fileno, got = asyncio.run(go())
+    assert server == ("127.0.0.1", capture_port) and got == [b"HEP3"]
+    assert off and hep is None and fileno == -1
+    lines = [r.fields for r in caplog.records if getattr(r, "event", None) == "settings_applied"]
+    assert lines[0]["hep.password"] == "(changed)" and "s3cret" not in caplog.text
