@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from sipcore.bekey import rank  # noqa: E402
 from sipcore.logfmt import parse_logfmt  # noqa: E402
-from sipha.cluster import Cluster  # noqa: E402
+from sipha.cluster import Cluster, stop_on_sigterm  # noqa: E402
 from sipha.sipp import Sipp, free_port  # noqa: E402
 
 BUFFERS = ["-buff_size", str(4 * 1024 * 1024)]
@@ -418,6 +418,7 @@ def main() -> int:
         args.workers, args.ha_nodes = [1], [4]
     # SIPp's statistics and logs, the clusters' logs: tens of MB a run
     args.workdir = tempfile.mkdtemp(prefix="sipha-bench-")
+    stop_on_sigterm()
     try:
         results = asyncio.run(main_async(args))
     finally:

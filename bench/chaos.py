@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sipcore.logfmt import parse_logfmt  # noqa: E402
-from sipha.cluster import Cluster  # noqa: E402
+from sipha.cluster import Cluster, stop_on_sigterm  # noqa: E402
 from sipha.sipp import Sipp, free_port  # noqa: E402
 
 GAP = 8.0       # seconds between one failure and the next step
@@ -120,6 +120,7 @@ def main() -> int:
     for option, name in (("--scenario", args.scenario), ("--trunk-scenario", args.trunk_scenario)):
         if not (ROOT / "sipp_scenarios" / f"{name}.xml").exists():
             ap.error(f"{option}: no sipp_scenarios/{name}.xml")
+    stop_on_sigterm()
     return asyncio.run(run(args))
 
 

@@ -42,6 +42,17 @@ def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:
         return json.loads(resp.read())
 
 
+def stop_on_sigterm() -> None:
+    """A foreground run (the demo, the benchmark) ended by SIGTERM (`timeout`,
+    `kill`, a cancelled CI job) ends as Ctrl-C does: its `finally` blocks
+    stop the cluster and the SIPp processes it started, instead of the
+    default exit that leaves them running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def port_in_use(host: str, port: int) -> str | None:
     for kind, name in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
@@ -674,6 +685,7 @@ def cmd_load(args) -> int:
         raise ClusterError(f"--hold: must not be negative, got {args.hold:g}")
     sipp = Sipp(args.scenario, target=target, transport=args.transport, calls=args.calls, rate=args.rate,
                 hold_ms=int(args.hold * 1000) if args.hold else None, service=args.service)
+    stop_on_sigterm()
     result = asyncio.run(run_load(sipp))
     print(f"calls attempted {result.created}, succeeded {result.ok}, failed {result.failed}, "
           f"retransmissions {result.retransmissions}, rate {result.rate:.1f}/s"

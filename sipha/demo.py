@@ -19,7 +19,7 @@ import time
 
 from sipcore.logfmt import parse_logfmt
 
-from .cluster import Cluster, port_in_use, render, run_load
+from .cluster import Cluster, port_in_use, render, run_load, stop_on_sigterm
 from .sipp import Sipp, free_port
 
 
@@ -106,6 +106,7 @@ def cmd_demo(args) -> int:
         print(f"port {args.port} is busy; the proxy uses {port}")
     cluster = Cluster(directory)
     print(f"$ sipha up --nodes {args.nodes} --trunk sipp --dir {directory}")
+    stop_on_sigterm()
     try:
         cluster.up(nodes=args.nodes, port=port, trunk="sipp", ramp=args.ramp)
         print(cluster.table())

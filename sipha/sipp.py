@@ -217,6 +217,11 @@ class Sipp:
             await asyncio.wait_for(self.proc.wait(), timeout)
         except asyncio.TimeoutError:
             await self.stop()
+        except BaseException:
+            # cancelled (Ctrl-C, SIGTERM on the run driving it): SIPp goes with it
+            if self.proc.returncode is None:
+                self.proc.kill()
+            raise
         err = b""
         if self.proc.stderr is not None:
             try:

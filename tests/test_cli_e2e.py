@@ -150,3 +150,31 @@ def test_the_demo_kills_and_restarts_a_node_and_no_call_fails(tmp_path):
     while time.monotonic() < deadline and any(demo.running(name) for name in demo.procs()):
         time.sleep(0.2)
     assert not [name for name in demo.procs() if demo.running(name)]
+
+
+def test_a_demo_ended_by_sigterm_takes_its_cluster_down(tmp_path):
+    """`timeout 60 sipha demo`, a cancelled CI job: SIGTERM ends the demo
+    as Ctrl-C does, with what it started (Redis, nodes, proxy, trunk,
+    the calling SIPp), instead of leaving them running."""
+    d = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "sipha.cli", "demo", "--dir", str(d), "--port", str(free_port()),
+                             "--calls", "2000", "--rate", "20", "--hold", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(d.glob("**/uac-*.csv")):   # the calls are under way
+            assert demo.poll() is None, demo.stdout.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        cluster = Cluster(str(d))
+        assert cluster.running("proxy")
+        demo.terminate()
+        out, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, out[-3000:]
+    assert "$ sipha down" in out
+    assert not [name for name in cluster.procs() if cluster.running(name)]
+    uac = subprocess.run(["pgrep", "-f", f"sipp.*{d}"], capture_output=True, text=True)
+    assert uac.stdout == "", uac.stdout
