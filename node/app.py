@@ -421,7 +421,7 @@ class Node:
         the caller; the other settings are read at start only, and those
         that changed are named in the log. Raises ConfigError before
         anything changed on what it refuses."""
-        change = node_list_change(self.cfg, cfg)
+        change = node_list_change(self.cfg, cfg, "node")
         try:
             me = cfg.node(self.id)
         except ConfigError:

@@ -299,7 +299,7 @@ class Proxy:
         at start only, and those that changed are named in the log. A
         file that does not load raises ConfigError before anything
         changed."""
-        change = node_list_change(self.cfg, cfg)
+        change = node_list_change(self.cfg, cfg, "proxy")
         merged = with_live_settings(self.cfg, cfg)
         tls = self._tls_contexts(merged) if self.tls_server is not None else None
         if change.restart_only and self.primary:

@@ -444,15 +444,15 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
 # trunks, registration and call timers; on both, the HEP capture. Each
 # applies from the reload on: to the probes, connections, registrations,
 # calls and messages that come next
-PROXY_LIVE = ("limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners", "limits.overload_delay",
+PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners", "limits.overload_delay",
               "limits.tcp_connections", "limits.tcp_per_source", "limits.tcp_message_timeout", "limits.tcp_idle",
               "health.interval", "health.timeout", "health.down_after", "health.up_after",
               "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins",
               "hep.server", "hep.capture_id", "hep.password")
-NODE_LIVE = ("node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires", "node.max_contacts",
+NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires", "node.max_contacts",
              "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl", "limits.overload_delay",
              "health.interval", "health.down_after", "hep.server", "hep.capture_id", "hep.password")
-LIVE_SETTINGS = frozenset({"log.level", "proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
+LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 
 
@@ -501,11 +501,28 @@ class NodeListChange:
         return None
 
 
-def node_list_change(old: Config, new: Config) -> NodeListChange:
+# what a node reads outside its node.*, auth.*, hep.* and log.* settings
+_NODE_ALSO_READS = frozenset({"cluster.secret", "proxy.listen", "proxy.internal", "limits.overload_delay",
+                              "health.interval", "health.down_after"})
+
+
+def reads_setting(role: str, key: str) -> bool:
+    """Whether a process of `role` ("proxy" or "node") uses setting `key`:
+    one file serves both, and a change to the other role's settings is
+    not the reloading process's to report."""
+    section = key.split(".", 1)[0]
+    if role == "proxy":
+        return section not in ("node", "auth")
+    return section in ("node", "auth", "hep", "log") or key in _NODE_ALSO_READS
+
+
+def node_list_change(old: Config, new: Config, role: str | None = None) -> NodeListChange:
+    """`role`: only the settings a proxy or a node reads are in restart_only."""
     before = {n.id: n for n in old.nodes}
     after = {n.id: n for n in new.nodes}
     return NodeListChange(
         added=[nid for nid in after if nid not in before],
         removed=[nid for nid in before if nid not in after],
         moved=[nid for nid, n in after.items() if nid in before and before[nid] != n],
-        restart_only=sorted(k for k, v in new.values.items() if old.values.get(k) != v and k not in LIVE_SETTINGS))
+        restart_only=sorted(k for k, v in new.values.items() if old.values.get(k) != v and k not in LIVE_SETTINGS
+                            and (role is None or reads_setting(role, k))))

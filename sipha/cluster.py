@@ -467,37 +467,40 @@ class Cluster:
             self.state["procs"].pop(name, None)
         self.save()
 
-    def reload(self, names: list[str] | None = None, timeout: float = 10.0) -> list[str]:
+    def reload(self, names: list[str] | None = None, timeout: float = 10.0) -> dict[str, dict[str, list[str]]]:
         """SIGHUP to each of these processes (default: the proxy and every
         node running), in turn, each awaited until its log says it reloaded
         (nodes_reloaded) or refused (reload_failed: a ClusterError naming
-        why). -> those signalled."""
+        why). -> for each one signalled, the settings it applied
+        ("applied") and those that changed but need a restart ("restart")."""
         if names is None:
             names = ["proxy", *self.state["nodes"]]
-        done = []
+        done = {}
         for name in names:
             log = self.dir / "logs" / f"{name}.log"
 
-            def outcomes() -> list[str]:
+            def lines() -> list[str]:
                 try:
-                    text = log.read_text(errors="replace")
+                    return log.read_text(errors="replace").splitlines()
                 except OSError:
                     return []
-                return [line for line in text.splitlines()
-                        if "event=nodes_reloaded" in line or "event=reload_failed" in line]
 
-            seen = len(outcomes())
+            seen = len(lines())
             if not self._signal(name, signal.SIGHUP):
                 continue
             deadline = time.monotonic() + timeout
-            while len(outcomes()) <= seen:
+            while not (outcome := [line for line in lines()[seen:]
+                                   if "event=nodes_reloaded" in line or "event=reload_failed" in line]):
                 if time.monotonic() > deadline:
                     raise ClusterError(f"{name} did not say it reloaded within {timeout:g}s (see {log})")
                 time.sleep(0.05)
-            failed = [line for line in outcomes()[seen:] if "event=reload_failed" in line]
-            if failed:
-                raise ClusterError(f"{name} kept its configuration: {parse_logfmt(failed[0]).get('error')}")
-            done.append(name)
+            if "event=reload_failed" in outcome[0]:
+                raise ClusterError(f"{name} kept its configuration: {parse_logfmt(outcome[0]).get('error')}")
+            said = [parse_logfmt(line) for line in lines()[seen:]]
+            done[name] = {
+                "applied": sorted({k for f in said if f.get("event") == "settings_applied" for k in f if "." in k}),
+                "restart": sorted({k for f in said if f.get("event") == "reload_restart_needed"
+                                   for k in f.get("keys", "").split(",") if k})}
         return done
 
     def kill_redis(self, nid: str) -> None:
@@ -662,8 +665,11 @@ def cmd_remove_node(args) -> int:
 
 def cmd_reload(args) -> int:
     done = _existing(args.dir).reload()
-    print("reloaded " + (", ".join(done) or "nothing: nothing is running")
-          + f" from {Path(args.dir) / 'cluster.toml'} (what takes a restart is named in their logs)")
+    print("reloaded " + (", ".join(done) or "nothing: nothing is running") + f" from {Path(args.dir) / 'cluster.toml'}")
+    for name, what in done.items():
+        said = [f"applied {', '.join(what['applied'])}" if what["applied"] else "no setting changed",
+                *([f"needs a restart for {', '.join(what['restart'])}"] if what["restart"] else [])]
+        print(f"  {name:<8} " + "; ".join(said))
     return 0
 
 

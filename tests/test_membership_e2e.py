@@ -60,10 +60,14 @@ def test_a_node_added_and_one_removed_under_load_lose_no_call(make_cluster):
     # `sipha reload` after an edit by hand: the log level changes in place
     toml = c.dir / "cluster.toml"
     assert 'level = "debug"' in toml.read_text()
-    toml.write_text(toml.read_text().replace('level = "debug"', 'level = "warning"'))
+    toml.write_text(toml.read_text().replace('level = "debug"', 'level = "warning"')
+                    .replace("interval = 0.3", "interval = 0.25").replace("[proxy]\n", "[proxy]\nnat_ping = 10\n"))
     r = subprocess.run([sys.executable, "-m", "sipha.cli", "reload", "--dir", str(c.dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "reloaded proxy, node2, node3, node4" in r.stdout, r.stdout + r.stderr
+    # what each process took, as it logged it
+    assert "  node3    applied health.interval, log.level\n" in r.stdout, r.stdout
+    assert "  proxy    applied health.interval, log.level; needs a restart for proxy.nat_ping\n" in r.stdout, r.stdout
     assert "was=debug now=warning" in logged(c.dir / "logs" / "node3.log", "now=warning")
     toml.write_text("[cluster\n")
     with pytest.raises(ClusterError, match="proxy kept its configuration: --config: "):

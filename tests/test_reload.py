@@ -111,6 +111,11 @@ def test_what_a_reload_changes_is_named():
     # flood and connection limits are applied live
     assert change.restart_only == ["proxy.listen", "proxy.nat_ping"] and change.restart_hint is None
     assert not node_list_change(old, old)
+    # one file for both: each process names only what it reads
+    both = dataclasses.replace(old, values={**old.values, "proxy.nat_ping": 10.0, "node.redis_prefix": "x",
+                                            "cluster.secret": "another"})
+    assert node_list_change(old, both, "proxy").restart_only == ["cluster.secret", "proxy.nat_ping"]
+    assert node_list_change(old, both, "node").restart_only == ["cluster.secret", "node.redis_prefix"]
     rekeyed = node_list_change(old, config(["n1=127.0.0.1:5070"], **{"cluster.secret": "another"}))
     assert "cluster.secret" in rekeyed.restart_only and "stamps of every call" in rekeyed.restart_hint
 
