@@ -432,6 +432,8 @@ class Node:
         merged = with_live_settings(self.cfg, cfg)
         auth = self._authenticator(merged)
         upstreams = self._upstreams(merged)
+        hep = (mirror_for(merged, self.stats) if changed_settings(self.cfg, merged, HEP_SETTINGS)
+               else self.transport.hep)
         if change.restart_only:
             event(log, "reload_restart_needed", logging.WARNING, node=self.id, keys=",".join(change.restart_only),
                   hint=change.restart_hint)
@@ -457,8 +459,8 @@ class Node:
         self.store.set_ttl(merged["node.dialog_ttl"])
         if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
             self._guard_overload(merged["limits.overload_delay"])
-        if changed_settings(self.cfg, merged, HEP_SETTINGS):
-            old, self.transport.hep = self.transport.hep, mirror_for(merged, self.stats)
+        if hep is not self.transport.hep:
+            old, self.transport.hep = self.transport.hep, hep
             if old is not None:
                 old.close()
         self.cfg = merged       # its other settings kept (registration limits are read from it)

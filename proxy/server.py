@@ -302,6 +302,7 @@ class Proxy:
         change = node_list_change(self.cfg, cfg, "proxy")
         merged = with_live_settings(self.cfg, cfg)
         tls = self._tls_contexts(merged) if self.tls_server is not None else None
+        hep = mirror_for(merged, self.stats) if changed_settings(self.cfg, merged, HEP_SETTINGS) else self.hep
         if change.restart_only and self.primary:
             event(log, "reload_restart_needed", logging.WARNING, keys=",".join(change.restart_only),
                   hint=change.restart_hint)
@@ -330,10 +331,10 @@ class Proxy:
             self._guard_overload(merged["limits.overload_delay"])
         self._limit_connections(merged)
         self.health.cfg = merged    # probe timers and ramp, from their next round
-        if changed_settings(self.cfg, merged, HEP_SETTINGS):
-            old, self.hep = self.hep, mirror_for(merged, self.stats)
+        if hep is not self.hep:
+            old, self.hep = self.hep, hep
             for t in self.transports:
-                t.hep = self.hep
+                t.hep = hep
             if old is not None:
                 old.close()
         self.cfg = merged       # its other settings kept
