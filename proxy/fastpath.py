@@ -47,12 +47,13 @@ from sipcore.message import _TOKEN_CHARS, Limits
 _NAME = "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)).encode()
 _STATUS_LINE = re.compile(rb"SIP/2\.0 ([1-6])[0-9][0-9] [^\r\n\x00]*\r\n")
 _REQUEST_LINE = re.compile(rb"([" + _NAME + rb"]+) ([^ \t\r\n\x00]+) SIP/2\.0\r\n")
-# in the lower-cased header, at the start of a field line: not `token:`
-# (a folded line, junk), or a compact form (`v:`, `l:`, `f:`, `t:`, `i:`),
-# or a name read here with space before its colon
+# the fields read here (lower case)
 _READ = (b"via", b"content-length", b"from", b"to", b"call-id", b"cseq", b"max-forwards", b"route",
          b"user-agent", ROUTE_HEADER.lower().encode())
 _ROUTE_KEY = _READ[-1]
+# in the lower-cased header, at the start of a field line: not `token:`
+# (a folded line, junk), or a compact form (`v:`, `l:`, `f:`, `t:`, `i:`),
+# or a name read here with space before its colon
 _ODD_LINE = re.compile(rb"\r\n(?:(?![" + _NAME + rb"]+[ \t]*:)|[vlfti][ \t:]|(?:"
                        + b"|".join(map(re.escape, _READ)) + rb")[ \t])")
 

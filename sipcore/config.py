@@ -444,14 +444,16 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
 # trunks, registration and call timers; on both, the HEP capture. Each
 # applies from the reload on: to the probes, connections, registrations,
 # calls and messages that come next
-PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners", "limits.overload_delay",
-              "limits.tcp_connections", "limits.tcp_per_source", "limits.tcp_message_timeout", "limits.tcp_idle",
+PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.drop_scanners",
+              "limits.overload_delay", "limits.tcp_connections", "limits.tcp_per_source",
+              "limits.tcp_message_timeout", "limits.tcp_idle",
               "health.interval", "health.timeout", "health.down_after", "health.up_after",
               "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins",
               "hep.server", "hep.capture_id", "hep.password")
-NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires", "node.max_contacts",
-             "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl", "limits.overload_delay",
-             "health.interval", "health.down_after", "hep.server", "hep.capture_id", "hep.password")
+NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires",
+             "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
+             "limits.overload_delay", "health.interval", "health.down_after", "hep.server", "hep.capture_id",
+             "hep.password")
 LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 

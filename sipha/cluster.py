@@ -471,8 +471,10 @@ class Cluster:
         """SIGHUP to each of these processes (default: the proxy and every
         node running), in turn, each awaited until its log says it reloaded
         (nodes_reloaded) or refused (reload_failed: a ClusterError naming
-        why). -> for each one signalled, the settings it applied
-        ("applied") and those that changed but need a restart ("restart")."""
+        why). -> for each one signalled, the nodes it took in or let go
+        ("added", "removed", "moved": when some were), the settings it
+        applied ("applied") and those that changed but need a restart
+        ("restart")."""
         if names is None:
             names = ["proxy", *self.state["nodes"]]
         done = {}
@@ -497,7 +499,9 @@ class Cluster:
             if "event=reload_failed" in outcome[0]:
                 raise ClusterError(f"{name} kept its configuration: {parse_logfmt(outcome[0]).get('error')}")
             said = [parse_logfmt(line) for line in lines()[seen:]]
+            nodes = parse_logfmt(outcome[0])
             done[name] = {
+                **{what: nodes[what].split(",") for what in ("added", "removed", "moved") if nodes.get(what)},
                 "applied": sorted({k for f in said if f.get("event") == "settings_applied" for k in f if "." in k}),
                 "restart": sorted({k for f in said if f.get("event") == "reload_restart_needed"
                                    for k in f.get("keys", "").split(",") if k})}
@@ -667,8 +671,10 @@ def cmd_reload(args) -> int:
     done = _existing(args.dir).reload()
     print("reloaded " + (", ".join(done) or "nothing: nothing is running") + f" from {Path(args.dir) / 'cluster.toml'}")
     for name, what in done.items():
-        said = [f"applied {', '.join(what['applied'])}" if what["applied"] else "no setting changed",
-                *([f"needs a restart for {', '.join(what['restart'])}"] if what["restart"] else [])]
+        said = [f"{how} {', '.join(what[how])}" for how in ("added", "removed", "moved") if what.get(how)]
+        said.append(f"applied {', '.join(what['applied'])}" if what["applied"] else "no setting changed")
+        if what["restart"]:
+            said.append(f"needs a restart for {', '.join(what['restart'])}")
         print(f"  {name:<8} " + "; ".join(said))
     return 0
 
