@@ -53,6 +53,17 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _toml(value) -> str:
+    """A value of cluster.toml as TOML writes it (a JSON string is a TOML basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value) if isinstance(value, str) else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    raise ClusterError(f"cluster.toml: cannot keep a value of type {type(value).__name__}: {value!r}")
+
+
 def port_in_use(host: str, port: int) -> str | None:
     for kind, name in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
@@ -233,38 +244,46 @@ class Cluster:
 
     def write_config(self, *, ramp: float | None = None, log_level: str | None = None, fresh: bool = False) -> None:
         """cluster.toml for the nodes in the state (`fresh`: a new cluster).
-        Written again (a node added or removed), it keeps the secret, the
-        ramp and the log level it had: a new secret would void the stamps
-        of the calls in progress."""
+        Written again (a node added or removed), it keeps what was edited in
+        it by hand (a setting changed or added, a section added: `sipha
+        reload` applied them, and a node added must not take them back),
+        the secret (a new one would void the stamps of the calls in
+        progress) and the ramp and log level it had; only the addresses
+        this cluster wires (listen, admin, TLS files, the trunk, the node
+        list) are written anew."""
         st = self.state
         path = self.dir / "cluster.toml"
         try:
             was = tomllib.loads(path.read_text()) if path.exists() and not fresh else {}
         except (tomllib.TOMLDecodeError, OSError) as exc:
             raise ClusterError(f"{path}: {exc}") from None
-        secret = was.get("cluster", {}).get("secret") or secrets.token_hex(16)
-        ramp = ramp if ramp is not None else was.get("ramp", {}).get("duration", 30.0)
-        log_level = log_level or was.get("log", {}).get("level", "info")
-        lines = [
-            "# written by sipha up; every key can also be set by SIPHA_* variables",
-            "[cluster]", f'secret = "{secret}"', "",
-            "[proxy]", f'listen = "{self._listen()}"', f'admin = "127.0.0.1:{st["proxy"]["admin"]}"',
-            *([f'internal = "{hostport((self.node_host, st["proxy"]["port"]))}"'] if st["proxy"].get("ipv6_nodes")
-              else []),
-            *([f'tls_listen = "{self._listen(st["proxy"]["tls"])}"', f'tls_cert = "{self.dir / "tls" / "cert.pem"}"',
-               f'tls_key = "{self.dir / "tls" / "key.pem"}"'] if st["proxy"].get("tls") else []), "",
-            "[health]", "interval = 0.3", "down_after = 2", "up_after = 2", "",
-            "[ramp]", "start = 0.1", f"duration = {ramp}", "steps = 10", "",
-            "[log]", f'level = "{log_level}"', "",
-            "[node]",
-        ]
-        if "trunk" in st:
-            lines.append(f'upstream = "sip:{hostport((self.trunk_host, st["trunk"]["port"]))}"')
-        lines.append("")
+        proxy = {"listen": self._listen(), "admin": f"127.0.0.1:{st['proxy']['admin']}"}
+        if st["proxy"].get("ipv6_nodes"):
+            proxy["internal"] = hostport((self.node_host, st["proxy"]["port"]))
+        if st["proxy"].get("tls"):
+            proxy.update(tls_listen=self._listen(st["proxy"]["tls"]), tls_cert=str(self.dir / "tls" / "cert.pem"),
+                         tls_key=str(self.dir / "tls" / "key.pem"))
+        node = {"upstream": f"sip:{hostport((self.trunk_host, st['trunk']['port']))}"} if "trunk" in st else {}
+        wired = {"proxy": proxy, "node": node}
+        sections = {"cluster": {"secret": secrets.token_hex(16)}, "proxy": {},
+                    "health": {"interval": 0.3, "down_after": 2, "up_after": 2},
+                    "ramp": {"start": 0.1, "duration": 30.0, "steps": 10}, "log": {"level": "info"}, "node": {}}
+        for name, values in was.items():
+            if isinstance(values, dict):
+                sections.setdefault(name, {}).update(values)
+        for name, values in wired.items():
+            sections[name].update(values)
+        if ramp is not None:
+            sections["ramp"]["duration"] = ramp
+        if log_level:
+            sections["log"]["level"] = log_level
+        lines = ["# written by sipha up; every key can also be set by SIPHA_* variables"]
+        for name, values in sections.items():
+            lines += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
         for nid, n in st["nodes"].items():
             lines += ["[[nodes]]", f'id = "{nid}"', f'sip = "{hostport((self.node_host, n["sip"]))}"',
                       f'redis = "redis://127.0.0.1:{n["redis"]}/0"', f'admin = "127.0.0.1:{n["admin"]}"', ""]
-        (self.dir / "cluster.toml").write_text("\n".join(lines))
+        path.write_text("\n".join(lines))
 
     def make_certificate(self) -> None:
         """A self-signed certificate for the local proxy's TLS (30 days)."""

@@ -9,13 +9,14 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
 from clusterkit import all_keys, logged, run, uac
 from node.store import encode
 from nodekit import with_nodes
-from sipcore.config import ConfigError
+from sipcore.config import ConfigError, load_config
 from sipha.cluster import Cluster, ClusterError
 
 pytestmark = pytest.mark.e2e
@@ -139,3 +140,28 @@ def test_a_node_reloaded_with_a_new_list_mirrors_to_it_and_refuses_to_drop_itsel
     assert n1.node_ids == ["node1", "node3"] and set(n1.store.clients) == {"node1", "node3"}
     assert set(n1.peer_addrs) == {"node3"}
     assert "node1 is not in the new list" in refused[0] and "entry of node1 itself changed" in refused[1]
+
+
+def test_a_node_added_keeps_what_was_edited_in_cluster_toml(tmp_path):
+    """`sipha add-node` writes cluster.toml again: what an operator changed
+    or added in it by hand (and applied with `sipha reload`) stays, and the
+    reload that follows does not take it back; the addresses the cluster
+    wires are written anew."""
+    c = Cluster(str(tmp_path))
+    c.state = {"proxy": {"port": 5060, "admin": 6060}, "trunk": {"port": 5099},
+               "nodes": {"node1": {"sip": 7001, "redis": 6391, "admin": 8001}}}
+    c.write_config(fresh=True, ramp=5.0)
+    toml = tmp_path / "cluster.toml"
+    edited = (toml.read_text().replace("interval = 0.3", "interval = 0.25")
+              .replace('[log]\nlevel = "info"', '[log]\nlevel = "debug"\nformat = "json"')
+              + '[hep]\nserver = "127.0.0.1:9060"\npassword = "a \\"quoted\\" one"\n')
+    toml.write_text(edited)
+    c.state["nodes"]["node2"] = {"sip": 7002, "redis": 6392, "admin": 8002}
+    c.state["proxy"]["port"] = 5070
+    c.write_config()
+    cfg = load_config(str(toml))
+    assert (cfg["health.interval"], cfg["log.level"], cfg["log.format"]) == (0.25, "debug", "json")
+    assert (cfg["hep.server"], cfg["hep.password"]) == ("127.0.0.1:9060", 'a "quoted" one')
+    assert cfg["cluster.secret"] == tomllib.loads(edited)["cluster"]["secret"] and cfg["ramp.duration"] == 5.0
+    assert [n.id for n in cfg.nodes] == ["node1", "node2"] and cfg["proxy.listen"] == "127.0.0.1:5070"
+    assert cfg["node.upstream"] == "sip:127.0.0.1:5099"
