@@ -263,12 +263,13 @@ class Proxy:
               probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
 
     def _limit_connections(self, cfg: Config) -> None:
-        """The TCP connection limits and the WebSocket origins let in, for
-        the connections from then on (and the idle ones' next check)."""
+        """The TCP connection limits, the WebSocket origins and the mutual
+        TLS peer names let in, for the connections from then on (and the
+        idle ones' next check)."""
         for t in self.transports:
             t.idle_timeout, t.header_timeout = cfg["limits.tcp_idle"], cfg["limits.tcp_message_timeout"]
             t.max_connections, t.max_per_source = cfg["limits.tcp_connections"], cfg["limits.tcp_per_source"]
-            t.ws_origins = cfg.ws_origins
+            t.ws_origins, t.tls_peers = cfg.ws_origins, cfg.tls_peers
 
     @staticmethod
     def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, ssl.SSLContext | None]:

@@ -94,6 +94,10 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.tls_verify_client": (bool, False, "mutual TLS: ask the peers that connect to proxy.tls_listen for a "
                                 "certificate, and refuse those without one that verifies against proxy.tls_ca "
                                 "(needed then); the proxy presents proxy.tls_cert when it connects, always"),
+    "proxy.tls_peers": (str, "", "mutual TLS: the names a peer connecting to proxy.tls_listen must have in its "
+                        "certificate (a DNS or sip: URI subjectAltName, else its common name), comma-separated; "
+                        "*.example.com for any one label there (sip.pstnhub.microsoft.com for Teams Direct "
+                        "Routing); needs proxy.tls_verify_client; empty: any certificate proxy.tls_ca signed"),
     "proxy.dns_servers": (str, "", "DNS servers asked for the SRV records of named trunks (RFC 3263), comma-separated "
                           "IP[:PORT]; empty: those of /etc/resolv.conf"),
     "proxy.dns_failover": (float, 3.0, "seconds a request to a named trunk with several servers (SRV or A records) "
@@ -214,6 +218,14 @@ class Config:
         for o in found:
             if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", o):
                 raise ConfigError(f"proxy.ws_origins: expected scheme://host[:port], got {o!r}")
+        return found
+
+    @property
+    def tls_peers(self) -> tuple[str, ...]:
+        found = tuple(n.strip().lower().rstrip(".") for n in self.values["proxy.tls_peers"].split(",") if n.strip())
+        for n in found:
+            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", n):
+                raise ConfigError(f"proxy.tls_peers: expected host names (*.example.com for any one label), got {n!r}")
         return found
 
     @property
@@ -402,12 +414,16 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError("nodes: duplicate node id")
     cfg = Config(values, node_list)
-    cfg.internal, cfg.advertise, cfg.dns_servers, cfg.ws_origins, cfg.hep_server  # validate (the listen addresses too)
+    # validate (the listen addresses too)
+    cfg.internal, cfg.advertise, cfg.dns_servers, cfg.ws_origins, cfg.hep_server, cfg.tls_peers
     for kind in STREAM_KINDS:
         cfg.stream_listen(kind)
     if values["proxy.tls_verify_client"] and not (cfg.stream_listen("tls") and values["proxy.tls_ca"]):
         raise ConfigError("proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca (the CAs "
                           "the peers' certificates must be signed by)")
+    if cfg.tls_peers and not values["proxy.tls_verify_client"]:
+        raise ConfigError("proxy.tls_peers: needs proxy.tls_verify_client (the peers' names are read from the "
+                          "certificates it asks for)")
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):
@@ -448,7 +464,7 @@ PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.
               "limits.overload_delay", "limits.tcp_connections", "limits.tcp_per_source",
               "limits.tcp_message_timeout", "limits.tcp_idle",
               "health.interval", "health.timeout", "health.down_after", "health.up_after",
-              "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins",
+              "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins", "proxy.tls_peers",
               "hep.server", "hep.capture_id", "hep.password")
 NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires",
              "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",

@@ -90,6 +90,31 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         event(log, "udp_error", logging.DEBUG, error=str(exc))
 
 
+def certificate_names(cert: dict) -> list[str]:
+    """The names a peer's certificate (SSLObject.getpeercert()) carries, lower
+    case: its subjectAltName DNS names and sip:/sips: URIs' hosts (RFC 5922
+    §7.1), else, when it has none of those, its common names."""
+    names = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            names.append(value)
+        elif kind == "URI" and value.lower().startswith(("sip:", "sips:")):
+            names.append(value.split(":", 1)[1].rsplit("@", 1)[-1].split(";", 1)[0].split(":", 1)[0])
+    if not names:
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return [n.lower().rstrip(".") for n in names]
+
+
+def _one_label_wildcard(pattern: str, name: str) -> bool:
+    return pattern.startswith("*.") and name.partition(".")[2] == pattern[2:] and name.partition(".")[0] != ""
+
+
+def name_allowed(names: list[str], allowed: tuple[str, ...]) -> bool:
+    """Whether one of a certificate's `names` is one of `allowed`: equal, or
+    either side `*.rest` standing for one label before rest."""
+    return any(n == a or _one_label_wildcard(a, n) or _one_label_wildcard(n, a) for n in names for a in allowed)
+
+
 class _TcpConnection(asyncio.Protocol):
     def __init__(self, owner: "SipTransport", kind: str = "tcp", server_tls: ssl.SSLContext | None = None):
         self.owner = owner
@@ -136,6 +161,8 @@ class _TcpConnection(asyncio.Protocol):
                 self.handshaking = False
                 if self.ws is None:
                     self.partial_since = None
+                if self.kind == "tls" and self.owner.tls_peers and not self._peer_allowed():
+                    return None
             chunks = []
             while True:
                 chunk = self.tls.read(65536)
@@ -155,6 +182,18 @@ class _TcpConnection(asyncio.Protocol):
             return None
         self._flush()
         return b"" if self.handshaking else b"".join(chunks)
+
+    def _peer_allowed(self) -> bool:
+        """Mutual TLS with proxy.tls_peers: the certificate the peer showed
+        names one of them; else the connection is closed, said once."""
+        names = certificate_names(self.tls.getpeercert() or {})
+        if name_allowed(names, self.owner.tls_peers):
+            return True
+        event(log, "tls_refused", peer=hostport(self.peer), handshake=False, names=",".join(names) or None,
+              error="certificate names none of proxy.tls_peers")
+        self._flush()
+        self.transport.close()
+        return False
 
     def awaited(self) -> str:
         """What an unfinished connection waits for (the reaper's reason)."""
@@ -265,6 +304,7 @@ class SipTransport:
         # with, looked up at each accept: a reload swaps it for new ones
         self.stream_tls: dict[str, ssl.SSLContext | None] = {}
         self.ws_origins: frozenset[str] = frozenset()     # WsServer: the web origins let in (empty: any)
+        self.tls_peers: tuple[str, ...] = ()     # mutual TLS ("tls" kind): the certificate names let in (empty: any)
         self.connections: dict[Addr, _TcpConnection] = {}
         # peers whose own connection to us closed lately (a phone's flow,
         # RFC 5626): their port was theirs for that connection only

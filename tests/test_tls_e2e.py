@@ -202,6 +202,41 @@ def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(ma
     assert log.count("event=tls_refused") == 2, log[-3000:]
 
 
+def named_certificate(folder, name: str) -> tuple[str, str]:
+    """A self-signed certificate (its own CA) for `name` -> (cert, key) files."""
+    folder.mkdir(parents=True)
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+def test_with_tls_peers_only_a_peer_of_those_names_gets_in(make_cluster, monkeypatch, tmp_path):
+    """proxy.tls_peers, as an SBC facing Teams Direct Routing checks that
+    it is Microsoft calling: of two peers with certificates proxy.tls_ca
+    trusts, the one whose name is not in the list is closed after its
+    handshake, with its names in the log."""
+    ours_ca = named_certificate(tmp_path / "sbc", "sbc1.example.com")
+    other = named_certificate(tmp_path / "other", "pbx.example.net")
+    ca = tmp_path / "ca.pem"
+    ca.write_text(open(ours_ca[0]).read() + open(other[0]).read())
+    monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
+    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", str(ca))
+    monkeypatch.setenv("SIPHA_PROXY_TLS_PEERS", "*.example.com, trunk.example.org")
+    c = make_cluster(nodes=2, trunk=None, tls=True)
+    ours = str(c.dir / "tls" / "cert.pem")
+    phone = Phone("tom", c.proxy_tls_addr, transport="tls", cafile=ours, cert=ours_ca)
+    try:
+        assert phone.register(300).status == 200
+    finally:
+        phone.stop()
+    assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, other)
+    log = (c.dir / "logs" / "proxy.log").read_text()
+    refused = [line for line in log.splitlines() if "event=tls_refused" in line]
+    assert len(refused) == 1 and "names=pbx.example.net" in refused[0], log[-3000:]
+
+
 @pytest.mark.parametrize("env, said", [
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061"}, "proxy.tls_cert: needed with proxy.tls_listen"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": "/nonexistent/cert.pem"},
@@ -210,6 +245,8 @@ def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(ma
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": __file__},
      "proxy.tls_cert / proxy.tls_key: cannot load"),
     ({"SIPHA_PROXY_TLS_VERIFY_CLIENT": "yes"}, "proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca"),
+    ({"SIPHA_PROXY_TLS_PEERS": "sbc.example.com"}, "proxy.tls_peers: needs proxy.tls_verify_client"),
+    ({"SIPHA_PROXY_TLS_PEERS": "sbc.example.com, bad name"}, "proxy.tls_peers: expected host names"),
 ])
 def test_bad_tls_settings_are_cli_errors(env, said, monkeypatch):
     for k, v in env.items():

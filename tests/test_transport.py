@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sipha.sipp import free_port
-from sipcore.transport import SipTransport
+from sipcore.transport import SipTransport, certificate_names, name_allowed
 
 
 def failures_of(scenario) -> list:
@@ -149,3 +149,28 @@ def test_datagrams_that_waited_through_a_stall_are_marked_stale():
             await t.close()
     asyncio.run(go())
     assert got == [("before", False), ("queued-1", True), ("queued-2", True), ("after", False)]
+
+
+@pytest.mark.parametrize("cert, names", [
+    ({"subject": ((("commonName", "sbc.example.com"),),),
+      "subjectAltName": (("DNS", "SIP.example.com."), ("URI", "sips:edge.example.com;transport=tls"),
+                         ("URI", "https://example.com/x"), ("IP Address", "192.0.2.1"))},
+     ["sip.example.com", "edge.example.com"]),                  # the subjectAltNames, not the CN
+    ({"subject": ((("countryName", "US"),), (("commonName", "Trunk.Example.org"),))}, ["trunk.example.org"]),
+    ({}, []),
+])
+def test_a_certificates_names_are_its_dns_and_sip_names_else_its_common_name(cert, names):
+    assert certificate_names(cert) == names
+
+
+@pytest.mark.parametrize("names, allowed, ok", [
+    (["sip.pstnhub.microsoft.com"], ("sip.pstnhub.microsoft.com",), True),
+    (["sip2.pstnhub.microsoft.com"], ("*.pstnhub.microsoft.com",), True),
+    (["a.b.pstnhub.microsoft.com"], ("*.pstnhub.microsoft.com",), False),    # one label only
+    (["pstnhub.microsoft.com"], ("*.pstnhub.microsoft.com",), False),
+    (["*.pstnhub.microsoft.com"], ("sip.pstnhub.microsoft.com",), True),     # a wildcard certificate
+    (["evil.com"], ("*.pstnhub.microsoft.com", "trunk.example.org"), False),
+    ([], ("trunk.example.org",), False),
+])
+def test_a_peer_is_let_in_by_a_name_or_a_one_label_wildcard(names, allowed, ok):
+    assert name_allowed(names, allowed) is ok
