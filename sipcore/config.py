@@ -16,6 +16,7 @@ import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .headers import hostport, is_ip
@@ -94,6 +95,11 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "proxy.tls_verify_client": (bool, False, "mutual TLS: ask the peers that connect to proxy.tls_listen for a "
                                 "certificate, and refuse those without one that verifies against proxy.tls_ca "
                                 "(needed then); the proxy presents proxy.tls_cert when it connects, always"),
+    "proxy.tls_crl": (str, "", "mutual TLS: PEM file of the certificate revocation lists of the CAs in "
+                      "proxy.tls_ca that sign the peers' certificates (one each: a peer whose CA has none in it is "
+                      "refused too); a peer connecting to proxy.tls_listen whose certificate one of them revokes "
+                      "is refused; read again on SIGHUP (a CRL renewed); needs proxy.tls_verify_client; "
+                      "empty: no revocation check"),
     "proxy.tls_peers": (str, "", "mutual TLS: the names a peer connecting to proxy.tls_listen must have in its "
                         "certificate (a DNS or sip: URI subjectAltName, else its common name), comma-separated; "
                         "*.example.com for any one label there (sip.pstnhub.microsoft.com for Teams Direct "
@@ -321,6 +327,8 @@ class Config:
         if verify_clients:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self._tls_ca())
             ctx.verify_mode = ssl.CERT_REQUIRED
+            if self.values["proxy.tls_crl"]:
+                self._load_crl(ctx)
         else:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.options |= ssl.OP_NO_RENEGOTIATION     # a write never waits on a read (sipcore.transport)
@@ -332,6 +340,19 @@ class Config:
         certificate for a peer that asks for one (mutual TLS)."""
         ctx = ssl.create_default_context(cafile=self._tls_ca() if self.values["proxy.tls_ca"] else None)
         return self._with_our_certificate(ctx)
+
+    def _load_crl(self, ctx: ssl.SSLContext) -> None:
+        """proxy.tls_crl into the context that verifies the peers' certificates."""
+        crl = self.values["proxy.tls_crl"]
+        if not os.path.isfile(crl):
+            raise ConfigError(f"proxy.tls_crl: no such file {crl!r}")
+        try:
+            if b"-----BEGIN X509 CRL-----" not in Path(crl).read_bytes():
+                raise ConfigError(f"proxy.tls_crl: no PEM certificate revocation list in {crl!r}")
+            ctx.load_verify_locations(cafile=crl)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"proxy.tls_crl: cannot load {crl!r}: {exc}") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
     def _tls_ca(self) -> str:
         ca = self.values["proxy.tls_ca"]
@@ -421,9 +442,10 @@ def load_config(path: str | None = None, *, overrides: dict[str, Any] | None = N
     if values["proxy.tls_verify_client"] and not (cfg.stream_listen("tls") and values["proxy.tls_ca"]):
         raise ConfigError("proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca (the CAs "
                           "the peers' certificates must be signed by)")
-    if cfg.tls_peers and not values["proxy.tls_verify_client"]:
-        raise ConfigError("proxy.tls_peers: needs proxy.tls_verify_client (the peers' names are read from the "
-                          "certificates it asks for)")
+    for key in ("proxy.tls_peers", "proxy.tls_crl"):
+        if values[key] and not values["proxy.tls_verify_client"]:
+            raise ConfigError(f"{key}: needs proxy.tls_verify_client (it is about the certificates that asks "
+                              "the peers for)")
     if values["log.format"] not in ("logfmt", "json"):
         raise ConfigError(f"log.format: expected logfmt or json, got {values['log.format']!r}")
     if values["log.level"].lower() not in ("debug", "info", "warning", "error"):
@@ -470,7 +492,7 @@ NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_ex
              "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
              "limits.overload_delay", "health.interval", "health.down_after", "hep.server", "hep.capture_id",
              "hep.password")
-LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca",
+LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca", "proxy.tls_crl",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 
 

@@ -237,6 +237,61 @@ def test_with_tls_peers_only_a_peer_of_those_names_gets_in(make_cluster, monkeyp
     assert len(refused) == 1 and "names=pbx.example.net" in refused[0], log[-3000:]
 
 
+class OwnCa:
+    """A CA of its own (openssl), the certificates it signs and its CRL."""
+
+    def __init__(self, folder):
+        self.dir = folder
+        folder.mkdir(parents=True)
+        (folder / "index.txt").write_text("")
+        (folder / "crlnumber").write_text("01\n")
+        (folder / "ca.cnf").write_text(
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\ncrlnumber = crlnumber\n"
+            "default_md = sha256\ndefault_crl_days = 2\ncertificate = ca.pem\nprivate_key = ca.key\n")
+        self.openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                     "-days", "2", "-subj", "/CN=sipha test CA", "-keyout", "ca.key", "-out", "ca.pem",
+                     "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        self.ca = str(folder / "ca.pem")
+
+    def openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True)
+
+    def issue(self, name: str) -> tuple[str, str]:
+        """A certificate for `name` -> (cert, key) files."""
+        (self.dir / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}\n")
+        self.openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                     "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        self.openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+        return str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key")
+
+    def revoke(self, cert: str) -> str:
+        """`cert` revoked -> the CRL file that says so."""
+        self.openssl("ca", "-config", "ca.cnf", "-revoke", cert)
+        self.openssl("ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem")
+        return str(self.dir / "crl.pem")
+
+
+def test_with_tls_crl_a_revoked_certificate_is_refused(make_cluster, monkeypatch, tmp_path):
+    """proxy.tls_crl: of two peers whose certificates the same CA signed,
+    the one its revocation list names is refused in the handshake."""
+    ca = OwnCa(tmp_path / "ca")
+    good, lost = ca.issue("desk1.example.com"), ca.issue("laptop7.example.com")
+    monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
+    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", ca.ca)
+    monkeypatch.setenv("SIPHA_PROXY_TLS_CRL", ca.revoke(lost[0]))
+    c = make_cluster(nodes=2, trunk=None, tls=True)
+    ours = str(c.dir / "tls" / "cert.pem")
+    phone = Phone("una", c.proxy_tls_addr, transport="tls", cafile=ours, cert=good)
+    try:
+        assert phone.register(300).status == 200
+    finally:
+        phone.stop()
+    assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, lost)
+    refused = [line for line in (c.dir / "logs" / "proxy.log").read_text().splitlines() if "event=tls_refused" in line]
+    assert len(refused) == 1 and "revoked" in refused[0], refused
+
+
 @pytest.mark.parametrize("env, said", [
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061"}, "proxy.tls_cert: needed with proxy.tls_listen"),
     ({"SIPHA_PROXY_TLS_LISTEN": "127.0.0.1:5061", "SIPHA_PROXY_TLS_CERT": "/nonexistent/cert.pem"},
@@ -246,6 +301,7 @@ def test_with_tls_peers_only_a_peer_of_those_names_gets_in(make_cluster, monkeyp
      "proxy.tls_cert / proxy.tls_key: cannot load"),
     ({"SIPHA_PROXY_TLS_VERIFY_CLIENT": "yes"}, "proxy.tls_verify_client: needs proxy.tls_listen, and proxy.tls_ca"),
     ({"SIPHA_PROXY_TLS_PEERS": "sbc.example.com"}, "proxy.tls_peers: needs proxy.tls_verify_client"),
+    ({"SIPHA_PROXY_TLS_CRL": __file__}, "proxy.tls_crl: needs proxy.tls_verify_client"),
     ({"SIPHA_PROXY_TLS_PEERS": "sbc.example.com, bad name"}, "proxy.tls_peers: expected host names"),
 ])
 def test_bad_tls_settings_are_cli_errors(env, said, monkeypatch):
