@@ -217,6 +217,7 @@ class Cluster:
             if shutil.which(tool) is None:
                 raise ClusterError(f"{tool} is not installed (run: bash .ci/install)")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        claim_port(port)        # given, not bound yet: no node's port or admin address may be drawn on it
         self.state = {"procs": {}, "nodes": {}, "proxy": {"port": port, "admin": free_port(), "ipv6": ipv6,
                                                           "ipv6_nodes": ipv6_nodes, "ipv6_only": ipv6_only, "tls": None}}
         if tls:     # SIP's TLS port is the SIP port + 1 (5061), where that is free

@@ -178,3 +178,28 @@ def test_a_demo_ended_by_sigterm_takes_its_cluster_down(tmp_path):
     assert not [name for name in cluster.procs() if cluster.running(name)]
     uac = subprocess.run(["pgrep", "-f", f"sipp.*{d}"], capture_output=True, text=True)
     assert uac.stdout == "", uac.stdout
+
+
+def test_the_proxy_port_given_is_never_drawn_again_for_another_part(tmp_path, monkeypatch):
+    """`sipha demo --port P` with P free but not bound yet: the ports the
+    cluster draws for itself (a node's SIP, Redis or admin address) must
+    not land on P, or the proxy cannot bind it (a CI run saw node2's admin
+    take the proxy's port, and every call of the demo failed)."""
+    import random
+
+    from sipha import sipp
+    from sipha.cluster import ClusterError
+    port = free_port()
+    sipp._handed_out.discard(port)                     # as a port chosen by another process
+    first = iter([port] * 20)
+    draw = random.randrange
+    monkeypatch.setattr(sipp.random, "randrange", lambda a, b: next(first, None) or draw(a, b))
+
+    def stop(self, nid):
+        raise ClusterError("stopped before starting anything")
+    monkeypatch.setattr(Cluster, "start_redis", stop)
+    c = Cluster(str(tmp_path))
+    with pytest.raises(ClusterError, match="stopped before"):
+        c.up(nodes=2, port=port)
+    drawn = [c.state["proxy"]["admin"], *(p for n in c.state["nodes"].values() for p in n.values())]
+    assert port not in drawn and len(set(drawn)) == len(drawn)
