@@ -175,18 +175,18 @@ def test_sighup_reloads_the_node_list_in_every_worker_and_a_bad_file_changes_not
         assert r.failed == 0 and r.ok == 40, r.log_tail
 
     calls()
-    write(["node1", "node2"], "[limits]\ntcp_idle = 100\n[hep]\ncapture_id = 7\n")
+    write(["node1", "node2"], '[limits]\ntcp_idle = 100\n[cluster]\nsecret = "another"\n')
     os.kill(proxy.popen.pid, signal.SIGHUP)
     wait_for(lambda: [n["id"] for n in status(admin)["nodes"] if n["up"]] == ["node1", "node2"], proxy)
     wait_for(lambda: len(proxy.lines("event=nodes_reloaded")) == 2, proxy)
     assert {parse_logfmt(line)["worker"] for line in proxy.lines("event=nodes_reloaded")} == {"0", "1"}
     assert all("added=node2" in line for line in proxy.lines("event=nodes_reloaded"))
-    assert "keys=hep.capture_id" in proxy.lines("event=reload_restart_needed")[0]
+    assert "keys=cluster.secret" in proxy.lines("event=reload_restart_needed")[0]
     assert "limits.tcp_idle=100" in proxy.lines("event=settings_applied")[0]
     before = len(proxy.lines("event=route method=INVITE"))
     calls()
     assert [line for line in proxy.lines("event=route method=INVITE")[before:] if "node=node2" in line]
-    write(["node1", "node2"], '[limits]\ntcp_idle = 100\n[hep]\ncapture_id = 7\n[log]\nlevel = "warning"\n')
+    write(["node1", "node2"], '[limits]\ntcp_idle = 100\n[cluster]\nsecret = "another"\n[log]\nlevel = "warning"\n')
     os.kill(proxy.popen.pid, signal.SIGHUP)
     wait_for(lambda: len(proxy.lines("event=log_level")) == 3, proxy)    # the supervisor and each worker
     time.sleep(0.2)
