@@ -182,12 +182,13 @@ def refused_without_a_good_certificate(addr, cafile: str, cert: tuple[str, str] 
         return True                                     # refused in the handshake (TLS 1.2) or by its alert
 
 
-def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(make_cluster, monkeypatch, tmp_path):
-    phones_ca = Cluster(str(tmp_path / "phones"))
-    phones_ca.make_certificate()                # the phone's certificate is its own CA here
-    good = (str(phones_ca.dir / "tls" / "cert.pem"), str(phones_ca.dir / "tls" / "key.pem"))
+def mutual_tls(make_cluster, monkeypatch, good: tuple[str, str], **env: str) -> tuple[Cluster, str]:
+    """A cluster whose proxy asks the peers of its TLS port for a
+    certificate (with the SIPHA_* settings `env`), and a phone presenting
+    `good` registered through it -> (the cluster, the proxy's certificate)."""
     monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
-    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", good[0])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     c = make_cluster(nodes=2, trunk=None, tls=True)
     ours = str(c.dir / "tls" / "cert.pem")
     phone = Phone("tina", c.proxy_tls_addr, transport="tls", cafile=ours, cert=good)
@@ -195,11 +196,22 @@ def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(ma
         assert phone.register(300).status == 200
     finally:
         phone.stop()
+    return c, ours
+
+
+def tls_refusals(c) -> list[str]:
+    return [line for line in (c.dir / "logs" / "proxy.log").read_text().splitlines() if "event=tls_refused" in line]
+
+
+def test_with_tls_verify_client_only_phones_with_a_trusted_certificate_get_in(make_cluster, monkeypatch, tmp_path):
+    phones_ca = Cluster(str(tmp_path / "phones"))
+    phones_ca.make_certificate()                # the phone's certificate is its own CA here
+    good = (str(phones_ca.dir / "tls" / "cert.pem"), str(phones_ca.dir / "tls" / "key.pem"))
+    c, ours = mutual_tls(make_cluster, monkeypatch, good, SIPHA_PROXY_TLS_CA=good[0])
     assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, None)
     untrusted = (ours, str(c.dir / "tls" / "key.pem"))          # a certificate, not signed by proxy.tls_ca
     assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, untrusted)
-    log = (c.dir / "logs" / "proxy.log").read_text()
-    assert log.count("event=tls_refused") == 2, log[-3000:]
+    assert len(tls_refusals(c)) == 2, tls_refusals(c)
 
 
 def named_certificate(folder, name: str) -> tuple[str, str]:
@@ -221,20 +233,11 @@ def test_with_tls_peers_only_a_peer_of_those_names_gets_in(make_cluster, monkeyp
     other = named_certificate(tmp_path / "other", "pbx.example.net")
     ca = tmp_path / "ca.pem"
     ca.write_text(open(ours_ca[0]).read() + open(other[0]).read())
-    monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
-    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", str(ca))
-    monkeypatch.setenv("SIPHA_PROXY_TLS_PEERS", "*.example.com, trunk.example.org")
-    c = make_cluster(nodes=2, trunk=None, tls=True)
-    ours = str(c.dir / "tls" / "cert.pem")
-    phone = Phone("tom", c.proxy_tls_addr, transport="tls", cafile=ours, cert=ours_ca)
-    try:
-        assert phone.register(300).status == 200
-    finally:
-        phone.stop()
+    c, ours = mutual_tls(make_cluster, monkeypatch, ours_ca, SIPHA_PROXY_TLS_CA=str(ca),
+                         SIPHA_PROXY_TLS_PEERS="*.example.com, trunk.example.org")
     assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, other)
-    log = (c.dir / "logs" / "proxy.log").read_text()
-    refused = [line for line in log.splitlines() if "event=tls_refused" in line]
-    assert len(refused) == 1 and "names=pbx.example.net" in refused[0], log[-3000:]
+    refused = tls_refusals(c)
+    assert len(refused) == 1 and "names=pbx.example.net" in refused[0], refused
 
 
 class OwnCa:
@@ -277,18 +280,10 @@ def test_with_tls_crl_a_revoked_certificate_is_refused(make_cluster, monkeypatch
     the one its revocation list names is refused in the handshake."""
     ca = OwnCa(tmp_path / "ca")
     good, lost = ca.issue("desk1.example.com"), ca.issue("laptop7.example.com")
-    monkeypatch.setenv("SIPHA_PROXY_TLS_VERIFY_CLIENT", "true")
-    monkeypatch.setenv("SIPHA_PROXY_TLS_CA", ca.ca)
-    monkeypatch.setenv("SIPHA_PROXY_TLS_CRL", ca.revoke(lost[0]))
-    c = make_cluster(nodes=2, trunk=None, tls=True)
-    ours = str(c.dir / "tls" / "cert.pem")
-    phone = Phone("una", c.proxy_tls_addr, transport="tls", cafile=ours, cert=good)
-    try:
-        assert phone.register(300).status == 200
-    finally:
-        phone.stop()
+    c, ours = mutual_tls(make_cluster, monkeypatch, good, SIPHA_PROXY_TLS_CA=ca.ca,
+                         SIPHA_PROXY_TLS_CRL=ca.revoke(lost[0]))
     assert refused_without_a_good_certificate(c.proxy_tls_addr, ours, lost)
-    refused = [line for line in (c.dir / "logs" / "proxy.log").read_text().splitlines() if "event=tls_refused" in line]
+    refused = tls_refusals(c)
     assert len(refused) == 1 and "revoked" in refused[0], refused
 
 
