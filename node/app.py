@@ -457,8 +457,7 @@ class Node:
         # Timer C of the INVITEs sent from now on; the TTL of the records saved from now on
         self.tx.invite_timeout = merged["node.invite_timeout"]
         self.store.set_ttl(merged["node.dialog_ttl"])
-        if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
-            self._guard_overload(merged["limits.overload_delay"])
+        self._guard_overload(merged["limits.overload_delay"])
         if hep is not self.transport.hep:
             old, self.transport.hep = self.transport.hep, hep
             if old is not None:
@@ -600,7 +599,8 @@ class Node:
 
     def _guard_overload(self, delay: float) -> None:
         """Watch our UDP queue's wait against `delay` (OverloadGuard); 0:
-        stop watching. At start, and at a reload that changes it."""
+        stop watching. At start and at every reload: the same delay again
+        changes nothing."""
         if delay <= 0 or not self.stamped:
             self.guard = None           # its watch ends with it
         elif self.guard is not None:

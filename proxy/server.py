@@ -328,8 +328,7 @@ class Proxy:
         self.limiter.configure(merged["limits.rate"], merged["limits.burst"], merged["limits.ban"])
         self.drop_scanners = merged["limits.drop_scanners"]
         self.dns_failover = merged["proxy.dns_failover"]
-        if merged["limits.overload_delay"] != self.cfg["limits.overload_delay"]:
-            self._guard_overload(merged["limits.overload_delay"])
+        self._guard_overload(merged["limits.overload_delay"])
         self._limit_connections(merged)
         self.health.cfg = merged    # probe timers and ramp, from their next round
         if hep is not self.hep:
@@ -945,7 +944,8 @@ class Proxy:
 
     def _guard_overload(self, delay: float) -> None:
         """Watch the UDP queues' wait against `delay` (OverloadGuard); 0:
-        stop watching. At start, and at a reload that changes it."""
+        stop watching. At start and at every reload: the same delay again
+        changes nothing."""
         if delay <= 0:
             if self._overload_timer is not None:
                 self._overload_timer.cancel()
