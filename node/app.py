@@ -49,6 +49,7 @@ from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from sipcore import compiled
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
@@ -376,7 +377,8 @@ class Node:
               proxy=hostport(self.proxy_addr), redis_ok=self.healthy,
               upstream=",".join(map(str, self.upstreams)) or None, warm_records=self.warm or None,
               hep=hostport(self.transport.hep.server) if self.transport.hep else None,
-              admin=hostport(admin_addr) if admin_addr else None)
+              admin=hostport(admin_addr) if admin_addr else None, compiled=len(compiled.loaded()))
+        compiled.warn_stale(log)
 
     @staticmethod
     def _upstreams(cfg: Config) -> list[SipUri]:

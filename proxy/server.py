@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
+from sipcore import compiled
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import (PROXY_LIVE, RELOAD_COUNTER, SETTINGS, STREAM_KINDS, Config, applied_fields,
@@ -260,7 +261,9 @@ class Proxy:
               **{kind: ",".join(map(hostport, addrs)) for kind, addrs in self.listen_streams.items()},
               admin=hostport(self.admin_addr) if self.admin_addr else None,
               nodes=",".join(f"{n.id}={hostport((n.host, n.port))}" for n in self.cfg.nodes),
-              probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None)
+              probe=self.health.probing, hep=hostport(self.hep.server) if self.hep else None,
+              compiled=len(compiled.loaded()))
+        compiled.warn_stale(log)
 
     def _limit_connections(self, cfg: Config) -> None:
         """The TCP connection limits, the WebSocket origins and the mutual

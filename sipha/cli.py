@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (node.admin)")
     p.set_defaults(func=cmd_node)
 
-    from . import cluster, demo, logs
+    from . import cluster, compiler, demo, logs
     cluster.add_commands(sub)
+    compiler.add_commands(sub)
     logs.add_commands(sub)
     demo.add_commands(sub)
     return parser
