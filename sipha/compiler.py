@@ -19,6 +19,21 @@ def source_of(module: str, root: Path = compiled.ROOT) -> Path:
     return root / (module.replace(".", "/") + ".py")
 
 
+@contextlib.contextmanager
+def _cflags(flags: str):
+    """CFLAGS with `flags` last, so that they win over the interpreter's
+    own -O; as they were afterwards."""
+    before = os.environ.get("CFLAGS")
+    os.environ["CFLAGS"] = f"{before or ''} {flags}".strip()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CFLAGS", None)
+        else:
+            os.environ["CFLAGS"] = before
+
+
 def build(where: Path, modules: tuple[str, ...] = compiled.COMPILED, jobs: int = 2, opt: int = 1,
           root: Path = compiled.ROOT) -> dict[str, str]:
     """Compile `modules` into `where` (replacing what was there once all
@@ -37,9 +52,7 @@ def build(where: Path, modules: tuple[str, ...] = compiled.COMPILED, jobs: int =
     log = io.StringIO()
     try:
         exts = [Extension(m, [str(source_of(m, root))]) for m in modules]
-        # Our flags last, so that they win over the interpreter's own -O
-        os.environ["CFLAGS"] = f"{os.environ.get('CFLAGS', '')} -O{opt} -w".strip()
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with _cflags(f"-O{opt} -w"), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             exts = cythonize(exts, build_dir=str(work / "c"), quiet=True, nthreads=jobs,
                              compiler_directives={"language_level": 3,
                                                   # annotations are hints, as in Python, not C types
@@ -63,8 +76,9 @@ def build(where: Path, modules: tuple[str, ...] = compiled.COMPILED, jobs: int =
         if isinstance(exc, ClusterError):
             raise
         tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
-        raise ClusterError(f"{exc}\n{tail}\n(a C compiler and the Python headers are needed: "
-                           "apt-get install gcc python3-dev)") from None
+        hint = ("" if type(exc).__module__.startswith("Cython") else       # the source itself
+                "\n(it needs a C compiler and the Python headers: apt-get install gcc python3-dev)")
+        raise ClusterError(f"compiling failed: {exc}\n{tail}{hint}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -104,7 +118,7 @@ def cmd_compile(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("compile", help="compile the hot modules with Cython (a third less CPU a message)")
+    p = sub.add_parser("compile", help="compile the hot modules with Cython (the proxy: a fifth less CPU a message)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilers at once (default: one per core)")
     p.add_argument("--opt", type=int, choices=(1, 2, 3), default=1,
                    help="the C compiler's -O level (default 1: -O2 runs 1 %% fewer instructions, compiles 1.6x as long)")
