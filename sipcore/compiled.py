@@ -89,9 +89,36 @@ class _Finder(importlib.abc.MetaPathFinder):
         if not fresh:
             self.stale.append(fullname)
             return None         # the next finder: the .py, as always
-        self.loaded.append(fullname)
-        loader = importlib.machinery.ExtensionFileLoader(fullname, str(binary))
-        return importlib.util.spec_from_file_location(fullname, binary, loader=loader)
+        return importlib.util.spec_from_file_location(fullname, binary, loader=_Loader(self, source))
+
+
+class _Loader(importlib.machinery.ExtensionFileLoader):
+    """The compiled copy; the source, as the next finder would load it, if
+    the copy does not load (a damaged or foreign file): never a process
+    that cannot start because of it."""
+
+    def __init__(self, finder: _Finder, source):
+        super().__init__(source.name, str(finder.where / (source.name.replace(".", "/") + EXT_SUFFIX)))
+        self.finder = finder
+        self.source = source
+        self.failed = False
+
+    def create_module(self, spec):
+        try:
+            module = super().create_module(spec)
+        except ImportError:
+            self.failed = True
+            self.finder.stale.append(spec.name)
+            return None         # a plain module, which exec_module fills from the source
+        self.finder.loaded.append(spec.name)
+        return module
+
+    def exec_module(self, module):
+        if not self.failed:
+            return super().exec_module(module)
+        module.__file__ = self.source.origin
+        module.__cached__ = self.source.cached
+        self.source.loader.exec_module(module)
 
 
 _finder: _Finder | None = None
@@ -117,7 +144,8 @@ def loaded() -> list[str]:
 
 def stale() -> list[str]:
     """The modules imported so far as Python although compiled: their
-    source changed since `sipha compile` (or the copy is missing)."""
+    source changed since `sipha compile`, or the copy is missing or does
+    not load."""
     return list(_finder.stale) if _finder else []
 
 
@@ -133,4 +161,5 @@ def warn_stale(log) -> None:
 
         from .logfmt import event   # here, not above: logfmt is one of the modules this loads
         event(log, "compiled_stale", logging.WARNING, modules=",".join(stale()),
-              msg="edited since sipha compile: these run as Python, slower, until the next sipha compile")
+              msg="edited since sipha compile (or their copy does not load): these run as Python, "
+                  "slower, until the next sipha compile")

@@ -114,22 +114,28 @@ def test_the_byte_paths_agree_when_they_run_as_python():
     assert " passed" in r.stdout and "failed" not in r.stdout
 
 
-def test_a_stale_copy_is_named_at_start_and_the_module_runs_as_python(tmp_path):
-    """A module edited since `sipha compile`: the proxy's start says so
+@pytest.mark.parametrize("damage", ["source edited", "copy damaged"])
+def test_a_stale_or_damaged_copy_is_named_at_start_and_the_module_runs_as_python(tmp_path, damage):
+    """A module edited since `sipha compile`, or whose compiled copy does
+    not load: it runs as Python, the proxy's start says so
     (compiled_stale) and counts only the copies it loaded."""
     where = compiled.directory()
     if not compiled.read_manifest(where) and not os.environ.get("CI"):
         pytest.skip("sipha compile has not run in this checkout")
     copy = tmp_path / "compiled"
     shutil.copytree(where, copy)
-    manifest = json.loads((copy / compiled.MANIFEST).read_text())
-    manifest["modules"]["proxy.fastpath"] = "0" * 64          # as if its source had changed since
-    (copy / compiled.MANIFEST).write_text(json.dumps(manifest))
+    if damage == "source edited":
+        manifest = json.loads((copy / compiled.MANIFEST).read_text())
+        manifest["modules"]["proxy.fastpath"] = "0" * 64
+        (copy / compiled.MANIFEST).write_text(json.dumps(manifest))
+    else:
+        (copy / "proxy" / ("fastpath" + compiled.EXT_SUFFIX)).write_bytes(b"not a shared object")
     r = run("-c", "import logging, sys, proxy.server, proxy.fastpath; from sipcore import compiled; "
                   "from sipcore.logfmt import setup_logging; setup_logging('proxy', level='info', fmt='logfmt'); "
                   "compiled.warn_stale(logging.getLogger('sipha.proxy')); "
-                  "print(len(compiled.loaded()), compiled.is_compiled(proxy.fastpath), file=sys.stderr)",
+                  "print(len(compiled.loaded()), compiled.is_compiled(proxy.fastpath), file=sys.stderr); "
+                  "print(proxy.fastpath.strip_top_via is not None, file=sys.stderr)",
             env={"SIPHA_COMPILED": str(copy)})
     assert r.returncode == 0, r.stderr
-    assert f"{len(compiled.COMPILED) - 1} False" in r.stderr
+    assert f"{len(compiled.COMPILED) - 1} False\nTrue" in r.stderr
     assert "event=compiled_stale" in r.stderr and "modules=proxy.fastpath" in r.stderr
