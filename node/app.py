@@ -483,6 +483,7 @@ class Node:
         kinds = await self.store.kinds()
         counts = {space: (-1 if by is None else sum(by.values())) for space, by in kinds.items()}
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
+                "compiled": compiled.view(),
                 "sip": hostport(self.addr), "redis_ok": self.healthy, "nodes": self.node_ids,
                 "keys": counts,
                 "dialogs": {space: by and by["call"] for space, by in kinds.items()},

@@ -386,6 +386,7 @@ class Proxy:
             "dns": self.dns.view(),
             "nat_flows": len(self.natping) if self.natping is not None else None,
             "hep": self.hep.view() if self.hep is not None else None,
+            "compiled": compiled.view(),
         }
 
     def _counters(self) -> Counters:

@@ -55,10 +55,12 @@ def source_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_manifest(where: Path) -> dict[str, str]:
+def read_manifest(where: Path | None) -> dict[str, str]:
     """{module: SHA-256 of the source it was compiled from}, for this
     interpreter's extension suffix; {} when there is none or it does not
-    load."""
+    load, or `where` is None (off)."""
+    if where is None:
+        return {}
     try:
         data = json.loads((where / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -131,7 +133,7 @@ def install() -> None:
     if _finder is not None:
         return
     where = directory()
-    modules = read_manifest(where) if where is not None else {}
+    modules = read_manifest(where)
     _finder = _Finder(where or ROOT, modules)
     if modules:
         sys.meta_path.insert(0, _finder)
@@ -147,6 +149,12 @@ def stale() -> list[str]:
     source changed since `sipha compile`, or the copy is missing or does
     not load."""
     return list(_finder.stale) if _finder else []
+
+
+def view() -> dict:
+    """For /status: how many modules run compiled, and which run as Python
+    although compiled."""
+    return {"modules": len(loaded()), "as_python": stale()}
 
 
 def is_compiled(module) -> bool:

@@ -85,7 +85,7 @@ def build(where: Path, modules: tuple[str, ...] = compiled.COMPILED, jobs: int =
 
 def report(where: Path | None) -> tuple[list[str], list[str]]:
     """-> (fresh, not fresh) modules of COMPILED for `where`'s manifest."""
-    digests = compiled.read_manifest(where) if where is not None else {}
+    digests = compiled.read_manifest(where)
     fresh, not_fresh = [], []
     for m in compiled.COMPILED:
         binary = where / (m.replace(".", "/") + compiled.EXT_SUFFIX) if where is not None else None

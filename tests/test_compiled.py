@@ -42,11 +42,17 @@ def probe(root: Path, where: Path) -> list:
     return json.loads(r.stdout)
 
 
-def test_a_compiled_copy_runs_only_while_its_source_is_unchanged(tmp_path):
-    pkg = tmp_path / "hotpkg"
+def hot_package(root: Path) -> Path:
+    """hotpkg/hot.py under `root`, its answer() 42. -> that file."""
+    pkg = root / "hotpkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "hot.py").write_text("def answer():\n    return 42\n")
+    return pkg / "hot.py"
+
+
+def test_a_compiled_copy_runs_only_while_its_source_is_unchanged(tmp_path):
+    hot = hot_package(tmp_path)
     where = tmp_path / "out"
     digests = build(where, ("hotpkg.hot",), jobs=1, root=tmp_path)
     assert set(digests) == {"hotpkg.hot"}
@@ -54,7 +60,7 @@ def test_a_compiled_copy_runs_only_while_its_source_is_unchanged(tmp_path):
 
     assert probe(tmp_path, where) == [42, True, ["hotpkg.hot"], []]
 
-    (pkg / "hot.py").write_text("def answer():\n    return 43\n")      # edited, not compiled again
+    hot.write_text("def answer():\n    return 43\n")      # edited, not compiled again
     assert probe(tmp_path, where) == [43, False, [], ["hotpkg.hot"]]
 
     build(where, ("hotpkg.hot",), jobs=1, root=tmp_path)                 # compiled again: replaces the old copy
@@ -71,13 +77,10 @@ def test_a_manifest_of_another_interpreter_or_garbage_loads_nothing(tmp_path):
 
 
 def test_a_module_that_does_not_compile_is_a_clear_error_and_keeps_the_old_build(tmp_path):
-    pkg = tmp_path / "hotpkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "hot.py").write_text("def answer():\n    return 42\n")
+    hot = hot_package(tmp_path)
     where = tmp_path / "out"
     build(where, ("hotpkg.hot",), jobs=1, root=tmp_path)
-    (pkg / "hot.py").write_text("def answer(:\n    return 43\n")
+    hot.write_text("def answer(:\n    return 43\n")
     with pytest.raises(ClusterError, match=r"compiling failed(.|\n)*Expected"):
         build(where, ("hotpkg.hot",), jobs=1, root=tmp_path)
     assert compiled.read_manifest(where)       # the old build is still there, and its source no longer matches

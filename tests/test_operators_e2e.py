@@ -12,6 +12,7 @@ import pytest
 
 from clusterkit import run, uac
 from procs import has_ipv6_loopback
+from sipcore import compiled
 from sipcore.admin import fetch_json, json_handler, start_admin
 from sipcore.logfmt import parse_logfmt
 from sipha.sipp import free_port
@@ -83,6 +84,12 @@ def test_failover_and_ramp_are_logged_and_counted_everywhere(make_cluster):
     assert failovers > 0
     status = json.loads(get(c.state["proxy"]["admin"], "/status"))
     assert [n["up"] for n in status["nodes"]] == [True, True, True]
+    # what runs compiled: every module of COMPILED where this checkout was compiled (CI's is)
+    built = bool(compiled.read_manifest(compiled.directory()))
+    assert status["compiled"] == {"modules": len(compiled.COMPILED) if built else 0, "as_python": []}
+    node_status = json.loads(get(c.state["nodes"]["node1"]["admin"], "/status"))
+    shared = [m for m in compiled.COMPILED if m.startswith("sipcore.")]      # a node imports no proxy module
+    assert node_status["compiled"] == {"modules": len(shared) if built else 0, "as_python": []}
 
     node_prom = "".join(get(n["admin"], "/metrics") for n in c.state["nodes"].values())
     assert "sipha_node_dialogs_total{event=\"promoted\"}" in node_prom
