@@ -314,8 +314,10 @@ class Node:
         self.in_setup: dict[str, dict] = {}
         # ... and the early dialog of the callee's last provisional answer
         self.early: dict[str, dict] = {}
-        # when the event loop last ran its timers (Node.stalled)
+        # when the event loop last ran its timers (Node.stalled), and how
+        # many times it stood still (overtaken)
         self.loop_seen = time.monotonic()
+        self.stalls = 0
         self._ticker: asyncio.TimerHandle | None = None
         self.closed = False
         self.inflight = 0        # messages being handled (waiting for their lock or Redis)
@@ -670,12 +672,34 @@ class Node:
         self.early.clear()
         self.transport.mark_backlog()
         self.loop_seen = now
+        self.stalls += 1
+
+    def came_in(self, req: SipRequest) -> int:
+        """The stall count when `req` came in (on_message asks on arrival;
+        else the first to ask)."""
+        return req._cached(":node-stalls", lambda: self.stalls)
+
+    def overtaken(self, req: SipRequest) -> bool:
+        """This node stood still while handling `req`: as with what waited
+        in its queue (stalled), the partner had its copies meanwhile and
+        went on with the call, so it goes no further here; its sender, if
+        it still waits, sends it again. Seen under test: an INVITE in hand
+        when the node hung was answered 100 Trying, and its callee called a
+        second time, after the partner had connected the call."""
+        if self.came_in(req) == self.stalls:
+            return False
+        self.stats.inc("stale_requests")
+        event(log, "request_dropped", logging.DEBUG, method=req.method, call_id=req.call_id,
+              reason="stood still while handling it")
+        return True
 
     def on_message(self, msg: SipMessage, src, transport: str) -> None:
         now = time.monotonic()
         if now - self.loop_seen > STALL and self._ticker is not None:
             self.stalled(now)
             msg.stale = True        # read from the backlog, before the stamps say so
+        if msg.is_request:
+            self.came_in(msg)
         try:
             msg.check()
         except SipParseError as exc:
@@ -986,7 +1010,10 @@ class Node:
         return seconds
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
+        self.came_in(req)
         targets, registered, earlier = await self.find_targets(req, bekey)
+        if self.overtaken(req):
+            return
         if (resume and earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
                 and earlier["a"]["rt"] == req.from_.tag):
             await self.resume_call(req, bekey)
@@ -1034,6 +1061,8 @@ class Node:
             record["inv"] = setup_copy(req)
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
+            if self.overtaken(req):
+                return
             self.stats.inc("dialogs", "created")
             event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
                   target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
@@ -1497,7 +1526,8 @@ class Node:
             nonlocal sent
             if not sent:
                 sent = True
-                self.reply(req, 100, "Trying")
+                if self.came_in(req) == self.stalls:       # else overtaken: no word of it
+                    self.reply(req, 100, "Trying")
         timer = asyncio.get_running_loop().call_later(TRYING_AFTER, send)
 
         def now() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -107,6 +108,28 @@ def test_the_caller_hears_trying_only_once_its_call_has_gone_on_to_the_callee(tm
         return [getattr(m, "method", None) or m.status for m in sent[n]]
 
     assert with_nodes(tmp_path, 1, scenario) == ["INVITE", 100]
+
+
+def test_an_invite_in_hand_when_the_node_stood_still_goes_no_further(tmp_path):
+    """Seen in CI (a node hung under load, SIGSTOP): the node was waiting
+    for Redis on a caller's INVITE when it stopped; the partner took the
+    call from its retransmission and connected it; on waking, the node
+    went on: a 100 Trying after the 200 (SIPp aborts the call) and the
+    callee called a second time. The INVITE in hand now goes no further,
+    as the ones that waited in the queue."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        req = parse_message(caller_invite(bekey).replace(b";partner=node2", b";partner="))
+        n.came_in(req)
+        task = asyncio.get_running_loop().create_task(n.new_call(req, bekey))
+        await asyncio.sleep(0)          # in hand: waiting for Redis
+        n.stalled(time.monotonic())
+        await task
+        await asyncio.sleep(0.3)        # past the 100 Trying's timer
+        return [getattr(m, "method", None) or m.status for m in sent[n]], n.stats.get("stale_requests")
+
+    assert with_nodes(tmp_path, 1, scenario) == ([], 1)
 
 
 def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
