@@ -679,6 +679,10 @@ class Node:
         else the first to ask)."""
         return req._cached(":node-stalls", lambda: self.stalls)
 
+    def stood_still_since(self, req: SipRequest) -> bool:
+        """Whether this node stalled since `req` came in."""
+        return self.came_in(req) != self.stalls
+
     def overtaken(self, req: SipRequest) -> bool:
         """This node stood still while handling `req`: as with what waited
         in its queue (stalled), the partner had its copies meanwhile and
@@ -686,7 +690,7 @@ class Node:
         it still waits, sends it again. Seen under test: an INVITE in hand
         when the node hung was answered 100 Trying, and its callee called a
         second time, after the partner had connected the call."""
-        if self.came_in(req) == self.stalls:
+        if not self.stood_still_since(req):
             return False
         self.stats.inc("stale_requests")
         event(log, "request_dropped", logging.DEBUG, method=req.method, call_id=req.call_id,
@@ -1526,7 +1530,7 @@ class Node:
             nonlocal sent
             if not sent:
                 sent = True
-                if self.came_in(req) == self.stalls:       # else overtaken: no word of it
+                if not self.stood_still_since(req):       # else overtaken: no word of it
                     self.reply(req, 100, "Trying")
         timer = asyncio.get_running_loop().call_later(TRYING_AFTER, send)
 

@@ -70,6 +70,21 @@ def read_manifest(where: Path | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data["modules"].items()}
 
 
+def binary_of(where: Path, module: str) -> Path:
+    """Where `sipha compile` puts `module`'s compiled copy under `where`."""
+    return where / (module.replace(".", "/") + EXT_SUFFIX)
+
+
+def is_fresh(where: Path, module: str, digest: str | None, source: str | Path | None) -> bool:
+    """Whether `module`'s copy under `where` was compiled from `source` as
+    it is now (`digest`: what the manifest says it was compiled from)."""
+    try:
+        return (digest is not None and source is not None and str(source).endswith(".py")
+                and source_digest(source) == digest and binary_of(where, module).is_file())
+    except OSError:
+        return False
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def __init__(self, where: Path, modules: dict[str, str]):
         self.where = where
@@ -82,16 +97,11 @@ class _Finder(importlib.abc.MetaPathFinder):
         if digest is None:
             return None
         source = importlib.machinery.PathFinder.find_spec(fullname, path)
-        binary = self.where / (fullname.replace(".", "/") + EXT_SUFFIX)
-        try:
-            fresh = (source is not None and source.origin is not None and source.origin.endswith(".py")
-                     and source_digest(source.origin) == digest and binary.is_file())
-        except OSError:
-            fresh = False
-        if not fresh:
+        if source is None or not is_fresh(self.where, fullname, digest, source.origin):
             self.stale.append(fullname)
             return None         # the next finder: the .py, as always
-        return importlib.util.spec_from_file_location(fullname, binary, loader=_Loader(self, source))
+        binary = binary_of(self.where, fullname)
+        return importlib.util.spec_from_file_location(fullname, binary, loader=_Loader(self, source, binary))
 
 
 class _Loader(importlib.machinery.ExtensionFileLoader):
@@ -99,8 +109,8 @@ class _Loader(importlib.machinery.ExtensionFileLoader):
     the copy does not load (a damaged or foreign file): never a process
     that cannot start because of it."""
 
-    def __init__(self, finder: _Finder, source):
-        super().__init__(source.name, str(finder.where / (source.name.replace(".", "/") + EXT_SUFFIX)))
+    def __init__(self, finder: _Finder, source, binary: Path):
+        super().__init__(source.name, str(binary))
         self.finder = finder
         self.source = source
         self.failed = False

@@ -88,9 +88,7 @@ def report(where: Path | None) -> tuple[list[str], list[str]]:
     digests = compiled.read_manifest(where)
     fresh, not_fresh = [], []
     for m in compiled.COMPILED:
-        binary = where / (m.replace(".", "/") + compiled.EXT_SUFFIX) if where is not None else None
-        ok = (m in digests and binary is not None and binary.is_file()
-              and compiled.source_digest(source_of(m)) == digests[m])
+        ok = where is not None and compiled.is_fresh(where, m, digests.get(m), source_of(m))
         (fresh if ok else not_fresh).append(m)
     return fresh, not_fresh
 
