@@ -689,7 +689,10 @@ class Node:
         went on with the call, so it goes no further here; its sender, if
         it still waits, sends it again. Seen under test: an INVITE in hand
         when the node hung was answered 100 Trying, and its callee called a
-        second time, after the partner had connected the call."""
+        second time, after the partner had connected the call. Asked after
+        the reads a request starts with: a new call's (twice), a request
+        within a call's, a CANCEL's. An ACK goes on (nobody sends it
+        again)."""
         if not self.stood_still_since(req):
             return False
         self.stats.inc("stale_requests")
@@ -917,6 +920,8 @@ class Node:
             return
         partner = self.partner_for(bekey, req)
         record = await self.load_call(bekey, partner)
+        if method != "ACK" and self.overtaken(req):
+            return
         if record is None:
             if method != "ACK":
                 self.stats.inc("no_dialog")
@@ -1921,6 +1926,8 @@ class Node:
 
     async def cancel(self, req: SipRequest, bekey: str) -> None:
         record = await self.load_call(bekey, self.partner_for(bekey, req))
+        if self.overtaken(req):
+            return
         if record is None or record["a"]["cid"] != req.call_id:
             self.reply(req, 481, "Call/Transaction Does Not Exist")
             return

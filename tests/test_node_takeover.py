@@ -132,6 +132,36 @@ def test_an_invite_in_hand_when_the_node_stood_still_goes_no_further(tmp_path):
     assert with_nodes(tmp_path, 1, scenario) == ([], 1)
 
 
+@pytest.mark.parametrize("method", ["BYE", "INFO", "CANCEL"])
+def test_a_request_in_a_call_in_hand_when_the_node_stood_still_goes_no_further(tmp_path, method):
+    """As the INVITE above: a BYE or re-INVITE the node was reading the
+    call for when it stood still is the partner's by the time it wakes
+    (the caller sent it again there). Going on, the node would hang up or
+    re-offer a call the partner has moved on (a second BYE to the callee,
+    a 200 after the partner's). Nothing goes out, the record stays."""
+    async def scenario(nodes, sent):
+        owner, _ = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        before = len(sent[owner])
+        if method == "CANCEL":       # the caller's CANCEL of its INVITE, still ringing
+            await owner.store.delete(bekey, await owner.load_call(bekey, None))
+            bekey = bekey_of(CALL_ID)
+            await owner.new_call(parse_message(caller_invite(bekey).replace(b"z9hG4bK", b"z9hG4bKx")), bekey)
+            before = len(sent[owner])
+            req = in_dialog("CANCEL", 1, CALL_ID, ok.from_.tag, "", "z9hG4bKcancel1")
+            req.set("To", "<sip:other@example.com>")
+        else:
+            req = in_dialog(method, 2, CALL_ID, ok.from_.tag, ok.to.tag, f"z9hG4bK{method}2")
+        owner.on_message(req, ("127.0.0.1", 5999), "udp")
+        await asyncio.sleep(0)          # in hand: reading the call from Redis
+        owner.stalled(time.monotonic())
+        await settled(owner)
+        record, _ = await owner.store.load(bekey, [])
+        return sent[owner][before:], owner.stats.get("stale_requests"), record is not None
+
+    assert with_nodes(tmp_path, 2, scenario) == ([], 1, True)
+
+
 def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
     """The owner relayed the caller's INFO and died before the answer came
     back. The caller's retransmission reaches the partner, which said 500
