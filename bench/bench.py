@@ -237,11 +237,13 @@ def redis_bytes_per_dialog(cluster: Cluster) -> dict:
 
 
 async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = True,
-                  reg_rates=()) -> tuple[list[dict], dict]:
+                  reg_rates=(), settle: float = 5.0) -> tuple[list[dict], dict]:
     """The HA path's steps with `nodes` nodes; with `extras`, then the
     registrar's steps (register_many.xml at `reg_rates`: a REGISTER and
     its un-REGISTER per SIPp call, one AOR each), held calls (memory),
-    Redis per dialog and failover on the same cluster."""
+    Redis per dialog and failover on the same cluster. The held calls
+    are sampled `settle` seconds after the last is placed, and last
+    twice that longer."""
     cluster = Cluster(os.path.join(workdir, f"cluster-{nodes}"))
     cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=RAMP_SECONDS, log_level="info")
     extra: dict = {}
@@ -262,12 +264,12 @@ async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = 
                                                       scenario="register_many")
         # memory: N concurrent held calls
         rate = max(50.0, min(400.0, (headline(steps) or 100) * 0.8))
-        hold_s = held / rate + 15
+        hold_s = held / rate + 3 * settle
         sipp = Sipp("uac", target=cluster.proxy_addr, calls=held, rate=rate, hold_ms=int(hold_s * 1000),
                     workdir=workdir, extra=BUFFERS)
         await sipp.start()
         rss_before = {nid: rss_kib(cluster.procs()[nid]["pid"]) for nid in cluster.state["nodes"]}  # after the steps
-        await asyncio.sleep(held / rate + 5)
+        await asyncio.sleep(held / rate + settle)
         st = sipp.progress()
         rss = {nid: rss_kib(cluster.procs()[nid]["pid"]) for nid in cluster.state["nodes"]}
         extra["held_calls"] = {"target": held, "running_at_sample": int(st.get("CurrentCall", 0) or 0),
@@ -376,7 +378,7 @@ async def main_async(args) -> dict:
             print(f"full HA path (SIPp -> proxy -> {nodes} nodes + Redis -> proxy -> SIPp UAS), "
                   f"{args.seconds:g} s per step")
             ha_steps, extra = await ha_path(args.ha_rates, args.seconds, args.held, workdir, nodes, extras=i == 0,
-                                            reg_rates=args.register_rates)
+                                            reg_rates=args.register_rates, settle=2.0 if args.quick else 5.0)
             results["paths"]["ha" if i == 0 else f"ha_{nodes}_nodes"] = ha_steps
             if "register_steps" in extra:
                 results["paths"]["register"] = extra.pop("register_steps")
