@@ -691,8 +691,8 @@ class Node:
         when the node hung was answered 100 Trying, and its callee called a
         second time, after the partner had connected the call. Asked after
         the reads a request starts with: a new call's (twice), a request
-        within a call's, a CANCEL's. An ACK goes on (nobody sends it
-        again)."""
+        within a call's, a CANCEL's, a REGISTER's. An ACK goes on (nobody
+        sends it again)."""
         if not self.stood_still_since(req):
             return False
         self.stats.inc("stale_requests")

@@ -81,6 +81,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     # marked on the binding so a restarted proxy can learn it again (nat_flows)
     natted = bool(req.paths and phone is not None and phone.transport == "UDP" and phone.behind_nat)
     record, how = await node.store.load(bekey, node.others(bekey))
+    if node.overtaken(req):
+        return          # the partner had its copy: saved now, what it read would undo the partner's
     if record is not None and record.get("k") != "reg":
         record = None
     now = time.time()

@@ -132,13 +132,15 @@ def test_an_invite_in_hand_when_the_node_stood_still_goes_no_further(tmp_path):
     assert with_nodes(tmp_path, 1, scenario) == ([], 1)
 
 
-@pytest.mark.parametrize("method", ["BYE", "INFO", "CANCEL"])
+@pytest.mark.parametrize("method", ["BYE", "INFO", "CANCEL", "REGISTER"])
 def test_a_request_in_a_call_in_hand_when_the_node_stood_still_goes_no_further(tmp_path, method):
     """As the INVITE above: a BYE or re-INVITE the node was reading the
     call for when it stood still is the partner's by the time it wakes
     (the caller sent it again there). Going on, the node would hang up or
     re-offer a call the partner has moved on (a second BYE to the callee,
-    a 200 after the partner's). Nothing goes out, the record stays."""
+    a 200 after the partner's), or save over the bindings the partner
+    saved since. Nothing goes out, the call's record stays, no binding is
+    saved."""
     async def scenario(nodes, sent):
         owner, _ = nodes
         bekey, ok, b_invite = await answered_call(owner, sent)
@@ -150,6 +152,8 @@ def test_a_request_in_a_call_in_hand_when_the_node_stood_still_goes_no_further(t
             before = len(sent[owner])
             req = in_dialog("CANCEL", 1, CALL_ID, ok.from_.tag, "", "z9hG4bKcancel1")
             req.set("To", "<sip:other@example.com>")
+        elif method == "REGISTER":
+            req = register("alice", ["<sip:alice@192.0.2.9:5060>"])
         else:
             req = in_dialog(method, 2, CALL_ID, ok.from_.tag, ok.to.tag, f"z9hG4bK{method}2")
         owner.on_message(req, ("127.0.0.1", 5999), "udp")
@@ -157,7 +161,8 @@ def test_a_request_in_a_call_in_hand_when_the_node_stood_still_goes_no_further(t
         owner.stalled(time.monotonic())
         await settled(owner)
         record, _ = await owner.store.load(bekey, [])
-        return sent[owner][before:], owner.stats.get("stale_requests"), record is not None
+        binding, _ = await owner.store.load(bekey_of("sip:alice@example.com"), [])
+        return sent[owner][before:], owner.stats.get("stale_requests"), record is not None and binding is None
 
     assert with_nodes(tmp_path, 2, scenario) == ([], 1, True)
 
