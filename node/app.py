@@ -68,7 +68,7 @@ from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
 from .registrar import nat_flows, register
-from .sip import AckGate, Transactions, new_branch, parse_request, random_hex
+from .sip import AckGate, Transactions, new_branch, new_request, parse_request, random_hex
 from .resp import RedisError
 from .store import DialogStore, StoreUnavailable
 
@@ -1551,8 +1551,7 @@ class Node:
     @staticmethod
     def answerable(method: str, uri: str, headers: list) -> SipRequest:
         """A request as far as answering it needs, from saved headers."""
-        lines = "".join(f"{n}: {v}\r\n" for n, v in headers)
-        return parse_request(f"{method} {uri} SIP/2.0\r\n{lines}Content-Length: 0\r\n\r\n")
+        return new_request(method, uri, headers)
 
     def dialog_headers(self, record: dict) -> list[tuple[str, str]]:
         """What an answer that makes the caller's dialog carries: its
@@ -1858,30 +1857,28 @@ class Node:
         contact = self.contact if via == self.addr else f"<sip:{hostport(via)}>"
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
-        lines = [f"{method} {ruri or L['tgt']} SIP/2.0",
-                 f"Via: SIP/2.0/UDP {hostport(via)};branch={branch or new_branch()};rport",
-                 f"Max-Forwards: {hops}",
-                 f"From: {L['lu']};tag={L['lt']}",
-                 f"To: {to}",
-                 f"Call-ID: {L['cid']}",
-                 f"CSeq: {cseq} {method}"]
-        lines += [f"Route: {r}" for r in routes]
+        fields = [("Via", f"SIP/2.0/UDP {hostport(via)};branch={branch or new_branch()};rport"),
+                  ("Max-Forwards", str(hops)),
+                  ("From", f"{L['lu']};tag={L['lt']}"),
+                  ("To", to),
+                  ("Call-ID", L["cid"]),
+                  ("CSeq", f"{cseq} {method}")]
+        fields += [("Route", r) for r in routes]
         if method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER", "NOTIFY"):
-            lines.append(f"Contact: {contact}")
+            fields.append(("Contact", contact))
         # one Supported (ours and any `extra` names) and one Require: SIPp,
         # and some phones, read only a first one
         required = [v for n, v in extra if n.lower() == "require"]
         if method == "INVITE":
             supported = [SUPPORTED_IN_DIALOG] + [v for n, v in extra if n.lower() == "supported"]
             extra = [(n, v) for n, v in extra if n.lower() != "supported"]
-            lines += [f"Allow: {ALLOW_IN_DIALOG}", f"Supported: {', '.join(supported)}"]
+            fields += [("Allow", ALLOW_IN_DIALOG), ("Supported", ", ".join(supported))]
         if required:
-            lines.append(f"Require: {', '.join(required)}")
-        lines += [f"{n}: {v}" for n, v in extra if n.lower() != "require"]
+            fields.append(("Require", ", ".join(required)))
+        fields += [(n, v) for n, v in extra if n.lower() != "require"]
         if body and content_type:
-            lines.append(f"Content-Type: {content_type}")
-        lines.append(f"Content-Length: {len(body)}")
-        return parse_request("\r\n".join(lines) + "\r\n\r\n", body)
+            fields.append(("Content-Type", content_type))
+        return new_request(method, ruri or L["tgt"], fields, body)
 
     def ack_fork_failure(self, record: dict, resp: SipResponse) -> None:
         """ACK a fork's failure: the ACK belongs to the INVITE transaction,
