@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import time
@@ -70,7 +69,7 @@ from .auth import Authenticator, authenticate, load_users
 from .registrar import nat_flows, register
 from .sip import AckGate, Transactions, new_branch, new_request, parse_request, random_hex
 from .resp import RedisError
-from .store import DialogStore, StoreUnavailable
+from .store import DialogStore, StoreUnavailable, decode
 
 log = logging.getLogger("node")
 
@@ -1477,7 +1476,7 @@ class Node:
                 continue
             for bekey, raw in found:
                 if raw.startswith(b'{"k":"call"') and bekey not in self.in_setup:
-                    record = json.loads(raw)
+                    record = decode(raw)
                     if record.get("ttl"):              # a subscription: it expires by itself
                         continue
                     if space == "replica" and record["st"] == "early":

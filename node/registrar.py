@@ -19,7 +19,6 @@ registrar does.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -28,6 +27,8 @@ from sipcore.bekey import ROUTE_HEADER
 from sipcore.headers import is_digits
 from sipcore.logfmt import event
 from sipcore.message import SipRequest
+
+from .store import decode
 
 if TYPE_CHECKING:
     from .app import Node
@@ -168,7 +169,7 @@ async def nat_flows(node: "Node") -> dict:
     for space in ("active", "replica"):
         for _, raw in await node.records(space, lambda raw: b'"nat":1' in raw):
             try:
-                record = json.loads(raw)
+                record = decode(raw)
                 for b in record["b"]:
                     left = int(b["x"] - now)
                     if b.get("nat") and b["path"] and left > 0:
