@@ -100,7 +100,8 @@ def forget_memos() -> None:
     """Empty what the modules remember across proxies (a Call-ID's BEKey,
     a From's tag, a BEKey's ranking...): a replayed call must cost what a
     new one does, not what the same call seen in the last replay does."""
-    for memo in (bekey._BEKEYS, bekey._STAMPS, bekey._RANKS, fastpath._URIS, fastpath._TAGS, headers._HOSTPORTS):
+    for memo in (bekey._BEKEYS, bekey._STAMPS, bekey._RANKS, fastpath._URIS, fastpath._TAGS, headers._HOSTPORTS,
+                 headers._NAME_ADDRS):
         memo.clear()
 
 

@@ -419,7 +419,22 @@ class NameAddr:
         return self.raw
 
 
+# name-addr values parsed: a call's messages repeat their From, To,
+# Contact and Record-Route, and a phone's calls theirs. What it returns is
+# shared, so read only (nothing changes a NameAddr: a new value is a new
+# parse).
+_NAME_ADDRS: dict[str, NameAddr] = {}
+
+
 def parse_name_addr(value: str) -> NameAddr:
+    known = _NAME_ADDRS.get(value)
+    if known is None:
+        known = _parse_name_addr(value)
+        remember(_NAME_ADDRS, value, known)
+    return known
+
+
+def _parse_name_addr(value: str) -> NameAddr:
     text = value.strip()
     if text == "*":
         return NameAddr(display=None, uri="*", params={}, raw=text, wildcard=True)

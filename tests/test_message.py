@@ -314,3 +314,22 @@ def test_via_transport_must_be_an_ascii_token():
     raw = request().replace(b"SIP/2.0/UDP 192.0.2.1", b"SIP/2.0/UDP\xff 192.0.2.1")
     with pytest.raises(SipParseError, match="bad Via"):
         parse_message(raw).check()
+
+
+def test_a_name_addr_is_parsed_once_for_the_messages_that_repeat_it():
+    """A call's messages repeat their From, To, Contact and Record-Route:
+    a value is parsed once and its NameAddr shared (read only); a bad one
+    is refused every time; the memo stays bounded."""
+    from sipcore import headers
+    value = '"Alice" <sip:alice@example.com>;tag=memo-1'
+    first = headers.parse_name_addr(value)
+    assert headers.parse_name_addr(value) is first and (first.display, first.tag) == ("Alice", "memo-1")
+    a = parse_message(INVITE.replace(b"tag=1928301774", b"tag=memo-2"))
+    b = parse_message(INVITE.replace(b"tag=1928301774", b"tag=memo-2"))
+    assert a.from_ is b.from_ and a.from_.tag == "memo-2"
+    for _ in range(2):
+        with pytest.raises(SipParseError):
+            headers.parse_name_addr("<sip:alice@example.com")
+    for i in range(5000):
+        headers.parse_name_addr(f"<sip:u{i}@example.com>")
+    assert len(headers._NAME_ADDRS) <= 4096
