@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 # The modules every SIP message through the proxy goes through; the nodes
-# share those of sipcore. The nodes' own modules are not compiled: their
-# time is in asyncio, JSON and Redis; compiled, a chain of coroutines ran
-# 3 % fewer instructions (callgrind), and a node's CPU a call in the
-# benchmark moved within its noise. sipcore.compiled itself must import
+# share those of sipcore. The nodes' own modules are not compiled: they
+# ran 10-15 % less CPU a call in bench/node_loop.py, but double the
+# compile every install and CI run pays, and under SIPp a node's CPU a
+# call moved within the box's noise. sipcore.compiled itself must import
 # first.
 COMPILED = (
     "sipcore.headers", "sipcore.message", "sipcore.bekey", "sipcore.logfmt", "sipcore.stats",
