@@ -45,6 +45,15 @@ def test_parser_benchmark_runs():
     assert r.returncode == 0 and "msg/s" in r.stdout
 
 
+def test_the_node_loop_runs_its_calls_to_the_end():
+    """bench/node_loop.py: every call set up, answered and hung up on a
+    real node and its Redis (it exits non-zero otherwise), and a figure."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "node_loop.py"), "--calls", "100", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "us of CPU a call" in r.stdout
+
+
 def test_the_chaos_run_names_a_bad_option():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--scenario", "nope"],
                        capture_output=True, text=True, timeout=60)
