@@ -21,8 +21,6 @@ import asyncio
 import cProfile
 import pstats
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from sipcore.bekey import ROUTE_HEADER, bekey_of  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
 from sipcore.message import parse_message  # noqa: E402
+from sipha.cluster import ClusterError, redis_command, wait_redis  # noqa: E402
 from sipha.sipp import free_port  # noqa: E402
 
 PROXY = "127.0.0.1:5999"
@@ -79,19 +78,13 @@ def callee(request: bytes, status: int, reason: str) -> bytes:
 
 
 def start_redis(port: int, workdir: str) -> subprocess.Popen:
-    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("redis-server did not start")
-            time.sleep(0.05)
+    proc = subprocess.Popen(redis_command(port, workdir), stdout=subprocess.DEVNULL)
+    try:
+        wait_redis(port)
+    except ClusterError as exc:
+        proc.kill()
+        raise SystemExit(str(exc))
+    return proc
 
 
 class Run:
@@ -206,8 +199,11 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     ap.add_argument("--profile", action="store_true", help="cProfile the calls (slower; for where, not how much)")
+    args = ap.parse_args()
+    if args.calls < 1 or args.wave < 1 or args.repeat < 1:
+        ap.error("--calls, --wave and --repeat must be at least 1")
     try:
         import uvloop                       # as the node runs (sipha/cli.py)
     except ImportError:
         uvloop = None
-    (uvloop.run if uvloop is not None else asyncio.run)(main(ap.parse_args()))
+    (uvloop.run if uvloop is not None else asyncio.run)(main(args))

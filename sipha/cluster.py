@@ -35,6 +35,28 @@ class ClusterError(Exception):
     pass
 
 
+def redis_command(port: int, datadir) -> list[str]:
+    """A redis-server on loopback `port` that keeps nothing on disk (the
+    cluster's, the tests' and the benchmarks')."""
+    return [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(datadir), "--protected-mode", "yes"]
+
+
+def wait_redis(port: int, timeout: float = 10.0) -> None:
+    """Until the redis-server on loopback `port` answers PING (or says
+    it wants a password first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise ClusterError(f"redis on port {port} did not answer PING")
+
+
 def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:
     """GET an admin endpoint on loopback (blocking: the cluster commands are
     plain scripts, and callers inside an event loop use a thread)."""
@@ -176,18 +198,6 @@ class Cluster:
         tail = Path(p["log"]).read_text(errors="replace")[-1500:] if Path(p["log"]).exists() else ""
         raise ClusterError(f"{name} did not start (see {p['log']}):\n{tail}")
 
-    def _wait_redis(self, port: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), 0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise ClusterError(f"redis on port {port} did not answer PING")
-
     def up(self, *, nodes: int = 4, port: int = 5060, trunk: str | None = None,
            trunk_scenario: str = "uas", ramp: float = 30.0, log_level: str = "info", ipv6: bool = False,
            ipv6_nodes: bool = False, ipv6_only: bool = False, tls: bool = False) -> None:
@@ -308,10 +318,8 @@ class Cluster:
         port = self.state["nodes"][nid]["redis"]
         data = self.dir / f"redis-{nid}"
         data.mkdir(exist_ok=True)
-        cmd = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"]
-        self._spawn(f"redis-{nid}", cmd, self.dir / "logs" / f"redis-{nid}.log")
-        self._wait_redis(port)
+        self._spawn(f"redis-{nid}", redis_command(port, data), self.dir / "logs" / f"redis-{nid}.log")
+        wait_redis(port)
 
     def sipha_cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "sipha.cli", *args, "--config", str(self.dir / "cluster.toml")]

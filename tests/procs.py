@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from sipha.cluster import ClusterError, redis_command, wait_redis
 from sipha.sipp import free_port
 
 
@@ -97,19 +98,13 @@ class Procs:
                 p.kill()
 
 
-def redis_cmd(port: int, datadir: Path) -> list[str]:
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(datadir), "--protected-mode", "yes"]
-
-
 def start_redis(port: int, datadir: Path, *extra: str) -> subprocess.Popen:
-    """A redis-server on loopback `port`, once it accepts connections."""
-    proc = subprocess.Popen(redis_cmd(port, datadir) + list(extra), stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return proc
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+    """A redis-server on loopback `port`, once it answers."""
+    proc = subprocess.Popen(redis_command(port, datadir) + list(extra), stdout=subprocess.DEVNULL)
+    try:
+        wait_redis(port)
+    except ClusterError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
