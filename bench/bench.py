@@ -242,8 +242,8 @@ async def ha_path(rates, seconds, held, workdir, nodes: int = 4, extras: bool = 
     registrar's steps (register_many.xml at `reg_rates`: a REGISTER and
     its un-REGISTER per SIPp call, one AOR each), held calls (memory),
     Redis per dialog and failover on the same cluster. The held calls
-    are sampled `settle` seconds after the last is placed, and last
-    twice that longer."""
+    are sampled `settle` seconds after the last is placed, and end
+    2 x `settle` seconds after the sample."""
     cluster = Cluster(os.path.join(workdir, f"cluster-{nodes}"))
     cluster.up(nodes=nodes, port=free_port(), trunk="sipp", ramp=RAMP_SECONDS, log_level="info")
     extra: dict = {}

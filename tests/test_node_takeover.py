@@ -133,7 +133,7 @@ def test_an_invite_in_hand_when_the_node_stood_still_goes_no_further(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["BYE", "INFO", "CANCEL", "REGISTER"])
-def test_a_request_in_a_call_in_hand_when_the_node_stood_still_goes_no_further(tmp_path, method):
+def test_a_bye_cancel_or_register_in_hand_when_the_node_stood_still_goes_no_further(tmp_path, method):
     """As the INVITE above: a BYE or re-INVITE the node was reading the
     call for when it stood still is the partner's by the time it wakes
     (the caller sent it again there). Going on, the node would hang up or
