@@ -35,7 +35,7 @@ from sipcore.bekey import ROUTE_HEADER, bekey_of  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
 from sipcore.message import parse_message  # noqa: E402
-from sipha.cluster import ClusterError, redis_command, wait_redis  # noqa: E402
+from sipha.cluster import ClusterError, spawn_redis  # noqa: E402
 from sipha.sipp import free_port  # noqa: E402
 
 PROXY = "127.0.0.1:5999"
@@ -75,16 +75,6 @@ def callee(request: bytes, status: int, reason: str) -> bytes:
             value += b";tag=uas-1"
         lines.append(name + b": " + value)
     return b"\r\n".join(lines + [b"Contact: <sip:127.0.0.1:45001;transport=UDP>", b"Content-Length: 0", b"", b""])
-
-
-def start_redis(port: int, workdir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(redis_command(port, workdir), stdout=subprocess.DEVNULL)
-    try:
-        wait_redis(port)
-    except ClusterError as exc:
-        proc.kill()
-        raise SystemExit(str(exc))
-    return proc
 
 
 class Run:
@@ -171,8 +161,10 @@ async def main(args) -> None:
     with tempfile.TemporaryDirectory() as work:
         setup_logging("node", level=args.log_level, path=str(Path(work) / "node.log"))
         ports = [free_port(), free_port()]
-        redis = [start_redis(p, work) for p in ports]
+        redis = []
         try:
+            for p in ports:
+                redis.append(spawn_redis(p, work))
             profile = cProfile.Profile() if args.profile else None
             figures = []
             for r in range(args.repeat):
@@ -181,6 +173,8 @@ async def main(args) -> None:
                                        text=True).stdout.strip() for p in ports]
                 if left != ["0", "0"]:      # every call ended: its record and replica are gone
                     raise SystemExit(f"keys left in the node's and the partner's Redis: {left}")
+        except ClusterError as exc:
+            raise SystemExit(str(exc))
         finally:
             for p in redis:
                 p.kill()

@@ -53,8 +53,22 @@ def wait_redis(port: int, timeout: float = 10.0) -> None:
                 if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)        # refused, or not ready yet (-LOADING): not at once again
     raise ClusterError(f"redis on port {port} did not answer PING")
+
+
+def spawn_redis(port: int, datadir, *extra: str) -> subprocess.Popen:
+    """A throwaway redis-server (redis_command, and `extra` options) once
+    it answers; stopped again if it does not (ClusterError)."""
+    proc = subprocess.Popen(redis_command(port, datadir) + list(extra), stdout=subprocess.DEVNULL)
+    try:
+        wait_redis(port)
+    except ClusterError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sipha.cluster import ClusterError, redis_command, wait_redis
+from sipha.cluster import spawn_redis as start_redis  # noqa: F401 (the tests' name for it)
 from sipha.sipp import free_port
 
 
@@ -96,15 +96,3 @@ class Procs:
                 p.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def start_redis(port: int, datadir: Path, *extra: str) -> subprocess.Popen:
-    """A redis-server on loopback `port`, once it answers."""
-    proc = subprocess.Popen(redis_command(port, datadir) + list(extra), stdout=subprocess.DEVNULL)
-    try:
-        wait_redis(port)
-    except ClusterError:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
