@@ -6,7 +6,7 @@ of concurrent calls under uvloop, its Redis and its partner's Redis real
 redis-servers, its sends caught. A measurement, not a test: the figure
 to watch while changing the node, as bench/proxy_loop.py is the proxy's.
 
-    .venv/bin/python bench/node_loop.py [--calls 2000] [--wave 50] [--repeat 3] [--profile]
+    .venv/bin/python bench/node_loop.py [--calls 2000] [--wave 50] [--repeat 3] [--profile] [--gc python]
 
 The figure is the node process's CPU a call (the Redis servers' is not
 in it), less what this script spends writing the callee's answers. As
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node.app import Node  # noqa: E402
+from sipcore import heap  # noqa: E402
 from sipcore.bekey import ROUTE_HEADER, bekey_of  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
@@ -132,13 +133,15 @@ class Run:
         self.sent.clear()
 
 
-async def measure(redis_ports: list[int], calls: int, wave: int, warm: int, profile) -> float:
+async def measure(redis_ports: list[int], calls: int, wave: int, warm: int, profile, settle_heap: bool) -> float:
     cfg = load_config(None, overrides={"node.admin": "off", "node.upstream": "sip:service@127.0.0.1:45001",
                                        "proxy.internal": PROXY},
                       nodes=[f"node{i + 1}=127.0.0.1:{7001 + i},redis://127.0.0.1:{port}/0"
                              for i, port in enumerate(redis_ports)])
     node = Node(cfg, "node1")
     run = Run(node)
+    if settle_heap:
+        heap.settle()                       # as sipha node does once started
     try:
         for first in range(0, warm, wave):
             await run.wave(first, min(wave, warm - first))
@@ -168,7 +171,7 @@ async def main(args) -> None:
             profile = cProfile.Profile() if args.profile else None
             figures = []
             for r in range(args.repeat):
-                figures.append(await measure(ports, args.calls, args.wave, 200, profile))
+                figures.append(await measure(ports, args.calls, args.wave, 200, profile, args.gc == "sipha"))
                 left = [subprocess.run(["redis-cli", "-p", str(p), "dbsize"], capture_output=True,
                                        text=True).stdout.strip() for p in ports]
                 if left != ["0", "0"]:      # every call ended: its record and replica are gone
@@ -180,7 +183,7 @@ async def main(args) -> None:
                 p.kill()
                 p.wait()
     figures.sort()
-    print(f"{args.calls} calls x {args.repeat} in waves of {args.wave}, log level {args.log_level}: "
+    print(f"{args.calls} calls x {args.repeat} in waves of {args.wave}, log level {args.log_level}, gc {args.gc}: "
           f"{figures[0] * 1e6:.0f} us of CPU a call at best, {figures[len(figures) // 2] * 1e6:.0f} median")
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
@@ -193,6 +196,8 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     ap.add_argument("--profile", action="store_true", help="cProfile the calls (slower; for where, not how much)")
+    ap.add_argument("--gc", choices=["sipha", "python"], default="sipha",
+                    help="the garbage collector as a node sets it (sipcore/heap.py), or Python's defaults")
     args = ap.parse_args()
     if args.calls < 1 or args.wave < 1 or args.repeat < 1:
         ap.error("--calls, --wave and --repeat must be at least 1")

@@ -48,7 +48,7 @@ from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sipcore import compiled
+from sipcore import compiled, heap
 from sipcore.admin import AdminServer, json_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
@@ -484,7 +484,7 @@ class Node:
         kinds = await self.store.kinds()
         counts = {space: (-1 if by is None else sum(by.values())) for space, by in kinds.items()}
         return {"role": "node", "id": self.id, "uptime_s": round(time.time() - self.started, 1),
-                "compiled": compiled.view(),
+                "compiled": compiled.view(), "gc": heap.view(),
                 "sip": hostport(self.addr), "redis_ok": self.healthy, "nodes": self.node_ids,
                 "keys": counts,
                 "dialogs": {space: by and by["call"] for space, by in kinds.items()},

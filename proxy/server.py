@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
-from sipcore import compiled
+from sipcore import compiled, heap
 from sipcore.admin import AUTO_OFFSET, AdminServer, json_handler, start_admin
 from sipcore.bekey import ROUTE_HEADER, bekey_of, choose, rank, read_stamp
 from sipcore.config import (PROXY_LIVE, RELOAD_COUNTER, SETTINGS, STREAM_KINDS, Config, applied_fields,
@@ -387,6 +387,7 @@ class Proxy:
             "nat_flows": len(self.natping) if self.natping is not None else None,
             "hep": self.hep.view() if self.hep is not None else None,
             "compiled": compiled.view(),
+            "gc": heap.view(),
         }
 
     def _counters(self) -> Counters:

@@ -9,6 +9,7 @@ import socket
 import sys
 from typing import Callable
 
+from sipcore import heap
 from sipcore.config import Config, ConfigError, load_config
 from sipcore.logfmt import event, setup_logging
 
@@ -98,6 +99,7 @@ async def _serve(app, load: Callable[[], Config] | None = None, missed: Callable
         if missed is not None and missed():
             hangup()
     await app.start()
+    heap.settle()       # after start: what it made is not scanned again (sipcore/heap.py)
     started.set()
     try:
         await stop.wait()

@@ -12,7 +12,7 @@ import pytest
 
 from clusterkit import run, uac
 from procs import has_ipv6_loopback
-from sipcore import compiled
+from sipcore import compiled, heap
 from sipcore.admin import fetch_json, json_handler, start_admin
 from sipcore.logfmt import parse_logfmt
 from sipha.sipp import free_port
@@ -90,6 +90,9 @@ def test_failover_and_ramp_are_logged_and_counted_everywhere(make_cluster):
     node_status = json.loads(get(c.state["nodes"]["node1"]["admin"], "/status"))
     shared = [m for m in compiled.COMPILED if m.startswith("sipcore.")]      # a node imports no proxy module
     assert node_status["compiled"] == {"modules": len(shared) if built else 0, "as_python": []}
+    # the collector as sipcore/heap.py sets it once a process has started
+    for s in (status, node_status):
+        assert s["gc"]["gen0"] == heap.GEN0 and s["gc"]["frozen"] > 10000, s["gc"]
 
     node_prom = "".join(get(n["admin"], "/metrics") for n in c.state["nodes"].values())
     assert "sipha_node_dialogs_total{event=\"promoted\"}" in node_prom
