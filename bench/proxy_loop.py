@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy import fastpath  # noqa: E402
 from proxy.server import Proxy  # noqa: E402
-from sipcore import bekey, headers  # noqa: E402
+from sipcore import bekey, headers, heap  # noqa: E402
 from sipcore.config import load_config  # noqa: E402
 from sipcore.logfmt import setup_logging  # noqa: E402
 from sipcore.message import parse_message  # noqa: E402
@@ -70,6 +70,7 @@ async def start_proxy(port: int, level: str) -> tuple[Proxy, list]:
                       nodes=[f"node1={BACKEND[0]}:{BACKEND[1]}"])
     proxy = Proxy(cfg)
     await proxy.start()
+    heap.settle()                   # as sipha proxy does once started
     sent: list = []
     proxy.transport.send = lambda data, dest, transport="udp": sent.append(data)
     return proxy, sent
