@@ -87,11 +87,24 @@ class Run:
         self.sent: list[bytes] = []
         node.tx._send = lambda data, dest: self.sent.append(data)
         self.driver = 0.0
+        # told when the node's last message task ends: waiting for that
+        # by polling would add CPU of its own, most in small waves
+        self.idle = asyncio.Event()
+        handle = node._locked
+
+        async def locked(*args) -> None:
+            try:
+                await handle(*args)
+            finally:
+                if not node.inflight:
+                    self.idle.set()
+        node._locked = locked
 
     async def settled(self) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)              # what on_message spawned starts (and counts in inflight)
         while self.node.inflight:
-            await asyncio.sleep(0.001)
+            self.idle.clear()
+            await self.idle.wait()
 
     def feed(self, datagrams: list[bytes]) -> None:
         for data in datagrams:
