@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -36,16 +39,40 @@ def procs(tmp_path):
         p.stop_all()
 
 
+# where the logs of a failed test's clusters are kept (the last KEEP_FAILED
+# of them): pytest keeps only its last three runs' temporary folders
+FAILED_LOGS = Path(tempfile.gettempdir()) / "sipha-failed-tests"
+KEEP_FAILED = 5
+
+
+def keep_logs(name: str, folder: Path) -> Path | None:
+    """Copy a failed test's cluster logs (debug level, SIPp's files too)
+    where the next runs leave them; the oldest copies beyond KEEP_FAILED go."""
+    if not (folder / "logs").is_dir():
+        return None
+    kept = FAILED_LOGS / f"{time.strftime('%Y%m%dT%H%M%S')}-{name[:80]}-{folder.name}"
+    try:
+        shutil.copytree(folder / "logs", kept)
+        for old in sorted(FAILED_LOGS.iterdir())[:-KEEP_FAILED]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        return None
+    return kept
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test that ran clusters gets their warnings and errors in
-    its report: CI keeps nothing else, and a rare failure is gone with
-    its logs otherwise."""
+    its report, and their whole logs kept (keep_logs): CI keeps nothing
+    else, and a rare failure is gone with its logs otherwise."""
     outcome = yield
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
     for folder in getattr(item, "sipha_clusters", []):
+        kept = keep_logs(item.name, folder)
+        if kept is not None:
+            report.sections.append((f"{folder.name}: logs kept", str(kept)))
         for log in sorted((folder / "logs").glob("*.log")):
             try:
                 lines = [line for line in log.read_text(errors="replace").splitlines()
