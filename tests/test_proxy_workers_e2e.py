@@ -55,8 +55,10 @@ def test_calls_complete_through_two_workers(procs, transport):
     # one admin endpoint counts the requests of both workers (the other
     # worker reports its counters every second: a report can hold every
     # INVITE and not yet the last BYE, so both are waited for)
-    wait_for(lambda: [status(admin)["counters"].get(f"requests{{method={m},reason=owner}}")
-                      for m in ("INVITE", "BYE")] == [100, 100], proxy)
+    def routed() -> list:
+        counters = status(admin)["counters"]        # one read for both counts
+        return [counters.get(f"requests{{method={m},reason=owner}}") for m in ("INVITE", "BYE")]
+    wait_for(lambda: routed() == [100, 100], proxy)
     assert status(admin)["workers"] == 2
     # every log line says which worker wrote it
     assert proxy.lines("worker=0 event=proxy_started") and proxy.lines("worker=1 event=worker_started")
