@@ -205,10 +205,11 @@ def b_leg_extra(carried: list, record: dict) -> list[tuple[str, str]]:
 
 
 def setup_copy(req: SipRequest) -> dict:
-    """What the next node.upstream's INVITE takes of the caller's (record
-    `inv`, kept while trunks are left to try): saved with the call, so
-    the partner that took it on after its node died fails over as that
-    node would have."""
+    """What a B-leg INVITE takes of the caller's (record `inv`, kept until
+    the call is answered): saved with the call, so that the node that
+    takes it on after its owner died sends the INVITE the owner may not
+    have sent (take_on), and fails over to the next node.upstream as the
+    owner would have."""
     return {"body": req.body.decode("latin-1"), "ct": req.get("Content-Type"), "mf": b_leg_hops(req),
             "x": carried_request(req)}
 
@@ -1066,7 +1067,7 @@ class Node:
                 b["ru"] = far["ru"]
         if later:
             record["nx"] = later
-            record["inv"] = setup_copy(req)
+        record["inv"] = inv = setup_copy(req)
         try:
             await self.store.save(bekey, record, partner, self.others(bekey))
             if self.overtaken(req):
@@ -1074,12 +1075,9 @@ class Node:
             self.stats.inc("dialogs", "created")
             event(log, "dialog_created", bekey=bekey, call_id=req.call_id, b_call_id=b["cid"],
                   target=first_uri, forks=len(forks) if len(forks) > 1 else None, partner=partner)
-            ctype = req.get("Content-Type")
             for fork in forks:
-                invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
-                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    hops=b_leg_hops(req), extra=b_leg_extra(carried_request(req), record))
-                self.send_fork_invite(bekey, invite, fork["br"], answer_within=self.upstream_timeout if later else None)
+                self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"],
+                                      answer_within=self.upstream_timeout if later else None)
             self.in_setup[bekey] = record      # until a final answer or timeout (on_invite_response)
         finally:
             trying()
@@ -1274,18 +1272,22 @@ class Node:
         # callee's answers go to it, and a copy after its 2xx and ACK would
         # be a new INVITE to the callee. For the same reason no answer here
         # gives the fork up only at Timer C, not Timer B.
-        ctype = req.get("Content-Type")
+        inv = record.get("inv") or setup_copy(req)
         for fork in record["forks"]:
             if fork["st"] is None:
-                invite = self.build(record, "b", "INVITE", 1, body=req.body, content_type=ctype,
-                                    branch=fork["br"], ruri=fork["ruri"], routes=fork["route"],
-                                    via=self.fork_via(fork), hops=b_leg_hops(req),
-                                    extra=b_leg_extra(carried_request(req), record))
-                self.send_fork_invite(bekey, invite, fork["br"], resumed=True)
+                self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
         self.in_setup[bekey] = record
         self.reply(req, 100, "Trying")
         self.stats.inc("dialogs", "resumed")
         event(log, "dialog_resumed", bekey=bekey, call_id=req.call_id, b_call_id=record["b"]["cid"])
+
+    def fork_invite(self, record: dict, fork: dict, inv: dict) -> SipRequest:
+        """A fork's INVITE from the caller's as saved (`inv`, setup_copy),
+        as the node that sent it first (fork_via) sent it: a copy from
+        another node is a retransmission of it, byte for byte."""
+        return self.build(record, "b", "INVITE", 1, body=inv["body"].encode("latin-1"), content_type=inv["ct"],
+                          branch=fork["br"], ruri=fork["ruri"], routes=fork["route"], via=self.fork_via(fork),
+                          hops=inv["mf"], extra=b_leg_extra(inv["x"], record))
 
     def send_fork_invite(self, bekey: str, invite: SipRequest, branch: str, resumed: bool = False,
                          answer_within: float | None = None) -> None:
@@ -1399,12 +1401,27 @@ class Node:
                   lost=len(found) - len(ringing))
 
     async def take_on(self, bekey: str) -> None:
+        """A call still ringing, taken on from a dead node (or from before
+        a restart): its open forks' INVITEs go out again, from the copy
+        saved with the call (`inv`), as retransmissions the callee absorbs
+        if it had them. The dead node may have told the caller Trying
+        before the call was saved and died before the INVITE left
+        (trying_once_saved, under a slow save): the caller sends nothing
+        more, and without the INVITE the call waited for Timer C. A
+        subscription, or a call saved without the copy, has its INVITE
+        transactions adopted: answers awaited, nothing sent."""
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
         if record is None or record.get("k") != "call" or record["st"] != "early" or record.get("cancel"):
             return
+        inv = record.get("inv")
         for fork in record["forks"]:
             if fork["st"] is None and not fork.get("tc"):
-                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+                if inv is None:
+                    self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+                elif not self.tx.has_invite(fork["br"]):
+                    self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
+        if inv is not None:
+            self.in_setup[bekey] = record
 
     async def records(self, space: str, wanted) -> list[tuple[str, bytes]]:
         """(BEKey, raw record) of a keyspace of our Redis, those `wanted`."""
@@ -1554,9 +1571,21 @@ class Node:
 
     def dialog_headers(self, record: dict) -> list[tuple[str, str]]:
         """What an answer that makes the caller's dialog carries: its
-        Record-Route as it came, our Contact."""
+        Record-Route as it came, and the Contact of the node that took the
+        call (its first fork's sender), whichever node answers now. The
+        callee sends its 180 again for an INVITE sent again (take_on,
+        resume_call), and the caller then has a copy of the 180 the dead
+        node relayed: the same bytes, it is a retransmission; with
+        another Contact, a SIPp caller aborted the call on it. (The
+        proxy routes the caller's requests by their BEKey, whatever node
+        the Contact names.)"""
+        forks = record.get("forks")
         return [("Record-Route", v) for n, v in record["ah"] if n.lower() == "record-route"] + \
-            [("Contact", self.contact)]
+            [("Contact", self.contact_of(self.fork_via(forks[0])) if forks else self.contact)]
+
+    def contact_of(self, sip: tuple[str, int]) -> str:
+        """Our Contact, or that of the node at `sip` (its copy of a message)."""
+        return self.contact if sip == self.addr else f"<sip:{hostport(sip)}>"
 
     def answer_a(self, bekey: str, record: dict, status: int, reason: str, resp: SipResponse | None = None,
                  headers: list = ()) -> None:
@@ -1650,20 +1679,15 @@ class Node:
         a new fork of the same B-leg, as Kamailio's dispatcher fails over
         in a failure route. The caller hears nothing of it but the wait.
         The INVITE is the one saved with the call (setup_copy), so the
-        partner that took the call on does the same; the copy goes with
-        the last trunk."""
+        partner that took the call on does the same."""
         uri = record["nx"].pop(0)
-        inv = record["inv"] if record["nx"] else record.pop("inv")
         fork = {"ruri": uri, "route": [], "br": new_branch(), "st": None, "by": self.id}
         record["forks"].append(fork)
         await self.save_held(bekey, record)
         self.stats.inc("dialogs", "upstream_failover")
         event(log, "upstream_failover", logging.WARNING, bekey=bekey, call_id=record["a"]["cid"],
               failed=failed["ruri"], status=failed["st"], next=uri, set_aside_s=int(aside) or None)
-        invite = self.build(record, "b", "INVITE", 1, body=inv["body"].encode("latin-1"), content_type=inv["ct"],
-                            branch=fork["br"], ruri=uri, routes=[], hops=inv["mf"],
-                            extra=b_leg_extra(inv["x"], record))
-        self.send_fork_invite(bekey, invite, fork["br"],
+        self.send_fork_invite(bekey, self.fork_invite(record, fork, record["inv"]), fork["br"],
                               answer_within=self.upstream_timeout if record["nx"] else None)
         self.in_setup[bekey] = record
 
@@ -1853,7 +1877,7 @@ class Node:
         its bytes, aborted the call on a copy with another Contact)."""
         L = record[leg]
         via = via or self.addr
-        contact = self.contact if via == self.addr else f"<sip:{hostport(via)}>"
+        contact = self.contact_of(via)
         to = L["ru"] + (f";tag={L['rt']}" if L["rt"] else "")
         routes = L["rs"] if routes is None else routes
         fields = [("Via", f"SIP/2.0/UDP {hostport(via)};branch={branch or new_branch()};rport"),

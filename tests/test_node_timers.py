@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+import node.app
 import node.sip
 from nodekit import CALL_ID, SDP, UDP, answered_call, caller_invite, of_method, of_status, probe, settled, with_nodes
 from sipcore.bekey import bekey_of
@@ -271,6 +272,49 @@ def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path
 
     b_invite, cancels = with_nodes(tmp_path, 1, scenario, {"node.invite_timeout": 1})
     assert [c.top_via.branch for c in cancels] == [b_invite.top_via.branch]
+
+
+
+@pytest.mark.parametrize("back", ["partner", "restart"])
+def test_a_call_told_trying_whose_invite_never_left_goes_on_at_the_takeover(tmp_path, monkeypatch, back):
+    """A save slower than 200 ms (a loaded box) lets the caller have its
+    100 Trying before the call is saved and the callee has the INVITE
+    (trying_once_saved). The owner then died between the save and the
+    INVITE: the caller, told Trying, sent nothing more, and the partner
+    (or the owner back with its Redis) took the call on waiting for
+    answers to an INVITE nobody had sent, until Timer C; a SIPp caller
+    waited for ever (one call short in a chaos run). The INVITE is now
+    sent at the takeover, from the copy saved with the call, byte for
+    byte the one the owner would have sent."""
+    monkeypatch.setattr(node.app, "TRYING_AFTER", 0.0)            # the save is "slow"
+
+    async def scenario(nodes, sent):
+        owner, partner = nodes[0], nodes[-1]
+        bekey = bekey_of(CALL_ID)
+        lost = []
+        monkeypatch.setattr(owner, "send_fork_invite", lambda bekey, invite, *a, **k: lost.append(invite))
+        await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
+        told = [m.status for m in sent[owner]]
+        owner.tx.close()                                  # the owner dies
+        if back == "restart":
+            monkeypatch.undo()
+            owner.tx.client.clear()
+            owner.tx.start()
+            await owner.take_over(None)
+        else:
+            await partner.take_over("node1")
+        await settled(partner)
+        resent = of_method(sent[partner], "INVITE")
+        partner.on_message(make_response(resent[0], 200, "OK", to_tag="callee-1",
+                                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
+        await settled(partner)
+        return lost, told, resent, to_caller(sent[partner])
+
+    lost, told, resent, heard = with_nodes(tmp_path, 1 if back == "restart" else 2, scenario)
+    assert told == [100]
+    assert len(lost) == 1 and [m.to_bytes() for m in resent] == [lost[0].to_bytes()]
+    assert resent[0].body == SDP
+    assert heard == [(200, "OK")]
 
 
 # ---- node.dialog_ttl ---------------------------------------------------------
