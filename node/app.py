@@ -214,6 +214,13 @@ def setup_copy(req: SipRequest) -> dict:
             "x": carried_request(req)}
 
 
+def relay_over(record: dict, leg: str, out_cseq: int) -> bool:
+    """The re-INVITE from `leg` relayed as `out_cseq` has its final answer:
+    its copy (record q `re`) goes. -> whether there was one."""
+    q = record.get("q")
+    return bool(q) and (q["l"], q["o"]) == (leg, out_cseq) and q.pop("re", None) is not None
+
+
 def subscription_ttl(msg: SipMessage, default: int = 3600) -> int:
     """How long a subscription's record lives: its Expires (a SUBSCRIBE's
     or its 2xx's; RFC 6665 packages default to an hour, and a day is the
@@ -1374,11 +1381,13 @@ class Node:
         - calls still ringing: the dead node (or this one, restarted) ran
           their Timer C, and nothing else ends a call whose callee rang
           before the death and rings on without a word, to a caller who
-          waits (SIPp, a gateway). Each is taken here, and its INVITE
-          transactions with a Timer C from now (Transactions.adopt): a
-          callee ringing on says 180 again within it (every minute, RFC
-          3261 §13.3.1.1); one that does not is CANCELled at its end, and
-          the caller hears 408;
+          waits (SIPp, a gateway). Each is taken here, and its INVITEs
+          sent again with a Timer C from now (take_on): a callee ringing
+          on says 180 again within it (every minute, RFC 3261 §13.3.1.1);
+          one that does not is CANCELled at its end, and the caller hears
+          408;
+        - calls with a re-INVITE relayed and not answered yet: it is sent
+          again (relay_again), its sender having had 100 Trying;
         - every record whose active copy is gone with the dead node's
           Redis (its host died, or its Redis came back empty): our replica
           is the only copy left, promoted and mirrored at once rather than
@@ -1387,18 +1396,26 @@ class Node:
           its restart."""
         space = "active" if dead is None else "replica"
         owner = f'"o":"{dead}"'.encode()
-        ringing, others = [], []
+        ringing, reinviting, others = [], [], []
         for bekey, raw in await self.records(space, lambda raw: dead is None or owner in raw):
-            (ringing if raw.startswith(b'{"k":"call"') and b'"st":"early"' in raw else others).append(bekey)
+            if not raw.startswith(b'{"k":"call"'):
+                others.append(bekey)
+            elif b'"st":"early"' in raw:
+                ringing.append(bekey)
+            elif b'"re":{' in raw:              # the copy of a relayed re-INVITE (record q)
+                reinviting.append(bekey)
+            else:
+                others.append(bekey)
         lost = await self.store.lost_at(dead, others) if dead is not None and others else set()
-        found = ringing + [bekey for bekey in others if bekey in lost]
+        lost_ones = [bekey for bekey in others if bekey in lost]
+        found = ringing + reinviting + lost_ones
         await self._each(found, self.take_on)
-        for what, n in (("ringing", len(ringing)), ("lost", len(found) - len(ringing))):
+        counts = {"ringing": len(ringing), "reinviting": len(reinviting), "lost": len(lost_ones)}
+        for what, n in counts.items():
             if n:
                 self.stats.inc("taken_over", what, n=n)
         if found:
-            event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, ringing=len(ringing),
-                  lost=len(found) - len(ringing))
+            event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, **counts)
 
     async def take_on(self, bekey: str) -> None:
         """A call still ringing, taken on from a dead node (or from before
@@ -1409,9 +1426,16 @@ class Node:
         (trying_once_saved, under a slow save): the caller sends nothing
         more, and without the INVITE the call waited for Timer C. A
         subscription, or a call saved without the copy, has its INVITE
-        transactions adopted: answers awaited, nothing sent."""
+        transactions adopted: answers awaited, nothing sent. A call
+        answered has its re-INVITE still unanswered sent again
+        (relay_again)."""
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
-        if record is None or record.get("k") != "call" or record["st"] != "early" or record.get("cancel"):
+        if record is None or record.get("k") != "call" or record.get("cancel"):
+            return
+        if record["st"] != "early":
+            q = record.get("q")
+            if q and "re" in q:
+                self.relay_again(bekey, record, q)
             return
         inv = record.get("inv")
         for fork in record["forks"]:
@@ -1422,6 +1446,32 @@ class Node:
                     self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
         if inv is not None:
             self.in_setup[bekey] = record
+
+    def relay_again(self, bekey: str, record: dict, q: dict) -> None:
+        """A re-INVITE the dead node relayed (record `q`, its copy `re`)
+        and had no final answer to: sent again, byte for byte as it went
+        (or would have gone), and answered from here. Its sender had 100
+        Trying and sends it no more; if the node died before it went on,
+        nobody else would ever send it (one call short, SIPp waiting, in
+        a chaos run with re-INVITEs)."""
+        if self.tx.has_invite(q["br"]):
+            return
+        re, leg, far = q["re"], q["l"], other(q["l"])
+        out = self.build(record, far, "INVITE", q["o"], body=re["body"].encode("latin-1"), content_type=re["ct"],
+                         branch=q["br"], via=self.fork_via(q), extra=[tuple(h) for h in re["x"]])
+        orig = self.answerable("INVITE", record[leg]["tgt"], q["h"])
+        contact = self.contact_of(self.fork_via(q))
+        self.tx.request(out, lambda resp: self.spawn(
+            bekey, self.on_relay_response(bekey, orig, leg, q["o"], resp, contact)),
+            still=lambda: self.still_relaying(bekey, q["o"]))
+
+    async def still_relaying(self, bekey: str, out_cseq: int) -> bool:
+        """Whether the re-INVITE sent again (relay_again) has no final
+        answer yet, wherever the call is saved (else the node that relayed
+        it is alive after all and had it)."""
+        record = await self.store.peek(bekey, [self.id] + self.others(bekey))
+        q = record and record.get("k") == "call" and record.get("q")
+        return bool(q) and q["o"] == out_cseq and "re" in q
 
     async def records(self, space: str, wanted) -> list[tuple[str, bytes]]:
         """(BEKey, raw record) of a keyspace of our Redis, those `wanted`."""
@@ -1797,19 +1847,20 @@ class Node:
         re-INVITE is never sent again)."""
         q = record["q"]
         orig = self.answerable(q["m"], record[q["l"]]["tgt"], q["h"])
-        self.relay_answer(orig, resp)
+        self.relay_answer(orig, resp, self.contact_of(self.fork_via(q)))
         if q["m"] != "INVITE":
             return
         far = other(q["l"])
         if resp.status >= 300:
             self.send_ack_for(record, far, q["o"], resp.top_via.branch)
-            await self.forget_2xx_ack(bekey, record, q["l"])
+            await self.relay_failed(bekey, record, q["l"], q["o"])
             return
         # as for a stray 2xx of the first INVITE, the ACK goes now: the
         # caller's ACK may have gone to the dead node
         if resp.contacts:
             record[far]["tgt"] = resp.contacts[0].uri
         record.get("ack", {}).pop(q["l"], None)
+        relay_over(record, q["l"], q["o"])
         self.send_ack_for(record, far, q["o"])
         await self.save_held(bekey, record)
         event(log, "callee_acked", bekey=bekey, call_id=record["a"]["cid"], cseq=q["o"])
@@ -2032,6 +2083,9 @@ class Node:
             branch, via = new_branch(), None
             record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq, "h": answering(req),
                            "br": branch, "by": self.id}
+            if req.method == "INVITE":
+                # until its final answer (relay_again)
+                record["q"]["re"] = {"body": req.body.decode("latin-1"), "ct": req.get("Content-Type"), "x": extra}
         try:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))
@@ -2073,11 +2127,13 @@ class Node:
         return found
 
     async def on_relay_response(self, bekey: str, orig: SipRequest, leg: str, out_cseq: int,
-                                resp: SipResponse | None) -> None:
+                                resp: SipResponse | None, contact: str | None = None) -> None:
+        """`contact`: that of the node that relayed the request first
+        (relay_again), for a copy of its answer to be the same bytes."""
         if resp is None:
             self.reply(orig, 408, "Request Timeout")
         else:
-            self.relay_answer(orig, resp)
+            self.relay_answer(orig, resp, contact)
         if orig.method == "NOTIFY" and (orig.get("Subscription-State") or "").lower().startswith("terminated"):
             # the subscription is over (RFC 6665 §4.1.3): its record goes
             record = await self.load_call(bekey, self.partner_for(bekey))
@@ -2086,38 +2142,45 @@ class Node:
                 self.stats.inc("dialogs", "terminated")
                 event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="subscription ended")
             return
-        if resp is None:
+        if orig.method != "INVITE" or (resp is not None and resp.status < 200):
             return
-        if orig.method == "INVITE" and 200 <= resp.status < 300:
+        if resp is not None and resp.status < 300:
             self.acks.grant(orig.call_id, orig.cseq[0])
-            record = await self.load_call(bekey, self.partner_for(bekey))
-            if record is None:
-                return
+        record = await self.load_call(bekey, self.partner_for(bekey))
+        if record is None:
+            return
+        if resp is None:
+            if relay_over(record, leg, out_cseq):
+                await self.save_held(bekey, record)
+        elif resp.status < 300:
             far = other(leg)
             if resp.contacts:
                 record[far]["tgt"] = resp.contacts[0].uri
             record.setdefault("ack", {})[leg] = out_cseq
+            relay_over(record, leg, out_cseq)
             await self.save_held(bekey, record)
-        elif orig.method == "INVITE" and resp.status >= 300:
+        else:
             # the far side expects its ACK for the failed re-INVITE
-            record = await self.load_call(bekey, self.partner_for(bekey))
-            if record is not None:
-                self.send_ack_for(record, other(leg), out_cseq, resp.top_via.branch)
-                await self.forget_2xx_ack(bekey, record, leg)
+            self.send_ack_for(record, other(leg), out_cseq, resp.top_via.branch)
+            await self.relay_failed(bekey, record, leg, out_cseq)
 
-    async def forget_2xx_ack(self, bekey: str, record: dict, leg: str) -> None:
+    async def relay_failed(self, bekey: str, record: dict, leg: str, out_cseq: int) -> None:
         """A re-INVITE from `leg` failed (487 after its CANCEL, 491, 488):
         the ACK its sender sends for the failure is the transaction's own
         (RFC 3261 §17.1.1.3), not one to relay; what the record still says
         of a 2xx ACK to relay from that leg (ack() relays the first one
         without saving) would send the far side an ACK of its old 2xx
-        again, which SIPp takes for a broken call."""
-        if record.get("ack", {}).pop(leg, None) is not None:
+        again, which SIPp takes for a broken call. And the re-INVITE is
+        over: no copy of it for a takeover to send again (relay_over)."""
+        forgot = record.get("ack", {}).pop(leg, None) is not None
+        if relay_over(record, leg, out_cseq) or forgot:
             await self.save_held(bekey, record)
 
-    def relay_answer(self, orig: SipRequest, resp: SipResponse) -> None:
-        """Answer `orig` as the far side answered the request relayed for it."""
-        headers = [("Contact", self.contact)] if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
+    def relay_answer(self, orig: SipRequest, resp: SipResponse, contact: str | None = None) -> None:
+        """Answer `orig` as the far side answered the request relayed for
+        it, with our Contact or `contact`."""
+        headers = [("Contact", contact or self.contact)] \
+            if orig.method in ("INVITE", "UPDATE") and resp.status < 300 else []
         if orig.method in ("INVITE", "UPDATE") and 200 <= resp.status < 300:
             headers += session_timer(resp)      # a refresh's answer (RFC 4028 §9)
         if orig.method == "SUBSCRIBE" and 200 <= resp.status < 300:

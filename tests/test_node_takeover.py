@@ -9,6 +9,9 @@ import time
 
 import pytest
 
+import node.app
+import node.sip
+
 from nodekit import (CALL_ID, SDP, UDP, answered_call, callee_says, caller_invite, calling, in_dialog, of_method,
                      of_status, probe, register, settled, with_headers, with_nodes)
 from node.resp import Redis
@@ -222,6 +225,92 @@ def test_the_partner_relays_the_answer_to_a_re_invite_the_dead_owner_sent(tmp_pa
     assert [v.branch for v in to_callee[0].vias] == ["z9hG4bKsphz9hG4bKhold1", "z9hG4bKhold1"]
     ack, = of_method(out, "ACK")
     assert (ack.call_id, ack.cseq) == (CALL_ID, relayed.cseq[:1] + ("ACK",))
+
+
+
+@pytest.mark.parametrize("back", ["partner", "restart"])
+def test_a_re_invite_told_trying_that_never_left_goes_on_at_the_takeover(tmp_path, monkeypatch, back):
+    """The caller's re-INVITE had its 100 Trying at 200 ms, before the
+    save (a loaded box), and the owner died before relaying it: the
+    caller sends it no more, and nobody sent it on (one call short, SIPp
+    waiting for the 200, in a chaos run with re-INVITEs). The copy saved
+    with the call (record q) now goes out at the takeover, byte for byte
+    what the owner would have sent; its 200 reaches the caller once, the
+    caller's ACK the callee, and the copy is gone with the answer."""
+    monkeypatch.setattr(node.app, "TRYING_AFTER", 0.0)            # the save is "slow"
+
+    async def scenario(nodes, sent):
+        owner, partner = nodes[0], nodes[-1]
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        before = len(sent[owner])
+        lost = []
+        send = owner.tx.request
+        monkeypatch.setattr(owner.tx, "request", lambda req, *a, **k: lost.append(req) if req.method == "INVITE"
+                            else send(req, *a, **k))
+        hold = with_headers(in_dialog("INVITE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKhold2"),
+                            [("Content-Type", "application/sdp")], SDP)
+        owner.on_message(hold, *UDP)
+        await settled(owner)
+        told = [m.status for m in sent[owner][before:]]
+        owner.tx.close()                                  # the owner dies
+        sent[partner].clear()
+        if back == "restart":
+            monkeypatch.undo()
+            owner.tx.client.clear()
+            owner.tx.start()
+            await owner.take_over(None)
+        else:
+            await partner.take_over("node1")
+        await settled(partner)
+        resent = of_method(sent[partner], "INVITE")
+        sent[partner].clear()
+        partner.on_message(make_response(resent[0], 200, "OK", to_tag="callee-1", body=SDP,
+                                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")],
+                                         content_type="application/sdp"), *UDP)
+        await settled(partner)
+        answered = [(m.status, m.cseq) for m in sent[partner] if getattr(m, "status", 0) > 100]
+        partner.on_message(in_dialog("ACK", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKack2"), *UDP)
+        await settled(partner)
+        acks = of_method(sent[partner], "ACK")
+        record = (await partner.store.load(bekey, []))[0]
+        return lost, told, resent, answered, acks, record
+
+    lost, told, resent, answered, acks, record = with_nodes(tmp_path, 1 if back == "restart" else 2, scenario)
+    assert told == [100]
+    assert len(lost) == 1 and [m.to_bytes() for m in resent] == [lost[0].to_bytes()]
+    assert resent[0].body == SDP and resent[0].top_via.port == 7001
+    assert answered == [(200, (2, "INVITE"))]
+    assert [a.call_id for a in acks] == [resent[0].call_id]
+    assert "re" not in record["q"]
+
+
+
+@pytest.mark.parametrize("status", [200, 491, None])
+def test_an_answered_re_invite_is_not_sent_again_at_the_takeover(tmp_path, monkeypatch, status):
+    """A re-INVITE the far side answered (2xx, a failure, or none by Timer
+    B: 408 to its sender) is over: a takeover must not send it again (a
+    SIPp callee aborts the call on an INVITE after its ACK)."""
+    monkeypatch.setattr(node.sip, "TIMEOUT", 0.3)
+
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, ok, b_invite = await answered_call(owner, sent)
+        owner.on_message(in_dialog("INVITE", 2, CALL_ID, "a1", ok.to.tag, "z9hG4bKhold2"), *UDP)
+        await settled(owner)
+        relayed = [m for m in of_method(sent[owner], "INVITE") if m.call_id == b_invite.call_id][-1]
+        if status is None:
+            await asyncio.sleep(0.5)
+        else:
+            owner.on_message(make_response(relayed, status, "Answered", to_tag="callee-1",
+                                           headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
+        await settled(owner)
+        owner.tx.close()                                  # the owner dies
+        await partner.take_over("node1")
+        await settled(partner)
+        return of_method(sent[partner], "INVITE"), (await partner.store.load(bekey, []))[0]
+
+    resent, record = with_nodes(tmp_path, 2, scenario)
+    assert resent == [] and record["q"]["o"] == 2 and "re" not in record["q"]
 
 
 def test_a_stale_copy_of_an_answered_re_invite_gets_no_reply(tmp_path):
