@@ -1426,24 +1426,38 @@ class Node:
         (trying_once_saved, under a slow save): the caller sends nothing
         more, and without the INVITE the call waited for Timer C. A
         subscription, or a call saved without the copy, has its INVITE
-        transactions adopted: answers awaited, nothing sent. A call
-        answered has its re-INVITE still unanswered sent again
-        (relay_again)."""
+        transactions adopted: answers awaited, nothing sent. What the dead
+        node CANCELled (the caller's CANCEL, Timer C) has its CANCELs sent
+        again, each saved before it went. A call answered has its
+        re-INVITE still unanswered sent again (relay_again)."""
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
-        if record is None or record.get("k") != "call" or record.get("cancel"):
+        if record is None or record.get("k") != "call":
             return
         if record["st"] != "early":
             q = record.get("q")
             if q and "re" in q:
                 self.relay_again(bekey, record, q)
             return
+        if record.get("cancel"):
+            # the caller CANCELled: its CANCELs and 487 again, in case they
+            # never left; the callee's 487 comes here
+            for fork in record["forks"]:
+                if fork["st"] is None:
+                    self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+            self.say_cancelled(bekey, record)
+            return
         inv = record.get("inv")
         for fork in record["forks"]:
-            if fork["st"] is None and not fork.get("tc"):
-                if inv is None:
-                    self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
-                elif not self.tx.has_invite(fork["br"]):
-                    self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
+            if fork["st"] is not None:
+                continue
+            if fork.get("tc"):
+                # CANCELled at Timer C, saved before the CANCEL went (cancel_ringing)
+                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+                self.send_cancel(record, fork)
+            elif inv is None:
+                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+            elif not self.tx.has_invite(fork["br"]):
+                self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
         if inv is not None:
             self.in_setup[bekey] = record
 
@@ -2002,17 +2016,39 @@ class Node:
         if record is None or record["a"]["cid"] != req.call_id:
             self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
-        self.reply(req, 200, "OK")
         if record["st"] != "early" or record.get("cancel"):
+            self.reply(req, 200, "OK")
             return
         record["cancel"] = True
+        if said := carried_request(req):
+            record["cx"] = said                 # for the CANCELs sent again (take_on)
         self.setup_over(bekey)
+        # Saved before a word goes out: a node that dies first leaves the
+        # caller sending its CANCEL again (to the partner); one that dies
+        # after leaves a record that says cancelled, whose CANCELs and 487
+        # the partner sends again (take_on). Before, a node dead between
+        # its CANCELs and the save left a ringing call the partner sent
+        # the INVITE again for.
+        try:
+            await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
+        except BaseException:
+            self.say_cancelled(bekey, record, req)      # as before the save failed
+            raise
+        if self.overtaken(req):
+            return
+        self.say_cancelled(bekey, record, req)
+        event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
+
+    def say_cancelled(self, bekey: str, record: dict, req: SipRequest | None = None) -> None:
+        """The caller's CANCEL of a call ringing (record `cancel`): 200 to
+        it (`req`), a CANCEL to each fork not answered yet, 487 to the
+        INVITE."""
+        if req is not None:
+            self.reply(req, 200, "OK")
         for fork in record["forks"]:
             if fork["st"] is None:
-                self.send_cancel(record, fork, carried_request(req))
+                self.send_cancel(record, fork, record.get("cx", ()))
         self.answer_a(bekey, record, 487, "Request Terminated")
-        await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
-        event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
 
     def send_cancel(self, record: dict, fork: dict, extra: list[tuple[str, str]] = ()) -> None:
         """CANCEL one fork: same R-URI, Route, branch and CSeq number as its

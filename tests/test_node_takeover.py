@@ -170,6 +170,57 @@ def test_a_bye_cancel_or_register_in_hand_when_the_node_stood_still_goes_no_furt
     assert with_nodes(tmp_path, 2, scenario) == ([], 1, True)
 
 
+
+def test_a_cancel_is_saved_before_a_word_of_it_goes_out_and_said_again_at_the_takeover(tmp_path, monkeypatch):
+    """The caller CANCELs a call ringing. Before, the node answered 200,
+    CANCELled the callee and told the caller 487, then saved: dead in
+    between, it left a ringing call the partner sent the INVITE again for
+    at the takeover. Now nothing goes out before the save (dead before
+    it, the caller sends its CANCEL again, to the partner), and a partner
+    that takes on a call saved cancelled sends the CANCEL and the 487
+    again, byte for byte the owner's (the Reason the caller gave too):
+    the callee stops ringing even if the owner's CANCEL never left, and
+    a caller that had its 487 takes the copy for a retransmission."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey = bekey_of(CALL_ID)
+        await owner.new_call(parse_message(caller_invite(bekey)), bekey)
+        b_invite, = of_method(sent[owner], "INVITE")
+        owner.on_message(callee_says(b_invite, 180, "Ringing"), *UDP)
+        await settled(owner)
+        before = len(sent[owner])
+        gate, save = asyncio.Event(), owner.store.save
+
+        async def slow_save(*args, **kwargs):
+            await gate.wait()
+            return await save(*args, **kwargs)
+        monkeypatch.setattr(owner.store, "save", slow_save)
+        cancel = caller_invite(bekey).replace(b"INVITE sip:", b"CANCEL sip:").replace(
+            b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL").replace(b"Content-Length", b"Reason: SIP;cause=200;text=\"elsewhere\"\r\n"
+                                                         b"Content-Length")
+        owner.on_message(parse_message(cancel), *UDP)
+        await asyncio.sleep(0.05)
+        unsaid = sent[owner][before:]
+        gate.set()
+        await settled(owner)
+        said = sent[owner][before:]
+        owner.tx.close()                                  # the owner dies, the callee has not answered the CANCEL
+        await partner.take_over("node1")
+        await settled(partner)
+        again = list(sent[partner])
+        partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
+        await settled(partner)
+        return unsaid, said, again, sent[partner], [await n.store.load(bekey, []) for n in nodes]
+
+    unsaid, said, again, out, left = with_nodes(tmp_path, 2, scenario)
+    assert unsaid == []
+    assert [getattr(m, "method", None) or m.status for m in said] == [200, "CANCEL", 487]
+    assert said[1].get("Reason") == 'SIP;cause=200;text="elsewhere"'
+    assert [m.to_bytes() for m in again] == [m.to_bytes() for m in said[1:]]
+    assert len(of_method(out, "ACK")) == 1                # of the callee's 487
+    assert left == [(None, "missing")] * 2
+
+
 def test_a_request_the_dead_owner_relayed_goes_on_from_the_partner(tmp_path):
     """The owner relayed the caller's INFO and died before the answer came
     back. The caller's retransmission reaches the partner, which said 500

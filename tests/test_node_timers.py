@@ -254,6 +254,34 @@ def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_
     assert left == [(None, "missing")] * 2
 
 
+
+def test_a_cancel_at_timer_c_that_never_left_goes_out_from_the_partner(tmp_path, short_timer_b, monkeypatch):
+    """The owner's Timer C fired: it saved the fork as timed out and died
+    before its CANCEL left. The partner took the call on and did nothing
+    (a fork CANCELled is not waited for), so the callee rang on and the
+    caller waited for ever. The partner now sends the CANCEL, and the
+    callee's 487 reaches the caller as 408."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, b_invite = await ringing(owner, sent)
+        await settled(owner)
+        monkeypatch.setattr(owner, "send_cancel", lambda *a, **k: None)      # dies before it leaves
+        await asyncio.sleep(1.2)                          # Timer C (1 s)
+        await settled(owner)
+        owner.tx.close()
+        await partner.take_over("node1")
+        await settled(partner)
+        cancels = of_method(sent[partner], "CANCEL")
+        partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
+        await settled(partner)
+        return b_invite, cancels, sent[partner]
+
+    b_invite, cancels, out = with_nodes(tmp_path, 2, scenario, {"node.invite_timeout": 1})
+    assert [(c.top_via.branch, c.top_via.port) for c in cancels] == [(b_invite.top_via.branch, 7001)]
+    assert to_caller(out) == [(408, "Request Timeout")]
+    assert not of_method(out, "INVITE")
+
+
 def test_a_node_back_with_its_redis_times_its_calls_still_ringing_again(tmp_path, short_timer_b):
     """The owner's process restarted (its Redis kept the call): Node.start
     sweeps its active keyspace so (take_over), and the call that
