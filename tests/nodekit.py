@@ -93,6 +93,21 @@ async def settled(node: Node) -> None:
         await asyncio.sleep(0.01)
 
 
+async def dies_and_is_taken_over(owner: Node, partner: Node, back: str, monkeypatch) -> None:
+    """`owner` dies (node1); its partner takes its calls on (back
+    "partner"), or it restarts with its Redis (back "restart": what it
+    had in memory gone, `monkeypatch`'s patches undone)."""
+    owner.tx.close()
+    if back == "restart":
+        monkeypatch.undo()
+        owner.tx.client.clear()
+        owner.tx.start()
+        await owner.take_over(None)
+    else:
+        await partner.take_over("node1")
+    await settled(partner)
+
+
 def in_dialog(method: str, cseq: int, call_id: str, from_tag: str, to_tag: str, branch: str) -> SipMessage:
     """A request within a dialog as the proxy hands it to a node."""
     return parse_message((

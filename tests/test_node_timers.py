@@ -12,7 +12,8 @@ import pytest
 
 import node.app
 import node.sip
-from nodekit import CALL_ID, SDP, UDP, answered_call, caller_invite, of_method, of_status, probe, settled, with_nodes
+from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, dies_and_is_taken_over, of_method, of_status,
+                     probe, settled, with_nodes)
 from sipcore.bekey import bekey_of
 from sipcore.message import make_response, parse_message
 
@@ -323,15 +324,7 @@ def test_a_call_told_trying_whose_invite_never_left_goes_on_at_the_takeover(tmp_
         monkeypatch.setattr(owner, "send_fork_invite", lambda bekey, invite, *a, **k: lost.append(invite))
         await owner.new_call(parse_message(caller_invite(bekey, sdp=SDP)), bekey)
         told = [m.status for m in sent[owner]]
-        owner.tx.close()                                  # the owner dies
-        if back == "restart":
-            monkeypatch.undo()
-            owner.tx.client.clear()
-            owner.tx.start()
-            await owner.take_over(None)
-        else:
-            await partner.take_over("node1")
-        await settled(partner)
+        await dies_and_is_taken_over(owner, partner, back, monkeypatch)
         resent = of_method(sent[partner], "INVITE")
         partner.on_message(make_response(resent[0], 200, "OK", to_tag="callee-1",
                                          headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
