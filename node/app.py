@@ -88,14 +88,15 @@ KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
 
 
 NODE_COUNTERS = {
-    "dialogs": ("event",),          # created confirmed promoted migrated resumed terminated failed upstream_failover
+    "dialogs": ("event",),          # created confirmed promoted migrated resumed sent_again terminated failed
+                                    # upstream_failover
     "registrations": ("event",),    # added removed
     "no_dialog": (),
     "parse_rejections": (),
     "auth_failures": (),
     "overload_rejections": (),
     "ring_timeouts": (),            # forks CANCELled at Timer C (node.invite_timeout)
-    "taken_over": ("what",),        # records of a node seen down taken on here: ringing / lost
+    "taken_over": ("what",),        # records of a node seen down taken on here: ringing / reinviting / lost
     "mirrored_again": (),           # records saved again, their partner seen down
     "stale_requests": (),           # queued through a stall, not handled (Node.stalled)
     "stale_responses": (),
@@ -120,6 +121,9 @@ SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer", "precondit
 MAX_INFLIGHT = 400
 DIALOG_TTL_REASON = 'SIP;cause=408;text="no request in the dialog for node.dialog_ttl"'
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
+# s after a takeover: what is still unanswered then is sent again (take_on);
+# a callee that answered sends its 2xx again within T2 (RFC 3261 §17.2.1)
+SEND_AGAIN_AFTER = 5.0
 TICK = 0.1             # s: how often the event loop says it runs (Node.stalled)
 STALL = 0.5            # s: a longer silence of it, and what this node kept in memory may be stale
 
@@ -1418,48 +1422,58 @@ class Node:
             event(log, "taken_over", node=self.id, keyspace=space, owner=dead or self.id, **counts)
 
     async def take_on(self, bekey: str) -> None:
-        """A call still ringing, taken on from a dead node (or from before
-        a restart): its open forks' INVITEs go out again, from the copy
-        saved with the call (`inv`), as retransmissions the callee absorbs
-        if it had them. The dead node may have told the caller Trying
-        before the call was saved and died before the INVITE left
-        (trying_once_saved, under a slow save): the caller sends nothing
-        more, and without the INVITE the call waited for Timer C. A
-        subscription, or a call saved without the copy, has its INVITE
-        transactions adopted: answers awaited, nothing sent. What the dead
-        node CANCELled (the caller's CANCEL, Timer C) has its CANCELs sent
-        again, each saved before it went. A call answered has its
-        re-INVITE still unanswered sent again (relay_again)."""
+        """A call still ringing, or with a re-INVITE relayed and not
+        answered yet, taken on from a dead node (or from before a
+        restart). The ringing call's INVITE transactions are adopted:
+        answers come here, with a Timer C from now. And the dead node may
+        have told the caller Trying before the call (or the re-INVITE) was
+        saved and died before it went on (trying_once_saved, under a slow
+        save): the caller sends nothing more, and the call waited for
+        Timer C, or for ever. So what is still unanswered SEND_AGAIN_AFTER
+        from now is sent again then (send_again), from the copy saved with
+        the call. Not at once: a SIPp UAS that answered 180 and 200 takes
+        a copy of the INVITE for a new message and aborts the call (it
+        tells a retransmission only from the last message it answered),
+        and its 2xx, sent again until the ACK, reaches us within T2."""
         record = await self.load_call(bekey, self.partner_for(bekey), kind=None)
         if record is None or record.get("k") != "call":
+            return
+        if record["st"] == "early":
+            for fork in record["forks"]:
+                if fork["st"] is None:
+                    self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
+            if record.get("inv") is None or record.get("cancel"):
+                return
+        elif "re" not in (record.get("q") or {}):
+            return
+        asyncio.get_running_loop().call_later(SEND_AGAIN_AFTER, lambda: self.spawn(bekey, self.send_again(bekey)))
+
+    async def send_again(self, bekey: str) -> None:
+        """What a call taken on (take_on) still has unanswered, if it is
+        still ours: each open fork's INVITE, or the re-INVITE relayed, byte
+        for byte as the dead node sent it (or would have); a callee that
+        had it answers again what it answered."""
+        try:
+            record = await self.store.active(bekey)
+        except StoreUnavailable:
+            return
+        if record is None or record.get("k") != "call" or record.get("cancel"):
             return
         if record["st"] != "early":
             q = record.get("q")
             if q and "re" in q:
                 self.relay_again(bekey, record, q)
             return
-        if record.get("cancel"):
-            # the caller CANCELled: its CANCELs and 487 again, in case they
-            # never left; the callee's 487 comes here
-            for fork in record["forks"]:
-                if fork["st"] is None:
-                    self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
-            self.say_cancelled(bekey, record)
-            return
         inv = record.get("inv")
+        sent = False
         for fork in record["forks"]:
-            if fork["st"] is not None:
-                continue
-            if fork.get("tc"):
-                # CANCELled at Timer C, saved before the CANCEL went (cancel_ringing)
-                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
-                self.send_cancel(record, fork)
-            elif inv is None:
-                self.tx.adopt(fork["br"], *self.fork_handlers(bekey, fork["br"]))
-            elif not self.tx.has_invite(fork["br"]):
+            if inv is not None and fork["st"] is None and not fork.get("tc"):
                 self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
-        if inv is not None:
+                sent = True
+        if sent:
+            self.stats.inc("dialogs", "sent_again")
             self.in_setup[bekey] = record
+            event(log, "invite_sent_again", bekey=bekey, call_id=record["a"]["cid"], b_call_id=record["b"]["cid"])
 
     def relay_again(self, bekey: str, record: dict, q: dict) -> None:
         """A re-INVITE the dead node relayed (record `q`, its copy `re`)
@@ -1468,8 +1482,6 @@ class Node:
         Trying and sends it no more; if the node died before it went on,
         nobody else would ever send it (one call short, SIPp waiting, in
         a chaos run with re-INVITEs)."""
-        if self.tx.has_invite(q["br"]):
-            return
         re, leg, far = q["re"], q["l"], other(q["l"])
         out = self.build(record, far, "INVITE", q["o"], body=re["body"].encode("latin-1"), content_type=re["ct"],
                          branch=q["br"], via=self.fork_via(q), extra=[tuple(h) for h in re["x"]])
@@ -1478,6 +1490,8 @@ class Node:
         self.tx.request(out, lambda resp: self.spawn(
             bekey, self.on_relay_response(bekey, orig, leg, q["o"], resp, contact)),
             still=lambda: self.still_relaying(bekey, q["o"]))
+        self.stats.inc("dialogs", "sent_again")
+        event(log, "invite_sent_again", bekey=bekey, call_id=record["a"]["cid"], cseq=q["o"])
 
     async def still_relaying(self, bekey: str, out_cseq: int) -> bool:
         """Whether the re-INVITE sent again (relay_again) has no final
@@ -1502,10 +1516,22 @@ class Node:
 
     async def fork_expired(self, bekey: str, branch: str) -> None:
         """Timer C: the callee rang for node.invite_timeout without a final
-        answer (or a resumed INVITE had none at all)."""
+        answer (or a resumed INVITE had none at all). One CANCELled (the
+        caller's CANCEL, an earlier Timer C) and still not answered may
+        never have had the CANCEL: its node died after saving it and
+        before it left (take_on adopted the fork). It is CANCELled again,
+        and a caller that CANCELled is told 487 again (a copy, if it had
+        it)."""
         record, fork = await self.open_fork(bekey, branch)
         if fork:
             await self.cancel_ringing(bekey, record, fork)
+            return
+        fork = record and self.fork_of(record, branch)
+        if fork and record["st"] == "early" and fork["st"] is None:
+            cancelled = bool(record.get("cancel"))
+            self.send_cancel(record, fork, record.get("cx", ()) if cancelled else ())
+            if cancelled:
+                self.answer_a(bekey, record, 487, "Request Terminated")
 
     async def open_fork(self, bekey: str, branch: str) -> tuple[dict | None, dict | None]:
         """-> (the call, its fork `branch`), the fork None unless the call
@@ -2025,10 +2051,10 @@ class Node:
         self.setup_over(bekey)
         # Saved before a word goes out: a node that dies first leaves the
         # caller sending its CANCEL again (to the partner); one that dies
-        # after leaves a record that says cancelled, whose CANCELs and 487
-        # the partner sends again (take_on). Before, a node dead between
-        # its CANCELs and the save left a ringing call the partner sent
-        # the INVITE again for.
+        # after leaves a record that says cancelled, whose CANCELs (and
+        # 487) the partner sends again at Timer C if no answer came
+        # (fork_expired). Before, a node dead between its CANCELs and the
+        # save left a ringing call the partner sent the INVITE again for.
         try:
             await self.store.save(bekey, record, self.partner_for(bekey, req), self.others(bekey))
         except BaseException:
@@ -2039,12 +2065,11 @@ class Node:
         self.say_cancelled(bekey, record, req)
         event(log, "dialog_cancelled", bekey=bekey, call_id=record["a"]["cid"])
 
-    def say_cancelled(self, bekey: str, record: dict, req: SipRequest | None = None) -> None:
-        """The caller's CANCEL of a call ringing (record `cancel`): 200 to
-        it (`req`), a CANCEL to each fork not answered yet, 487 to the
+    def say_cancelled(self, bekey: str, record: dict, req: SipRequest) -> None:
+        """The caller's CANCEL `req` of a call ringing (record `cancel`):
+        200 to it, a CANCEL to each fork not answered yet, 487 to the
         INVITE."""
-        if req is not None:
-            self.reply(req, 200, "OK")
+        self.reply(req, 200, "OK")
         for fork in record["forks"]:
             if fork["st"] is None:
                 self.send_cancel(record, fork, record.get("cx", ()))

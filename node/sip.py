@@ -125,10 +125,6 @@ class Transactions:
         return bool(self.pending_2xx) or any(
             not tx.final and not (tx.method == "INVITE" and tx.provisional) for tx in self.client.values())
 
-    def has_invite(self, branch: str) -> bool:
-        """Whether the INVITE transaction `branch` is open here."""
-        return (branch, "INVITE") in self.client
-
     def adopt(self, branch: str, on_response: Callable[[SipResponse | None], Any],
               expire: Callable[[], Any]) -> None:
         """Take on an INVITE transaction another node started and left (it
@@ -137,7 +133,7 @@ class Transactions:
         answers come to `on_response`, and its Timer C runs from now, as
         for an INVITE this node sent. Nothing is sent (the callee has the
         INVITE, or its answers would have come)."""
-        if self.has_invite(branch):
+        if (branch, "INVITE") in self.client:
             return
         tx = ClientTx(branch, "INVITE", b"", on_response, provisional=True, expire=expire)
         self.client[(branch, "INVITE")] = tx

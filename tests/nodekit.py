@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import node.app
 from node.app import Node
 from sipcore.bekey import ROUTE_HEADER, bekey_of
 from sipcore.config import load_config
@@ -96,15 +97,17 @@ async def settled(node: Node) -> None:
 async def dies_and_is_taken_over(owner: Node, partner: Node, back: str, monkeypatch) -> None:
     """`owner` dies (node1); its partner takes its calls on (back
     "partner"), or it restarts with its Redis (back "restart": what it
-    had in memory gone, `monkeypatch`'s patches undone)."""
+    had in memory gone, `monkeypatch`'s patches undone); and what is
+    still unanswered is sent again (node.app.SEND_AGAIN_AFTER, 5 s,
+    made 50 ms)."""
     owner.tx.close()
     if back == "restart":
         monkeypatch.undo()
         owner.tx.client.clear()
         owner.tx.start()
-        await owner.take_over(None)
-    else:
-        await partner.take_over("node1")
+    monkeypatch.setattr(node.app, "SEND_AGAIN_AFTER", 0.05)
+    await (owner.take_over(None) if back == "restart" else partner.take_over("node1"))
+    await asyncio.sleep(0.1)
     await settled(partner)
 
 

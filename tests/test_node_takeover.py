@@ -171,16 +171,19 @@ def test_a_bye_cancel_or_register_in_hand_when_the_node_stood_still_goes_no_furt
 
 
 
-def test_a_cancel_is_saved_before_a_word_of_it_goes_out_and_said_again_at_the_takeover(tmp_path, monkeypatch):
+def test_a_cancel_is_saved_before_a_word_of_it_goes_out_and_said_again_at_timer_c(tmp_path, monkeypatch):
     """The caller CANCELs a call ringing. Before, the node answered 200,
     CANCELled the callee and told the caller 487, then saved: dead in
-    between, it left a ringing call the partner sent the INVITE again for
-    at the takeover. Now nothing goes out before the save (dead before
-    it, the caller sends its CANCEL again, to the partner), and a partner
-    that takes on a call saved cancelled sends the CANCEL and the 487
-    again, byte for byte the owner's (the Reason the caller gave too):
-    the callee stops ringing even if the owner's CANCEL never left, and
-    a caller that had its 487 takes the copy for a retransmission."""
+    between, it left a ringing call the partner would send the INVITE
+    again for after the takeover. Now nothing goes out before the save
+    (dead before it, the caller sends its CANCEL again, to the partner).
+    A partner that takes on a call saved cancelled sends nothing at once
+    (a SIPp UAS aborts the call on a copy of a CANCEL it answered 200 and
+    487), but if the callee has not answered by Timer C, the CANCEL and
+    the 487 go again, byte for byte the owner's (the Reason the caller
+    gave too): its CANCEL may never have left."""
+    monkeypatch.setattr(node.sip, "TIMEOUT", 1.0)
+
     async def scenario(nodes, sent):
         owner, partner = nodes
         bekey = bekey_of(CALL_ID)
@@ -205,15 +208,16 @@ def test_a_cancel_is_saved_before_a_word_of_it_goes_out_and_said_again_at_the_ta
         await settled(owner)
         said = sent[owner][before:]
         owner.tx.close()                                  # the owner dies, the callee has not answered the CANCEL
-        await partner.take_over("node1")
-        await settled(partner)
+        await dies_and_is_taken_over(owner, partner, "partner", monkeypatch)
+        at_once = list(sent[partner])
+        await asyncio.sleep(1.0)                          # Timer C (1 s)
         again = list(sent[partner])
         partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
         await settled(partner)
-        return unsaid, said, again, sent[partner], [await n.store.load(bekey, []) for n in nodes]
+        return unsaid, said, at_once, again, sent[partner], [await n.store.load(bekey, []) for n in nodes]
 
-    unsaid, said, again, out, left = with_nodes(tmp_path, 2, scenario)
-    assert unsaid == []
+    unsaid, said, at_once, again, out, left = with_nodes(tmp_path, 2, scenario, {"node.invite_timeout": 1})
+    assert unsaid == [] and at_once == []
     assert [getattr(m, "method", None) or m.status for m in said] == [200, "CANCEL", 487]
     assert said[1].get("Reason") == 'SIP;cause=200;text="elsewhere"'
     assert [m.to_bytes() for m in again] == [m.to_bytes() for m in said[1:]]
@@ -348,8 +352,7 @@ def test_an_answered_re_invite_is_not_sent_again_at_the_takeover(tmp_path, monke
                                            headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
         await settled(owner)
         owner.tx.close()                                  # the owner dies
-        await partner.take_over("node1")
-        await settled(partner)
+        await dies_and_is_taken_over(owner, partner, "partner", monkeypatch)
         return of_method(sent[partner], "INVITE"), (await partner.store.load(bekey, []))[0]
 
     resent, record = with_nodes(tmp_path, 2, scenario)

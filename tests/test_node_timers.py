@@ -256,12 +256,38 @@ def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_
 
 
 
+
+def test_a_callee_that_answered_gets_no_copy_of_the_invite_after_the_takeover(tmp_path, monkeypatch):
+    """The owner died before the callee's 200 reached it. A SIPp UAS that
+    answered 180 and 200 takes a copy of the INVITE for a new message
+    and aborts the call, so the partner that took the call on waits
+    before it sends the INVITE again (node.app.SEND_AGAIN_AFTER): the
+    callee's 200, sent again until its ACK, comes first, and the call is
+    answered without a copy."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, b_invite = await ringing(owner, sent)
+        await settled(owner)
+        owner.tx.close()                                  # the owner dies; the callee answers
+        monkeypatch.setattr(node.app, "SEND_AGAIN_AFTER", 0.3)
+        await partner.take_over("node1")
+        partner.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
+                                         headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
+        await asyncio.sleep(0.5)
+        await settled(partner)
+        return of_method(sent[partner], "INVITE"), to_caller(sent[partner])
+
+    invites, heard = with_nodes(tmp_path, 2, scenario)
+    assert invites == [] and heard == [(200, "OK")]
+
+
 def test_a_cancel_at_timer_c_that_never_left_goes_out_from_the_partner(tmp_path, short_timer_b, monkeypatch):
     """The owner's Timer C fired: it saved the fork as timed out and died
     before its CANCEL left. The partner took the call on and did nothing
     (a fork CANCELled is not waited for), so the callee rang on and the
-    caller waited for ever. The partner now sends the CANCEL, and the
-    callee's 487 reaches the caller as 408."""
+    caller waited for ever. The partner now waits for the callee's
+    answer, and at its own Timer C sends the CANCEL; the callee's 487
+    reaches the caller as 408."""
     async def scenario(nodes, sent):
         owner, partner = nodes
         bekey, b_invite = await ringing(owner, sent)
@@ -271,6 +297,7 @@ def test_a_cancel_at_timer_c_that_never_left_goes_out_from_the_partner(tmp_path,
         await settled(owner)
         owner.tx.close()
         await partner.take_over("node1")
+        await asyncio.sleep(1.2)                          # the partner's Timer C
         await settled(partner)
         cancels = of_method(sent[partner], "CANCEL")
         partner.on_message(make_response(b_invite, 487, "Request Terminated", to_tag="callee-1"), *UDP)
