@@ -1464,6 +1464,8 @@ class Node:
             if q and "re" in q:
                 self.relay_again(bekey, record, q)
             return
+        if bekey in self.early:
+            return              # the callee has spoken here since: it has the INVITE
         inv = record.get("inv")
         sent = False
         for fork in record["forks"]:

@@ -257,13 +257,15 @@ def test_a_call_that_rang_before_its_node_died_ends_at_the_partners_timer_c(tmp_
 
 
 
-def test_a_callee_that_answered_gets_no_copy_of_the_invite_after_the_takeover(tmp_path, monkeypatch):
+@pytest.mark.parametrize("status, reason", [(200, "OK"), (183, "Session Progress")])
+def test_a_callee_that_answered_gets_no_copy_of_the_invite_after_the_takeover(tmp_path, monkeypatch, status, reason):
     """The owner died before the callee's 200 reached it. A SIPp UAS that
     answered 180 and 200 takes a copy of the INVITE for a new message
     and aborts the call, so the partner that took the call on waits
     before it sends the INVITE again (node.app.SEND_AGAIN_AFTER): the
     callee's 200, sent again until its ACK, comes first, and the call is
-    answered without a copy."""
+    answered without a copy; nor does a callee that said something else
+    since (a 183: it has the INVITE) get one."""
     async def scenario(nodes, sent):
         owner, partner = nodes
         bekey, b_invite = await ringing(owner, sent)
@@ -271,14 +273,14 @@ def test_a_callee_that_answered_gets_no_copy_of_the_invite_after_the_takeover(tm
         owner.tx.close()                                  # the owner dies; the callee answers
         monkeypatch.setattr(node.app, "SEND_AGAIN_AFTER", 0.3)
         await partner.take_over("node1")
-        partner.on_message(make_response(b_invite, 200, "OK", to_tag="callee-1",
+        partner.on_message(make_response(b_invite, status, reason, to_tag="callee-1",
                                          headers=[("Contact", "<sip:service@127.0.0.1:5998>")]), *UDP)
         await asyncio.sleep(0.5)
         await settled(partner)
         return of_method(sent[partner], "INVITE"), to_caller(sent[partner])
 
     invites, heard = with_nodes(tmp_path, 2, scenario)
-    assert invites == [] and heard == [(200, "OK")]
+    assert invites == [] and heard == [(status, reason)]
 
 
 def test_a_cancel_at_timer_c_that_never_left_goes_out_from_the_partner(tmp_path, short_timer_b, monkeypatch):
