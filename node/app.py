@@ -746,10 +746,10 @@ class Node:
             bekey = read_stamp(self.secret, msg.call_id) or read_stamp(self.secret, msg.from_.tag)
             if bekey and msg.status >= 200:
                 # a final answer to a request another node sent (it died)
-                self.spawn(bekey, self.stray_final(bekey, msg))
+                self.spawn(bekey, self.stray_final(bekey, msg), msg)
                 return
             if bekey and msg.status > 100 and msg.cseq[1] == "INVITE":
-                self.spawn(bekey, self.stray_provisional(bekey, msg))
+                self.spawn(bekey, self.stray_provisional(bekey, msg), msg)
                 return
             event(log, "response_dropped", logging.DEBUG, status=msg.status, call_id=msg.call_id,
                   reason="no transaction")
@@ -789,18 +789,23 @@ class Node:
         bekey = self._route_info(msg)[0]
         self.spawn(bekey, self.on_request(msg, bekey), msg)
 
-    def spawn(self, bekey: str, coro, req: SipRequest | None = None) -> None:
-        """Run `coro` after everything already queued for this BEKey."""
-        asyncio.get_running_loop().create_task(self._locked(bekey, coro, req))
+    def spawn(self, bekey: str, coro, msg: SipMessage | None = None) -> None:
+        """Run `coro` after everything already queued for this BEKey; `msg`:
+        the message it handles, what a failure is told to (a request) or
+        handed on (see _locked)."""
+        asyncio.get_running_loop().create_task(self._locked(bekey, coro, msg))
 
-    async def _locked(self, bekey: str, coro, req: SipRequest | None) -> None:
+    async def _locked(self, bekey: str, coro, msg: SipMessage | None) -> None:
         lock = self.locks[bekey]
         self.inflight += 1
+        req = msg if isinstance(msg, SipRequest) else None
         try:
             async with lock:
                 await coro
         except StoreUnavailable as exc:
-            if req is not None and not self.hand_over(req, exc):
+            if isinstance(msg, SipResponse):
+                self.hand_answer_over(bekey, msg, exc)
+            elif req is not None and not self.hand_over(req, exc):
                 self.reply(req, 500, reason_phrase_safe(f"Server Internal Error (dialog store: {exc})"))
         except SipParseError as exc:
             if req is not None:
@@ -831,6 +836,23 @@ class Node:
         event(log, "request_handed_over", logging.WARNING, method=req.method, call_id=req.call_id, bekey=bekey,
               to=partner, error=str(exc))
         return True
+
+    def hand_answer_over(self, bekey: str, resp: SipResponse, exc: StoreUnavailable) -> None:
+        """Our Redis failed on an answer from the far side: it goes to the
+        call's partner, which has the replica (as requests do, hand_over),
+        or sent the request with our Via (a CANCEL of our INVITE must
+        carry it, RFC 3261 §9.1; a copy sent again). Dropped here, the
+        answer was sent again, or the request was, until the proxy sent
+        the answers to the partner itself on seeing our Redis down: a SIPp
+        UAS aborted the call on the CANCEL sent again (chaos, node3's Redis
+        killed). Once: not an answer a partner handed here."""
+        partner = self.partner_for(bekey)
+        addr = self.peer_addrs.get(partner) if partner else None
+        if addr is None or resp.source in self.peer_addrs.values():
+            return
+        self.tx._send(resp.to_bytes(), addr)
+        event(log, "response_handed_over", logging.WARNING, status=resp.status, cseq=resp.get("CSeq"),
+              call_id=resp.call_id, bekey=bekey, to=partner, error=str(exc))
 
     def _route_info(self, req: SipRequest) -> tuple[str, str | None, str]:
         """-> (bekey, partner, reason): from the proxy's internal header
@@ -1310,7 +1332,7 @@ class Node:
     def fork_handlers(self, bekey: str, branch: str) -> tuple:
         """-> (on_response, expire) of a fork's INVITE transaction: its
         answers, and its end at Timer C, go through the call's lock."""
-        return (lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp)),
+        return (lambda resp: self.spawn(bekey, self.on_invite_response(bekey, branch, resp), resp),
                 lambda: self.spawn(bekey, self.fork_expired(bekey, branch)))
 
     def setup_over(self, bekey: str) -> None:
@@ -2155,7 +2177,7 @@ class Node:
             out = self.build(record, far, req.method, out_cseq, body=req.body, branch=branch, via=via,
                              content_type=req.get("Content-Type"), extra=extra)
             self.tx.request(out, lambda resp: self.spawn(
-                bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp)))
+                bekey, self.on_relay_response(bekey, req, leg, out_cseq, resp), resp))
         finally:
             trying()
 

@@ -653,6 +653,56 @@ def test_a_node_whose_redis_died_hands_requests_to_the_partner(tmp_path):
     assert left == [(None, "missing")]
 
 
+
+def test_a_node_whose_redis_died_hands_the_answers_it_gets_to_the_partner(tmp_path):
+    """The owner's Redis died while its call rang; the caller's CANCEL was
+    handed to the partner, which CANCELled the callee with the owner's
+    Via (RFC 3261 §9.1). The callee's 200 to the CANCEL and its 487 came
+    to the owner, which dropped them for want of its Redis: the partner
+    sent its CANCEL again until the proxy saw the owner's Redis down, and
+    a SIPp UAS aborted the call on the copy (chaos, node3's Redis
+    killed). The owner now hands such answers to the partner, once."""
+    async def scenario(nodes, sent):
+        owner, partner = nodes
+        bekey, b_invite = await calling(owner, sent)
+        owner.on_message(callee_says(b_invite, 180, "Ringing"), *UDP)
+        await settled(owner)
+        dead = Redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, connect_timeout=0.5)
+        owner.store.own = owner.store.clients["node1"] = dead
+        dests = {n: [] for n in nodes}
+        for n in nodes:
+            n.tx._send = lambda data, dest, n=n: (sent[n].append(parse_message(data)), dests[n].append(dest))
+        cancel = caller_invite(bekey).replace(b"INVITE sip:", b"CANCEL sip:").replace(b"CSeq: 1 INVITE",
+                                                                                     b"CSeq: 1 CANCEL")
+        partner.on_message(parse_message(cancel.replace(b"owner=node1;partner=node2;reason=owner",
+                                                        b"owner=node2;partner=;reason=handoff")), *UDP)
+        await settled(partner)
+        callee_cancel, = of_method(sent[partner], "CANCEL")
+        before, dests[owner] = len(sent[owner]), [None] * len(sent[owner])
+        for resp in (make_response(callee_cancel, 200, "OK", to_tag="callee-1"),
+                     make_response(b_invite, 487, "Request Terminated", to_tag="callee-1")):
+            came = parse_message(resp.to_bytes())
+            came.source = ("127.0.0.1", 5999)                # from the proxy
+            owner.on_message(came, *UDP)
+        await settled(owner)
+        handed = list(zip(sent[owner][before:], dests[owner][before:]))
+        for resp, _ in handed:
+            came = parse_message(resp.to_bytes())
+            came.source = ("127.0.0.1", 7001)                # from the owner
+            partner.on_message(came, *UDP)
+        await settled(partner)
+        await asyncio.sleep(0.7)                            # past T1: no CANCEL again
+        return callee_cancel, handed, sent[partner], await partner.store.load(bekey, [])
+
+    callee_cancel, handed, out, left = with_nodes(tmp_path, 2, scenario)
+    assert callee_cancel.top_via.port == 7001
+    assert [(m.status, m.cseq[1], dest) for m, dest in handed] == \
+        [(200, "CANCEL", ("127.0.0.1", 7002)), (487, "INVITE", ("127.0.0.1", 7002))]
+    assert len(of_method(out, "CANCEL")) == 1
+    assert [m.call_id for m in of_method(out, "ACK")] == [callee_cancel.call_id]      # of the 487
+    assert left == (None, "missing")
+
+
 def woken_owner_scenario(stall: bool, drain: bool):
     """The owner sends the B-leg INVITE, then stands still (or drains); the
     callee's 180 and 200 reach the partner, which relays them and takes
