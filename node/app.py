@@ -213,7 +213,8 @@ def setup_copy(req: SipRequest) -> dict:
     the call is answered): saved with the call, so that the node that
     takes it on after its owner died sends the INVITE the owner may not
     have sent (take_on), and fails over to the next node.upstream as the
-    owner would have."""
+    owner would have. So is a re-INVITE relayed (record q `re`, kept
+    until its final answer: relay_again)."""
     return {"body": req.body.decode("latin-1"), "ct": req.get("Content-Type"), "mf": b_leg_hops(req),
             "x": carried_request(req)}
 
@@ -1407,13 +1408,14 @@ class Node:
         - calls still ringing: the dead node (or this one, restarted) ran
           their Timer C, and nothing else ends a call whose callee rang
           before the death and rings on without a word, to a caller who
-          waits (SIPp, a gateway). Each is taken here, and its INVITEs
-          sent again with a Timer C from now (take_on): a callee ringing
+          waits (SIPp, a gateway). Each is taken here, and its INVITE
+          transactions with a Timer C from now (take_on): a callee ringing
           on says 180 again within it (every minute, RFC 3261 §13.3.1.1);
           one that does not is CANCELled at its end, and the caller hears
-          408;
+          408. An INVITE still unanswered SEND_AGAIN_AFTER later is sent
+          again (send_again);
         - calls with a re-INVITE relayed and not answered yet: it is sent
-          again (relay_again), its sender having had 100 Trying;
+          again then (relay_again), its sender having had 100 Trying;
         - every record whose active copy is gone with the dead node's
           Redis (its host died, or its Redis came back empty): our replica
           is the only copy left, promoted and mirrored at once rather than
@@ -1508,7 +1510,7 @@ class Node:
         a chaos run with re-INVITEs)."""
         re, leg, far = q["re"], q["l"], other(q["l"])
         out = self.build(record, far, "INVITE", q["o"], body=re["body"].encode("latin-1"), content_type=re["ct"],
-                         branch=q["br"], via=self.fork_via(q), extra=[tuple(h) for h in re["x"]])
+                         branch=q["br"], via=self.fork_via(q), extra=re["x"])
         orig = self.answerable("INVITE", record[leg]["tgt"], q["h"])
         contact = self.contact_of(self.fork_via(q))
         self.tx.request(out, lambda resp: self.spawn(
@@ -2169,8 +2171,7 @@ class Node:
             record["q"] = {"l": leg, "m": req.method, "c": req.cseq[0], "o": out_cseq, "h": answering(req),
                            "br": branch, "by": self.id}
             if req.method == "INVITE":
-                # until its final answer (relay_again)
-                record["q"]["re"] = {"body": req.body.decode("latin-1"), "ct": req.get("Content-Type"), "x": extra}
+                record["q"]["re"] = setup_copy(req)     # until its final answer (relay_again)
         try:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))
