@@ -1,0 +1,109 @@
+"""Real softphones (baresip) through a local cluster: they register, call
+each other, hold and resume, hang up, refuse and cancel, as users do,
+and a call goes on when the node that set it up dies with its Redis.
+Media flows phone to phone (the B2BUA carries the SDP), so each call's
+RTCP summary must show packets both ways."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from softphone import Baresip, installed
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def phone(procs):
+    if not installed():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs baresip (package baresip-core; .ci/install adds it)")
+        pytest.skip("baresip is not installed (apt-get install baresip-core)")
+    made: list[Baresip] = []
+
+    def make(user: str, proxy: tuple[str, int], **kw) -> Baresip:
+        made.append(Baresip(procs, user, proxy, **kw))
+        made[-1].registered()
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()
+
+
+def owner_of(cluster, call_id: str, seconds: float = 3.0) -> str:
+    """The node that logged the call's dialog_created."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for nid in cluster.state["nodes"]:
+            lines = (cluster.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
+            if any("event=dialog_created " in line and f" call_id={call_id} " in line for line in lines):
+                return nid
+        time.sleep(0.05)
+    raise AssertionError(f"no node logged dialog_created for {call_id}")
+
+
+def answered_offer(caller: Baresip, callee: Baresip, command: str) -> None:
+    """`command` (hold, resume) on the caller: a re-INVITE, whose offer the
+    callee gets and whose answer the caller gets back."""
+    a, b = caller.mark(), callee.mark()
+    assert caller.command(command)["ok"]
+    assert callee.wait("CALL_REMOTE_SDP", since=b)["param"] == "offer"
+    assert caller.wait("CALL_REMOTE_SDP", since=a)["param"] == "answer"
+
+
+def test_softphones_call_and_the_call_outlives_its_node(make_cluster, phone):
+    c = make_cluster(nodes=2, trunk=None)
+    alice, bob = phone("alice", c.proxy_addr), phone("bob", c.proxy_addr)
+    assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
+    call_id = alice.wait("CALL_ESTABLISHED")["id"]
+    bob.wait("CALL_ESTABLISHED")
+    owner = owner_of(c, call_id)
+    partner = next(n for n in c.state["nodes"] if n != owner)
+    time.sleep(5)                   # an RTCP report each way
+    c.kill(owner)                   # the host is lost: its Redis with it
+    time.sleep(0.5)
+    answered_offer(alice, bob, "hold")
+    answered_offer(alice, bob, "resume")
+    assert "ESTABLISHED" in alice.calls() and "ESTABLISHED" in bob.calls()
+    assert bob.command("hangup")["ok"]
+    assert "peer" in alice.wait("CALL_CLOSED")["param"]
+    bob.wait("CALL_CLOSED")
+    records = [r for r in c.call_records(at_least=1) if r["call_id"] == call_id]
+    assert [(r["proc"], r["status"], r["ended_by"]) for r in records] == [(partner, "200", "callee")], records
+    for p in (alice, bob):
+        (summary,) = p.media()
+        assert int(summary.get("PR", 0)) > 0 and int(summary.get("PS", 0)) > 0, (p.user, summary)
+
+
+def test_softphones_refuse_cancel_and_miss_over_tcp(make_cluster, phone):
+    c = make_cluster(nodes=2, trunk=None)
+    alice = phone("alice", c.proxy_addr, transport="tcp")
+    bob = phone("bob", c.proxy_addr, transport="tcp", answer="manual")
+    bob_uri = f"sip:bob@{c.proxy_host}"
+
+    # bob refuses: alice hears his busy
+    b = bob.mark()
+    assert alice.command("dial", bob_uri)["ok"]
+    bob.wait("CALL_INCOMING", since=b)
+    a = alice.mark()
+    assert bob.command("hangup")["ok"]
+    assert "486" in alice.wait("CALL_CLOSED", since=a)["param"]
+
+    # alice gives up while bob's phone rings: his stops
+    b = bob.mark()
+    assert alice.command("dial", bob_uri)["ok"]
+    bob.wait("CALL_INCOMING", since=b)
+    alice.wait("CALL_RINGING")
+    assert alice.command("hangup")["ok"]
+    bob.wait("CALL_CLOSED", since=b)
+
+    # nobody of that name
+    a = alice.mark()
+    assert alice.command("dial", f"sip:nobody@{c.proxy_host}")["ok"]
+    assert "404" in alice.wait("CALL_CLOSED", since=a)["param"]
+
+    statuses = sorted(r["status"] for r in c.call_records(at_least=2) if r.get("callee", "").startswith("sip:bob"))
+    assert statuses == ["486", "487"], statuses
+    assert "ESTABLISHED" not in alice.calls() + bob.calls()
