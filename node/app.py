@@ -219,6 +219,38 @@ def setup_copy(req: SipRequest) -> dict:
             "x": carried_request(req)}
 
 
+def remember_refer(record: dict, far: str, out_cseq: int, cseq: int) -> None:
+    """A REFER of CSeq `cseq` relayed to leg `far` as `out_cseq` (record
+    `rf`, the last few): its subscription's NOTIFYs and SUBSCRIBEs name
+    it by the number each side saw (refer_ids)."""
+    record["rf"] = record.get("rf", [])[-3:] + [[far, out_cseq, cseq]]
+
+
+def refer_ids(record: dict, leg: str, carried: list) -> None:
+    """`Event: refer;id=N` of a NOTIFY or SUBSCRIBE from `leg`, in
+    `carried`, names a REFER by the CSeq its receiver saw (RFC 3515
+    §2.4.6). The legs number their requests apart, so N goes on in the
+    other leg's numbering: the transferee's NOTIFY with the transferor's
+    REFER CSeq, the transferor's SUBSCRIBE with ours. Relayed as it came,
+    the transferor (baresip) answered 481 Subscription Does Not Exist
+    and showed the transfer failed."""
+    for i, (name, value) in enumerate(carried):
+        parts = value.split(";")
+        if name.lower() not in ("event", "o") or parts[0].strip().lower() != "refer":
+            continue
+        for j, part in enumerate(parts[1:], 1):
+            key, eq, n = part.partition("=")
+            if not (eq and key.strip().lower() == "id" and is_digits(n.strip()) and len(n.strip()) <= 10):
+                continue
+            n = int(n)
+            for far, out_cseq, cseq in record.get("rf", ()):
+                if (leg, n) in ((far, out_cseq), (other(far), cseq)):
+                    parts[j] = f"{key}={cseq if leg == far else out_cseq}"
+                    carried[i] = (name, ";".join(parts))
+                    break
+            break
+
+
 def relay_over(record: dict, leg: str, out_cseq: int) -> bool:
     """The re-INVITE from `leg` relayed as `out_cseq` has its final answer:
     its copy (record q `re`) goes. -> whether there was one."""
@@ -2135,6 +2167,8 @@ class Node:
             self.reply(req, 500, "Server Internal Error (CSeq out of order)", headers=[("Retry-After", "1")])
             return
         extra = carried_request(req)
+        if req.method in ("NOTIFY", "SUBSCRIBE"):
+            refer_ids(record, leg, extra)
         if req.method == "PRACK" and leg == "a":
             # the caller acknowledges a reliable provisional answer by the
             # RSeq we gave it: the callee gets its own, in its early dialog
@@ -2172,6 +2206,8 @@ class Node:
                            "br": branch, "by": self.id}
             if req.method == "INVITE":
                 record["q"]["re"] = setup_copy(req)     # until its final answer (relay_again)
+            elif req.method == "REFER":
+                remember_refer(record, far, out_cseq, req.cseq[0])
         try:
             if not again:
                 await self.store.save(bekey, record, partner, self.others(bekey))

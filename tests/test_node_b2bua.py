@@ -134,6 +134,40 @@ def test_a_blind_transfer_goes_through(tmp_path):
     assert notify.body == b"SIP/2.0 200 OK\r\n" and notify.get("Content-Type") == "message/sipfrag;version=2.0"
 
 
+def test_a_transfers_notifies_name_the_refer_as_the_transferor_sent_it(tmp_path):
+    """The NOTIFYs of a REFER's subscription name it by its CSeq (Event:
+    refer;id=N, RFC 3515 §2.4.6), and the node numbers the far leg's
+    requests its own way: relayed with our number, baresip, the
+    transferor, answered 481 Subscription Does Not Exist (the transfer
+    shown failed); the transferor's SUBSCRIBE to that subscription goes
+    the other way."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, ok, b_invite = await answered_call(n, sent)
+        refer = in_dialog("REFER", 7, CALL_ID, "a1", ok.to.tag, "z9hG4bKref7")
+        n.on_message(with_headers(refer, [("Refer-To", "<sip:carol@example.com>")]), *UDP)
+        await settled(n)
+        relayed, = of_method(sent[n], "REFER")
+        n.on_message(make_response(relayed, 202, "Accepted"), *UDP)
+        notify = in_dialog("NOTIFY", 2, b_invite.call_id, "callee-1", b_invite.from_.tag, "z9hG4bKnot2")
+        n.on_message(with_headers(notify, [("Event", f"refer;ID={relayed.cseq[0]}"),
+                                           ("Subscription-State", "active;expires=60")],
+                                  b"SIP/2.0 100 Trying\r\n", "message/sipfrag"), *UDP)
+        await settled(n)
+        sub = in_dialog("SUBSCRIBE", 8, CALL_ID, "a1", ok.to.tag, "z9hG4bKsub8")
+        n.on_message(with_headers(sub, [("Event", "refer;id=7"), ("Expires", "0")]), *UDP)
+        other = in_dialog("NOTIFY", 3, b_invite.call_id, "callee-1", b_invite.from_.tag, "z9hG4bKnot3")
+        n.on_message(with_headers(other, [("Event", "refer;id=99"), ("Subscription-State", "active")],
+                                  b"SIP/2.0 100 Trying\r\n", "message/sipfrag"), *UDP)
+        await settled(n)
+        return relayed, of_method(sent[n], "NOTIFY"), of_method(sent[n], "SUBSCRIBE")
+
+    refer, notifies, (sub,) = with_nodes(tmp_path, 1, scenario)
+    assert refer.cseq[0] != 7
+    assert [m.get("Event") for m in notifies] == ["refer;ID=7", "refer;id=99"]     # one it never relayed: as it is
+    assert sub.get("Event") == f"refer;id={refer.cseq[0]}"
+
+
 def test_the_transferor_may_end_the_subscription_its_refer_made(tmp_path):
     """A REFER makes a subscription to the transfer's progress, which the
     transferor ends (or refreshes) with a SUBSCRIBE in the dialog (RFC

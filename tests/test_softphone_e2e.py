@@ -107,3 +107,25 @@ def test_softphones_refuse_cancel_and_miss_over_tcp(make_cluster, phone):
     statuses = sorted(r["status"] for r in c.call_records(at_least=2) if r.get("callee", "").startswith("sip:bob"))
     assert statuses == ["486", "487"], statuses
     assert "ESTABLISHED" not in alice.calls() + bob.calls()
+
+
+def test_a_softphone_transfers_a_call(make_cluster, phone):
+    """bob's transfer button (a blind transfer: REFER to alice): alice
+    calls carol, and bob hears how it went from alice's NOTIFYs, which
+    name his REFER by his own CSeq (refer_ids): he hangs up once carol
+    answered, and alice never hears that the transfer failed."""
+    c = make_cluster(nodes=2, trunk=None)
+    alice, bob, carol = (phone(user, c.proxy_addr) for user in ("alice", "bob", "carol"))
+    assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
+    alice.wait("CALL_ESTABLISHED")
+    bob.wait("CALL_ESTABLISHED")
+    a = alice.mark()
+    assert bob.command("transfer", f"sip:carol@{c.proxy_host}")["ok"]
+    assert alice.wait("CALL_ESTABLISHED", since=a)["peeruri"].startswith(f"sip:carol@{c.proxy_host}")
+    carol.wait("CALL_ESTABLISHED")
+    assert bob.wait("CALL_CLOSED")["param"] == "Call transfered"      # baresip's spelling
+    assert "TRANSFER_FAILED" not in [e["type"] for e in alice.events]
+    assert "ESTABLISHED" in carol.calls() and "ESTABLISHED" not in bob.calls()
+    a = alice.mark()
+    assert carol.command("hangup")["ok"]
+    alice.wait("CALL_CLOSED", since=a)
