@@ -276,6 +276,16 @@ def carried(resp: SipResponse) -> list[list[str]]:
     return [[f.name, f.value] for f in resp.fields if f.key in keys]
 
 
+# what a 2xx to an OPTIONS says of the phone that sent it (RFC 3261 §11.2)
+CAPABILITIES = frozenset(("allow", "accept", "accept-encoding", "accept-language", "supported", "allow-events"))
+
+
+def to_a_user(req: SipRequest) -> bool:
+    """An OPTIONS outside a dialog for someone (sip:bob@...), which goes on
+    to her phones as a proxy would send it; one for no user pings us."""
+    return req.method == "OPTIONS" and req.to.tag is None and req.ruri.is_sip and bool(req.ruri.user)
+
+
 def best_failure(items: list, status=lambda item: item):
     """The final answer a forking element gives when every branch failed
     (RFC 3261 §16.7): the first 6xx, else the lowest status."""
@@ -957,7 +967,7 @@ class Node:
                            headers=[("Unsupported", ", ".join(unknown))])
                 return
         if (self.auth is not None and (method == "REGISTER" or (method in ("INVITE", "MESSAGE", "SUBSCRIBE")
-                                                                and req.to.tag is None))
+                                                                and req.to.tag is None) or to_a_user(req))
                 and not await authenticate(self, req)):
             return
         if method == "REGISTER":
@@ -971,11 +981,12 @@ class Node:
                 await self.new_call(req, bekey)
             elif method == "CANCEL":
                 await self.cancel(req, bekey)
-            elif method == "MESSAGE":
-                await self.message(req, bekey)
+            elif method == "MESSAGE" or to_a_user(req):
+                await self.forward(req, bekey)
             elif method == "SUBSCRIBE":
                 await self.subscribe(req, bekey)
             elif method == "OPTIONS":
+                # a ping of the server itself (no user): answered here
                 self.reply(req, 200, "OK", to_tag=self.new_tag(bekey), headers=[("Allow", ALLOW)])
             elif method == "ACK":
                 pass
@@ -1267,13 +1278,15 @@ class Node:
         early = ";early-only" if "early-only" in p else ""
         return f"{far['cid']};to-tag={far['rt']};from-tag={far['lt']}{early}", far
 
-    async def message(self, req: SipRequest, bekey: str) -> None:
-        """A MESSAGE outside a dialog (RFC 3428, softphones' chat): sent on
-        to every live contact of the user it is for (else upstream, else
-        404), the first 2xx or else the best failure told the sender, as
-        a forking proxy would. No dialog, so nothing is saved: should this
-        node die meanwhile, the sender's retransmission reaches the
-        partner, which sends it again."""
+    async def forward(self, req: SipRequest, bekey: str) -> None:
+        """A MESSAGE outside a dialog (RFC 3428, softphones' chat), or an
+        OPTIONS for a user (is she there, what can her phone do: RFC 3261
+        §11): sent on to every live contact of the user it is for (else
+        upstream, else 404), the first 2xx or else the best failure told
+        the sender, as a forking proxy would; a 2xx with what it says of
+        the phone (Allow, Accept, Supported... and its body). No dialog,
+        so nothing is saved: should this node die meanwhile, the sender's
+        retransmission reaches the partner, which sends it again."""
         targets, _, _ = await self.find_targets(req, bekey)
         tag = self.new_tag(bekey)
         if not targets:
@@ -1296,10 +1309,15 @@ class Node:
                     return                      # others may take it yet
                 resp = best_failure(failures, lambda r: r.status)
             told = True
-            self.reply(req, resp.status, resp.reason, to_tag=tag, headers=carried(resp))
+            if resp.status < 300 and req.method == "OPTIONS":
+                self.reply(req, resp.status, resp.reason, to_tag=tag, body=resp.body,
+                           content_type=resp.get("Content-Type") if resp.body else None,
+                           headers=[(f.name, f.value) for f in resp.fields if f.key in CAPABILITIES])
+            else:
+                self.reply(req, resp.status, resp.reason, to_tag=tag, headers=carried(resp))
 
         for uri, route in targets:
-            out = self.build({"b": dict(leg, tgt=uri, rs=list(route))}, "b", "MESSAGE", 1, body=req.body,
+            out = self.build({"b": dict(leg, tgt=uri, rs=list(route))}, "b", req.method, 1, body=req.body,
                              content_type=req.get("Content-Type"), hops=b_leg_hops(req), extra=carried_request(req))
             self.tx.request(out, answered)
 

@@ -9,7 +9,7 @@ import pytest
 
 from nodekit import (CALL_ID, SDP, UDP, answered_call, caller_invite, in_dialog, of_method, register, settled,
                      with_headers, with_nodes)
-from sipcore.bekey import bekey_of
+from sipcore.bekey import ROUTE_HEADER, bekey_of
 from sipcore.message import make_response, parse_message
 
 pytestmark = pytest.mark.e2e
@@ -266,6 +266,47 @@ def test_a_chat_message_to_nobody_gets_404(tmp_path):
 
     out = with_nodes(tmp_path, 1, scenario, {"node.upstream": ""})
     assert [(m.status, m.reason) for m in out] == [(404, "Not Found")]
+
+
+def ping(to: str) -> bytes:
+    """An OPTIONS outside a dialog for `to` (no user: the server), as the
+    proxy hands it on (its routing header: not a probe of its own)."""
+    user = f"{to}@" if to else ""
+    return (f"OPTIONS sip:{user}example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5070;branch=z9hG4bKping1\r\n"
+            f"Max-Forwards: 69\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:{user}example.com>\r\n"
+            f"Call-ID: ping-{to}@192.0.2.50\r\nCSeq: 3 OPTIONS\r\nAccept: application/sdp\r\n"
+            f"{ROUTE_HEADER}: bekey={bekey_of(f'ping-{to}@192.0.2.50')};owner=node1;partner=node2;reason=owner\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def test_an_options_for_a_user_asks_her_phone(tmp_path):
+    """OPTIONS sip:carol@... (is she there, what can her phone do, RFC 3261
+    §11) was answered 200 by the node whoever carol was, registered or
+    not, as Kamailio answers only a ping of itself: it now goes to her
+    phones, and the sender hears the first 2xx with what it says of the
+    phone; for nobody, 404; for the server itself (no user), 200 here."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.on_message(register("carol", ["<sip:carol@192.0.2.60:5060>"]), *UDP)
+        await settled(n)
+        for to in ("carol", "dave", ""):
+            n.on_message(parse_message(ping(to)), *UDP)
+            await settled(n)
+        asked, = of_method(sent[n], "OPTIONS")
+        n.on_message(make_response(asked, 200, "OK", to_tag="c1", body=b"v=0\r\n", content_type="application/sdp",
+                                   headers=[("Allow", "INVITE, ACK, BYE"), ("Supported", "replaces"),
+                                            ("User-Agent", "phone 1.0")]), *UDP)
+        await settled(n)
+        return asked, [m for m in sent[n] if getattr(m, "status", 0) and m.call_id.startswith("ping-")]
+
+    asked, replies = with_nodes(tmp_path, 1, scenario, {"node.upstream": ""})
+    assert asked.uri == "sip:carol@192.0.2.60:5060" and asked.get("Accept") == "application/sdp"
+    assert asked.call_id != "ping-carol@192.0.2.50"
+    by_call = {r.call_id.split("@")[0]: r for r in replies}
+    assert {k: r.status for k, r in by_call.items()} == {"ping-carol": 200, "ping-dave": 404, "ping-": 200}
+    carol = by_call["ping-carol"]
+    assert (carol.get("Allow"), carol.get("Supported"), carol.body) == ("INVITE, ACK, BYE", "replaces", b"v=0\r\n")
+    assert not carol.has("User-Agent") and carol.to.tag
 
 
 def test_an_update_before_the_answer_reaches_the_callees_early_dialog(tmp_path):
