@@ -148,6 +148,10 @@ CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info"
 CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event", "subscription-state",
                                 "allow-events", "info-package", "recv-info", "reason", "subject",
                                 "priority", "expires", "accept", "session-expires", "min-se"))
+# The Reason of the CANCELs to a user's other phones once one answered
+# (RFC 3326), as Kamailio and Asterisk send it: a phone then shows no
+# missed call
+ANSWERED_ELSEWHERE = [("Reason", 'SIP;cause=200;text="Call completed elsewhere"')]
 # ... and the option tags of its Supported and Require that go with them
 CARRIED_OPTIONS = ("timer", "precondition")
 
@@ -249,6 +253,13 @@ def refer_ids(record: dict, leg: str, carried: list) -> None:
                     carried[i] = (name, ";".join(parts))
                     break
             break
+
+
+def outside_dialog(record: dict) -> dict:
+    """The call's B leg as its forks' INVITEs and CANCELs go out: no To
+    tag, whatever early dialog (an UPDATE's, a PRACK's) or answer set
+    one since (RFC 3261 §8.1.1.2, §9.1)."""
+    return {"b": dict(record["b"], rt=None)}
 
 
 def relay_over(record: dict, leg: str, out_cseq: int) -> bool:
@@ -1369,7 +1380,8 @@ class Node:
         """A fork's INVITE from the caller's as saved (`inv`, setup_copy),
         as the node that sent it first (fork_via) sent it: a copy from
         another node is a retransmission of it, byte for byte."""
-        return self.build(record, "b", "INVITE", 1, body=inv["body"].encode("latin-1"), content_type=inv["ct"],
+        return self.build(outside_dialog(record), "b", "INVITE", 1, body=inv["body"].encode("latin-1"),
+                          content_type=inv["ct"],
                           branch=fork["br"], ruri=fork["ruri"], routes=fork["route"], via=self.fork_via(fork),
                           hops=inv["mf"], extra=b_leg_extra(inv["x"], record))
 
@@ -1831,7 +1843,7 @@ class Node:
             await self.confirm(bekey, record, resp)
             for other_fork in record["forks"]:
                 if other_fork["st"] is None:
-                    self.send_cancel(record, other_fork)
+                    self.send_cancel(record, other_fork, ANSWERED_ELSEWHERE)
             return
         if record["st"] == "confirmed" and resp.to.tag == record["b"]["rt"]:
             self.answer_a(bekey, record, resp.status, resp.reason, resp)   # 2xx retransmission
@@ -2002,7 +2014,7 @@ class Node:
             await self.confirm(bekey, record, resp)
             for other_fork in record["forks"]:
                 if other_fork["st"] is None:
-                    self.send_cancel(record, other_fork)
+                    self.send_cancel(record, other_fork, ANSWERED_ELSEWHERE)
         elif cseq == 1:
             # It saved the answer, and may have died before relaying it: the
             # callee still sending its 2xx means no ACK got through, so the
@@ -2152,9 +2164,10 @@ class Node:
         self.answer_a(bekey, record, 487, "Request Terminated")
 
     def send_cancel(self, record: dict, fork: dict, extra: list[tuple[str, str]] = ()) -> None:
-        """CANCEL one fork: same R-URI, Route, branch and CSeq number as its
-        INVITE (RFC 3261 §9.1)."""
-        cancel = self.build(record, "b", "CANCEL", 1, branch=fork["br"], ruri=fork["ruri"],
+        """CANCEL one fork: same R-URI, Route, branch, CSeq number, From and
+        To as its INVITE (RFC 3261 §9.1), so no To tag: it carried the tag
+        of the phone that answered, or of one that rang."""
+        cancel = self.build(outside_dialog(record), "b", "CANCEL", 1, branch=fork["br"], ruri=fork["ruri"],
                             routes=fork["route"], via=self.fork_via(fork), extra=extra)
         self.tx.request(cancel, lambda r: None)
 

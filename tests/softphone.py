@@ -86,9 +86,12 @@ def tone(path: Path, seconds: int = 20) -> None:
 
 
 class Baresip:
-    def __init__(self, procs, user: str, proxy: tuple[str, int], transport: str = "udp", answer: str = "auto"):
+    def __init__(self, procs, user: str, proxy: tuple[str, int], transport: str = "udp", answer: str = "auto",
+                 device: str = ""):
+        """`device`: tells apart two phones of one user."""
         self.user, self.procs = user, procs
-        self.folder = procs.tmp / f"baresip-{user}"
+        self.name = f"baresip-{user}{device}"
+        self.folder = procs.tmp / self.name
         self.folder.mkdir()
         self.sip_port, self.ctrl_port = free_port(), free_port()
         tone(self.folder / "tone.wav")
@@ -109,7 +112,7 @@ class Baresip:
         (self.folder / "contacts").write_text("")
         self.events: list[dict] = []
         self.lock = threading.Lock()
-        self.proc = procs.start(f"baresip-{user}", ["baresip", "-4", "-s", "-f", str(self.folder)],
+        self.proc = procs.start(self.name, ["baresip", "-4", "-s", "-f", str(self.folder)],
                                 ready="baresip is ready.", env={"LD_PRELOAD": str(loopback_shim(procs.tmp))})
         self.ctrl = socket.create_connection(("127.0.0.1", self.ctrl_port), timeout=5)
         self.ctrl.settimeout(None)      # the reader waits for events as long as the phone runs

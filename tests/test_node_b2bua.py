@@ -340,6 +340,33 @@ def test_an_update_before_the_answer_reaches_the_callees_early_dialog(tmp_path):
     assert [(a.status, a.cseq[1]) for a in answers if a.cseq[1] == "UPDATE"] == [(200, "UPDATE")]
 
 
+def test_a_users_other_phones_stop_ringing_as_answered_elsewhere(tmp_path):
+    """Two phones of carol ring; one answers. The other gets a CANCEL
+    that is its INVITE's (RFC 3261 §9.1: no To tag; it carried the tag of
+    the phone that answered) and says why (RFC 3326: a phone then shows
+    no missed call, as behind Kamailio or Asterisk)."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        n.on_message(register("carol", ["<sip:carol@192.0.2.60:5060>", "<sip:carol@192.0.2.61:5060>"]), *UDP)
+        await settled(n)
+        n.on_message(parse_message(caller_invite(bekey_of(CALL_ID), "sip:carol@example.com", SDP)), *UDP)
+        await settled(n)
+        forks = of_method(sent[n], "INVITE")
+        n.on_message(make_response(forks[0], 180, "Ringing", to_tag="ring-0",
+                                   headers=[("Contact", f"<{forks[0].uri}>")]), *UDP)
+        await settled(n)
+        n.on_message(make_response(forks[1], 200, "OK", to_tag="took-1", body=SDP, content_type="application/sdp",
+                                   headers=[("Contact", f"<{forks[1].uri}>")]), *UDP)
+        await settled(n)
+        return forks, of_method(sent[n], "CANCEL")
+
+    forks, (cancel,) = with_nodes(tmp_path, 1, scenario)
+    assert (cancel.uri, cancel.top_via.branch) == (forks[0].uri, forks[0].top_via.branch)
+    assert cancel.get("To") == forks[0].get("To") and cancel.to.tag is None
+    assert cancel.get("From") == forks[0].get("From") and cancel.cseq == (1, "CANCEL")
+    assert cancel.get("Reason") == 'SIP;cause=200;text="Call completed elsewhere"'
+
+
 def test_reliable_provisional_answers_of_two_phones_reach_the_caller_numbered_in_one_sequence(tmp_path):
     """100rel (RFC 3262): an INVITE that required it got 420, and one that
     only supported it reached the callee without saying so. Now the B-leg

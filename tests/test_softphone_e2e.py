@@ -129,3 +129,21 @@ def test_a_softphone_transfers_a_call(make_cluster, phone):
     a = alice.mark()
     assert carol.command("hangup")["ok"]
     alice.wait("CALL_CLOSED", since=a)
+
+
+def test_a_users_two_phones_ring_and_one_takes_the_call(make_cluster, phone):
+    """bob has a desk phone and a softphone: both ring, the softphone
+    answers, the desk phone stops ringing (its CANCEL answered 200, its
+    INVITE 487) and the call goes on with the one that answered."""
+    c = make_cluster(nodes=2, trunk=None)
+    alice = phone("alice", c.proxy_addr)
+    desk = phone("bob", c.proxy_addr, answer="manual", device="-desk")
+    soft = phone("bob", c.proxy_addr, device="-soft")
+    assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
+    alice.wait("CALL_ESTABLISHED")
+    soft.wait("CALL_ESTABLISHED")
+    desk.wait("CALL_INCOMING")
+    desk.wait("CALL_CLOSED")
+    assert "ESTABLISHED" in soft.calls() and "INCOMING" not in desk.calls()
+    log = desk.proc.text()
+    assert 'Reason: SIP;cause=200;text="Call completed elsewhere"' in log and "SIP/2.0 487" in log
