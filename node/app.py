@@ -466,7 +466,7 @@ class Node:
     def _authenticator(self, cfg: Config) -> Authenticator | None:
         """Digest authentication with the users of auth.users_file (read
         now), None without one."""
-        trusted = cfg.trusted
+        trusted, algorithms = cfg.trusted, cfg.digest_algorithms
         if trusted and not cfg["auth.users_file"]:
             raise ConfigError("auth.trusted: no auth.users_file, so every source is let in already")
         if not cfg["auth.users_file"]:
@@ -475,7 +475,8 @@ class Node:
             users = load_users(cfg["auth.users_file"])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"auth.users_file: {exc}") from None
-        return Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store, trusted)
+        return Authenticator(users, cfg["auth.realm"], self.secret, cfg["auth.nonce_ttl"], self.store, trusted,
+                             algorithms)
 
     async def reload(self, cfg: Config) -> None:
         """The node list read again (SIGHUP): partners, the other nodes'

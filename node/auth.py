@@ -3,8 +3,11 @@
 
 Users come from a file, one `user:password` a line (`#` starts a comment).
 A REGISTER without valid credentials gets 401 with WWW-Authenticate, an
-INVITE 407 with Proxy-Authenticate; both offer SHA-256 first, then MD5
-(RFC 8760 §2.4: the client takes the first it supports), qop=auth.
+INVITE 407 with Proxy-Authenticate; both offer a challenge for each of
+the algorithms of `auth.algorithms`, in its order (RFC 8760 §2.4: the
+client takes the first it supports), qop=auth. MD5 alone unless set
+otherwise: baresip 1.0 (Debian 12's) gives up on any challenge it does
+not know, even one that follows an MD5 challenge.
 
 Nonces are stateless: `<issued>.<random>.<mac>`, the MAC keyed with the
 cluster secret, so any node can check one another node issued. A nonce
@@ -99,8 +102,9 @@ def source_address(req: SipRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Add
 
 class Authenticator:
     def __init__(self, users: dict[str, str], realm: str, secret: bytes, nonce_ttl: float, store,
-                 trusted=()):
+                 trusted=(), algorithms: tuple[str, ...] = ("MD5",)):
         self.trusted = list(trusted)
+        self.algorithms = algorithms        # offered, in this order; answers in others are refused
         self.users = users
         self.realm = realm
         self.secret = secret
@@ -128,7 +132,7 @@ class Authenticator:
         nonce = self.make_nonce()
         extra = ", stale=true" if stale else ""
         return [f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={alg}, qop="auth"{extra}'
-                for alg in ALGORITHMS]
+                for alg in self.algorithms]
 
     # ---- checking ---------------------------------------------------------
     async def check(self, req: SipRequest) -> tuple[bool, bool, str]:
@@ -147,7 +151,7 @@ class Authenticator:
                 continue
             user, nonce = c.get("username", ""), c.get("nonce", "")
             algorithm = c.get("algorithm", "MD5").upper()
-            if algorithm not in ALGORITHMS:
+            if algorithm not in self.algorithms:
                 return False, False, f"unsupported algorithm {algorithm[:16]}"
             password = self.users.get(user)
             if password is None:

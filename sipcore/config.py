@@ -134,6 +134,10 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
     "auth.users_file": (str, "", "digest users, one user:password a line; empty: no authentication"),
     "auth.realm": (str, "sipha", "digest realm in challenges"),
     "auth.nonce_ttl": (float, 300.0, "seconds a nonce is good for (then stale=true)"),
+    "auth.algorithms": (str, "MD5", "digest algorithms the challenges offer, one challenge each, in this order "
+                        "(MD5, SHA-256: RFC 8760, e.g. \"SHA-256, MD5\"); MD5 alone, as Kamailio offers, unless "
+                        "every phone copes with SHA-256: some (baresip 1.0) give up on any challenge they do not "
+                        "know, even after an MD5 one"),
     "auth.trusted": (str, "", "addresses and networks whose requests need no digest credentials, comma-separated "
                      "(e.g. 192.0.2.10, 198.51.100.0/24: the carrier's trunk, a PBX); Kamailio's allow_source_address"),
     "node.admin": (str, "auto", "node admin HTTP: HOST:PORT, off, or auto = the node's [[nodes]] admin, else loopback (::1 for a node on IPv6) at SIP port + 1000"),
@@ -244,6 +248,15 @@ class Config:
                 except ValueError:
                     raise ConfigError(f"auth.trusted: expected IP addresses or networks (ADDR/BITS), "
                                       f"got {text.strip()!r}") from None
+        return found
+
+    @property
+    def digest_algorithms(self) -> tuple[str, ...]:
+        known = ("MD5", "SHA-256")
+        found = tuple(a.strip().upper() for a in self.values["auth.algorithms"].split(",") if a.strip())
+        if not found or any(a not in known for a in found) or len(set(found)) != len(found):
+            raise ConfigError(f"auth.algorithms: expected one or both of {', '.join(known)}, in the order "
+                              f"offered, got {self.values['auth.algorithms']!r}")
         return found
 
     @property
@@ -490,7 +503,7 @@ PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.
               "hep.server", "hep.capture_id", "hep.password")
 NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires",
              "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
-             "limits.overload_delay", "health.interval", "health.down_after", "hep.server", "hep.capture_id",
+             "auth.algorithms", "limits.overload_delay", "health.interval", "health.down_after", "hep.server", "hep.capture_id",
              "hep.password")
 LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca", "proxy.tls_crl",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})

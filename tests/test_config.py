@@ -102,6 +102,9 @@ NODE = ["node", "--id", "n1", "--node", "n1=127.0.0.1:5071,redis://127.0.0.1:637
     (NODE, {"SIPHA_AUTH_TRUSTED": "trunk.example"},
      "auth.trusted: expected IP addresses or networks (ADDR/BITS), got 'trunk.example'"),
     (NODE, {"SIPHA_AUTH_TRUSTED": "10.0.0.1"}, "auth.trusted: no auth.users_file"),
+    (NODE, {"SIPHA_AUTH_ALGORITHMS": "SHA-256, SHA-1"},
+     "auth.algorithms: expected one or both of MD5, SHA-256, in the order offered, got 'SHA-256, SHA-1'"),
+    (NODE, {"SIPHA_AUTH_ALGORITHMS": " , "}, "auth.algorithms: expected one or both of MD5, SHA-256"),
 ])
 def test_other_bad_options_are_cli_errors_not_tracebacks(args, env, said):
     r = subprocess.run([sys.executable, "-m", "sipha.cli", *args], capture_output=True, text=True, timeout=20,

@@ -147,3 +147,35 @@ def test_a_users_two_phones_ring_and_one_takes_the_call(make_cluster, phone):
     assert "ESTABLISHED" in soft.calls() and "INCOMING" not in desk.calls()
     log = desk.proc.text()
     assert 'Reason: SIP;cause=200;text="Call completed elsewhere"' in log and "SIP/2.0 487" in log
+
+
+def test_softphones_answer_the_digest_challenges(make_cluster, phone, monkeypatch, tmp_path):
+    """With auth.users_file, baresip registers (401, then its credentials),
+    calls (407) and asks another phone what it can do (OPTIONS, 407); a
+    wrong password registers nothing. baresip 1.0 gave up on every
+    challenge while a SHA-256 one came with the MD5 one: MD5 alone is the
+    default (auth.algorithms)."""
+    users = tmp_path / "users"
+    users.write_text("alice:wonderland\nbob:builder\nmallory:guessed\n")
+    monkeypatch.setenv("SIPHA_AUTH_USERS_FILE", str(users))
+    c = make_cluster(nodes=2, trunk=None)
+    alice = phone("alice", c.proxy_addr, password="wonderland")
+    bob = phone("bob", c.proxy_addr, password="builder")
+    assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
+    alice.wait("CALL_ESTABLISHED")
+    bob.wait("CALL_ESTABLISHED")
+    assert alice.command("options", f"sip:bob@{c.proxy_host}")["ok"]
+    assert bob.command("hangup")["ok"]
+    alice.wait("CALL_CLOSED")
+    said = [line for line in alice.proc.text().splitlines()
+            if line.startswith(("SIP/2.0 ", "REGISTER ", "INVITE ", "OPTIONS "))]
+    assert said[:5] == ["REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 401 Unauthorized",
+                        "REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 200 OK",
+                        "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0"], said
+    assert said[5:7] == ["SIP/2.0 407 Proxy Authentication Required", "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0"]
+    options = said.index("OPTIONS sip:bob@127.0.0.1 SIP/2.0")
+    assert said[options:options + 4] == ["OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 407 Proxy Authentication Required",
+                                         "OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 200 OK"], said
+    assert any(line.startswith("OPTIONS sip:bob-") for line in bob.proc.text().splitlines())
+    with pytest.raises(AssertionError, match="not registered .*ERR"):
+        phone("mallory", c.proxy_addr, password="wrong")
