@@ -2128,10 +2128,13 @@ class Node:
         record = await self.load_call(bekey, self.partner_for(bekey, req))
         if self.overtaken(req):
             return
-        if record is None or record["a"]["cid"] != req.call_id:
+        if (record is None or record["a"]["cid"] != req.call_id) and not self.tx.answered(req, "INVITE"):
             self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
-        if record["st"] != "early" or record.get("cancel"):
+        if record is None or record["a"]["cid"] != req.call_id or record["st"] != "early" or record.get("cancel"):
+            # answered meanwhile (a 486 the CANCEL crossed, whose call is
+            # gone): the CANCEL matched all the same, so 200, and it changes
+            # nothing (RFC 3261 §9.2)
             self.reply(req, 200, "OK")
             return
         record["cancel"] = True

@@ -239,9 +239,12 @@ class Transactions:
             self._send(hit[1], hit[2])
         return True
 
-    def answered(self, req: SipRequest) -> bool:
-        """Whether a final response to `req` has gone out."""
-        hit = self.responses.get(self.server_key(req))
+    def answered(self, req: SipRequest, method: str | None = None) -> bool:
+        """Whether a final response to `req` has gone out; with `method`
+        INVITE, to the INVITE a CANCEL `req` names (same branch, RFC 3261
+        §9.1)."""
+        key = self.server_key(req)
+        hit = self.responses.get(key if method is None else key[:3] + (method,) + key[4:])
         return hit is not None and hit[1] is not None and not hit[1].startswith(b"SIP/2.0 1")
 
     def respond(self, req: SipRequest, resp: SipResponse, *, retransmit_2xx: bool = False,

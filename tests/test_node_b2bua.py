@@ -220,6 +220,33 @@ def test_why_a_call_ends_reaches_the_other_side(tmp_path):
     assert relayed.call_id == CALL_ID and relayed.get("Reason") == "Q.850;cause=16"
 
 
+def test_a_cancel_that_crossed_the_callees_refusal_gets_200(tmp_path):
+    """The caller CANCELs as the callee's 486 comes back: the node has
+    answered the INVITE 486 and forgotten the call, but the CANCEL names
+    an INVITE transaction it finished, so it gets 200 and changes nothing
+    (RFC 3261 §9.2), not 481 (baresip hanging up as the callee refused);
+    a CANCEL of another branch still gets 481."""
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey = bekey_of(CALL_ID)
+        invite = caller_invite(bekey, sdp=SDP)
+        n.on_message(parse_message(invite), *UDP)
+        await settled(n)
+        b_invite, = of_method(sent[n], "INVITE")
+        n.on_message(make_response(b_invite, 486, "Busy Here", to_tag="callee-1"), *UDP)
+        await settled(n)
+        cancel = invite.split(b"\r\nContent-Type")[0].replace(b"INVITE sip", b"CANCEL sip").replace(
+            b"CSeq: 1 INVITE", b"CSeq: 1 CANCEL") + b"\r\nContent-Length: 0\r\n\r\n"
+        n.on_message(parse_message(cancel), *UDP)
+        n.on_message(parse_message(cancel.replace(b"z9hG4bKsphproxy1", b"z9hG4bKsphproxy2")), *UDP)
+        await settled(n)
+        return [(m.status, m.cseq[1], m.top_via.branch) for m in to_caller(sent[n])]
+
+    assert with_nodes(tmp_path, 1, scenario) == [(486, "INVITE", "z9hG4bKsphproxy1"),
+                                                 (200, "CANCEL", "z9hG4bKsphproxy1"),
+                                                 (481, "CANCEL", "z9hG4bKsphproxy2")]
+
+
 def chat(to: str) -> bytes:
     return (f"MESSAGE sip:{to}@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5070;branch=z9hG4bKchat1\r\n"
             f"Max-Forwards: 69\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=a1\r\nTo: <sip:{to}@example.com>\r\n"
