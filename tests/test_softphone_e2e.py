@@ -179,3 +179,28 @@ def test_softphones_answer_the_digest_challenges(make_cluster, phone, monkeypatc
     assert any(line.startswith("OPTIONS sip:bob-") for line in bob.proc.text().splitlines())
     with pytest.raises(AssertionError, match="not registered .*ERR"):
         phone("mallory", c.proxy_addr, password="wrong")
+
+
+def test_a_phone_whose_registrar_node_died_is_called_over_tcp_with_early_media(make_cluster, phone):
+    """bob registered over TCP on a node that then dies with its Redis: his
+    binding is in the partner's replica, his TCP flow at the proxy, so
+    alice's call reaches him. His phone answers with early media first
+    (183 with SDP): alice has his answer to her offer before he picks up
+    (baresip 1.0 itself sends no sound before then)."""
+    c = make_cluster(nodes=2, trunk=None)
+    bob = phone("bob", c.proxy_addr, transport="tcp", answer="early")
+    alice = phone("alice", c.proxy_addr, transport="tcp")
+    registrar, = [n for n in c.state["nodes"]
+                  if "event=registration_added aor=sip:bob@" in (c.dir / "logs" / f"{n}.log").read_text()]
+    c.kill(registrar)
+    time.sleep(0.5)
+    assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
+    alice.wait("CALL_PROGRESS")
+    assert alice.wait("CALL_REMOTE_SDP")["param"] == "answer"      # the 183's
+    assert "ESTABLISHED" not in alice.calls()
+    assert bob.command("accept")["ok"]
+    alice.wait("CALL_ESTABLISHED")
+    bob.wait("CALL_ESTABLISHED")
+    a = alice.mark()
+    assert bob.command("hangup")["ok"]
+    alice.wait("CALL_CLOSED", since=a)
