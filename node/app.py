@@ -243,10 +243,10 @@ def refer_ids(record: dict, leg: str, carried: list) -> None:
         if name.lower() not in ("event", "o") or parts[0].strip().lower() != "refer":
             continue
         for j, part in enumerate(parts[1:], 1):
-            key, eq, n = part.partition("=")
-            if not (eq and key.strip().lower() == "id" and is_digits(n.strip()) and len(n.strip()) <= 10):
+            key, eq, number = part.partition("=")
+            if not (eq and key.strip().lower() == "id" and is_digits(number.strip()) and len(number.strip()) <= 10):
                 continue
-            n = int(n)
+            n = int(number)
             for far, out_cseq, cseq in record.get("rf", ()):
                 if (leg, n) in ((far, out_cseq), (other(far), cseq)):
                     parts[j] = f"{key}={cseq if leg == far else out_cseq}"
@@ -2128,10 +2128,11 @@ class Node:
         record = await self.load_call(bekey, self.partner_for(bekey, req))
         if self.overtaken(req):
             return
-        if (record is None or record["a"]["cid"] != req.call_id) and not self.tx.answered(req, "INVITE"):
+        gone = record is None or record["a"]["cid"] != req.call_id
+        if gone and not self.tx.answered(req, "INVITE"):
             self.reply(req, 481, "Call/Transaction Does Not Exist")
             return
-        if record is None or record["a"]["cid"] != req.call_id or record["st"] != "early" or record.get("cancel"):
+        if gone or record["st"] != "early" or record.get("cancel"):
             # answered meanwhile (a 486 the CANCEL crossed, whose call is
             # gone): the CANCEL matched all the same, so 200, and it changes
             # nothing (RFC 3261 §9.2)

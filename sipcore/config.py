@@ -503,8 +503,8 @@ PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.
               "hep.server", "hep.capture_id", "hep.password")
 NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires",
              "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
-             "auth.algorithms", "limits.overload_delay", "health.interval", "health.down_after", "hep.server", "hep.capture_id",
-             "hep.password")
+             "auth.algorithms", "limits.overload_delay", "health.interval", "health.down_after", "hep.server",
+             "hep.capture_id", "hep.password")
 LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca", "proxy.tls_crl",
                            "auth.users_file", "auth.trusted", *PROXY_LIVE, *NODE_LIVE})
 
