@@ -50,6 +50,10 @@ log = logging.getLogger("node.store")
 
 
 PEER_BACKOFF = 2.0
+# with no partner Redis reachable every save goes unmirrored: one warning
+# line at first and then one every this many seconds, counting them (a
+# line per save flooded the log with hundreds a second under load)
+SKIPPED_EVERY = 10.0
 
 
 class StoreUnavailable(Exception):
@@ -97,6 +101,10 @@ class DialogStore:
         self.latency = Histogram("sipha_node_redis_seconds", "round trip of this node's own Redis operations",
                                  buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25))
         self.replication = "ok"   # what the last save could do, for /status
+        self.skipped = 0          # unmirrored saves not in a mirror_skipped line yet
+        self.skipped_all = 0      # unmirrored saves since the last mirrored one
+        self.skipped_since = 0.0  # when the first of them was; 0: the saves are mirrored
+        self.skipped_said = 0.0   # when the last mirror_skipped line went out
         self.stats = {"unmirrored_saves": 0, "mirror_failures": 0, "promotions": 0, "migrations": 0, "redis_errors": 0}
 
     def set_ttl(self, ttl: int) -> None:
@@ -325,8 +333,10 @@ class DialogStore:
             "no partner reachable: dialogs are not mirrored" if candidates else "single node: nothing to mirror to")
         if target is None and candidates:
             self.stats["unmirrored_saves"] += 1
-            event(log, "mirror_skipped", logging.WARNING, bekey=bekey, reason="no partner Redis reachable")
-        elif target is not None and target != partner:
+            self.unmirrored(bekey)
+        elif self.skipped_since and target is not None:
+            self.mirrored_again()
+        if target is not None and target != partner:
             event(log, "mirrored", bekey=bekey, partner=target, previous=old_partner,
                   reason=f"partner {partner} unreachable" if partner else "no partner named")
         elif target is not None and old_partner and old_partner != target:
@@ -335,6 +345,29 @@ class DialogStore:
         # keyspace, when we took the record over from the node we mirrored)
         if old_partner and old_partner != target:
             await self._forget_replica(old_partner, bekey)
+
+    def unmirrored(self, bekey: str) -> None:
+        """A save that reached no partner Redis: said at once the first
+        time, then every SKIPPED_EVERY seconds with how many since
+        (`saves=`); each one at debug level."""
+        now = time.monotonic()
+        self.skipped += 1
+        self.skipped_all += 1
+        self.skipped_since = self.skipped_since or now
+        if now - self.skipped_said >= SKIPPED_EVERY:
+            event(log, "mirror_skipped", logging.WARNING, bekey=bekey, reason="no partner Redis reachable",
+                  saves=self.skipped, next_in_s=int(SKIPPED_EVERY))
+            self.skipped, self.skipped_said = 0, now
+        elif log.isEnabledFor(logging.DEBUG):
+            event(log, "mirror_skipped", logging.DEBUG, bekey=bekey, reason="no partner Redis reachable")
+
+    def mirrored_again(self) -> None:
+        """The first save mirrored after some that were not: for how long,
+        and how many were not."""
+        event(log, "mirroring_restored", unmirrored_s=round(time.monotonic() - self.skipped_since, 1),
+              saves=self.skipped_all)
+        self.skipped = self.skipped_all = 0
+        self.skipped_since = self.skipped_said = 0.0
 
     async def _forget_replica(self, nid: str, bekey: str) -> None:
         """Delete the replica of `bekey` in node `nid`'s Redis (ours too), if it answers."""

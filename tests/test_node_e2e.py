@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from clusterkit import all_keys, assert_replicas_where_design_says, busiest, owner_in_rank, run, uac
+from clusterkit import all_keys, assert_replicas_where_design_says, busiest, logged, owner_in_rank, run, uac
+from node.store import PEER_BACKOFF
 from sipcore.bekey import bekey_of, make_stamp, rank
 from sipcore.headers import hostport
 from sipcore.message import parse_message
@@ -384,8 +385,18 @@ def test_last_node_standing_keeps_serving_and_says_it_is_unmirrored(make_cluster
     status = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{c.state['nodes']['node1']['admin']}/status", timeout=3).read())
     assert status["replication"].startswith("no partner reachable")
-    assert status["store"]["unmirrored_saves"] > 0
-    assert "event=mirror_skipped" in (c.dir / "logs" / "node1.log").read_text()
+    unmirrored = status["store"]["unmirrored_saves"]
+    assert unmirrored >= 10                     # 2 saves a call at least
+    log = (c.dir / "logs" / "node1.log").read_text()
+    # one warning, not one a save (hundreds a second under load)
+    warned = [line for line in log.splitlines() if "level=warning" in line and "event=mirror_skipped" in line]
+    assert len(warned) == 1 and " saves=1 next_in_s=10" in warned[0], warned
+    c.start_node("node2")
+    time.sleep(PEER_BACKOFF + 0.5)             # node1 tries node2's Redis again
+    result = run(uac(c, "uac", calls=5, rate=10, hold_ms=200).run(30))
+    assert result.ok == 5 and result.failed == 0, result.log_tail
+    restored = logged(c.dir / "logs" / "node1.log", "event=mirroring_restored")
+    assert "event=mirroring_restored unmirrored_s=" in restored and f" saves={unmirrored}\n" in restored
 
 
 def test_100_trying_waits_for_the_write_up_to_200_ms(make_cluster):
