@@ -92,10 +92,10 @@ def test_softphones_refuse_cancel_and_miss_over_tcp(make_cluster, phone):
     assert "486" in alice.wait("CALL_CLOSED", since=a)["param"]
 
     # alice gives up while bob's phone rings: his stops
-    b = bob.mark()
+    a, b = alice.mark(), bob.mark()
     assert alice.command("dial", bob_uri)["ok"]
     bob.wait("CALL_INCOMING", since=b)
-    alice.wait("CALL_RINGING")
+    alice.wait("CALL_RINGING", since=a)
     assert alice.command("hangup")["ok"]
     bob.wait("CALL_CLOSED", since=b)
 
