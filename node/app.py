@@ -293,7 +293,8 @@ CAPABILITIES = frozenset(("allow", "accept", "accept-encoding", "accept-language
 
 def to_a_user(req: SipRequest) -> bool:
     """An OPTIONS outside a dialog for someone (sip:bob@...), which goes on
-    to her phones as a proxy would send it; one for no user pings us."""
+    to her phones as a proxy would send it (forward); one for no user
+    pings us."""
     return req.method == "OPTIONS" and req.to.tag is None and req.ruri.is_sip and bool(req.ruri.user)
 
 
@@ -979,7 +980,7 @@ class Node:
                            headers=[("Unsupported", ", ".join(unknown))])
                 return
         if (self.auth is not None and (method == "REGISTER" or (method in ("INVITE", "MESSAGE", "SUBSCRIBE")
-                                                                and req.to.tag is None) or to_a_user(req))
+                                                                and req.to.tag is None))
                 and not await authenticate(self, req)):
             return
         if method == "REGISTER":
@@ -1298,9 +1299,20 @@ class Node:
         the sender, as a forking proxy would; a 2xx with what it says of
         the phone (Allow, Accept, Supported... and its body). No dialog,
         so nothing is saved: should this node die meanwhile, the sender's
-        retransmission reaches the partner, which sends it again."""
-        targets, _, _ = await self.find_targets(req, bekey)
+        retransmission reaches the partner, which sends it again.
+
+        An OPTIONS for someone not registered here is answered here, 200,
+        as one for no user: it is a carrier's ping of its trunk as often
+        as not (sip:ping@..., its own number), which must neither go
+        back up the trunk nor fail. One for a registered user needs
+        credentials, as a MESSAGE does, when auth is on."""
+        targets, registered, _ = await self.find_targets(req, bekey)
         tag = self.new_tag(bekey)
+        if req.method == "OPTIONS" and not registered:
+            self.reply(req, 200, "OK", to_tag=tag, headers=[("Allow", ALLOW)])
+            return
+        if req.method == "OPTIONS" and self.auth is not None and not await authenticate(self, req):
+            return
         if not targets:
             self.reply(req, 404, "Not Found", to_tag=tag)
             return

@@ -149,6 +149,22 @@ def test_a_users_two_phones_ring_and_one_takes_the_call(make_cluster, phone):
     assert 'Reason: SIP;cause=200;text="Call completed elsewhere"' in log and "SIP/2.0 487" in log
 
 
+def trace(phone: Baresip, since: int = 0, count: int = 0, seconds: float = 5.0) -> list[str]:
+    """The first lines of the REGISTERs, INVITEs, OPTIONS and responses
+    in `phone`'s SIP trace (each after its `UDP a -> b` line), from the
+    `since`th on, once there are `count` of them (or as they are after
+    `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        lines = phone.proc.text().splitlines()
+        said = [line for before, line in zip(lines, lines[1:])
+                if before.startswith(("UDP ", "TCP ")) and " -> " in before
+                and line.startswith(("SIP/2.0 ", "REGISTER ", "INVITE ", "OPTIONS "))][since:]
+        if len(said) >= count or time.monotonic() > deadline:
+            return said
+        time.sleep(0.05)
+
+
 def test_softphones_answer_the_digest_challenges(make_cluster, phone, monkeypatch, tmp_path):
     """With auth.users_file, baresip registers (401, then its credentials),
     calls (407) and asks another phone what it can do (OPTIONS, 407); a
@@ -164,19 +180,20 @@ def test_softphones_answer_the_digest_challenges(make_cluster, phone, monkeypatc
     assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
     alice.wait("CALL_ESTABLISHED")
     bob.wait("CALL_ESTABLISHED")
+    said = trace(alice)
+    assert said[:7] == ["REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 401 Unauthorized",
+                        "REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 200 OK",
+                        "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 407 Proxy Authentication Required",
+                        "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0"], said
+    n = len(said)
     assert alice.command("options", f"sip:bob@{c.proxy_host}")["ok"]
+    assert trace(alice, n, 4) == ["OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 407 Proxy Authentication Required",
+                                  "OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 200 OK"]
+    assert any(line.startswith("OPTIONS sip:bob-") for line in bob.proc.text().splitlines())
+    assert alice.command("options", f"sip:nobody@{c.proxy_host}")["ok"]     # a ping: answered, unchallenged
+    assert trace(alice, n + 4, 2) == ["OPTIONS sip:nobody@127.0.0.1 SIP/2.0", "SIP/2.0 200 OK"]
     assert bob.command("hangup")["ok"]
     alice.wait("CALL_CLOSED")
-    said = [line for line in alice.proc.text().splitlines()
-            if line.startswith(("SIP/2.0 ", "REGISTER ", "INVITE ", "OPTIONS "))]
-    assert said[:5] == ["REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 401 Unauthorized",
-                        "REGISTER sip:127.0.0.1;transport=udp SIP/2.0", "SIP/2.0 200 OK",
-                        "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0"], said
-    assert said[5:7] == ["SIP/2.0 407 Proxy Authentication Required", "INVITE sip:bob@127.0.0.1;transport=udp SIP/2.0"]
-    options = said.index("OPTIONS sip:bob@127.0.0.1 SIP/2.0")
-    assert said[options:options + 4] == ["OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 407 Proxy Authentication Required",
-                                         "OPTIONS sip:bob@127.0.0.1 SIP/2.0", "SIP/2.0 200 OK"], said
-    assert any(line.startswith("OPTIONS sip:bob-") for line in bob.proc.text().splitlines())
     with pytest.raises(AssertionError, match="not registered .*ERR"):
         phone("mallory", c.proxy_addr, password="wrong")
 
