@@ -1293,9 +1293,9 @@ class Node:
 
     async def forward(self, req: SipRequest, bekey: str) -> None:
         """A MESSAGE outside a dialog (RFC 3428, softphones' chat), or an
-        OPTIONS for a user (is she there, what can her phone do: RFC 3261
-        §11): sent on to every live contact of the user it is for (else
-        upstream, else 404), the first 2xx or else the best failure told
+        OPTIONS for a registered user (is she there, what can her phone
+        do: RFC 3261 §11): sent on to every live contact of the user it
+        is for (a MESSAGE else upstream, else 404), the first 2xx or else the best failure told
         the sender, as a forking proxy would; a 2xx with what it says of
         the phone (Allow, Accept, Supported... and its body). No dialog,
         so nothing is saved: should this node die meanwhile, the sender's
