@@ -1,8 +1,10 @@
 """Real softphones (baresip) through a local cluster: they register, call
-each other, hold and resume, hang up, refuse and cancel, as users do,
-and a call goes on when the node that set it up dies with its Redis.
-Media flows phone to phone (the B2BUA carries the SDP), so each call's
-RTCP summary must show packets both ways."""
+each other, hold and resume, hang up, refuse, cancel, transfer, ring on
+two phones of one user and answer digest challenges, as users do; a
+call goes on when the node that set it up dies with its Redis, and a
+phone is called when the node holding its registration did. Media flows
+phone to phone (the B2BUA carries the SDP), so a call's RTCP summary
+must show packets both ways."""
 from __future__ import annotations
 
 import os
