@@ -1295,9 +1295,10 @@ class Node:
         """A MESSAGE outside a dialog (RFC 3428, softphones' chat), or an
         OPTIONS for a registered user (is she there, what can her phone
         do: RFC 3261 §11): sent on to every live contact of the user it
-        is for (a MESSAGE else upstream, else 404), the first 2xx or else the best failure told
-        the sender, as a forking proxy would; a 2xx with what it says of
-        the phone (Allow, Accept, Supported... and its body). No dialog,
+        is for (a MESSAGE else upstream, else 404), the first 2xx or else
+        the best failure told the sender, as a forking proxy would; a 2xx
+        with what it says of the phone (Allow, Accept, Supported... and
+        its body). No dialog,
         so nothing is saved: should this node die meanwhile, the sender's
         retransmission reaches the partner, which sends it again.
 
@@ -1566,12 +1567,10 @@ class Node:
         if bekey in self.early:
             return              # the callee has spoken here since: it has the INVITE
         inv = record.get("inv")
-        sent = False
-        for fork in record["forks"]:
-            if inv is not None and fork["st"] is None and not fork.get("tc"):
-                self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
-                sent = True
-        if sent:
+        unanswered = [f for f in record["forks"] if f["st"] is None and not f.get("tc")] if inv else []
+        for fork in unanswered:
+            self.send_fork_invite(bekey, self.fork_invite(record, fork, inv), fork["br"], resumed=True)
+        if unanswered:
             self.stats.inc("dialogs", "sent_again")
             self.in_setup[bekey] = record
             event(log, "invite_sent_again", bekey=bekey, call_id=record["a"]["cid"], b_call_id=record["b"]["cid"])

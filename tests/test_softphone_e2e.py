@@ -34,16 +34,18 @@ def phone(procs):
         p.close()
 
 
-def owner_of(cluster, call_id: str, seconds: float = 3.0) -> str:
-    """The node that logged the call's dialog_created."""
+def nodes_that_logged(cluster, *needles: str, seconds: float = 3.0) -> list[str]:
+    """The nodes with a log line holding all of `needles` (the one that
+    created a call, that took a registration), once there is one."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        for nid in cluster.state["nodes"]:
-            lines = (cluster.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines()
-            if any("event=dialog_created " in line and f" call_id={call_id} " in line for line in lines):
-                return nid
+        found = [nid for nid in cluster.state["nodes"]
+                 if any(all(n in line for n in needles)
+                        for line in (cluster.dir / "logs" / f"{nid}.log").read_text(errors="replace").splitlines())]
+        if found:
+            return found
         time.sleep(0.05)
-    raise AssertionError(f"no node logged dialog_created for {call_id}")
+    raise AssertionError(f"no node logged {needles}")
 
 
 def answered_offer(caller: Baresip, callee: Baresip, command: str) -> None:
@@ -61,7 +63,7 @@ def test_softphones_call_and_the_call_outlives_its_node(make_cluster, phone):
     assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
     call_id = alice.wait("CALL_ESTABLISHED")["id"]
     bob.wait("CALL_ESTABLISHED")
-    owner = owner_of(c, call_id)
+    owner, = nodes_that_logged(c, "event=dialog_created ", f" call_id={call_id} ")
     partner = next(n for n in c.state["nodes"] if n != owner)
     time.sleep(5)                   # an RTCP report each way
     c.kill(owner)                   # the host is lost: its Redis with it
@@ -209,8 +211,7 @@ def test_a_phone_whose_registrar_node_died_is_called_over_tcp_with_early_media(m
     c = make_cluster(nodes=2, trunk=None)
     bob = phone("bob", c.proxy_addr, transport="tcp", answer="early")
     alice = phone("alice", c.proxy_addr, transport="tcp")
-    registrar, = [n for n in c.state["nodes"]
-                  if "event=registration_added aor=sip:bob@" in (c.dir / "logs" / f"{n}.log").read_text()]
+    registrar, = nodes_that_logged(c, "event=registration_added aor=sip:bob@")
     c.kill(registrar)
     time.sleep(0.5)
     assert alice.command("dial", f"sip:bob@{c.proxy_host}")["ok"]
