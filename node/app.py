@@ -972,6 +972,8 @@ class Node:
     # ---- requests ----------------------------------------------------------
     async def on_request(self, req: SipRequest, bekey: str) -> None:
         method = req.method
+        if method == "ACK":
+            self.tx.acked(req.call_id, req.cseq[0])     # a failure's too, the call gone with it
         if method not in ("ACK", "CANCEL") and req.has("Require"):
             # never applies to ACK and CANCEL (RFC 3261 §8.2.2.3)
             unknown = [t for t in req.values("Require") if t.lower() not in SUPPORTED_OPTIONS]
@@ -2108,7 +2110,6 @@ class Node:
 
     # ---- in-dialog requests ------------------------------------------------
     def ack(self, req: SipRequest, record: dict, leg: str) -> None:
-        self.tx.acked(req.call_id, req.cseq[0])
         if not self.acks.take(req.call_id, req.cseq[0]):
             return  # a copy for a 2xx the far side did not send again (AckGate)
         cseq = record.get("ack", {}).pop(leg, None)

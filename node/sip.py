@@ -73,6 +73,10 @@ class Transactions:
         self.client: dict[tuple[str, str], ClientTx] = {}
         self.responses: dict[tuple, tuple[float, bytes, tuple[str, int]]] = {}
         self.pending_2xx: dict[tuple, asyncio.TimerHandle] = {}
+        # failures to INVITE, sent again until their ACK (Timer G, RFC 3261
+        # §17.2.1): a lost 487 or 486 is never asked for again, the caller
+        # having had a provisional answer; not counted in busy()
+        self.pending_failures: dict[tuple, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -83,7 +87,7 @@ class Transactions:
             self._sweeper.cancel()
         for tx in self.client.values():
             tx.stop_timers()
-        for h in self.pending_2xx.values():
+        for h in (*self.pending_2xx.values(), *self.pending_failures.values()):
             h.cancel()
 
     # ---- client side -----------------------------------------------------
@@ -262,21 +266,25 @@ class Transactions:
         data = resp.to_bytes()
         self.responses[self.server_key(req)] = (time.monotonic(), data, dest)
         self._send(data, dest)
+        key = (req.call_id, req.cseq[0])
         if retransmit_2xx and 200 <= resp.status < 300:
-            key = (req.call_id, req.cseq[0])
-            self._schedule_2xx(key, data, dest, T1, time.monotonic(), still_ours)
+            self._schedule_final(self.pending_2xx, key, data, dest, T1, time.monotonic(), still_ours)
+        elif req.method == "INVITE" and resp.status >= 300:
+            self._schedule_final(self.pending_failures, key, data, dest, T1, time.monotonic(), None)
 
-    def _schedule_2xx(self, key, data, dest, interval, started, still_ours) -> None:
+    def _schedule_final(self, pending: dict, key, data, dest, interval, started, still_ours) -> None:
+        """Send a final answer to INVITE again after `interval`, doubling
+        up to T2, until acked() or 64*T1 (or `still_ours()` says no)."""
         loop = asyncio.get_running_loop()
 
         def again(ours: bool = True) -> None:
-            if key not in self.pending_2xx:
+            if key not in pending:
                 return                      # ACKed meanwhile
             if not ours or time.monotonic() - started >= TIMEOUT:
-                self.pending_2xx.pop(key, None)
+                pending.pop(key, None)
                 return
             self._send(data, dest)
-            self._schedule_2xx(key, data, dest, min(interval * 2, T2), started, still_ours)
+            self._schedule_final(pending, key, data, dest, min(interval * 2, T2), started, still_ours)
 
         def fire() -> None:
             if still_ours is None:
@@ -284,12 +292,13 @@ class Transactions:
             else:
                 loop.create_task(still_ours()).add_done_callback(
                     lambda t: again(t.cancelled() or t.exception() is not None or t.result()))
-        self.pending_2xx[key] = loop.call_later(interval, fire)
+        pending[key] = loop.call_later(interval, fire)
 
     def acked(self, call_id: str, cseq: int) -> None:
-        h = self.pending_2xx.pop((call_id, cseq), None)
-        if h:
-            h.cancel()
+        for pending in (self.pending_2xx, self.pending_failures):
+            h = pending.pop((call_id, cseq), None)
+            if h:
+                h.cancel()
 
     async def _sweep(self) -> None:
         while True:

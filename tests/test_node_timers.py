@@ -26,8 +26,11 @@ def short_timer_b(monkeypatch):
 
 
 def to_caller(msgs) -> list[tuple[int, str]]:
-    """What the caller heard, but the 100 Trying."""
-    return [(m.status, m.reason) for m in msgs if getattr(m, "status", 0) > 100 and m.call_id == CALL_ID]
+    """What the caller heard, but the 100 Trying and the copies of a
+    failure sent again until its ACK (Timer G), byte for byte the same."""
+    heard = [m for m in msgs if getattr(m, "status", 0) > 100 and m.call_id == CALL_ID]
+    return [(m.status, m.reason) for i, m in enumerate(heard)
+            if not (m.status >= 300 and any(e.to_bytes() == m.to_bytes() for e in heard[:i]))]
 
 
 async def ringing(n, sent):
@@ -451,3 +454,34 @@ def test_a_call_still_ringing_at_its_owner_is_not_ended_from_its_replica(tmp_pat
         return await owner.expire_idle(), await partner.expire_idle()
 
     assert with_nodes(tmp_path, 2, scenario, {"node.dialog_ttl": 60}) == (0, 0)
+
+
+def test_a_failure_to_the_caller_is_sent_again_until_its_ack(tmp_path, monkeypatch):
+    """An INVITE's final failure (the callee's 486, a CANCEL's 487) went
+    out once: the caller, which had a provisional answer, never sends its
+    INVITE again, so a 487 lost (the proxy restarting at that instant, in
+    a chaos run) left it waiting, one call failed. It is now sent again,
+    T1 doubling, until the caller's ACK (Timer G, RFC 3261 §17.2.1),
+    which may reach a node that no longer has the call."""
+    monkeypatch.setattr(node.sip, "T1", 0.05)
+
+    async def scenario(nodes, sent):
+        n, = nodes
+        bekey, b_invite = await ringing(n, sent)
+        await settled(n)
+        n.on_message(make_response(b_invite, 486, "Busy Here", to_tag="callee-1"), *UDP)
+        await settled(n)
+        await asyncio.sleep(0.2)                    # 0.05 + 0.1: sent twice more
+        busy = of_status(sent[n], 486)
+        ack = parse_message(caller_invite(bekey).replace(b"INVITE sip", b"ACK sip").replace(
+            b"CSeq: 1 INVITE", b"CSeq: 1 ACK").replace(b"To: <sip:service@example.com>",
+                                                       f"To: <sip:service@example.com>;tag={busy[0].to.tag}".encode()))
+        n.on_message(ack, *UDP)
+        await settled(n)
+        before = len(of_status(sent[n], 486))
+        await asyncio.sleep(0.5)
+        return [m for m in busy if m.call_id == CALL_ID], before, len(of_status(sent[n], 486))
+
+    busy, before, after = with_nodes(tmp_path, 1, scenario)
+    assert len(busy) >= 3 and len({m.to_bytes() for m in busy}) == 1      # the same answer again
+    assert after == before                                                # none after the ACK
