@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sipcore.bekey import ROUTE_HEADER
+from sipcore.errors import SipParseError
 from sipcore.headers import is_digits
 from sipcore.logfmt import event
 from sipcore.message import SipRequest
@@ -38,10 +39,24 @@ log = logging.getLogger("node.registrar")
 DEFAULT_EXPIRES = 3600
 
 
-def instance_of(contact) -> tuple[str | None, str | None]:
-    """-> (+sip.instance without its quotes, reg-id) of a Contact."""
+def instance_of(contact, outbound: bool = True) -> tuple[str | None, str | None]:
+    """-> (+sip.instance without its quotes, reg-id) of a Contact; the
+    reg-id is ignored (None) when the REGISTER did not come through an
+    edge proxy that keeps its flow (RFC 5626 §6)."""
     instance = (contact.params.get("+sip.instance") or "").strip('"') or None
-    return instance, (contact.params.get("reg-id") if instance else None)
+    return instance, (contact.params.get("reg-id") if instance and outbound else None)
+
+
+def outbound_edge(req: SipRequest) -> bool:
+    """Whether the phone's first hop, the last Path entry (each proxy adds
+    its own on top), is an edge proxy that keeps its flow: `ob` in its
+    URI (RFC 5626 §5.1, §6)."""
+    if not req.paths:
+        return False
+    try:
+        return "ob" in req.paths[-1].parsed_uri.params
+    except SipParseError:
+        return False
 
 
 def same_binding(binding: dict, contact, instance: str | None, reg_id: str | None) -> bool:
@@ -91,6 +106,8 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     bindings = [b for b in record["b"] if b["x"] > now]
     cid, cseq = req.call_id, req.cseq[0]
     added, removed = [], []
+    outbound = outbound_edge(req)
+    flows = False               # a binding is an outbound flow: 2xx says Require: outbound
     if wildcard:
         removed = [b["c"] for b in bindings]
         bindings = []
@@ -98,7 +115,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
         if c.wildcard:
             continue
         exp = min(c.expires if c.expires is not None else default_exp, max_expires)
-        instance, reg_id = instance_of(c)
+        instance, reg_id = instance_of(c, outbound)
         existing = next((b for b in bindings if same_binding(b, c, instance, reg_id)), None)
         if existing is not None and existing["cid"] == cid and cseq <= existing["cseq"]:
             node.reply(req, 500, "Server Internal Error (REGISTER out of order)", headers=[("Retry-After", "1")])
@@ -117,6 +134,7 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
             binding["i"] = instance
             if reg_id is not None:
                 binding["r"] = reg_id
+                flows = True
         bindings.append(binding)
         if existing is None or existing["c"] != c.uri:
             added.append(c.uri)
@@ -147,6 +165,12 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     if req.paths and bindings:
         headers += [("Path", p.raw) for p in req.paths]
     headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
+    if flows:
+        # the phone keeps its flow alive (STUN over UDP, CRLF over TCP), at
+        # the pace we ask for if we do
+        headers.append(("Require", "outbound"))
+        if node.cfg["node.flow_timer"]:
+            headers.append(("Flow-Timer", str(node.cfg["node.flow_timer"])))
     if natted:
         # for the proxy (which strips it): how long a binding over this
         # request's flow lives yet, so it keeps that flow's NAT binding open

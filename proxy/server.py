@@ -94,6 +94,14 @@ def _scanner(user_agent: str | None) -> bool:
     return bool(user_agent) and any(s in user_agent for s in SCANNER_AGENTS)
 
 
+def wants_outbound(req: SipRequest) -> bool:
+    """A REGISTER straight from a phone (one Via: we are its first hop)
+    asking for SIP outbound: a Contact with +sip.instance and reg-id
+    (RFC 5626 §4.2.1). Our Path then carries `ob` (§5.1)."""
+    return len(req.vias) == 1 and any("reg-id" in c.params and "+sip.instance" in c.params
+                                      for c in req.contacts if not c.wildcard)
+
+
 PROXY_COUNTERS = {
     "requests": ("method", "reason"),     # reason: owner failover ramp outbound no-node rejected overload
     "responses": ("class",),
@@ -200,6 +208,7 @@ class Proxy:
         # leaves from a socket already bound (else: send_error, no crash)
         for _, _, t in made:
             t.hep = self.hep
+            t.on_stun = self._stun_answered
         self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
         self._limit_connections(self.cfg)
         self.transport4 = next((t for host, _, t in made if ":" not in host), None)
@@ -449,11 +458,12 @@ class Proxy:
                 return ours
         return self.advertise6 if v6 else self.advertise
 
-    def our_uri(self, transport: str, flow: str | None = None, *, v6: bool = False) -> str:
-        """Our Record-Route / Path URI, for a peer of IPv6 or not."""
+    def our_uri(self, transport: str, flow: str | None = None, *, v6: bool = False, ob: bool = False) -> str:
+        """Our Record-Route / Path URI, for a peer of IPv6 or not; `ob`: a
+        Path that tells the registrar we keep the phone's flow (RFC 5626 §5.1)."""
         t = f";transport={transport}" if transport != "udp" else ""
         f = f";flow={flow}" if flow else ""
-        return f"<sip:{hostport(self.our_addr(transport, v6))}{t};lr{f}>"
+        return f"<sip:{hostport(self.our_addr(transport, v6))}{t};lr{f}{';ob' if ob else ''}>"
 
     def our_via(self, transport: str, branch: str, *, internal: bool = False, v6: bool = False) -> str:
         """Our Via, towards the nodes (internal), a peer of IPv6 or one of IPv4."""
@@ -743,7 +753,7 @@ class Proxy:
             return
         self.stats.inc("requests", req.method, reason)
         if req.method == "REGISTER":
-            req.add_top("Path", self.our_uri(transport, flow_of_caller, v6=":" in src[0]))
+            req.add_top("Path", self.our_uri(transport, flow_of_caller, v6=":" in src[0], ob=wants_outbound(req)))
         elif initial and req.method in DIALOG_CREATING:
             req.add_top("Record-Route", self.our_uri(transport, flow_of_caller, v6=":" in src[0]))
         if self.guards and initial and req.method in NEW_WORK:
@@ -946,6 +956,9 @@ class Proxy:
     def _keepalive(self, data: bytes, flow) -> None:
         self.stats.inc("events", "nat_ping")
         self.send_data(data, flow, "udp")
+
+    def _stun_answered(self) -> None:
+        self.stats.inc("events", "stun_keepalive")
 
     def _guard_overload(self, delay: float) -> None:
         """Watch the UDP queues' wait against `delay` (OverloadGuard); 0:

@@ -148,6 +148,7 @@ SETTINGS: dict[str, tuple[type, Any, str]] = {
                               "(Kamailio's fr_timer in a failure route)"),
     "node.min_expires": (int, 60, "shortest registration accepted; shorter gets 423 Interval Too Brief"),
     "node.max_expires": (int, 86400, "longest registration granted; longer is shortened to this"),
+    "node.flow_timer": (int, 0, "seconds between a SIP outbound phone's keep-alives (STUN over UDP, CRLF over TCP), sent as Flow-Timer in the REGISTER's 2xx (RFC 5626 §5.4); 0: none sent, the phone keeps its own pace (about 25 s over UDP, 2 minutes over TCP); keep it under limits.tcp_idle"),
     "node.max_contacts": (int, 10, "most contacts one address of record may have bound (a phone's own, each desk phone's, each softphone's): a REGISTER that would bind more gets 403 and binds nothing (refreshing or removing is always accepted); 0: no limit"),
     "node.invite_timeout": (float, 180.0, "seconds a callee may ring, from its last provisional answer, before the node CANCELs it and the caller gets 408 (RFC 3261 Timer C; Kamailio's fr_inv_timer)"),
     "node.dialog_ttl": (int, 43200, "seconds a call may go without a request in its dialog (a re-INVITE or UPDATE session refresh counts; the ACK does not): past that the node sends each side a BYE and writes its call record with ended_by=timeout (12 h: Kamailio's and OpenSIPS's dialog default_timeout)"),
@@ -502,7 +503,7 @@ PROXY_LIVE = ("log.level", "limits.rate", "limits.burst", "limits.ban", "limits.
               "ramp.start", "ramp.duration", "ramp.steps", "proxy.dns_failover", "proxy.ws_origins", "proxy.tls_peers",
               "hep.server", "hep.capture_id", "hep.password")
 NODE_LIVE = ("log.level", "node.upstream", "node.upstream_timeout", "node.min_expires", "node.max_expires",
-             "node.max_contacts", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
+             "node.max_contacts", "node.flow_timer", "node.invite_timeout", "node.dialog_ttl", "auth.realm", "auth.nonce_ttl",
              "auth.algorithms", "limits.overload_delay", "health.interval", "health.down_after", "hep.server",
              "hep.capture_id", "hep.password")
 LIVE_SETTINGS = frozenset({"proxy.tls_cert", "proxy.tls_key", "proxy.tls_ca", "proxy.tls_crl",

@@ -49,6 +49,7 @@ from .logfmt import RateLimitedLog, event
 from .framing import PING, PONG, FramingError, StreamFramer
 from .headers import hostport
 from .hep import HepMirror
+from . import stun
 from .websocket import WsServer, frame
 from .message import DEFAULT_LIMITS, Limits, SipMessage, parse_message
 
@@ -297,6 +298,8 @@ class SipTransport:
         self.per_source: dict[str, int] = {}
         self.refused_connections = 0
         self.refused_log = RateLimitedLog()
+        # a STUN keep-alive answered (SIP outbound over UDP, sipcore/stun.py)
+        self.on_stun: Callable[[], None] | None = None
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
         self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
@@ -397,6 +400,9 @@ class SipTransport:
         """`framed`: a whole message as its transport delimited it (a
         WebSocket frame): read as a datagram is, but not by the UDP fast path."""
         stale = False
+        if datagram and data[:1] < b"\x40" and stun.is_stun(data):
+            self._stun(data, source)
+            return
         if self.hep is not None and len(data) > 4:       # not a keep-alive
             self.hep.copy(data, source, self.local, transport)
         if datagram:
@@ -416,6 +422,19 @@ class SipTransport:
         msg.source = source
         msg.stale = stale
         self.on_message(msg, source, transport)
+
+    def _stun(self, data: bytes, source: Addr) -> None:
+        """A STUN message on the SIP port: a Binding request is answered
+        (RFC 5626 §8); anything else STUN-shaped is dropped unanswered."""
+        reply = stun.answer(data, source)
+        if reply is None or self.udp is None or self.udp.transport is None:
+            return
+        try:
+            self.udp.transport.sendto(reply, source)
+        except (OSError, ValueError):
+            return
+        if self.on_stun is not None:
+            self.on_stun()
 
     def measure_wait(self) -> bool:
         """Have the kernel timestamp datagrams on arrival (their queue wait

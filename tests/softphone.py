@@ -87,9 +87,10 @@ def tone(path: Path, seconds: int = 20) -> None:
 
 class Baresip:
     def __init__(self, procs, user: str, proxy: tuple[str, int], transport: str = "udp", answer: str = "auto",
-                 device: str = "", password: str | None = None):
+                 device: str = "", password: str | None = None, sipnat: str | None = None):
         """`device`: tells apart two phones of one user; `password`: the
-        user's, for digest authentication."""
+        user's, for digest authentication; `sipnat="outbound"`: SIP
+        outbound (RFC 5626: +sip.instance and reg-id, keep-alives)."""
         self.user, self.procs = user, procs
         self.name = f"baresip-{user}{device}"
         self.folder = procs.tmp / self.name
@@ -103,6 +104,7 @@ class Baresip:
             f"audio_alert aufile,{self.folder / 'tone.wav'}\n"
             f"module_path {MODULES}\n"
             "module g711.so\nmodule aufile.so\nmodule rtcpsummary.so\n"
+            f"{'module uuid.so' if sipnat else ''}\n"   # outbound needs the phone's +sip.instance
             "module_app account.so\nmodule_app menu.so\nmodule_app ctrl_tcp.so\n"
             f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}\n"
             "rtp_ports 40000-40999\n")
@@ -110,6 +112,7 @@ class Baresip:
         (self.folder / "accounts").write_text(
             f"<sip:{user}@{proxy[0]};transport={transport}>;regint=600;"
             f"{f'auth_pass={password};' if password else ''}"
+            f"{f'sipnat={sipnat};' if sipnat else ''}"
             f"outbound=\"{outbound}\";answermode={answer}\n")
         (self.folder / "contacts").write_text("")
         self.events: list[dict] = []

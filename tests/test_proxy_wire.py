@@ -204,3 +204,42 @@ def test_the_health_probe_tells_each_node_which_others_are_down(procs):
     finally:
         node1.close()
     assert set(told) <= {None, "node2"} and told[-1] == "node2"
+
+
+def register_from(port: int, contact_params: str, vias: int = 1) -> bytes:
+    extra_via = "Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKedge1\r\n" if vias > 1 else ""
+    return (f"REGISTER sip:example.com SIP/2.0\r\n{extra_via}"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:olga@example.com>;tag=o1\r\nTo: <sip:olga@example.com>\r\n"
+            f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 REGISTER\r\nSupported: outbound, path\r\n"
+            f"Contact: <sip:olga@127.0.0.1:{port}>{contact_params}\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_sip_outbound_at_the_edge_path_ob_and_stun_keepalives(wire):
+    """RFC 5626: a REGISTER straight from a phone asking for outbound
+    (+sip.instance and reg-id) gets our Path with `ob`; one that came
+    through another proxy first, or without reg-id, does not. A STUN
+    Binding request on the SIP port is answered with where the phone is
+    seen from here, and SIP goes on on that port as before."""
+    outbound = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000a95a0e128>";reg-id=1'
+    paths = []
+    for params, vias in ((outbound, 1), (outbound, 2), (";+sip.instance=\"<urn:uuid:1>\"", 1), ("", 1)):
+        wire.phone.sendto(register_from(wire.phone_port, params, vias), wire.addr)
+        paths.append(wire.node_recv()[2].paths[0].parsed_uri.params)
+    assert ["ob" in p for p in paths] == [True, False, False, False]
+    assert all(p["flow"] == f"udp:127.0.0.1:{wire.phone_port}" for p in paths)
+
+    txid = uuid.uuid4().bytes[:12]
+    wire.phone.sendto(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + txid, wire.addr)
+    wire.phone.settimeout(3)
+    resp = wire.phone.recv(2048)
+    assert resp[:4] == b"\x01\x01\x00\x0c" and resp[8:20] == txid
+    assert resp[20:24] == b"\x00\x20\x00\x08" and resp[25] == 1
+    assert int.from_bytes(resp[26:28], "big") ^ 0x2112 == wire.phone_port
+    assert bytes(a ^ b for a, b in zip(resp[28:32], b"\x21\x12\xa4\x42")) == socket.inet_aton("127.0.0.1")
+    wire.phone.sendto(b"\x00\x11\x00\x00\x21\x12\xa4\x42" + txid, wire.addr)     # an indication: no answer
+    wire.phone.sendto(invite(uuid.uuid4().hex, wire.phone_port), wire.addr)
+    assert wire.node_recv()[2].method == "INVITE"
+    wire.phone.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        wire.phone.recv(2048)

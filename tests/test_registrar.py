@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodekit import UDP, register, settled, with_nodes
+from nodekit import UDP, register, settled, with_headers, with_nodes
 from sipcore.message import SipMessage, parse_message
 
 pytestmark = pytest.mark.e2e
@@ -40,3 +40,30 @@ def test_an_aor_binds_at_most_max_contacts(tmp_path):
         (200, "OK"), (403, "Forbidden (too many registered contacts, at most 2)"), (200, "OK"), (200, "OK"),
         (200, "OK")]
     assert [len(a.contacts) for a in answers] == [2, 0, 2, 1, 2]
+
+
+def test_outbound_flows_only_through_an_edge_that_keeps_them(tmp_path):
+    """RFC 5626 §6: a Contact's reg-id names a flow only when the phone's
+    first hop (the last Path entry) is an edge proxy that keeps flows
+    (`ob` in its URI); then one instance may have two flows bound, and the
+    2xx says Require: outbound (with node.flow_timer as Flow-Timer) so the
+    phone keeps them alive. Through any other hop the reg-id is ignored:
+    a second REGISTER of the instance replaces its binding."""
+    instance = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000a95a0e128>"'
+    edge = "<sip:192.0.2.1;lr;flow=udp:192.0.2.60:5060;ob>"
+    plain = "<sip:192.0.2.1;lr;flow=udp:192.0.2.60:5060>"
+
+    async def scenario(nodes, sent):
+        n, = nodes
+        for user, path in (("olga", edge), ("otto", plain), ("oleg", None)):
+            first = register(user, [f"<sip:{user}@192.0.2.60:5060>{instance};reg-id=1"])
+            second = again(first, 2, f"<sip:{user}@192.0.2.61:5070>{instance};reg-id=2")
+            for msg in (first, second):
+                n.on_message(with_headers(msg, [("Path", path)] if path else []), *UDP)
+                await settled(n)
+        return sent[n]
+
+    answers = with_nodes(tmp_path, 1, scenario, {"node.flow_timer": "20"})
+    assert [a.status for a in answers] == [200] * 6
+    assert [len(a.contacts) for a in answers] == [1, 2, 1, 1, 1, 1]
+    assert [(a.get("Require"), a.get("Flow-Timer")) for a in answers] == [("outbound", "20")] * 2 + [(None, None)] * 4

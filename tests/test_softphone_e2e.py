@@ -7,8 +7,10 @@ phone to phone (the B2BUA carries the SDP), so a call's RTCP summary
 must show packets both ways."""
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.request
 
 import pytest
 
@@ -224,3 +226,34 @@ def test_a_phone_whose_registrar_node_died_is_called_over_tcp_with_early_media(m
     a = alice.mark()
     assert bob.command("hangup")["ok"]
     alice.wait("CALL_CLOSED", since=a)
+
+
+def test_an_outbound_phone_keeps_its_udp_flow_with_stun(make_cluster, phone, monkeypatch):
+    """baresip set for SIP outbound (its Contact has +sip.instance and
+    reg-id) registers over UDP: the proxy, its first hop, marks its Path
+    `ob`, so the registrar answers Require: outbound with our Flow-Timer;
+    the phone then sends STUN Binding requests to the proxy's SIP port
+    at that pace and, answered, stays registered and is called over its
+    flow. Unanswered, libre drops its registration and starts over."""
+    monkeypatch.setenv("SIPHA_NODE_FLOW_TIMER", "2")
+    c = make_cluster(nodes=2, trunk=None)
+    alice = phone("alice", c.proxy_addr, sipnat="outbound")
+    bob = phone("bob", c.proxy_addr)
+    register, answer = alice.proc.text().split("SIP/2.0 200 OK", 1)
+    assert ";reg-id=1" in register.rsplit("REGISTER ", 1)[1] and "+sip.instance" in register.rsplit("REGISTER ", 1)[1]
+    ok = answer.split("\n\n", 1)[0]
+    assert "Require: outbound" in ok and "Flow-Timer: 2" in ok, ok
+    assert "Require: outbound" not in bob.proc.text()
+    admin = f"http://127.0.0.1:{c.state['proxy']['admin']}/status"
+    time.sleep(4.5)                 # a keep-alive every 1.6-2 s
+    counters = json.loads(urllib.request.urlopen(admin, timeout=3).read())["counters"]
+    assert counters.get("events{kind=stun_keepalive}", 0) >= 2, counters
+    assert "OK" in alice.registered()
+    registrations = sum(line.startswith("REGISTER ") for line in alice.proc.text().splitlines())
+    assert registrations == 1       # no flow failure made it register again
+    a = alice.mark()
+    assert bob.command("dial", f"sip:alice@{c.proxy_host}")["ok"]
+    alice.wait("CALL_ESTABLISHED", since=a)
+    bob.wait("CALL_ESTABLISHED")
+    assert alice.command("hangup")["ok"]
+    bob.wait("CALL_CLOSED")
