@@ -151,6 +151,38 @@ CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event",
 # The Reason of the CANCELs to a user's other phones once one answered
 # (RFC 3326), as Kamailio and Asterisk send it: a phone then shows no
 # missed call
+# a proxy's 430 Flow Failed (RFC 5626 §5.3) as the node passes it on: what
+# a registrar's proxy answers for a phone it cannot reach
+FLOW_FAILED = "Temporarily Unavailable (flow failed)"
+
+
+def flow_failed(resp: SipResponse) -> bool:
+    return resp.status == 480 and resp.reason == FLOW_FAILED
+
+
+def one_flow_each(live: list[dict]) -> tuple[list[tuple[str, list[str]]], list[list[list]]]:
+    """Bindings (newest first) -> ([(contact, Path)], [spares of each]): a
+    SIP outbound phone (one +sip.instance) with several flows (reg-ids,
+    through several edge proxies) is rung over its newest flow only, its
+    other flows, newest first, kept as that target's spares for when the
+    flow fails (RFC 5626 §5.2, §7): rung over all at once it would get
+    the call twice. Other bindings are a target each."""
+    targets: list[tuple[str, list[str]]] = []
+    spares: list[list[list]] = []
+    first_of: dict[str, int] = {}
+    for b in live:
+        flow = [b["c"], b.get("path", [])]
+        instance = b.get("i") if "r" in b else None
+        if instance is not None and instance in first_of:
+            spares[first_of[instance]].append(flow)
+            continue
+        if instance is not None:
+            first_of[instance] = len(targets)
+        targets.append((flow[0], flow[1]))
+        spares.append([])
+    return targets, spares
+
+
 ANSWERED_ELSEWHERE = [("Reason", 'SIP;cause=200;text="Call completed elsewhere"')]
 # ... and the option tags of its Supported and Require that go with them
 CARRIED_OPTIONS = ("timer", "precondition")
@@ -794,7 +826,7 @@ class Node:
                 # the proxy's word that a phone's connection is gone (RFC
                 # 5626 §5.3), meant for its registrar: the caller hears
                 # what a proxy with a registrar answers then
-                msg.status, msg.reason = 480, "Temporarily Unavailable (flow failed)"
+                msg.status, msg.reason = 480, FLOW_FAILED
             if self.tx.response(msg):
                 return
             # B-leg Call-IDs carry the stamp; requests sent on leg a carry
@@ -1059,11 +1091,14 @@ class Node:
         await self.store.save(bekey, record, record.get("p") or self.partner_for(bekey), self.others(bekey))
 
     # ---- a new call ------------------------------------------------------
-    async def find_targets(self, req: SipRequest, bekey: str) -> tuple[list[tuple[str, list[str]]], bool, dict | None]:
-        """-> ([(request-URI, route set)], registered, earlier): every live
-        contact of a registered AOR (newest first, each via its Path), else
-        the upstream trunk, else nothing (404); and this call's record if
-        one is stored already (resume_call), read in the registrar's MGET."""
+    async def find_targets(self, req: SipRequest, bekey: str) -> tuple[list[tuple[str, list[str]]], bool, dict | None,
+                                                                     list[list[list]]]:
+        """-> ([(request-URI, route set)], registered, earlier, spares): every
+        live contact of a registered AOR (newest first, each via its Path;
+        a SIP outbound phone's newest flow, with the others as its spares:
+        one_flow_each), else the upstream trunk, else nothing (404); and
+        this call's record if one is stored already (resume_call), read in
+        the registrar's MGET."""
         ruri = req.ruri
         aor = bekey_of(ruri.aor()) if ruri.is_sip and ruri.user else None
         if aor is None:
@@ -1077,8 +1112,9 @@ class Node:
             now = time.time()
             live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
             if live:
-                return [(b["c"], b.get("path", [])) for b in live], True, earlier
-        return self.upstream_target(req), False, earlier
+                targets, spares = one_flow_each(live)
+                return targets, True, earlier, spares
+        return self.upstream_target(req), False, earlier, []
 
     def upstream_target(self, req: SipRequest) -> list[tuple[str, list[str]]]:
         """[each node.upstream with the request URI's user], in order, the
@@ -1112,7 +1148,7 @@ class Node:
 
     async def new_call(self, req: SipRequest, bekey: str, resume: bool = True) -> None:
         self.came_in(req)
-        targets, registered, earlier = await self.find_targets(req, bekey)
+        targets, registered, earlier, spares = await self.find_targets(req, bekey)
         if self.overtaken(req):
             return
         if (resume and earlier is not None and earlier.get("k") == "call" and earlier["a"]["cid"] == req.call_id
@@ -1146,6 +1182,9 @@ class Node:
         # one fork per contact (parallel forking): same B-leg Call-ID and
         # From-tag, a branch each; the first 2xx wins, the rest are cancelled
         forks = [{"ruri": u, "route": list(r), "br": new_branch(), "st": None, "by": self.id} for u, r in targets]
+        for fork, spare in zip(forks, spares if registered and not far else ()):
+            if spare:
+                fork["sp"] = spare
         record = new_record(req, a, b, forks=forks)
         if not req.body:
             record["dof"] = 1
@@ -1198,7 +1237,7 @@ class Node:
         `sub`, saved and mirrored): the notifier's NOTIFYs are relayed to
         the subscriber, its refreshes the other way, and the record goes
         with the NOTIFY that says terminated, or its Expires."""
-        targets, registered, earlier = await self.find_targets(req, bekey)
+        targets, registered, earlier, _ = await self.find_targets(req, bekey)
         if earlier and earlier.get("sub") and (earlier["a"]["cid"], earlier["a"]["rt"]) == (req.call_id, req.from_.tag):
             # the SUBSCRIBE again, here: the node that took it died before
             # the answer came, which the proxy brings here (stray_final);
@@ -1309,7 +1348,7 @@ class Node:
         as not (sip:ping@..., its own number), which must neither go
         back up the trunk nor fail. One for a registered user needs
         credentials, as a MESSAGE does, when auth is on."""
-        targets, registered, _ = await self.find_targets(req, bekey)
+        targets, registered, _, _ = await self.find_targets(req, bekey)
         tag = self.new_tag(bekey)
         if req.method == "OPTIONS" and not registered:
             self.reply(req, 200, "OK", to_tag=tag, headers=[("Allow", ALLOW)])
@@ -1845,6 +1884,10 @@ class Node:
                 fork["st"], fork["reason"] = resp.status, resp.reason
                 if said := carried(resp):
                     fork["h"] = said
+            if (fork.get("sp") and resp is not None and flow_failed(resp) and "inv" in record
+                    and record["st"] == "early" and not record.get("cancel")):
+                await self.next_flow(bekey, record, fork)
+                return
             aside = self.set_aside(fork["ruri"], resp) if "nx" in record and not fork.get("tc") else 0.0
             if (record.get("nx") and "inv" in record and record["st"] == "early" and not record.get("cancel")
                     and not fork.get("tc") and (fork["st"] == 408 or 500 <= fork["st"] < 600)):
@@ -1881,6 +1924,23 @@ class Node:
               failed=failed["ruri"], status=failed["st"], next=uri, set_aside_s=int(aside) or None)
         self.send_fork_invite(bekey, self.fork_invite(record, fork, record["inv"]), fork["br"],
                               answer_within=self.upstream_timeout if record["nx"] else None)
+        self.in_setup[bekey] = record
+
+    async def next_flow(self, bekey: str, record: dict, failed: dict) -> None:
+        """The flow a SIP outbound phone was rung over is gone (the proxy's
+        430, RFC 5626 §5.3): the phone is rung over its next newest flow
+        (§7), a new fork of the same B-leg, as next_upstream does for a
+        trunk. The caller hears nothing of it."""
+        (uri, route), *rest = failed["sp"]
+        fork = {"ruri": uri, "route": list(route), "br": new_branch(), "st": None, "by": self.id}
+        if rest:
+            fork["sp"] = rest
+        record["forks"].append(fork)
+        await self.save_held(bekey, record)
+        self.stats.inc("dialogs", "flow_failover")
+        event(log, "flow_failover", bekey=bekey, call_id=record["a"]["cid"], contact=failed["ruri"],
+              failed=failed["route"][0] if failed["route"] else None, next=fork["route"][0] if fork["route"] else None)
+        self.send_fork_invite(bekey, self.fork_invite(record, fork, record["inv"]), fork["br"])
         self.in_setup[bekey] = record
 
     async def relay_provisional(self, bekey: str, record: dict, resp: SipResponse) -> None:

@@ -131,6 +131,39 @@ def test_a_phone_back_with_another_contact_replaces_its_binding_by_its_instance(
             p.stop()
 
 
+def test_an_outbound_phone_with_two_flows_is_rung_over_the_newest_then_the_other(cluster):
+    """A SIP outbound phone registered over two TCP flows (one
+    +sip.instance, reg-id 1 and 2: RFC 5626 §4.2) is one phone: a call
+    rings it over its newest flow only (rung over both it got the call
+    twice). With that flow gone, the proxy answers 430 Flow Failed and
+    the node rings the phone over its other flow (§7): the call is
+    answered, the caller none the wiser."""
+    instance = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-0000000f1011>"'
+    older = Phone("flo", cluster.proxy_addr, transport="tcp")
+    newer = Phone("flo", cluster.proxy_addr, transport="tcp")
+    try:
+        for phone, reg_id in ((older, 1), (newer, 2)):
+            resp = phone.register(300, contacts=f"<{phone.contact}>{instance};reg-id={reg_id}", call_id=f"flow-{reg_id}")
+            assert resp.status == 200 and resp.get("Require") == "outbound"
+            time.sleep(0.01)                        # newer is newer
+        assert len(resp.contacts) == 2
+        older.start()
+        newer.start()
+        result = run(uac(cluster, "uac", calls=1, rate=1, hold_ms=200, service="flo").run(30))
+        assert result.ok == 1 and result.failed == 0, result.log_tail
+        assert newer.got[:2] == ["INVITE", "ACK"] and older.got == []
+        newer.stop()                                # its connection closes: the flow is gone
+        time.sleep(0.3)
+        result = run(uac(cluster, "uac", calls=1, rate=1, hold_ms=200, service="flo").run(30))
+        assert result.ok == 1 and result.failed == 0, result.log_tail
+        assert older.got[:2] == ["INVITE", "ACK"]
+        logged = "".join((cluster.dir / "logs" / f"{n}.log").read_text() for n in cluster.state["nodes"])
+        assert "event=flow_failover " in logged and f' contact="{newer.contact}" ' in logged
+    finally:
+        for p in (older, newer):
+            p.stop()
+
+
 def test_unregistered_user_without_upstream_gets_404(cluster):
     result = run(uac(cluster, "uac", calls=1, rate=1, service="nobody").run(30))
     assert result.failed == 1
