@@ -66,7 +66,7 @@ from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
-from .registrar import nat_flows, register
+from .registrar import bound_to, gruu_of, nat_flows, register
 from .sip import AckGate, Transactions, new_branch, new_request, parse_request, random_hex
 from .resp import RedisError
 from .store import DialogStore, StoreUnavailable, decode
@@ -1100,6 +1100,11 @@ class Node:
         this call's record if one is stored already (resume_call), read in
         the registrar's MGET."""
         ruri = req.ruri
+        gruu = gruu_of(self.secret, ruri)
+        if gruu is not None:
+            # one phone of the user (RFC 5627 §6): its bindings only; a GRUU
+            # whose phone is not registered now gets 480, a forged one 404
+            return await self.gruu_targets(bekey, *gruu)
         aor = bekey_of(ruri.aor()) if ruri.is_sip and ruri.user else None
         if aor is None:
             # no registrar look-up: where a resumed call's record would be
@@ -1115,6 +1120,28 @@ class Node:
                 targets, spares = one_flow_each(live)
                 return targets, True, earlier, spares
         return self.upstream_target(req), False, earlier, []
+
+    async def gruu_targets(self, bekey: str, aor: str, instance: str, cid_hash: str | None
+                           ) -> tuple[list[tuple[str, list[str]]], bool, dict | None, list[list[list]]]:
+        """find_targets for a GRUU: the live bindings of `instance` under
+        `aor` (registered: True however many, so none gets 480, not 404)."""
+        if not aor:
+            return [], False, await self.store.peek(bekey, [self.id]), []
+        key = bekey_of(aor)
+        earlier, reg = await self.store.peek_many([bekey, key], rank(key, self.node_ids))
+        now = time.time()
+        live = sorted((b for b in (reg or {}).get("b", []) if b["x"] > now and bound_to(b, instance, cid_hash)),
+                      key=lambda b: -b["t"]) if reg is not None and reg.get("k") == "reg" else []
+        targets, spares = one_flow_each(live)
+        return targets, reg is not None or cid_hash is not None, earlier, spares
+
+    def not_found(self, req: SipRequest, registered: bool, tag: str) -> None:
+        """No one to send `req` to: 404, or 480 for a phone that is known
+        but not registered now (a GRUU's, RFC 5627 §6)."""
+        if registered:
+            self.reply(req, 480, "Temporarily Unavailable", to_tag=tag)
+        else:
+            self.reply(req, 404, "Not Found", to_tag=tag)
 
     def upstream_target(self, req: SipRequest) -> list[tuple[str, list[str]]]:
         """[each node.upstream with the request URI's user], in order, the
@@ -1169,7 +1196,7 @@ class Node:
                 # only the party of the replaced dialog can honour it
                 targets, registered = [(far["tgt"], far["rs"])], False
         if not targets:
-            self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
+            self.not_found(req, registered, self.new_tag(bekey))
             return
         # trunks are tried one after the other (upstream_failover), a
         # registered user's phones all at once
@@ -1254,7 +1281,7 @@ class Node:
                 self.reply(req, 404, "Not Found (no voicemail service)", to_tag=self.new_tag(bekey))
                 return
         if not targets:
-            self.reply(req, 404, "Not Found", to_tag=self.new_tag(bekey))
+            self.not_found(req, registered, self.new_tag(bekey))
             return
         a, b = self.legs(req, bekey, targets[0], registered)
         record = new_record(req, a, b, sub=1, forks=[], ttl=subscription_ttl(req))
@@ -1356,7 +1383,7 @@ class Node:
         if req.method == "OPTIONS" and self.auth is not None and not await authenticate(self, req):
             return
         if not targets:
-            self.reply(req, 404, "Not Found", to_tag=tag)
+            self.not_found(req, registered, tag)
             return
         leg = {"cid": f"{make_stamp(self.secret, bekey)}-{random_hex(12)}@sipha", "lt": self.new_tag(bekey),
                "rt": None, "lu": without_tag(req.get("From")), "ru": without_tag(req.get("To"))}

@@ -19,7 +19,11 @@ registrar does.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -45,6 +49,82 @@ def instance_of(contact, outbound: bool = True) -> tuple[str | None, str | None]
     edge proxy that keeps its flow (RFC 5626 §6)."""
     instance = (contact.params.get("+sip.instance") or "").strip('"') or None
     return instance, (contact.params.get("reg-id") if instance and outbound else None)
+
+
+# ---- GRUU (RFC 5627) -------------------------------------------------------
+# A phone that registers with a +sip.instance and `Supported: gruu` gets two
+# URIs that reach that phone only, not every phone of its user: its public
+# GRUU, the AOR with `gr=` the instance, and a temporary one that does not
+# name the user, `sip:tgruu.TOKEN@host;gr`. The token is the AOR, the
+# instance and a hash of the REGISTER's Call-ID, encrypted and
+# authenticated with a key from cluster.secret (HMAC-SHA256 as the
+# keystream and as the tag), so any node reads it back and nothing is
+# stored; it stands as long as the phone's binding from that Call-ID does
+# (a phone that restarts registers with another Call-ID: its earlier
+# temporary GRUUs lapse, §5.4.1).
+TGRUU = "tgruu."
+
+
+def _gruu_key(secret: bytes) -> bytes:
+    return hashlib.sha256(b"sipha temp-gruu\0" + secret).digest()
+
+
+def _keystream(key: bytes, nonce: bytes, size: int) -> bytes:
+    blocks = (hmac.new(key, nonce + i.to_bytes(4, "big"), hashlib.sha256).digest() for i in range(size // 32 + 1))
+    return b"".join(blocks)[:size]
+
+
+def _cid_hash(call_id: str) -> str:
+    return hashlib.sha256(call_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def temp_gruu(secret: bytes, aor: str, instance: str, call_id: str) -> str:
+    """A new temporary GRUU of `instance` bound to `aor` by REGISTERs of `call_id`."""
+    key, nonce = _gruu_key(secret), os.urandom(8)
+    plain = f"{aor}\n{instance}\n{_cid_hash(call_id)}".encode("utf-8", "surrogateescape")
+    sealed = bytes(a ^ b for a, b in zip(plain, _keystream(key, nonce, len(plain))))
+    tag = hmac.new(key, b"tag" + nonce + sealed, hashlib.sha256).digest()[:10]
+    token = base64.b32encode(nonce + sealed + tag).decode().rstrip("=").lower()
+    host = aor.split("@", 1)[1] if "@" in aor else aor.split(":", 1)[1]
+    return f"sip:{TGRUU}{token}@{host};gr"
+
+
+def read_temp_gruu(secret: bytes, user: str) -> tuple[str, str, str] | None:
+    """The user part of a temporary GRUU -> (AOR, instance, Call-ID
+    hash), or None when it is not one of ours (forged, damaged)."""
+    if not user.startswith(TGRUU):
+        return None
+    token = user[len(TGRUU):].upper()
+    try:
+        raw = base64.b32decode(token + "=" * (-len(token) % 8))
+    except ValueError:
+        return None
+    if len(raw) < 8 + 10 + 5:
+        return None
+    key, nonce, sealed, tag = _gruu_key(secret), raw[:8], raw[8:-10], raw[-10:]
+    if not hmac.compare_digest(tag, hmac.new(key, b"tag" + nonce + sealed, hashlib.sha256).digest()[:10]):
+        return None
+    parts = bytes(a ^ b for a, b in zip(sealed, _keystream(key, nonce, len(sealed)))).decode(
+        "utf-8", "surrogateescape").split("\n")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def gruu_of(secret: bytes, uri) -> tuple[str, str, str | None] | None:
+    """A request URI that is a GRUU -> (AOR, instance, Call-ID hash or
+    None for a public GRUU); None for any other URI. A `gr` parameter that
+    is no GRUU of ours gives ("", "", None): nobody is reached by it."""
+    if not uri.is_sip or "gr" not in uri.params:
+        return None
+    value = uri.params.get("gr")
+    if value:
+        return uri.aor(), f"<{value}>", None
+    return read_temp_gruu(secret, uri.user or "") or ("", "", None)
+
+
+def bound_to(binding: dict, instance: str, cid_hash: str | None) -> bool:
+    """Whether a binding is the phone a GRUU names (a temporary one: from
+    the registration it was handed out for)."""
+    return binding.get("i") == instance and (cid_hash is None or _cid_hash(binding["cid"]) == cid_hash)
 
 
 def outbound_edge(req: SipRequest) -> bool:
@@ -161,7 +241,10 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
     for uri in removed:
         node.stats.inc("registrations", "removed")
         event(log, "registration_removed", aor=aor, contact=uri, bekey=bekey)
-    headers = [("Contact", f"<{b['c']}>;expires={max(0, int(b['x'] - now))}") for b in bindings]
+    gruus = "gruu" in {t.lower() for t in req.values("Supported")}
+    headers = [("Contact", f"<{b['c']}>;expires={max(0, int(b['x'] - now))}"
+                + (gruu_params(node.secret, aor, b) if gruus and b.get("i") else ""))
+               for b in bindings]
     if req.paths and bindings:
         headers += [("Path", p.raw) for p in req.paths]
     headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
@@ -178,6 +261,16 @@ async def register(node: "Node", req: SipRequest, bekey: str) -> None:
         left = max((b["x"] - now for b in bindings if b["path"][:1] == [flow]), default=0)
         headers.append((ROUTE_HEADER, f"flow_expires={int(left)}"))
     node.reply(req, 200, "OK", to_tag=node.new_tag(bekey), headers=headers)
+
+
+def gruu_params(secret: bytes, aor: str, binding: dict) -> str:
+    """A binding's +sip.instance and its GRUUs, for the 2xx to a REGISTER
+    that says Supported: gruu (RFC 5627 §5.4)."""
+    instance = binding["i"]
+    urn = instance.strip("<>")
+    public = f"{aor};gr={urn}"
+    temp = temp_gruu(secret, aor, instance, binding["cid"])
+    return f';+sip.instance="{instance}";pub-gruu="{public}";temp-gruu="{temp}"'
 
 
 async def nat_flows(node: "Node") -> dict:

@@ -157,9 +157,10 @@ class Phone:
             if resp.status >= 200:
                 return resp
 
-    def call(self, user: str, hold: float = 0.2) -> list[int]:
-        """Call `user` through the proxy: INVITE, ACK of the 200, BYE after
-        `hold` s (not with start()). -> the statuses heard: the INVITE's, then the BYE's."""
+    def call(self, user: str, hold: float = 0.2, uri: str | None = None) -> list[int]:
+        """Call `user` (at request URI `uri` if given: a GRUU) through the
+        proxy: INVITE, ACK of the 200, BYE after `hold` s (not with
+        start()). -> the statuses heard: the INVITE's, then the BYE's."""
         call_id, branch = uuid.uuid4().hex, uuid.uuid4().hex
         head = (f"Max-Forwards: 70\r\nFrom: <sip:{self.user}@127.0.0.1>;tag={self.tag}\r\n"
                 f"To: <sip:{user}@127.0.0.1>TO_TAG\r\nCall-ID: {call_id}\r\n")
@@ -180,7 +181,7 @@ class Phone:
 
         self.sock.settimeout(10)
         heard = []
-        request("INVITE", f"sip:{user}@{hostport(self.proxy)}", 1, [], body=SDP)
+        request("INVITE", uri or f"sip:{user}@{hostport(self.proxy)}", 1, [], body=SDP)
         ok = final("INVITE")
         heard.append(ok.status)
         if ok.status != 200:

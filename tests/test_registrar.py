@@ -67,3 +67,19 @@ def test_outbound_flows_only_through_an_edge_that_keeps_them(tmp_path):
     assert [a.status for a in answers] == [200] * 6
     assert [len(a.contacts) for a in answers] == [1, 2, 1, 1, 1, 1]
     assert [(a.get("Require"), a.get("Flow-Timer")) for a in answers] == [("outbound", "20")] * 2 + [(None, None)] * 4
+
+
+def test_a_temporary_gruu_reads_back_only_with_our_secret_and_names_nobody():
+    from node.registrar import _cid_hash, read_temp_gruu, temp_gruu
+    from sipcore.headers import parse_uri
+    aor, instance = "sip:gina@example.com", "<urn:uuid:00000000-0000-1000-8000-000000000001>"
+    one, two = (temp_gruu(b"s" * 32, aor, instance, "boot-1") for _ in range(2))
+    assert one != two                                   # a new one at every REGISTER (§5.4)
+    uri = parse_uri(one)
+    assert uri.host == "example.com" and "gr" in uri.params and uri.params["gr"] is None
+    assert "gina" not in one and "uuid" not in one
+    assert read_temp_gruu(b"s" * 32, uri.user) == (aor, instance, _cid_hash("boot-1"))
+    assert read_temp_gruu(b"t" * 32, uri.user) is None                  # another cluster's
+    flipped = uri.user[:-1] + ("a" if uri.user[-1] != "a" else "b")
+    for bad in (flipped, uri.user[:20], "tgruu.", "tgruu.!!!!", "gina"):
+        assert read_temp_gruu(b"s" * 32, bad) is None, bad

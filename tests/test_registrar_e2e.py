@@ -164,6 +164,42 @@ def test_an_outbound_phone_with_two_flows_is_rung_over_the_newest_then_the_other
             p.stop()
 
 
+def test_a_gruu_reaches_that_phone_of_the_user_only(cluster):
+    """RFC 5627: each of gina's two phones, registered with its instance
+    and `Supported: gruu`, gets its public and its temporary GRUU. A call
+    to either rings that phone and not the other; a forged temporary GRUU
+    gets 404, the GRUU of a phone that unregistered 480."""
+    desk, soft = Phone("gina", cluster.proxy_addr), Phone("gina", cluster.proxy_addr)
+    carl = Phone("carl", cluster.proxy_addr)
+    gruus = {}
+    try:
+        for phone, n in ((desk, 1), (soft, 2)):
+            instance = f'+sip.instance="<urn:uuid:00000000-0000-1000-8000-00000000000{n}>"'
+            resp = phone.register(300, contacts=f"<{phone.contact}>;{instance}", call_id=f"gruu-{n}",
+                                  extra="Supported: gruu\r\n")
+            mine, = (c for c in resp.contacts if c.uri == phone.contact)
+            assert mine.params["pub-gruu"] == f'"sip:gina@127.0.0.1;gr=urn:uuid:00000000-0000-1000-8000-00000000000{n}"'
+            gruus[phone] = mine.params["pub-gruu"].strip('"'), mine.params["temp-gruu"].strip('"')
+            assert gruus[phone][1].startswith("sip:tgruu.") and gruus[phone][1].endswith("@127.0.0.1;gr")
+            assert "gina" not in gruus[phone][1]
+        desk.start()
+        soft.start()
+        assert carl.call("gina", uri=gruus[desk][0]) == [200, 200]
+        assert carl.call("gina", uri=gruus[soft][1]) == [200, 200]
+        assert desk.got.count("INVITE") == 1 and soft.got.count("INVITE") == 1, (desk.got, soft.got)
+        forged = gruus[soft][1].replace("sip:tgruu.", "sip:tgruu.a", 1)
+        assert carl.call("gina", uri=forged) == [404]
+        elsewhere = Phone("gina", cluster.proxy_addr)       # soft's un-REGISTER (soft reads its own socket)
+        resp = elsewhere.register(0, contacts=f"<{soft.contact}>", call_id="gruu-2", cseq=2)
+        elsewhere.stop()
+        assert [c.uri for c in resp.contacts] == [desk.contact]
+        assert carl.call("gina", uri=gruus[soft][0]) == [480] and carl.call("gina", uri=gruus[soft][1]) == [480]
+        assert soft.got.count("INVITE") == 1
+    finally:
+        for p in (desk, soft, carl):
+            p.stop()
+
+
 def test_unregistered_user_without_upstream_gets_404(cluster):
     result = run(uac(cluster, "uac", calls=1, rate=1, service="nobody").run(30))
     assert result.failed == 1

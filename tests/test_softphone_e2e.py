@@ -234,7 +234,8 @@ def test_an_outbound_phone_keeps_its_udp_flow_with_stun(make_cluster, phone, mon
     `ob`, so the registrar answers Require: outbound with our Flow-Timer;
     the phone then sends STUN Binding requests to the proxy's SIP port
     at that pace and, answered, stays registered and is called over its
-    flow. Unanswered, libre drops its registration and starts over."""
+    flow. Unanswered, libre drops its registration and starts over. It
+    says Supported: gruu too, and gets its GRUUs (RFC 5627)."""
     monkeypatch.setenv("SIPHA_NODE_FLOW_TIMER", "2")
     c = make_cluster(nodes=2, trunk=None)
     alice = phone("alice", c.proxy_addr, sipnat="outbound")
@@ -243,6 +244,7 @@ def test_an_outbound_phone_keeps_its_udp_flow_with_stun(make_cluster, phone, mon
     assert ";reg-id=1" in register.rsplit("REGISTER ", 1)[1] and "+sip.instance" in register.rsplit("REGISTER ", 1)[1]
     ok = answer.split("\n\n", 1)[0]
     assert "Require: outbound" in ok and "Flow-Timer: 2" in ok, ok
+    assert 'pub-gruu="sip:alice@127.0.0.1;gr=urn:uuid:' in ok and 'temp-gruu="sip:tgruu.' in ok, ok   # it said Supported: gruu
     assert "Require: outbound" not in bob.proc.text()
     admin = f"http://127.0.0.1:{c.state['proxy']['admin']}/status"
     time.sleep(4.5)                 # a keep-alive every 1.6-2 s
