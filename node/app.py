@@ -49,7 +49,7 @@ from collections import defaultdict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sipcore import compiled, heap
-from sipcore.admin import AdminServer, json_handler, start_admin
+from sipcore.admin import AdminServer, json_handler, json_query_handler, start_admin
 from sipcore.bekey import (DOWN_HEADER, LEAVING_HEADER, ROUTE_HEADER, STORE_DOWN_HEADER, WARM_HEADER, bekey_of,
                            make_stamp, rank, read_stamp)
 from sipcore.config import (NODE_LIVE, RELOAD_COUNTER, Config, ConfigError, applied_fields, changed_settings,
@@ -66,7 +66,7 @@ from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
-from .registrar import bound_to, gruu_of, nat_flows, register
+from .registrar import bound_to, gruu_of, nat_flows, register, registrations
 from .sip import AckGate, Transactions, new_branch, new_request, parse_request, random_hex
 from .resp import RedisError
 from .store import DialogStore, StoreUnavailable, decode
@@ -471,7 +471,8 @@ class Node:
         if setting == "auto" and self.cfg.node(self.id).admin:
             setting = self.cfg.node(self.id).admin
         routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
-                  "/nat_flows": json_handler(lambda: nat_flows(self))}
+                  "/nat_flows": json_handler(lambda: nat_flows(self)),
+                  "/registrations": json_query_handler(lambda query: registrations(self, query))}
         self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr, routes)
         event(log, "node_started", node=self.id, sip=hostport(self.addr),
               proxy=hostport(self.proxy_addr), redis_ok=self.healthy,

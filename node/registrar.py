@@ -27,12 +27,13 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from sipcore.bekey import ROUTE_HEADER
+from sipcore.bekey import ROUTE_HEADER, bekey_of, rank
 from sipcore.errors import SipParseError
-from sipcore.headers import is_digits
+from sipcore.headers import is_digits, parse_uri
 from sipcore.logfmt import event
 from sipcore.message import SipRequest
 
+from .resp import RedisError
 from .store import decode
 
 if TYPE_CHECKING:
@@ -271,6 +272,59 @@ def gruu_params(secret: bytes, aor: str, binding: dict) -> str:
     public = f"{aor};gr={urn}"
     temp = temp_gruu(secret, aor, instance, binding["cid"])
     return f';+sip.instance="{instance}";pub-gruu="{public}";temp-gruu="{temp}"'
+
+
+async def registrations(node: "Node", query: dict[str, str]) -> dict:
+    """The admin page `/registrations` (Kamailio's `kamctl ul show`): the
+    bindings this node holds as their owner (its active keyspace), by
+    AOR, newest first; `?aor=sip:alice@example.com` for one AOR (read
+    directly, wherever in the URI's form: a port or parameters are
+    ignored as the registrar ignores them), looked up in every node's
+    Redis, its owner's first, so any node answers it (`held_by`: the node
+    whose active copy it is, or whose replica when no active one is
+    left)."""
+    now = time.time()
+    wanted = query.get("aor")
+    if wanted is not None:
+        try:
+            aor = parse_uri(wanted.strip().strip("<>")).aor()
+        except SipParseError as exc:
+            return {"node": node.id, "error": f"aor: not a SIP URI ({exc.reason})"}
+        key = bekey_of(aor)
+        found, holder = [], None
+        for space in ("active", "replica"):
+            for nid in rank(key, node.node_ids):
+                client = node.store.own if nid == node.id else node.store.peer(nid)
+                try:
+                    raw = await client.get(node.store.key(space, key)) if client is not None else None
+                except (RedisError, OSError):
+                    continue
+                if raw is not None:
+                    found, holder = [(key, raw)], nid if space == "active" else f"{nid} (replica)"
+                    break
+            if found:
+                break
+    else:
+        found, holder = await node.records("active", lambda raw: b'"k":"reg"' in raw), node.id
+    out = []
+    for bekey, raw in found:
+        try:
+            record = decode(raw)
+            if record.get("k") != "reg":
+                continue
+            contacts = [{"contact": b["c"], "expires_in": int(b["x"] - now), "registered": _utc(b["t"]),
+                         "call_id": b["cid"], "cseq": b["cseq"], "path": b.get("path", []),
+                         "instance": b.get("i"), "reg_id": b.get("r"), "nat": bool(b.get("nat"))}
+                        for b in sorted(record["b"], key=lambda b: -b["t"]) if b["x"] > now]
+        except (ValueError, KeyError, TypeError):
+            continue                        # not a registration as this version writes them
+        if contacts:
+            out.append({"aor": record["aor"], "bekey": bekey, "held_by": holder, "contacts": contacts})
+    return {"node": node.id, "registrations": sorted(out, key=lambda r: r["aor"])}
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 async def nat_flows(node: "Node") -> dict:

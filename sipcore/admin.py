@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from typing import Awaitable, Callable
 
 from .headers import hostport
@@ -51,6 +52,15 @@ def json_handler(fn: Callable[[], Awaitable[dict]]) -> Handler:
     return handle
 
 
+def json_query_handler(fn: Callable[[dict[str, str]], Awaitable[dict]]) -> Handler:
+    """A JSON page that reads the query string (`?aor=...`): `fn` gets
+    its fields, the last of each name."""
+    async def handle(query: dict[str, str]):
+        return "application/json", json.dumps(await fn(query), indent=1, default=str) + "\n"
+    handle.takes_query = True  # type: ignore[attr-defined]
+    return handle
+
+
 class AdminServer:
     def __init__(self, routes: dict[str, Handler]):
         self.routes = routes
@@ -72,12 +82,15 @@ class AdminServer:
             if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
                 await self._write(writer, 405, "text/plain", "only GET\n")
                 return
-            path = parts[1].split("?", 1)[0]
+            path, _, query = parts[1].partition("?")
             handler = self.routes.get(path)
             if handler is None:
                 await self._write(writer, 404, "text/plain", f"no such path; try {', '.join(self.routes)}\n")
                 return
-            ctype, body = await handler()
+            if getattr(handler, "takes_query", False):
+                ctype, body = await handler(dict(urllib.parse.parse_qsl(query)))
+            else:
+                ctype, body = await handler()
             await self._write(writer, 200, ctype, body, head_only=parts[0] == "HEAD")
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -23,9 +24,11 @@ import tomllib
 from pathlib import Path
 
 import urllib.error
+import urllib.parse
 import urllib.request
 
-from sipcore.headers import hostport
+from sipcore.errors import SipParseError
+from sipcore.headers import hostport, parse_uri
 from sipcore.logfmt import parse_logfmt
 
 from .sipp import Sipp, claim_port, free_port
@@ -660,6 +663,55 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_users(args) -> int:
+    """`kamctl ul show`: who is registered, where, over which flow."""
+    c = _existing(args.dir)
+    query = ""
+    if args.aor is not None:
+        try:
+            parse_uri(args.aor.strip().strip("<>"))
+        except SipParseError as exc:
+            raise ClusterError(f"--aor: {args.aor!r} is not a SIP URI ({exc.reason})") from None
+        query = "?" + urllib.parse.urlencode({"aor": args.aor})
+    found: dict[str, dict] = {}
+    asked = 0
+    for nid, n in c.state["nodes"].items():
+        if not c.running(nid):
+            continue
+        try:
+            page = admin_get(n["admin"], f"/registrations{query}")
+        except (OSError, ValueError):
+            continue
+        asked += 1
+        if page.get("error"):
+            raise ClusterError(f"{nid}: {page['error']}")
+        for reg in page.get("registrations", []):
+            newest = max(b["registered"] for b in reg["contacts"])
+            kept = found.get(reg["aor"])
+            # a registration moving home is briefly active on two nodes
+            if kept is None or newest > max(b["registered"] for b in kept["contacts"]):
+                found[reg["aor"]] = reg
+        if args.aor is not None:
+            break                           # any node looks it up where it lives
+    if not asked:
+        raise ClusterError("no node answered (is the cluster up? sipha status)")
+    regs = [found[aor] for aor in sorted(found)]
+    if args.json:
+        print(json.dumps(regs, indent=1))
+    elif regs:
+        rows = [("aor", "contact", "expires", "instance", "reg-id", "flow", "held by")]
+        for reg in regs:
+            for b in reg["contacts"]:
+                flow = re.search(r";flow=([^;>]+)", b["path"][0]).group(1) if b["path"] and ";flow=" in b["path"][0] else "-"
+                rows.append((reg["aor"], b["contact"], f"{b['expires_in']}s", b["instance"] or "-",
+                             b["reg_id"] or "-", flow, reg["held_by"]))
+        print(render(rows))
+    if not regs and args.aor is not None:
+        print(f"sipha users: {args.aor} is not registered", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _dash(v):
     return "-" if v is None else v
 
@@ -796,6 +848,10 @@ def add_commands(sub) -> None:
     p = with_dir(sub.add_parser("status", help="nodes, health, load factor, dialog counts"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = with_dir(sub.add_parser("users", help="who is registered: contacts, expiry, instance, flow (kamctl ul show)"))
+    p.add_argument("--aor", metavar="URI", help="one address of record, e.g. sip:alice@example.com")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_users)
     p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure), or the proxy"))
     p.add_argument("node", help="a node id, or proxy")
     p.add_argument("--process-only", action="store_true",

@@ -3,7 +3,10 @@ calls to registered users forked to all their contacts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -198,6 +201,44 @@ def test_a_gruu_reaches_that_phone_of_the_user_only(cluster):
     finally:
         for p in (desk, soft, carl):
             p.stop()
+
+
+def test_sipha_users_shows_who_is_registered_where(cluster):
+    """`sipha users` (Kamailio's `kamctl ul show`): each AOR's contacts,
+    expiry, instance, reg-id and flow, and the node holding it; `--aor`
+    for one, asked of any node, which finds it wherever it lives, also
+    once its node died; an AOR nobody registered exits 1, one that is no
+    SIP URI is an error naming --aor."""
+    def users(*args):
+        return subprocess.run([sys.executable, "-m", "sipha.cli", "users", "--dir", str(cluster.dir), *args],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    instance = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-0000000a11ce>"'
+    alice, bob = Phone("alice", cluster.proxy_addr), Phone("bob", cluster.proxy_addr, transport="tcp")
+    try:
+        assert alice.register(300, contacts=f"<{alice.contact}>;{instance};reg-id=1").status == 200
+        assert bob.register(120).status == 200
+        listed = json.loads(users("--json").stdout)
+        assert [r["aor"] for r in listed] == ["sip:alice@127.0.0.1", "sip:bob@127.0.0.1"]
+        a, b = (r["contacts"][0] for r in listed)
+        assert (a["contact"], a["instance"], a["reg_id"]) == (alice.contact, "<urn:uuid:00000000-0000-1000-8000-0000000a11ce>", "1")
+        assert 290 <= a["expires_in"] <= 300 and 110 <= b["expires_in"] <= 120
+        assert f"flow=tcp:127.0.0.1:{bob.port}" in b["path"][0] and b["contact"] == bob.contact
+        holder = listed[1]["held_by"]
+        table = users().stdout
+        assert f"udp:127.0.0.1:{alice.port}" in table and f"tcp:127.0.0.1:{bob.port}" in table, table
+        one = users("--aor", f"sip:bob@127.0.0.1:{cluster.proxy_addr[1]};transport=tcp", "--json")
+        assert [r["aor"] for r in json.loads(one.stdout)] == ["sip:bob@127.0.0.1"]
+        cluster.kill(holder)
+        time.sleep(0.5)
+        after = json.loads(users("--aor", "sip:bob@127.0.0.1", "--json").stdout)
+        assert after[0]["held_by"].split()[0] != holder and after[0]["contacts"][0]["contact"] == bob.contact
+        nobody = users("--aor", "sip:nobody@127.0.0.1")
+        assert nobody.returncode == 1 and "sip:nobody@127.0.0.1 is not registered" in nobody.stderr
+        bad = users("--aor", "alice")
+        assert bad.returncode == 2 and "--aor: 'alice' is not a SIP URI" in bad.stderr
+    finally:
+        alice.stop()
+        bob.stop()
 
 
 def test_unregistered_user_without_upstream_gets_404(cluster):
