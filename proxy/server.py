@@ -208,7 +208,7 @@ class Proxy:
         # leaves from a socket already bound (else: send_error, no crash)
         for _, _, t in made:
             t.hep = self.hep
-            t.on_stun = self._stun_answered
+            t.on_keepalive = self._keepalive_answered
         self.transports = [t for host, _, t in sorted(made, key=lambda m: ":" in m[0])]   # IPv4 ones first
         self._limit_connections(self.cfg)
         self.transport4 = next((t for host, _, t in made if ":" not in host), None)
@@ -957,8 +957,8 @@ class Proxy:
         self.stats.inc("events", "nat_ping")
         self.send_data(data, flow, "udp")
 
-    def _stun_answered(self) -> None:
-        self.stats.inc("events", "stun_keepalive")
+    def _keepalive_answered(self, kind: str) -> None:
+        self.stats.inc("events", f"{kind}_keepalive")
 
     def _guard_overload(self, delay: float) -> None:
         """Watch the UDP queues' wait against `delay` (OverloadGuard); 0:

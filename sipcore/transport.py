@@ -231,6 +231,8 @@ class _TcpConnection(asyncio.Protocol):
         for ev in events:
             if ev is PING:
                 self._write(PONG)
+                if self.owner.on_keepalive is not None:
+                    self.owner.on_keepalive("crlf")
             else:
                 self.owner._received(ev, self.peer, self.kind, datagram=False)
 
@@ -298,8 +300,9 @@ class SipTransport:
         self.per_source: dict[str, int] = {}
         self.refused_connections = 0
         self.refused_log = RateLimitedLog()
-        # a STUN keep-alive answered (SIP outbound over UDP, sipcore/stun.py)
-        self.on_stun: Callable[[], None] | None = None
+        # a keep-alive answered: "stun" over UDP (sipcore/stun.py), "crlf"
+        # over a stream (RFC 5626 §4.4.1, 3.5.1)
+        self.on_keepalive: Callable[[str], None] | None = None
         self.udp: _UdpProtocol | None = None
         self.tcp_servers: list[asyncio.base_events.Server] = []     # TLS ones too
         self.tls_client: ssl.SSLContext | None = None   # for the TLS connections we open
@@ -433,8 +436,8 @@ class SipTransport:
             self.udp.transport.sendto(reply, source)
         except (OSError, ValueError):
             return
-        if self.on_stun is not None:
-            self.on_stun()
+        if self.on_keepalive is not None:
+            self.on_keepalive("stun")
 
     def measure_wait(self) -> bool:
         """Have the kernel timestamp datagrams on arrival (their queue wait

@@ -235,7 +235,9 @@ def test_an_outbound_phone_keeps_its_udp_flow_with_stun(make_cluster, phone, mon
     the phone then sends STUN Binding requests to the proxy's SIP port
     at that pace and, answered, stays registered and is called over its
     flow. Unanswered, libre drops its registration and starts over. It
-    says Supported: gruu too, and gets its GRUUs (RFC 5627)."""
+    says Supported: gruu too, and gets its GRUUs (RFC 5627). (Over TCP
+    libre's CRLF keep-alives come 20 s apart at the soonest: the
+    transport's test answers one.)"""
     monkeypatch.setenv("SIPHA_NODE_FLOW_TIMER", "2")
     c = make_cluster(nodes=2, trunk=None)
     alice = phone("alice", c.proxy_addr, sipnat="outbound")

@@ -174,3 +174,44 @@ def test_a_certificates_names_are_its_dns_and_sip_names_else_its_common_name(cer
 ])
 def test_a_peer_is_let_in_by_a_name_or_a_one_label_wildcard(names, allowed, ok):
     assert name_allowed(names, allowed) is ok
+
+
+def test_keepalives_are_answered_and_told():
+    """RFC 5626 §4.4: a CRLF CRLF over TCP gets a CRLF back, a STUN Binding
+    request over UDP its response, from the SIP socket it reached; each
+    is told to on_keepalive ("crlf", "stun"), and SIP on the same
+    connection and socket goes on as before."""
+    told, got = [], []
+
+    async def go():
+        t = SipTransport(lambda msg, src, kind: got.append((msg.method, kind)))
+        t.on_keepalive = told.append
+        await t.listen("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        try:
+            tcp = socket.create_connection(t.local)
+            tcp.setblocking(False)
+            tcp.sendall(b"\r\n\r\n")
+            assert await asyncio.wait_for(loop.sock_recv(tcp, 16), 2) == b"\r\n"
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            udp.setblocking(False)
+            udp.sendto(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"k" * 12, t.local)
+            answer = await asyncio.wait_for(loop.sock_recv(udp, 64), 2)
+            assert answer[:2] == b"\x01\x01" and answer[8:20] == b"k" * 12
+            options = (b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKka\r\n"
+                       b"From: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: ka\r\nCSeq: 1 OPTIONS\r\n"
+                       b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+            tcp.sendall(options)
+            udp.sendto(options, t.local)
+            for _ in range(100):
+                if len(got) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            tcp.close()
+            udp.close()
+        finally:
+            await t.close()
+    asyncio.run(go())
+    assert told == ["crlf", "stun"]
+    assert sorted(got) == [("OPTIONS", "tcp"), ("OPTIONS", "udp")]
