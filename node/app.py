@@ -59,7 +59,7 @@ from sipcore.expiring import remember
 from sipcore.hep import HEP_COUNTER, HEP_SETTINGS, mirror_for
 from sipcore.headers import (SipUri, format_params, hostport, is_digits, is_ip, parse_name_addr, parse_uri,
                              split_commas, split_params)
-from sipcore.logfmt import event
+from sipcore.logfmt import event, utc_time
 from sipcore.stats import Counters, prometheus
 from sipcore.message import SipMessage, SipRequest, SipResponse, make_response, reason_phrase_safe
 from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
@@ -120,6 +120,7 @@ SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer", "precondit
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
 DIALOG_TTL_REASON = 'SIP;cause=408;text="no request in the dialog for node.dialog_ttl"'
+OPERATOR_REASON = 'SIP;cause=200;text="ended by the operator"'
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 # s after a takeover: what is still unanswered then is sent again (take_on);
 # a callee that answered sends its 2xx again within T2 (RFC 3261 §17.2.1)
@@ -358,10 +359,6 @@ def without_tag(value: str) -> str:
     return f"{display}<{na.uri}>{params}"
 
 
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
 def _uri_of(name_addr: str) -> str:
     try:
         return parse_name_addr(name_addr).uri
@@ -381,7 +378,7 @@ def log_cdr(bekey: str, record: dict, status: int, ended_by: str) -> None:
     answered = record.get("at")
     event(log, "cdr", bekey=bekey, call_id=record["a"]["cid"],
           **{"from": _uri_of(record["a"]["ru"]), "to": _uri_of(record["a"]["lu"])},
-          callee=record["b"]["tgt"], status=status, ended_by=ended_by, started=_utc(created),
+          callee=record["b"]["tgt"], status=status, ended_by=ended_by, started=utc_time(created),
           setup_s=round((answered or now) - created, 3),
           duration_s=round(now - answered, 3) if answered else 0)
 
@@ -472,7 +469,9 @@ class Node:
             setting = self.cfg.node(self.id).admin
         routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
                   "/nat_flows": json_handler(lambda: nat_flows(self)),
-                  "/registrations": json_query_handler(lambda query: registrations(self, query))}
+                  "/registrations": json_query_handler(lambda query: registrations(self, query)),
+                  "/calls": json_query_handler(self.calls),
+                  "/hangup": json_query_handler(self.hangup, post=True)}
         self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr, routes)
         event(log, "node_started", node=self.id, sip=hostport(self.addr),
               proxy=hostport(self.proxy_addr), redis_ok=self.healthy,
@@ -1776,15 +1775,82 @@ class Node:
             await self.store.retire_old_owner(bekey, record.get("o"))
         answered = record["st"] != "early"
         if answered:
-            for leg in ("a", "b"):
-                record[leg]["lc"] += 1
-                bye = self.build(record, leg, "BYE", record[leg]["lc"], extra=[("Reason", DIALOG_TTL_REASON)])
-                self.tx.request(bye, lambda r: None)
+            self.bye_both(record, DIALOG_TTL_REASON)
         self.stats.inc("dialogs", "expired")
         event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="node.dialog_ttl",
               idle_s=round(time.time() - record.get("ut", time.time())), keyspace=space)
         log_cdr(bekey, record, 200 if answered else 408, "timeout")
         return True
+
+    def bye_both(self, record: dict, reason: str) -> None:
+        """End a call the node ends itself: a BYE to each side."""
+        for leg in ("a", "b"):
+            record[leg]["lc"] += 1
+            bye = self.build(record, leg, "BYE", record[leg]["lc"], extra=[("Reason", reason)])
+            self.tx.request(bye, lambda r: None)
+
+    # ---- what an operator asks (admin pages) -------------------------------
+    async def calls(self, query: dict[str, str]) -> dict:
+        """`/calls` (Kamailio's dlg.list): the calls and subscriptions this
+        node holds (its active keyspace), oldest first; `?call_id=` for
+        one, by either leg's Call-ID."""
+        wanted = query.get("call_id")
+        now = time.time()
+        out = []
+        for bekey, raw in await self.records("active", lambda raw: raw.startswith(b'{"k":"call"')):
+            try:
+                r = decode(raw)
+                a, b = r["a"], r["b"]
+                if wanted is not None and wanted not in (a["cid"], b["cid"]):
+                    continue
+                answered = r.get("at")
+                out.append({"call_id": a["cid"], "b_call_id": b["cid"], "bekey": bekey,
+                            "kind": "subscription" if r.get("sub") else "call", "state": r["st"],
+                            "from": _uri_of(a["ru"]), "to": _uri_of(a["lu"]), "callee": b["tgt"],
+                            "started": utc_time(r["ct"]), "answered": utc_time(answered) if answered else None,
+                            "duration_s": round(now - answered) if answered else 0,
+                            "partner": r.get("p"), "forks": len(r.get("forks") or ())})
+            except (ValueError, KeyError, TypeError):
+                continue                    # not a call as this version writes them
+        return {"node": self.id, "calls": sorted(out, key=lambda c: c["started"])}
+
+    async def hangup(self, query: dict[str, str]) -> dict:
+        """`POST /hangup?call_id=` (Kamailio's dlg.end_dlg): end a call this
+        node holds, answered, by either leg's Call-ID: a BYE to each side
+        (Reason: ended by the operator), its call record (ended_by=
+        operator), its records gone. A call still ringing is left alone
+        (its caller can cancel it), as one held by another node (ask
+        that one: `held_by` in `sipha calls`)."""
+        call_id = (query.get("call_id") or "").strip()
+        if not call_id:
+            return {"node": self.id, "error": "call_id: missing (POST /hangup?call_id=CALL-ID)"}
+        bekey = read_stamp(self.secret, call_id) or bekey_of(call_id)
+        outcome: dict = {}
+
+        async def end() -> None:
+            try:
+                raw = await self.store.own.get(self.store.key("active", bekey))
+            except (RedisError, OSError) as exc:
+                outcome["error"] = f"Redis: {exc}"
+                return
+            record = decode(raw) if raw is not None else None
+            if (record is None or record.get("k") != "call"
+                    or call_id not in (record["a"]["cid"], record["b"]["cid"])):
+                outcome["error"] = f"no call {call_id} held by {self.id}"
+                return
+            if record["st"] != "confirmed":
+                outcome["error"] = f"call {call_id} is {record['st']}: only an answered call is ended here"
+                return
+            self.bye_both(record, OPERATOR_REASON)
+            await self.store.delete(bekey, record)
+            self.stats.inc("dialogs", "terminated")
+            event(log, "dialog_terminated", bekey=bekey, call_id=record["a"]["cid"], reason="hangup by the operator")
+            if not record.get("sub"):
+                log_cdr(bekey, record, 200, "operator")
+            outcome["ended"] = record["a"]["cid"]
+
+        await self._locked(bekey, end(), None)
+        return {"node": self.id, **(outcome or {"error": f"{self.id}'s Redis failed (see its log)"})}
 
     def fork_via(self, sent: dict) -> tuple[str, int]:
         """The Via sent-by of a fork's INVITE, or of the relayed request in

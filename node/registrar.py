@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from sipcore.bekey import ROUTE_HEADER, bekey_of, rank
 from sipcore.errors import SipParseError
 from sipcore.headers import is_digits, parse_uri
-from sipcore.logfmt import event
+from sipcore.logfmt import event, utc_time
 from sipcore.message import SipRequest
 
 from .resp import RedisError
@@ -312,7 +312,7 @@ async def registrations(node: "Node", query: dict[str, str]) -> dict:
             record = decode(raw)
             if record.get("k") != "reg":
                 continue
-            contacts = [{"contact": b["c"], "expires_in": int(b["x"] - now), "registered": _utc(b["t"]),
+            contacts = [{"contact": b["c"], "expires_in": int(b["x"] - now), "registered": utc_time(b["t"]),
                          "call_id": b["cid"], "cseq": b["cseq"], "path": b.get("path", []),
                          "instance": b.get("i"), "reg_id": b.get("r"), "nat": bool(b.get("nat"))}
                         for b in sorted(record["b"], key=lambda b: -b["t"]) if b["x"] > now]
@@ -321,10 +321,6 @@ async def registrations(node: "Node", query: dict[str, str]) -> dict:
         if contacts:
             out.append({"aor": record["aor"], "bekey": bekey, "held_by": holder, "contacts": contacts})
     return {"node": node.id, "registrations": sorted(out, key=lambda r: r["aor"])}
-
-
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 async def nat_flows(node: "Node") -> dict:

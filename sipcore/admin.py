@@ -52,12 +52,15 @@ def json_handler(fn: Callable[[], Awaitable[dict]]) -> Handler:
     return handle
 
 
-def json_query_handler(fn: Callable[[dict[str, str]], Awaitable[dict]]) -> Handler:
+def json_query_handler(fn: Callable[[dict[str, str]], Awaitable[dict]], post: bool = False) -> Handler:
     """A JSON page that reads the query string (`?aor=...`): `fn` gets
-    its fields, the last of each name."""
+    its fields, the last of each name. `post`: an action (it changes
+    something), taken by POST only, never by a GET a crawler or a
+    browser's prefetch could send."""
     async def handle(query: dict[str, str]):
         return "application/json", json.dumps(await fn(query), indent=1, default=str) + "\n"
     handle.takes_query = True  # type: ignore[attr-defined]
+    handle.post = post  # type: ignore[attr-defined]
     return handle
 
 
@@ -79,13 +82,17 @@ class AdminServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split(" ")
-            if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
-                await self._write(writer, 405, "text/plain", "only GET\n")
+            if len(parts) != 3 or parts[0] not in ("GET", "HEAD", "POST"):
+                await self._write(writer, 405, "text/plain", "only GET, or POST for an action\n")
                 return
             path, _, query = parts[1].partition("?")
             handler = self.routes.get(path)
             if handler is None:
                 await self._write(writer, 404, "text/plain", f"no such path; try {', '.join(self.routes)}\n")
+                return
+            if (parts[0] == "POST") != getattr(handler, "post", False):
+                await self._write(writer, 405, "text/plain",
+                                  f"{path} is an action: POST it\n" if parts[0] != "POST" else "only GET here\n")
                 return
             if getattr(handler, "takes_query", False):
                 ctype, body = await handler(dict(urllib.parse.parse_qsl(query)))

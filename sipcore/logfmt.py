@@ -53,6 +53,11 @@ def _ts(created: float) -> str:
     return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"
 
 
+def utc_time(t: float) -> str:
+    """A time as the log lines write it (ts=; a call record's started=)."""
+    return _ts(t)
+
+
 class _DirectWrite:
     """A handler event() may hand a finished line to (write_line)."""
 

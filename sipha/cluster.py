@@ -74,10 +74,13 @@ def spawn_redis(port: int, datadir, *extra: str) -> subprocess.Popen:
     return proc
 
 
-def admin_get(port: int, path: str = "/status", timeout: float = 2.0) -> dict:
-    """GET an admin endpoint on loopback (blocking: the cluster commands are
-    plain scripts, and callers inside an event loop use a thread)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+def admin_get(port: int, path: str = "/status", timeout: float = 2.0, post: bool = False) -> dict:
+    """GET (or POST, an action) an admin endpoint on loopback (blocking:
+    the cluster commands are plain scripts, and callers inside an event
+    loop use a thread)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"" if post else None,
+                                 method="POST" if post else "GET")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -674,15 +677,7 @@ def cmd_users(args) -> int:
             raise ClusterError(f"--aor: {args.aor!r} is not a SIP URI ({exc.reason})") from None
         query = "?" + urllib.parse.urlencode({"aor": args.aor})
     found: dict[str, dict] = {}
-    asked = 0
-    for nid, n in c.state["nodes"].items():
-        if not c.running(nid):
-            continue
-        try:
-            page = admin_get(n["admin"], f"/registrations{query}")
-        except (OSError, ValueError):
-            continue
-        asked += 1
+    for nid, page in _node_pages(c, f"/registrations{query}"):
         if page.get("error"):
             raise ClusterError(f"{nid}: {page['error']}")
         for reg in page.get("registrations", []):
@@ -691,10 +686,6 @@ def cmd_users(args) -> int:
             # a registration moving home is briefly active on two nodes
             if kept is None or newest > max(b["registered"] for b in kept["contacts"]):
                 found[reg["aor"]] = reg
-        if args.aor is not None:
-            break                           # any node looks it up where it lives
-    if not asked:
-        raise ClusterError("no node answered (is the cluster up? sipha status)")
     regs = [found[aor] for aor in sorted(found)]
     if args.json:
         print(json.dumps(regs, indent=1))
@@ -709,6 +700,59 @@ def cmd_users(args) -> int:
     if not regs and args.aor is not None:
         print(f"sipha users: {args.aor} is not registered", file=sys.stderr)
         return 1
+    return 0
+
+
+def _node_pages(c: "Cluster", path: str, post: bool = False) -> list[tuple[str, dict]]:
+    """(node, its answer) of every running node that answers `path`."""
+    pages = []
+    for nid, n in c.state["nodes"].items():
+        if not c.running(nid):
+            continue
+        try:
+            pages.append((nid, admin_get(n["admin"], path, post=post)))
+        except (OSError, ValueError):
+            continue
+    if not pages:
+        raise ClusterError("no node answered (is the cluster up? sipha status)")
+    return pages
+
+
+def cmd_calls(args) -> int:
+    """Kamailio's dlg.list: the calls in progress, by node."""
+    c = _existing(args.dir)
+    query = "?" + urllib.parse.urlencode({"call_id": args.call_id}) if args.call_id else ""
+    found: dict[str, dict] = {}
+    for nid, page in _node_pages(c, f"/calls{query}"):
+        for call in page.get("calls", []):
+            found.setdefault(call["bekey"], {**call, "held_by": nid})   # mid-move: the first node
+    calls = sorted(found.values(), key=lambda call: call["started"])
+    if args.json:
+        print(json.dumps(calls, indent=1))
+    elif calls:
+        rows = [("call-id", "from", "to", "state", "since", "talking", "held by", "partner")]
+        for call in calls:
+            rows.append((call["call_id"], call["from"], call["to"],
+                         call["state"] if call["kind"] == "call" else f"{call['state']} subscription",
+                         call["started"], f"{call['duration_s']}s" if call["answered"] else "-",
+                         call["held_by"], call["partner"] or "-"))
+        print(render(rows))
+    else:
+        print("no call in progress" if not args.call_id else f"no call {args.call_id}", file=sys.stderr)
+    return 0 if calls or not args.call_id else 1
+
+
+def cmd_hangup(args) -> int:
+    """Kamailio's dlg.end_dlg: end an answered call, a BYE to each side."""
+    c = _existing(args.dir)
+    query = "?" + urllib.parse.urlencode({"call_id": args.call_id})
+    holders = [nid for nid, page in _node_pages(c, f"/calls{query}") if page.get("calls")]
+    if not holders:
+        raise ClusterError(f"no call {args.call_id} in progress (sipha calls lists them)")
+    answer = admin_get(c.state["nodes"][holders[0]]["admin"], f"/hangup{query}", post=True)
+    if answer.get("error"):
+        raise ClusterError(answer["error"])
+    print(f"ended {answer['ended']} on {holders[0]}: a BYE to each side")
     return 0
 
 
@@ -852,6 +896,13 @@ def add_commands(sub) -> None:
     p.add_argument("--aor", metavar="URI", help="one address of record, e.g. sip:alice@example.com")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_users)
+    p = with_dir(sub.add_parser("calls", help="the calls in progress: who, since when, on which node (dlg.list)"))
+    p.add_argument("--call-id", help="one call, by either leg's Call-ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calls)
+    p = with_dir(sub.add_parser("hangup", help="end an answered call: a BYE to each side (dlg.end_dlg)"))
+    p.add_argument("call_id", metavar="CALL-ID", help="either leg's Call-ID (sipha calls lists them)")
+    p.set_defaults(func=cmd_hangup)
     p = with_dir(sub.add_parser("kill", help="SIGKILL a node and its Redis (a host failure), or the proxy"))
     p.add_argument("node", help="a node id, or proxy")
     p.add_argument("--process-only", action="store_true",

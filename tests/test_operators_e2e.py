@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -190,3 +191,46 @@ def test_auto_admin_of_an_ipv6_sip_address_is_on_ipv6_loopback():
         finally:
             await server.close()
     asyncio.run(main())
+
+
+def test_an_operator_lists_the_calls_and_ends_one(make_cluster):
+    """`sipha calls` (Kamailio's dlg.list) lists the calls in progress
+    with the node holding each; `sipha hangup CALL-ID` (dlg.end_dlg) ends
+    an answered one, a BYE to each side: SIPp callers that wait for the
+    far end's BYE get it and complete, and each call's record says
+    ended_by=operator. The action takes POST only; an unknown Call-ID is
+    a clear error."""
+    import subprocess
+    import sys
+    c = make_cluster(nodes=2)
+
+    def sipha(*args):
+        return subprocess.run([sys.executable, "-m", "sipha.cli", *args, "--dir", str(c.dir)],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    async def scenario():
+        s = uac(c, "uac_wait_bye", calls=3, rate=10, timeout_s=30)
+        await s.start()
+        for _ in range(100):
+            listed = json.loads((await asyncio.to_thread(sipha, "calls", "--json")).stdout)
+            if len(listed) == 3 and all(call["state"] == "confirmed" for call in listed):
+                break
+            await asyncio.sleep(0.1)
+        assert {call["held_by"] for call in listed} <= set(c.state["nodes"]), listed
+        table = (await asyncio.to_thread(sipha, "calls")).stdout
+        assert all(call["call_id"] in table for call in listed), table
+        node = c.state["nodes"][listed[0]["held_by"]]["admin"]
+        with pytest.raises(urllib.error.HTTPError, match="405"):
+            get(node, f"/hangup?call_id={listed[0]['call_id']}")
+        for call in listed:
+            ended = await asyncio.to_thread(sipha, "hangup", call["call_id"])
+            assert ended.returncode == 0 and f"ended {call['call_id']} on {call['held_by']}" in ended.stdout, ended
+        return listed, await s.wait(30)
+
+    listed, result = run(scenario())
+    assert result.ok == 3 and result.failed == 0, result.log_tail
+    records = [r for r in c.call_records(at_least=3)]
+    assert sorted((r["call_id"], r["ended_by"]) for r in records) == sorted((call["call_id"], "operator") for call in listed)
+    gone = sipha("hangup", listed[0]["call_id"])
+    assert gone.returncode == 2 and "no call" in gone.stderr
+    assert sipha("calls").stderr.strip() == "no call in progress"
