@@ -120,7 +120,7 @@ SUPPORTED_OPTIONS = frozenset(("path", "replaces", "100rel", "timer", "precondit
 # Messages in progress above which new dialogs and registrations get 503.
 MAX_INFLIGHT = 400
 DIALOG_TTL_REASON = 'SIP;cause=408;text="no request in the dialog for node.dialog_ttl"'
-OPERATOR_REASON = 'SIP;cause=200;text="ended by the operator"'
+OPERATOR_REASON = 'Q.850;cause=16;text="ended by the operator"'   # normal call clearing
 TRYING_AFTER = 0.2     # s: the latest a 100 Trying may wait for the save (RFC 3261 §17.2.1)
 # s after a takeover: what is still unanswered then is sent again (take_on);
 # a callee that answered sends its 2xx again within T2 (RFC 3261 §17.2.1)
@@ -149,9 +149,6 @@ CARRIED_ON_FAILURE = frozenset(("retry-after", "warning", "reason", "error-info"
 CARRIED_IN_REQUEST = frozenset(("refer-to", "referred-by", "refer-sub", "event", "subscription-state",
                                 "allow-events", "info-package", "recv-info", "reason", "subject",
                                 "priority", "expires", "accept", "session-expires", "min-se"))
-# The Reason of the CANCELs to a user's other phones once one answered
-# (RFC 3326), as Kamailio and Asterisk send it: a phone then shows no
-# missed call
 # a proxy's 430 Flow Failed (RFC 5626 §5.3) as the node passes it on: what
 # a registrar's proxy answers for a phone it cannot reach
 FLOW_FAILED = "Temporarily Unavailable (flow failed)"
@@ -184,6 +181,9 @@ def one_flow_each(live: list[dict]) -> tuple[list[tuple[str, list[str]]], list[l
     return targets, spares
 
 
+# The Reason of the CANCELs to a user's other phones once one answered
+# (RFC 3326), as Kamailio and Asterisk send it: a phone then shows no
+# missed call
 ANSWERED_ELSEWHERE = [("Reason", 'SIP;cause=200;text="Call completed elsewhere"')]
 # ... and the option tags of its Supported and Require that go with them
 CARRIED_OPTIONS = ("timer", "precondition")
