@@ -66,7 +66,7 @@ from sipcore.overload import NEW_WORK, OverloadGuard, RecentCalls
 from sipcore.transport import SipTransport
 
 from .auth import Authenticator, authenticate, load_users
-from .registrar import bound_to, gruu_of, nat_flows, register, registrations
+from .registrar import bound_to, gruu_of, nat_flows, register, registrations, unregister
 from .sip import AckGate, Transactions, new_branch, new_request, parse_request, random_hex
 from .resp import RedisError
 from .store import DialogStore, StoreUnavailable, decode
@@ -470,6 +470,7 @@ class Node:
         routes = {"/status": json_handler(self.status), "/metrics": self.metrics,
                   "/nat_flows": json_handler(lambda: nat_flows(self)),
                   "/registrations": json_query_handler(lambda query: registrations(self, query)),
+                  "/unregister": json_query_handler(lambda query: unregister(self, query), post=True),
                   "/calls": json_query_handler(self.calls),
                   "/hangup": json_query_handler(self.hangup, post=True)}
         self.admin, admin_addr = await start_admin(setting, "node.admin", self.addr, routes)

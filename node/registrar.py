@@ -323,6 +323,49 @@ async def registrations(node: "Node", query: dict[str, str]) -> dict:
     return {"node": node.id, "registrations": sorted(out, key=lambda r: r["aor"])}
 
 
+async def unregister(node: "Node", query: dict[str, str]) -> dict:
+    """`POST /unregister?aor=[&contact=]` (Kamailio's `kamctl ul rm`): the
+    bindings of an AOR this node holds removed, all of them or the one of
+    `contact`, as an un-REGISTER would, each logged
+    `registration_removed ... by=operator`. A phone still running
+    registers again at its next refresh."""
+    try:
+        aor = parse_uri((query.get("aor") or "").strip().strip("<>")).aor()
+    except SipParseError as exc:
+        return {"node": node.id, "error": f"aor: not a SIP URI ({exc.reason})"}
+    contact = query.get("contact")
+    bekey = bekey_of(aor)
+    outcome: dict = {}
+
+    async def remove() -> None:
+        try:
+            raw = await node.store.own.get(node.store.key("active", bekey))
+        except (RedisError, OSError) as exc:
+            outcome["error"] = f"Redis: {exc}"
+            return
+        record = decode(raw) if raw is not None else None
+        if record is None or record.get("k") != "reg" or record.get("aor") != aor:
+            outcome["error"] = f"{aor} is not registered at {node.id}"
+            return
+        gone = [b for b in record["b"] if contact is None or b["c"] == contact]
+        if not gone:
+            outcome["error"] = f"{aor} has no contact {contact}"
+            return
+        record["b"] = [b for b in record["b"] if b not in gone]
+        if record["b"]:
+            record["ttl"] = int(max(b["x"] for b in record["b"]) - time.time()) + 5
+            await node.save_held(bekey, record)
+        else:
+            await node.store.delete(bekey, record)
+        for b in gone:
+            node.stats.inc("registrations", "removed")
+            event(log, "registration_removed", aor=aor, contact=b["c"], bekey=bekey, by="operator")
+        outcome["removed"] = [b["c"] for b in gone]
+
+    await node._locked(bekey, remove(), None)
+    return {"node": node.id, **(outcome or {"error": f"{node.id}'s Redis failed (see its log)"})}
+
+
 async def nat_flows(node: "Node") -> dict:
     """The flows (first Path entry: the proxy's, naming the phone's
     address) of the bindings registered over UDP from behind NAT in this

@@ -669,6 +669,8 @@ def cmd_status(args) -> int:
 def cmd_users(args) -> int:
     """`kamctl ul show`: who is registered, where, over which flow."""
     c = _existing(args.dir)
+    if args.remove is not None and args.aor is None:
+        raise ClusterError("--remove needs --aor (whose bindings to remove)")
     query = ""
     if args.aor is not None:
         try:
@@ -687,6 +689,8 @@ def cmd_users(args) -> int:
             if kept is None or newest > max(b["registered"] for b in kept["contacts"]):
                 found[reg["aor"]] = reg
     regs = [found[aor] for aor in sorted(found)]
+    if args.remove:
+        return _unregister(c, args, regs)
     if args.json:
         print(json.dumps(regs, indent=1))
     elif regs:
@@ -716,6 +720,22 @@ def _node_pages(c: "Cluster", path: str, post: bool = False) -> list[tuple[str, 
     if not pages:
         raise ClusterError("no node answered (is the cluster up? sipha status)")
     return pages
+
+
+def _unregister(c: "Cluster", args, regs: list[dict]) -> int:
+    """`sipha users --aor AOR --remove [CONTACT]`: kamctl ul rm."""
+    if not regs:
+        raise ClusterError(f"{args.aor} is not registered")
+    holder = regs[0]["held_by"]
+    if holder not in c.state["nodes"]:
+        raise ClusterError(f"{args.aor} is held by {holder}: its node is down; try again once its partner took it")
+    query = {"aor": args.aor, **({"contact": args.remove} if args.remove is not True else {})}
+    answer = admin_get(c.state["nodes"][holder]["admin"], "/unregister?" + urllib.parse.urlencode(query), post=True)
+    if answer.get("error"):
+        raise ClusterError(answer["error"])
+    for contact in answer["removed"]:
+        print(f"removed {contact} of {regs[0]['aor']} on {holder}")
+    return 0
 
 
 def cmd_calls(args) -> int:
@@ -894,6 +914,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_status)
     p = with_dir(sub.add_parser("users", help="who is registered: contacts, expiry, instance, flow (kamctl ul show)"))
     p.add_argument("--aor", metavar="URI", help="one address of record, e.g. sip:alice@example.com")
+    p.add_argument("--remove", nargs="?", const=True, metavar="CONTACT",
+                   help="with --aor: remove its bindings, or the one of CONTACT (kamctl ul rm)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_users)
     p = with_dir(sub.add_parser("calls", help="the calls in progress: who, since when, on which node (dlg.list)"))

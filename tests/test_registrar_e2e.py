@@ -203,12 +203,21 @@ def test_a_gruu_reaches_that_phone_of_the_user_only(cluster):
             p.stop()
 
 
+def carl_calls(cluster, user: str) -> list[int]:
+    carl = Phone("carl", cluster.proxy_addr)
+    try:
+        return carl.call(user)
+    finally:
+        carl.stop()
+
+
 def test_sipha_users_shows_who_is_registered_where(cluster):
     """`sipha users` (Kamailio's `kamctl ul show`): each AOR's contacts,
     expiry, instance, reg-id and flow, and the node holding it; `--aor`
     for one, asked of any node, which finds it wherever it lives, also
     once its node died; an AOR nobody registered exits 1, one that is no
-    SIP URI is an error naming --aor."""
+    SIP URI is an error naming --aor. `--remove` (kamctl ul rm) unbinds
+    one contact or all: a call then finds nobody."""
     def users(*args):
         return subprocess.run([sys.executable, "-m", "sipha.cli", "users", "--dir", str(cluster.dir), *args],
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -228,6 +237,19 @@ def test_sipha_users_shows_who_is_registered_where(cluster):
         assert f"udp:127.0.0.1:{alice.port}" in table and f"tcp:127.0.0.1:{bob.port}" in table, table
         one = users("--aor", f"sip:bob@127.0.0.1:{cluster.proxy_addr[1]};transport=tcp", "--json")
         assert [r["aor"] for r in json.loads(one.stdout)] == ["sip:bob@127.0.0.1"]
+        # kamctl ul rm: alice's second phone, then all of hers
+        second = Phone("alice", cluster.proxy_addr)
+        assert second.register(300).status == 200
+        gone = users("--aor", "sip:alice@127.0.0.1", "--remove", second.contact)
+        assert gone.returncode == 0 and f"removed {second.contact} of sip:alice@127.0.0.1" in gone.stdout, gone
+        left = json.loads(users("--aor", "sip:alice@127.0.0.1", "--json").stdout)
+        assert [b["contact"] for b in left[0]["contacts"]] == [alice.contact]
+        assert users("--aor", "sip:alice@127.0.0.1", "--remove").returncode == 0
+        assert users("--aor", "sip:alice@127.0.0.1").returncode == 1
+        assert carl_calls(cluster, "alice") == [404]
+        again = users("--remove")
+        assert again.returncode == 2 and "--remove needs --aor" in again.stderr
+        second.stop()
         cluster.kill(holder)
         time.sleep(0.5)
         after = json.loads(users("--aor", "sip:bob@127.0.0.1", "--json").stdout)
