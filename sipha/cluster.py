@@ -707,14 +707,14 @@ def cmd_users(args) -> int:
     return 0
 
 
-def _node_pages(c: "Cluster", path: str, post: bool = False) -> list[tuple[str, dict]]:
+def _node_pages(c: "Cluster", path: str) -> list[tuple[str, dict]]:
     """(node, its answer) of every running node that answers `path`."""
     pages = []
     for nid, n in c.state["nodes"].items():
         if not c.running(nid):
             continue
         try:
-            pages.append((nid, admin_get(n["admin"], path, post=post)))
+            pages.append((nid, admin_get(n["admin"], path)))
         except (OSError, ValueError):
             continue
     if not pages:
