@@ -1829,15 +1829,11 @@ class Node:
         outcome: dict = {}
 
         async def end() -> None:
-            try:
-                raw = await self.store.own.get(self.store.key("active", bekey))
-            except (RedisError, OSError) as exc:
-                outcome["error"] = f"Redis: {exc}"
-                return
-            record = decode(raw) if raw is not None else None
-            if (record is None or record.get("k") != "call"
-                    or call_id not in (record["a"]["cid"], record["b"]["cid"])):
-                outcome["error"] = f"no call {call_id} held by {self.id}"
+            record = await self.store.held(bekey)
+            if not isinstance(record, dict) or record.get("k") != "call" \
+                    or call_id not in (record["a"]["cid"], record["b"]["cid"]):
+                outcome["error"] = (record if isinstance(record, str) and record
+                                    else f"no call {call_id} held by {self.id}")
                 return
             if record["st"] != "confirmed":
                 outcome["error"] = f"call {call_id} is {record['st']}: only an answered call is ended here"

@@ -338,14 +338,10 @@ async def unregister(node: "Node", query: dict[str, str]) -> dict:
     outcome: dict = {}
 
     async def remove() -> None:
-        try:
-            raw = await node.store.own.get(node.store.key("active", bekey))
-        except (RedisError, OSError) as exc:
-            outcome["error"] = f"Redis: {exc}"
-            return
-        record = decode(raw) if raw is not None else None
-        if record is None or record.get("k") != "reg" or record.get("aor") != aor:
-            outcome["error"] = f"{aor} is not registered at {node.id}"
+        record = await node.store.held(bekey)
+        if not isinstance(record, dict) or record.get("k") != "reg" or record.get("aor") != aor:
+            outcome["error"] = (record if isinstance(record, str) and record
+                                else f"{aor} is not registered at {node.id}")
             return
         gone = [b for b in record["b"] if contact is None or b["c"] == contact]
         if not gone:

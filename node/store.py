@@ -161,6 +161,16 @@ class DialogStore:
         except (RedisError, OSError):
             return True
 
+    async def held(self, bekey: str) -> dict | str:
+        """Our active copy of `bekey` as it is (no promotion, no move: an
+        operator's action on what this node holds) -> the record, "" when
+        there is none, or what Redis said when it failed."""
+        try:
+            raw = await self.own.get(self.key("active", bekey))
+        except (RedisError, OSError) as exc:
+            return f"Redis: {exc}"
+        return decode(raw) if raw is not None else ""
+
     async def lost_at(self, nid: str, bekeys: list[str]) -> set[str]:
         """Which of `bekeys` have no active copy in node `nid`'s Redis any
         more: all of them when it does not answer (its host died), some or
