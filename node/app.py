@@ -158,6 +158,12 @@ def flow_failed(resp: SipResponse) -> bool:
     return resp.status == 480 and resp.reason == FLOW_FAILED
 
 
+def live_bindings(reg: dict) -> list[dict]:
+    """A registration's bindings not expired yet, newest first."""
+    now = time.time()
+    return sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
+
+
 def one_flow_each(live: list[dict]) -> tuple[list[tuple[str, list[str]]], list[list[list]]]:
     """Bindings (newest first) -> ([(contact, Path)], [spares of each]): a
     SIP outbound phone (one +sip.instance) with several flows (reg-ids,
@@ -1115,8 +1121,7 @@ class Node:
         else:
             earlier, reg = await self.store.peek_many([bekey, aor], rank(aor, self.node_ids))
         if reg is not None and reg.get("k") == "reg":
-            now = time.time()
-            live = sorted((b for b in reg.get("b", []) if b["x"] > now), key=lambda b: -b["t"])
+            live = live_bindings(reg)
             if live:
                 targets, spares = one_flow_each(live)
                 return targets, True, earlier, spares
@@ -1130,10 +1135,8 @@ class Node:
             return [], False, await self.store.peek(bekey, [self.id]), []
         key = bekey_of(aor)
         earlier, reg = await self.store.peek_many([bekey, key], rank(key, self.node_ids))
-        now = time.time()
-        live = sorted((b for b in (reg or {}).get("b", []) if b["x"] > now and bound_to(b, instance, cid_hash)),
-                      key=lambda b: -b["t"]) if reg is not None and reg.get("k") == "reg" else []
-        targets, spares = one_flow_each(live)
+        live = live_bindings(reg) if reg is not None and reg.get("k") == "reg" else []
+        targets, spares = one_flow_each([b for b in live if bound_to(b, instance, cid_hash)])
         return targets, reg is not None or cid_hash is not None, earlier, spares
 
     def not_found(self, req: SipRequest, registered: bool, tag: str) -> None:
